@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# GPU device plugin image: supervisord running health-monitor, plugin-server and registrar.
+#
+# Stage 1 builds the distribution into a self-contained virtual environment; stage 2 copies only
+# that environment, so no build tooling, sources or pip caches end up in the final image.
+
+FROM python:3.11-slim AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+# pyproject.toml declares readme = "README.md", so the build needs it next to the sources.
+COPY pyproject.toml README.md ./
+COPY common/ ./common/
+COPY services/ ./services/
+COPY protos/ ./protos/
+COPY supervisord.conf ./
+RUN pip install --no-cache-dir .
+
+
+FROM python:3.11-slim
+
+LABEL org.opencontainers.image.title="gpu-device-plugin" \
+      org.opencontainers.image.description="Kubernetes device plugin for NVIDIA GPUs (Python, supervisord)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    GPU_PLUGIN_RUN_DIR=/run/gpu-device-plugin
+
+COPY --from=build /opt/venv /opt/venv
+COPY supervisord.conf /etc/gpu-plugin/supervisord.conf
+
+# The bus sockets live here (mode 0700: only the container's own processes may use them).
+RUN install -d -m 0700 /run/gpu-device-plugin
+
+# No USER instruction on purpose: the processes run as root. The kubelet's device-plugins directory
+# (/var/lib/kubelet/device-plugins, a hostPath) is owned by root with mode 0755, and the plugin must
+# create its sockets there and connect to kubelet.sock. Root here is an unprivileged root: the
+# DaemonSet drops ALL capabilities, forbids privilege escalation and is not privileged, exactly like
+# NVIDIA's own plugin.
+
+WORKDIR /
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["supervisord", "-c", "/etc/gpu-plugin/supervisord.conf"]

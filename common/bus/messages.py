@@ -1,0 +1,161 @@
+"""Every message on the buses, in one place, with its topic and schema version.
+
+Why one module: three processes and the debugging tools speak the same protocol; if a
+field changes it changes here and nowhere else. The codec (`common.bus.codec`) is the only
+code that turns these objects into bytes and back, and it validates every field against
+the type hints below, so a malformed payload is rejected before any service sees it.
+
+Rules of the protocol:
+- `*.state` topics carry the complete state of their publisher, with an `incarnation`
+  (random per process start) and a `seq` that grows with every change. They are sent on
+  change, again at least once a second as a heartbeat (same seq, new `sent_at`), and at
+  once to every new subscriber. Subscribers never need deltas.
+- `*.event` topics are for humans, metrics and tests; nothing depends on receiving them.
+- `v` is SCHEMA_VERSION. A message of another version is rejected and counted. Unknown
+  extra keys are ignored so that a newer publisher can add optional fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+SCHEMA_VERSION = 1
+
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+
+# Bus endpoints, relative to the run directory.
+HEALTH_SOCKET = "health.sock"
+PLUGIN_SOCKET = "plugin.sock"
+REGISTRAR_SOCKET = "registrar.sock"
+
+
+@dataclass(frozen=True)
+class Message:
+    TOPIC: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """One schedulable device as the health-monitor sees it: a whole GPU or a MIG device."""
+
+    id: str  # GPU-… or MIG-… UUID
+    kind: str  # "gpu" | "mig"
+    index: str  # "3" for a GPU, "3:1" for MIG device 1 of GPU 3
+    name: str
+    health: str  # HEALTHY | UNHEALTHY
+    reason: str  # why it is in that state ("" when healthy from the start)
+    since: float  # unix time of the last health change
+    minor: int = -1  # /dev/nvidia<minor>; -1 for MIG devices
+    pci_bus_id: str = ""
+    numa_node: int | None = None  # None: unknown, no topology hint
+    memory_mb: int = 0
+    parent: str = ""  # MIG devices: the UUID of the GPU they live on
+    gpu_instance_id: int = -1
+    compute_instance_id: int = -1
+    profile: str = ""  # MIG profile, e.g. "1g.10gb"
+
+
+@dataclass(frozen=True)
+class HealthState(Message):
+    TOPIC: ClassVar[str] = "health.state"
+    incarnation: str
+    seq: int
+    sent_at: float
+    nvml_ok: bool  # False: NVML could not be used; `error` says why
+    error: str
+    driver_version: str
+    devices: list[DeviceState] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HealthEvent(Message):
+    """A device changed health, or a driver event was seen (XID, ECC, lost)."""
+
+    TOPIC: ClassVar[str] = "health.event"
+    time: float
+    device: str
+    event: str  # "transition" | "xid" | "ecc" | "nvml"
+    old: str = ""
+    new: str = ""
+    reason: str = ""
+    xid: int = 0
+
+
+@dataclass(frozen=True)
+class EndpointState:
+    """A DevicePlugin gRPC server the plugin-server runs for one resource."""
+
+    resource: str  # e.g. nvidia.com/gpu
+    endpoint: str  # socket file name relative to the device-plugin dir
+    socket_id: str  # identity of the socket file (inode:ctime); changes when re-created
+    pre_start_required: bool
+    get_preferred_allocation_available: bool
+    streams: int  # open ListAndWatch streams: >0 means a kubelet holds the endpoint
+    healthy: int
+    total: int
+
+
+@dataclass(frozen=True)
+class PluginState(Message):
+    TOPIC: ClassVar[str] = "plugin.state"
+    incarnation: str
+    seq: int
+    sent_at: float
+    health_incarnation: str  # the health-monitor state this is built from ("" = none yet)
+    health_stale: bool
+    endpoints: list[EndpointState] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PluginEvent(Message):
+    TOPIC: ClassVar[str] = "plugin.event"
+    time: float
+    event: str  # "allocate" | "endpoint" | "stream"
+    resource: str
+    detail: str
+    devices: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Registration:
+    resource: str
+    endpoint: str
+    socket_id: str
+    kubelet_id: str  # identity of the kubelet.sock registered with
+    time: float
+    adopted: bool  # True: found already held by the kubelet at start, not re-sent
+
+
+@dataclass(frozen=True)
+class RegistrarState(Message):
+    TOPIC: ClassVar[str] = "registrar.state"
+    incarnation: str
+    seq: int
+    sent_at: float
+    kubelet: str  # "absent" | "present" | "refusing"
+    kubelet_id: str
+    registrations: list[Registration] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # resources not registered yet
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class RegistrarEvent(Message):
+    TOPIC: ClassVar[str] = "registrar.event"
+    time: float
+    event: str  # "registered" | "failed" | "kubelet"
+    resource: str
+    detail: str
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    HealthState,
+    HealthEvent,
+    PluginState,
+    PluginEvent,
+    RegistrarState,
+    RegistrarEvent,
+)
+BY_TOPIC: dict[str, type[Message]] = {t.TOPIC: t for t in MESSAGE_TYPES}

@@ -1,0 +1,146 @@
+"""The NVML access layer: the calls the health monitor makes, and nothing else.
+
+Two backends implement `NvmlBackend`: `real.RealNvml` (the only module that imports
+`pynvml`) and `simulated.SimulatedNvml` (a device-description file plus faults injected
+from another process). The interface mirrors NVML call by call, so that discovery and
+health logic are written once and meet the same answers, errors included, on both:
+a call the driver does not support raises `NvmlError(NVML_ERROR_NOT_SUPPORTED)` on the
+simulated backend exactly where the recorded H200 did.
+
+Handles are opaque: callers only pass them back into the backend that produced them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+# NVML return codes (nvml.h). Only the ones the project reacts to are named.
+NVML_SUCCESS = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_INVALID_ARGUMENT = 2
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_TIMEOUT = 10
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_UNKNOWN = 999
+
+ERROR_NAMES = {
+    NVML_ERROR_UNINITIALIZED: "Uninitialized",
+    NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
+    NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+    NVML_ERROR_NO_PERMISSION: "Insufficient Permissions",
+    NVML_ERROR_NOT_FOUND: "Not Found",
+    NVML_ERROR_DRIVER_NOT_LOADED: "Driver Not Loaded",
+    NVML_ERROR_TIMEOUT: "Timeout",
+    NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
+    NVML_ERROR_GPU_IS_LOST: "GPU is lost",
+    NVML_ERROR_UNKNOWN: "Unknown Error",
+}
+
+# Event type bits (nvmlEventType*).
+EVENT_SINGLE_BIT_ECC = 0x0000000000000001
+EVENT_DOUBLE_BIT_ECC = 0x0000000000000002
+EVENT_XID_CRITICAL = 0x0000000000000008
+
+# nvmlMemoryErrorType_t / nvmlEccCounterType_t
+MEMORY_ERROR_CORRECTED = 0
+MEMORY_ERROR_UNCORRECTED = 1
+ECC_COUNTER_VOLATILE = 0
+
+# GPU instance / compute instance id meaning "the whole GPU" in event data.
+WHOLE_GPU_INSTANCE = 0xFFFFFFFF
+
+# Link indices nvmlDeviceGetNvLink* accept: 0 .. NVML_NVLINK_MAX_LINKS-1; a larger index is
+# INVALID_ARGUMENT. 36 as in the 580 driver's nvml.h and pynvml 13 (it was 18 up to CUDA 12);
+# the recorded H200, which has no NVLink, answered NOT_SUPPORTED for every one of the 36.
+NVML_NVLINK_MAX_LINKS = 36
+NVLINK_STATE_INACTIVE = 0
+NVLINK_STATE_ACTIVE = 1
+
+# nvmlGpuTopologyLevel_t: the closest common ancestor of two GPUs on the PCIe tree.
+NVML_TOPOLOGY_INTERNAL = 0  # the same board (or the same GPU)
+NVML_TOPOLOGY_SINGLE = 10  # one PCIe switch between them
+NVML_TOPOLOGY_MULTIPLE = 20  # several PCIe switches, no host bridge
+NVML_TOPOLOGY_HOSTBRIDGE = 30  # the same PCIe host bridge
+NVML_TOPOLOGY_NODE = 40  # host bridges of the same NUMA node
+NVML_TOPOLOGY_SYSTEM = 50  # across NUMA nodes (SMP interconnect)
+
+Handle = Any
+
+
+class NvmlError(Exception):
+    """An NVML call failed; `code` is the NVML return code."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        self.code = code
+        super().__init__(message or ERROR_NAMES.get(code, f"NVML error {code}"))
+
+
+@dataclass(frozen=True)
+class PciInfo:
+    bus_id: str  # NVML form, 8-digit domain: "00000000:00:06.0"
+
+
+@dataclass(frozen=True)
+class EventData:
+    """One NVML event, with the device already resolved to its UUID."""
+
+    uuid: str | None  # None: the event named no device
+    event_type: int
+    event_data: int  # the XID for EVENT_XID_CRITICAL
+    gpu_instance_id: int = WHOLE_GPU_INSTANCE
+    compute_instance_id: int = WHOLE_GPU_INSTANCE
+
+
+class NvmlBackend(Protocol):
+    """The NVML calls the project makes. Every method may raise `NvmlError`."""
+
+    def init(self) -> None: ...
+    def shutdown(self) -> None: ...
+    def system_get_driver_version(self) -> str: ...
+    def device_get_count(self) -> int: ...
+    def device_get_handle_by_index(self, index: int) -> Handle: ...
+    def device_get_uuid(self, handle: Handle) -> str: ...
+    def device_get_name(self, handle: Handle) -> str: ...
+    def device_get_minor_number(self, handle: Handle) -> int: ...
+    def device_get_pci_info(self, handle: Handle) -> PciInfo: ...
+    def device_get_memory_total(self, handle: Handle) -> int: ...
+    def device_get_mig_mode(self, handle: Handle) -> tuple[int, int]: ...
+    def device_get_max_mig_device_count(self, handle: Handle) -> int: ...
+    def device_get_mig_device_handle_by_index(self, handle: Handle, index: int) -> Handle: ...
+    def device_get_gpu_instance_id(self, mig_handle: Handle) -> int: ...
+    def device_get_compute_instance_id(self, mig_handle: Handle) -> int: ...
+    def device_get_supported_event_types(self, handle: Handle) -> int: ...
+    def device_get_total_ecc_errors(self, handle: Handle, error_type: int) -> int: ...
+    def sysfs_numa_node(self, pci_bus_id: str) -> int | None:
+        """The NUMA node the kernel reports for the PCI device; None when unknown.
+
+        Not an NVML call: like NVIDIA's plugin we read sysfs, because
+        nvmlDeviceGetNumaNodeId answers NOT_SUPPORTED on many systems.
+        """
+        ...
+
+    def device_get_nvlink_state(self, handle: Handle, link: int) -> int:
+        """NVLINK_STATE_ACTIVE or _INACTIVE; NOT_SUPPORTED where the GPU has no such link,
+        INVALID_ARGUMENT for link >= NVML_NVLINK_MAX_LINKS."""
+        ...
+
+    def device_get_nvlink_remote_pci_info(self, handle: Handle, link: int) -> PciInfo:
+        """The PCI address of the link's far end (a peer GPU or an NVSwitch)."""
+        ...
+
+    def device_get_topology_common_ancestor(self, handle1: Handle, handle2: Handle) -> int:
+        """An NVML_TOPOLOGY_* level."""
+        ...
+
+    def event_set_create(self) -> Handle: ...
+    def device_register_events(self, handle: Handle, event_types: int, event_set: Handle) -> None: ...
+    def event_set_wait(self, event_set: Handle, timeout_ms: int) -> EventData:
+        """Blocks up to timeout_ms; raises NvmlError(NVML_ERROR_TIMEOUT) when nothing came."""
+        ...
+
+    def event_set_free(self, event_set: Handle) -> None: ...

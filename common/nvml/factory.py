@@ -1,0 +1,20 @@
+"""Chooses the NVML backend from the settings."""
+
+from __future__ import annotations
+
+from common.nvml.backend import NvmlBackend
+from common.settings import Settings
+
+SIM_CONTROL_SOCKET = "nvml-sim.sock"
+
+
+def make_backend(settings: Settings) -> NvmlBackend:
+    if settings.nvml_backend == "simulated":
+        from common.nvml.simulated import SimulatedNvml, fleet_path
+
+        return SimulatedNvml(
+            fleet_path(settings.simulated_devices), control_socket=settings.run_dir / SIM_CONTROL_SOCKET
+        )
+    from common.nvml.real import RealNvml
+
+    return RealNvml()

@@ -1,0 +1,199 @@
+"""The NVML backend over the driver's libnvidia-ml, through `pynvml` (nvidia-ml-py).
+
+The only module that imports `pynvml`, and only inside `RealNvml.init()`, so that importing
+this module never fails on a machine without the library. Every `pynvml.NVMLError` leaves
+as `NvmlError(code)`; the answers are converted to the plain types of `backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from common.nvml.backend import (
+    ECC_COUNTER_VOLATILE,
+    NVML_ERROR_LIBRARY_NOT_FOUND,
+    NVML_ERROR_UNINITIALIZED,
+    EventData,
+    Handle,
+    NvmlError,
+    PciInfo,
+)
+
+if TYPE_CHECKING:
+    from common.nvml.backend import NvmlBackend
+
+T = TypeVar("T")
+
+LIBRARY = "libnvidia-ml.so.1"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def sysfs_pci_address(bus_id: str) -> str:
+    """NVML's "00000000:3B:00.0" as sysfs names it: "0000:3b:00.0" (4-digit domain, lower case)."""
+    domain, sep, rest = bus_id.strip().partition(":")
+    if not sep or not rest:
+        raise ValueError(f"not a PCI bus id: {bus_id!r}")
+    return f"{int(domain, 16):04x}:{rest.lower()}"
+
+
+class RealNvml:
+    """NvmlBackend over the NVIDIA driver."""
+
+    def __init__(self, sysfs_root: str | Path = "/sys") -> None:
+        self._sysfs_root = Path(sysfs_root)
+        self._nvml: ModuleType | None = None
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _lib(self) -> ModuleType:
+        if self._nvml is None:
+            raise NvmlError(NVML_ERROR_UNINITIALIZED)
+        return self._nvml
+
+    def _call(self, name: str, *args: Any) -> Any:
+        """pynvml.<name>(*args), its NVMLError turned into NvmlError."""
+        nvml = self._lib()
+        try:
+            return getattr(nvml, name)(*args)
+        except nvml.NVMLError as e:
+            raise NvmlError(int(e.value)) from e
+
+    def _typed(self, conv: Callable[[Any], T], name: str, *args: Any) -> T:
+        return conv(self._call(name, *args))
+
+    # -- lifecycle --------------------------------------------------------------------
+    def init(self) -> None:
+        try:
+            import pynvml
+        except ImportError as e:
+            raise NvmlError(
+                NVML_ERROR_LIBRARY_NOT_FOUND,
+                f"NVML Shared Library Not Found: the Python module pynvml (nvidia-ml-py) is missing: {e}",
+            ) from e
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as e:
+            code = int(e.value)
+            if code == NVML_ERROR_LIBRARY_NOT_FOUND:
+                raise NvmlError(
+                    code,
+                    f"NVML Shared Library Not Found: cannot load {LIBRARY}; is the NVIDIA driver "
+                    "installed and its libraries mounted into the container (driver root)?",
+                ) from e
+            raise NvmlError(code) from e
+        self._nvml = pynvml
+
+    def shutdown(self) -> None:
+        if self._nvml is None:
+            raise NvmlError(NVML_ERROR_UNINITIALIZED)
+        try:
+            self._call("nvmlShutdown")
+        finally:
+            self._nvml = None
+
+    # -- queries ----------------------------------------------------------------------
+    def system_get_driver_version(self) -> str:
+        return self._typed(_text, "nvmlSystemGetDriverVersion")
+
+    def device_get_count(self) -> int:
+        return self._typed(int, "nvmlDeviceGetCount")
+
+    def device_get_handle_by_index(self, index: int) -> Handle:
+        return self._call("nvmlDeviceGetHandleByIndex", index)
+
+    def device_get_uuid(self, handle: Handle) -> str:
+        return self._typed(_text, "nvmlDeviceGetUUID", handle)
+
+    def device_get_name(self, handle: Handle) -> str:
+        return self._typed(_text, "nvmlDeviceGetName", handle)
+
+    def device_get_minor_number(self, handle: Handle) -> int:
+        return self._typed(int, "nvmlDeviceGetMinorNumber", handle)
+
+    def device_get_pci_info(self, handle: Handle) -> PciInfo:
+        return PciInfo(bus_id=_text(self._call("nvmlDeviceGetPciInfo", handle).busId))
+
+    def device_get_memory_total(self, handle: Handle) -> int:
+        return int(self._call("nvmlDeviceGetMemoryInfo", handle).total)
+
+    def device_get_mig_mode(self, handle: Handle) -> tuple[int, int]:
+        current, pending = self._call("nvmlDeviceGetMigMode", handle)
+        return int(current), int(pending)
+
+    def device_get_max_mig_device_count(self, handle: Handle) -> int:
+        return self._typed(int, "nvmlDeviceGetMaxMigDeviceCount", handle)
+
+    def device_get_mig_device_handle_by_index(self, handle: Handle, index: int) -> Handle:
+        return self._call("nvmlDeviceGetMigDeviceHandleByIndex", handle, index)
+
+    def device_get_gpu_instance_id(self, mig_handle: Handle) -> int:
+        return self._typed(int, "nvmlDeviceGetGpuInstanceId", mig_handle)
+
+    def device_get_compute_instance_id(self, mig_handle: Handle) -> int:
+        return self._typed(int, "nvmlDeviceGetComputeInstanceId", mig_handle)
+
+    def device_get_supported_event_types(self, handle: Handle) -> int:
+        return self._typed(int, "nvmlDeviceGetSupportedEventTypes", handle)
+
+    def device_get_total_ecc_errors(self, handle: Handle, error_type: int) -> int:
+        return self._typed(int, "nvmlDeviceGetTotalEccErrors", handle, error_type, ECC_COUNTER_VOLATILE)
+
+    def sysfs_numa_node(self, pci_bus_id: str) -> int | None:
+        try:
+            address = sysfs_pci_address(pci_bus_id)
+        except ValueError:
+            return None
+        path = self._sysfs_root / "bus" / "pci" / "devices" / address / "numa_node"
+        try:
+            node = int(path.read_text().strip())
+        except (OSError, ValueError):
+            return None  # no such device, no NUMA information: unknown, as NVIDIA's plugin treats it
+        return node if node >= 0 else None
+
+    # -- topology ---------------------------------------------------------------------
+    def device_get_nvlink_state(self, handle: Handle, link: int) -> int:
+        return self._typed(int, "nvmlDeviceGetNvLinkState", handle, link)
+
+    def device_get_nvlink_remote_pci_info(self, handle: Handle, link: int) -> PciInfo:
+        return PciInfo(bus_id=_text(self._call("nvmlDeviceGetNvLinkRemotePciInfo", handle, link).busId))
+
+    def device_get_topology_common_ancestor(self, handle1: Handle, handle2: Handle) -> int:
+        return self._typed(int, "nvmlDeviceGetTopologyCommonAncestor", handle1, handle2)
+
+    # -- events -----------------------------------------------------------------------
+    def event_set_create(self) -> Handle:
+        return self._call("nvmlEventSetCreate")
+
+    def device_register_events(self, handle: Handle, event_types: int, event_set: Handle) -> None:
+        self._call("nvmlDeviceRegisterEvents", handle, event_types, event_set)
+
+    def event_set_wait(self, event_set: Handle, timeout_ms: int) -> EventData:
+        data = self._call("nvmlEventSetWait", event_set, timeout_ms)
+        return EventData(
+            uuid=self._event_uuid(data.device),
+            event_type=int(data.eventType),
+            event_data=int(data.eventData),
+            gpu_instance_id=int(data.gpuInstanceId),
+            compute_instance_id=int(data.computeInstanceId),
+        )
+
+    def _event_uuid(self, device: Any) -> str | None:
+        # A null c_nvmlDevice_t pointer is falsy: the event named no device.
+        if device is None or not device:
+            return None
+        try:
+            return self.device_get_uuid(device)
+        except NvmlError:
+            return None
+
+    def event_set_free(self, event_set: Handle) -> None:
+        self._call("nvmlEventSetFree", event_set)
+
+
+if TYPE_CHECKING:
+    _conforms: NvmlBackend = RealNvml()  # mypy proves RealNvml satisfies the Protocol

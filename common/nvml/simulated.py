@@ -1,0 +1,433 @@
+"""A simulated NVML: GPUs read from a device-description file, faults injected from outside.
+
+Why it exists: the project must run, demo and be tested on machines with no GPU, and the
+simulation must answer as a real driver does, errors included (the H200 fleet is the
+recorded H200, NOT_SUPPORTED answers and all). It ships in the product and is selected
+with `--nvml-backend=simulated`.
+
+Description file (JSON). Any device field may instead be `{"error": <NVML code>}`, and
+that call then raises `NvmlError(code)`, the way the recording shows it:
+
+    {"driver_version": "580.159.04",
+     "init_error": 9,                     # optional: nvmlInit fails with this code
+     "devices": [{"uuid": "GPU-...", "name": "NVIDIA H200", "minor": 0,
+                  "pci_bus_id": "00000000:00:06.0", "memory_total": 150754820096,
+                  "sysfs_numa_node": 0, "mig_mode": [0, 0], "max_mig_devices": 7,
+                  "supported_events": 65439, "numa_node_id": {"error": 3},
+                  "mig_devices": [{"uuid": "MIG-...", "name": "NVIDIA H200 MIG 1g.18gb",
+                                   "gpu_instance_id": 7, "compute_instance_id": 0,
+                                   "memory_total": 17179869184}],
+                  "nvlinks": [{"state": 1, "remote_pci_bus_id": "00000000:05:00.0"},
+                              {"error": 3}],
+                  "topology": {"GPU-<peer uuid>": 20}}]}
+
+Device keys: `uuid`, `name`, `minor`, `pci_bus_id` (NVML form, 8-digit domain) and
+`memory_total` (bytes) are required. Optional, a missing key answering NOT_SUPPORTED:
+`mig_mode` [current, pending]; `max_mig_devices`; `supported_events` (event mask);
+`ecc_mode` [current, pending] (only its error form changes an answer: ECC counters then
+raise it); `sysfs_numa_node` (-1 or absent: unknown); `mig_devices` (MIG device handles in
+index order; each needs uuid, name, gpu_instance_id, compute_instance_id, memory_total).
+`nvlinks`: entry i answers link i: `state` (1 active, 0 inactive) for nvmlDeviceGetNvLinkState,
+`remote_pci_bus_id` for nvmlDeviceGetNvLinkRemotePciInfo (absent: NOT_SUPPORTED), or the
+whole entry `{"error": code}`; a link index past the list answers NOT_SUPPORTED, one at or
+past NVML_NVLINK_MAX_LINKS INVALID_ARGUMENT; `"nvlinks": {"error": 3}` makes every link
+NOT_SUPPORTED, as on the recorded H200. `topology`: peer UUID -> nvmlGpuTopologyLevel_t
+(or an error object); looked up on either GPU of the pair, a GPU with itself is INTERNAL (0),
+an unlisted pair NOT_SUPPORTED. Recorded answers kept only as data, with no call of their
+own (yet): `numa_node_id`, `retired_pages_pending`, `remapped_rows`.
+
+Faults arrive as JSON lines on a unix socket (`FaultClient`, `gpu-plugin inject`), served
+by a thread of the backend: {"op": "xid", "uuid": U, "xid": 79, "gi": .., "ci": ..},
+{"op": "ecc", "uuid": U, "kind": "dbe"|"sbe", "count": n}, {"op": "lost", "uuid": U},
+{"op": "recover", "uuid": U}. XID 79 and "lost" make every later call on that GPU raise
+GPU_IS_LOST, as a fallen-off-the-bus GPU does, until "recover".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from common.nvml.backend import (
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_SINGLE_BIT_ECC,
+    EVENT_XID_CRITICAL,
+    MEMORY_ERROR_CORRECTED,
+    MEMORY_ERROR_UNCORRECTED,
+    NVML_ERROR_GPU_IS_LOST,
+    NVML_ERROR_INVALID_ARGUMENT,
+    NVML_ERROR_NOT_FOUND,
+    NVML_ERROR_NOT_SUPPORTED,
+    NVML_ERROR_TIMEOUT,
+    NVML_ERROR_UNINITIALIZED,
+    NVML_NVLINK_MAX_LINKS,
+    NVML_TOPOLOGY_INTERNAL,
+    WHOLE_GPU_INSTANCE,
+    EventData,
+    Handle,
+    NvmlError,
+    PciInfo,
+)
+
+log = logging.getLogger(__name__)
+
+XID_GPU_LOST = 79  # "GPU has fallen off the bus"
+FLEETS = ("h200", "dgx-h100-8", "dgx-h100-8-mig")
+
+
+class DescriptionError(ValueError):
+    """The device-description file is unreadable or malformed."""
+
+
+def fleet_path(name_or_path: str) -> Path:
+    """A shipped fleet name (one of FLEETS) or a path to a description file."""
+    if name_or_path in FLEETS:
+        return Path(str(resources.files("common.nvml") / "fleets" / f"{name_or_path}.json"))
+    return Path(name_or_path)
+
+
+def _answer(value: Any) -> Any:
+    """Either the recorded value or the recorded error, raised."""
+    if isinstance(value, dict) and set(value) == {"error"}:
+        raise NvmlError(int(value["error"]))
+    return value
+
+
+@dataclass
+class _SimMig:
+    parent: _SimGpu
+    desc: dict[str, Any]
+
+
+@dataclass
+class _SimGpu:
+    desc: dict[str, Any]
+    lost: bool = False
+    ecc: dict[int, int] = field(
+        default_factory=lambda: {MEMORY_ERROR_CORRECTED: 0, MEMORY_ERROR_UNCORRECTED: 0}
+    )
+    registered: int = 0  # event mask registered on the (single) event set
+    migs: list[_SimMig] = field(default_factory=list)
+
+    @property
+    def uuid(self) -> str:
+        return str(self.desc["uuid"])
+
+
+def load_description(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DescriptionError(f"cannot read device description {path}: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
+        raise DescriptionError(f"device description {path}: expected an object with a 'devices' list")
+    for i, dev in enumerate(data["devices"]):
+        for key in ("uuid", "name", "minor", "pci_bus_id", "memory_total"):
+            if not isinstance(dev, dict) or key not in dev:
+                raise DescriptionError(f"device description {path}: devices[{i}] lacks '{key}'")
+    return data
+
+
+class SimulatedNvml:
+    """NvmlBackend over a description file; see the module docstring."""
+
+    def __init__(self, description: Path, control_socket: Path | None = None) -> None:
+        self._desc = load_description(description)
+        self._control_path = control_socket
+        self._lock = threading.Lock()
+        self._initialized = False
+        self._gpus: list[_SimGpu] = []
+        self._events: queue.Queue[EventData] = queue.Queue()
+        self._listener: socket.socket | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+    def init(self) -> None:
+        if "init_error" in self._desc:
+            raise NvmlError(int(self._desc["init_error"]))
+        with self._lock:
+            if not self._gpus:
+                for d in self._desc["devices"]:
+                    gpu = _SimGpu(desc=d)
+                    gpu.migs = [_SimMig(parent=gpu, desc=m) for m in d.get("mig_devices", [])]
+                    self._gpus.append(gpu)
+            self._initialized = True
+        if self._control_path is not None and self._listener is None:
+            self._start_control_server(self._control_path)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if not self._initialized:
+                raise NvmlError(NVML_ERROR_UNINITIALIZED)
+            self._initialized = False
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if self._control_path is not None:
+                self._control_path.unlink(missing_ok=True)
+
+    def _check(self) -> None:
+        if not self._initialized:
+            raise NvmlError(NVML_ERROR_UNINITIALIZED)
+
+    def _gpu(self, handle: Handle) -> _SimGpu:
+        self._check()
+        gpu = handle.parent if isinstance(handle, _SimMig) else handle
+        if not isinstance(gpu, _SimGpu):
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        if gpu.lost:
+            raise NvmlError(NVML_ERROR_GPU_IS_LOST)
+        return gpu
+
+    def _field(self, handle: Handle, key: str) -> Any:
+        gpu = self._gpu(handle)
+        desc = handle.desc if isinstance(handle, _SimMig) else gpu.desc
+        if key not in desc:
+            raise NvmlError(NVML_ERROR_NOT_SUPPORTED)
+        return _answer(desc[key])
+
+    # -- queries ----------------------------------------------------------------------
+    def system_get_driver_version(self) -> str:
+        self._check()
+        return str(self._desc.get("driver_version", "0.0"))
+
+    def device_get_count(self) -> int:
+        self._check()
+        return len(self._gpus)
+
+    def device_get_handle_by_index(self, index: int) -> Handle:
+        self._check()
+        if not 0 <= index < len(self._gpus):
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        return self._gpus[index]
+
+    def device_get_uuid(self, handle: Handle) -> str:
+        return str(self._field(handle, "uuid"))
+
+    def device_get_name(self, handle: Handle) -> str:
+        return str(self._field(handle, "name"))
+
+    def device_get_minor_number(self, handle: Handle) -> int:
+        if isinstance(handle, _SimMig):
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        return int(self._field(handle, "minor"))
+
+    def device_get_pci_info(self, handle: Handle) -> PciInfo:
+        return PciInfo(bus_id=str(self._field(self._gpu(handle), "pci_bus_id")))
+
+    def device_get_memory_total(self, handle: Handle) -> int:
+        return int(self._field(handle, "memory_total"))
+
+    def device_get_mig_mode(self, handle: Handle) -> tuple[int, int]:
+        cur, pending = self._field(handle, "mig_mode")
+        return int(cur), int(pending)
+
+    def device_get_max_mig_device_count(self, handle: Handle) -> int:
+        return int(self._field(handle, "max_mig_devices"))
+
+    def device_get_mig_device_handle_by_index(self, handle: Handle, index: int) -> Handle:
+        gpu = self._gpu(handle)
+        if isinstance(handle, _SimMig) or index < 0:
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        # Past the GPU's maximum is INVALID_ARGUMENT; with MIG off the maximum is 0 and the
+        # recorded H200 answered NOT_FOUND for index 0, so only a positive maximum bounds it.
+        max_migs = int(_answer(gpu.desc.get("max_mig_devices", 0)))
+        if 0 < max_migs <= index:
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        if index >= len(gpu.migs):
+            raise NvmlError(NVML_ERROR_NOT_FOUND)
+        return gpu.migs[index]
+
+    def device_get_gpu_instance_id(self, mig_handle: Handle) -> int:
+        if not isinstance(mig_handle, _SimMig):
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        return int(self._field(mig_handle, "gpu_instance_id"))
+
+    def device_get_compute_instance_id(self, mig_handle: Handle) -> int:
+        if not isinstance(mig_handle, _SimMig):
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        return int(self._field(mig_handle, "compute_instance_id"))
+
+    def device_get_supported_event_types(self, handle: Handle) -> int:
+        return int(self._field(handle, "supported_events"))
+
+    def device_get_total_ecc_errors(self, handle: Handle, error_type: int) -> int:
+        gpu = self._gpu(handle)
+        if "ecc_mode" in gpu.desc:
+            _answer(gpu.desc["ecc_mode"])
+        if error_type not in gpu.ecc:
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        return gpu.ecc[error_type]
+
+    def sysfs_numa_node(self, pci_bus_id: str) -> int | None:
+        for gpu in self._gpus:
+            if str(gpu.desc["pci_bus_id"]).lower() == pci_bus_id.lower():
+                node = gpu.desc.get("sysfs_numa_node", -1)
+                return None if node is None or int(node) < 0 else int(node)
+        return None
+
+    # -- topology ---------------------------------------------------------------------
+    def _nvlink(self, handle: Handle, link: int) -> dict[str, Any]:
+        gpu = self._gpu(handle)
+        if isinstance(handle, _SimMig) or not 0 <= link < NVML_NVLINK_MAX_LINKS:
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        links = _answer(gpu.desc.get("nvlinks", {"error": NVML_ERROR_NOT_SUPPORTED}))
+        if link >= len(links):
+            raise NvmlError(NVML_ERROR_NOT_SUPPORTED)
+        entry: dict[str, Any] = _answer(links[link])
+        return entry
+
+    def device_get_nvlink_state(self, handle: Handle, link: int) -> int:
+        return int(_answer(self._nvlink(handle, link).get("state", {"error": NVML_ERROR_NOT_SUPPORTED})))
+
+    def device_get_nvlink_remote_pci_info(self, handle: Handle, link: int) -> PciInfo:
+        entry = self._nvlink(handle, link)
+        bus_id = _answer(entry.get("remote_pci_bus_id", {"error": NVML_ERROR_NOT_SUPPORTED}))
+        return PciInfo(bus_id=str(bus_id))
+
+    def device_get_topology_common_ancestor(self, handle1: Handle, handle2: Handle) -> int:
+        gpu1, gpu2 = self._gpu(handle1), self._gpu(handle2)
+        if isinstance(handle1, _SimMig) or isinstance(handle2, _SimMig):
+            raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        for a, b in ((gpu1, gpu2), (gpu2, gpu1)):
+            topo = _answer(a.desc.get("topology", {}))
+            if b.uuid in topo:
+                return int(_answer(topo[b.uuid]))
+        if gpu1 is gpu2:
+            return NVML_TOPOLOGY_INTERNAL
+        raise NvmlError(NVML_ERROR_NOT_SUPPORTED)
+
+    # -- events -----------------------------------------------------------------------
+    def event_set_create(self) -> Handle:
+        self._check()
+        return self._events
+
+    def device_register_events(self, handle: Handle, event_types: int, event_set: Handle) -> None:
+        gpu = self._gpu(handle)
+        supported = int(_answer(gpu.desc.get("supported_events", {"error": NVML_ERROR_NOT_SUPPORTED})))
+        if event_types & ~supported:
+            raise NvmlError(NVML_ERROR_NOT_SUPPORTED)
+        with self._lock:
+            gpu.registered |= event_types
+
+    def event_set_wait(self, event_set: Handle, timeout_ms: int) -> EventData:
+        self._check()
+        try:
+            return self._events.get(timeout=timeout_ms / 1000.0)
+        except queue.Empty:
+            raise NvmlError(NVML_ERROR_TIMEOUT) from None
+
+    def event_set_free(self, event_set: Handle) -> None:
+        self._check()
+
+    # -- fault injection --------------------------------------------------------------
+    def inject(self, cmd: dict[str, Any]) -> None:
+        """Applies one fault command; raises ValueError with a readable reason."""
+        op = cmd.get("op")
+        uuid = cmd.get("uuid")
+        with self._lock:
+            gpu, mig = self._find(uuid)
+            if op == "xid":
+                xid = cmd.get("xid")
+                if not isinstance(xid, int) or xid <= 0:
+                    raise ValueError(f"xid must be a positive integer, got {xid!r}")
+                gi, ci = WHOLE_GPU_INSTANCE, WHOLE_GPU_INSTANCE
+                if mig is not None:
+                    gi = int(mig.desc["gpu_instance_id"])
+                    ci = int(mig.desc["compute_instance_id"])
+                gi = int(cmd.get("gi", gi))
+                ci = int(cmd.get("ci", ci))
+                self._emit(gpu, EVENT_XID_CRITICAL, xid, gi, ci)
+                if xid == XID_GPU_LOST:
+                    gpu.lost = True
+            elif op == "ecc":
+                kind = cmd.get("kind")
+                count = cmd.get("count", 1)
+                if kind not in ("sbe", "dbe") or not isinstance(count, int) or count < 1:
+                    raise ValueError("ecc needs kind 'sbe' or 'dbe' and a positive count")
+                err = MEMORY_ERROR_UNCORRECTED if kind == "dbe" else MEMORY_ERROR_CORRECTED
+                gpu.ecc[err] += count
+                etype = EVENT_DOUBLE_BIT_ECC if kind == "dbe" else EVENT_SINGLE_BIT_ECC
+                self._emit(gpu, etype, 0, WHOLE_GPU_INSTANCE, WHOLE_GPU_INSTANCE)
+            elif op == "lost":
+                gpu.lost = True
+            elif op == "recover":
+                gpu.lost = False
+                gpu.ecc = {MEMORY_ERROR_CORRECTED: 0, MEMORY_ERROR_UNCORRECTED: 0}
+            else:
+                raise ValueError(f"unknown fault op {op!r}; expected xid, ecc, lost or recover")
+
+    def _find(self, uuid: object) -> tuple[_SimGpu, _SimMig | None]:
+        for gpu in self._gpus:
+            if gpu.uuid == uuid:
+                return gpu, None
+            for mig in gpu.migs:
+                if mig.desc.get("uuid") == uuid:
+                    return gpu, mig
+        raise ValueError(f"unknown device {uuid!r}")
+
+    def _emit(self, gpu: _SimGpu, etype: int, data: int, gi: int, ci: int) -> None:
+        # As in NVML, an event reaches the set only if it was registered for the device.
+        if gpu.registered & etype:
+            self._events.put(EventData(gpu.uuid, etype, data, gi, ci))
+
+    def _start_control_server(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._serve, args=(listener,), name="nvml-sim-control", daemon=True).start()
+
+    def _serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed by shutdown()
+            with conn:
+                conn.settimeout(2.0)
+                try:
+                    line = conn.makefile("rb").readline(65536)
+                    try:
+                        cmd = json.loads(line)
+                        if not isinstance(cmd, dict):
+                            raise ValueError("a fault command is a JSON object")
+                        self.inject(cmd)
+                        reply: dict[str, Any] = {"ok": True}
+                    except ValueError as e:
+                        reply = {"ok": False, "error": str(e)}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError as e:
+                    log.warning("fault control connection failed: %s", e)
+
+
+class FaultClient:
+    """Sends fault commands to a running simulated backend (used by `gpu-plugin inject`)."""
+
+    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+        self._path = path
+        self._timeout = timeout
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self._timeout)
+            try:
+                s.connect(str(self._path))
+            except OSError as e:
+                raise ConnectionError(
+                    f"no simulated NVML backend answers on {self._path} ({e.strerror}); "
+                    "is the health-monitor running with --nvml-backend=simulated?"
+                ) from e
+            s.sendall(json.dumps(cmd).encode() + b"\n")
+            reply = json.loads(s.makefile("rb").readline(65536) or b"{}")
+        if not reply.get("ok"):
+            raise ValueError(reply.get("error", "no answer from the simulated backend"))

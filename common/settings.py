@@ -1,0 +1,215 @@
+"""Settings of every service, resolved and validated once, in one place.
+
+Names follow NVIDIA's plugin so that an operator's DaemonSet environment and config file
+carry over: each setting has a flag, an environment variable and (for NVIDIA's own
+settings) a key of the v1 config file, with the precedence flag > environment > file >
+default. Our own additions (paths, the NVML backend) use the same scheme.
+
+Every service parses the same table, so a container environment configures all three
+processes alike. A bad value raises `SettingsError` naming the setting, where it came
+from and the allowed values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
+DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+DEFAULT_RUN_DIR = "/run/gpu-device-plugin"
+DEFAULT_STATE_DIR = "/var/lib/kubelet/device-plugins/gpu-device-plugin-state"
+
+MIG_STRATEGIES = ("none", "single", "mixed")
+DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
+DEVICE_ID_STRATEGIES = ("uuid", "index")
+NVML_BACKENDS = ("real", "simulated")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot accept; the message names it and the allowed values."""
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise SettingsError(f"{where}: {value!r} is not a boolean (true or false)")
+
+
+def _choice(choices: Sequence[str]) -> Callable[[Any, str], str]:
+    def parse(value: Any, where: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise SettingsError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _choice_list(choices: Sequence[str]) -> Callable[[Any, str], tuple[str, ...]]:
+    def parse(value: Any, where: str) -> tuple[str, ...]:
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        out: list[str] = []
+        for item in items:
+            item = str(item).strip()
+            if item not in choices:
+                raise SettingsError(f"{where}: {item!r} is not one of {', '.join(choices)}")
+            if item not in out:
+                out.append(item)
+        if not out:
+            raise SettingsError(f"{where}: empty list; allowed values: {', '.join(choices)}")
+        return tuple(out)
+
+    return parse
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise SettingsError(f"{where}: {value!r} is not a string")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    flags: tuple[str, ...]
+    env: str | None
+    file_key: tuple[str, ...] | None  # path in the v1 config file
+    default: Any
+    parse: Callable[[Any, str], Any]
+    help: str
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("config_file", ("--config-file",), "CONFIG_FILE", None, None, _str, "v1 config file (YAML)"),
+    Spec("mig_strategy", ("--mig-strategy",), "MIG_STRATEGY", ("flags", "migStrategy"), "none",
+         _choice(MIG_STRATEGIES), "how MIG devices are offered"),
+    Spec("fail_on_init_error", ("--fail-on-init-error",), "FAIL_ON_INIT_ERROR", ("flags", "failOnInitError"),
+         True, _bool, "exit when NVML cannot be initialised (false: serve nothing and retry)"),
+    Spec("driver_root", ("--driver-root", "--nvidia-driver-root"), "NVIDIA_DRIVER_ROOT",
+         ("flags", "nvidiaDriverRoot"), "/", _str, "root of the driver installation"),
+    Spec("dev_root", ("--dev-root", "--nvidia-dev-root"), "NVIDIA_DEV_ROOT", ("flags", "nvidiaDevRoot"),
+         None, _str, "root of the device nodes (default: the driver root)"),
+    Spec("pass_device_specs", ("--pass-device-specs",), "PASS_DEVICE_SPECS",
+         ("flags", "plugin", "passDeviceSpecs"), False, _bool, "add DeviceSpecs to Allocate answers"),
+    Spec("device_list_strategy", ("--device-list-strategy",), "DEVICE_LIST_STRATEGY",
+         ("flags", "plugin", "deviceListStrategy"), ("envvar",), _choice_list(DEVICE_LIST_STRATEGIES),
+         "how allocated devices reach the container runtime"),
+    Spec("device_id_strategy", ("--device-id-strategy",), "DEVICE_ID_STRATEGY",
+         ("flags", "plugin", "deviceIDStrategy"), "uuid", _choice(DEVICE_ID_STRATEGIES),
+         "how devices are named to the runtime"),
+    Spec("kubelet_socket", ("--kubelet-socket",), "KUBELET_SOCKET", ("flags", "plugin", "kubeletSocket"),
+         DEFAULT_KUBELET_SOCKET, _str, 'kubelet registration socket; "" = do not register'),
+    Spec("device_plugin_dir", ("--device-plugin-dir",), "DEVICE_PLUGIN_DIR", None, None, _str,
+         "where plugin sockets are created (default: the kubelet socket's directory)"),
+    Spec("run_dir", ("--run-dir",), "GPU_PLUGIN_RUN_DIR", None, DEFAULT_RUN_DIR, _str,
+         "bus sockets and other runtime files (mode 0700)"),
+    Spec("nvml_backend", ("--nvml-backend",), "NVML_BACKEND", None, "real", _choice(NVML_BACKENDS),
+         "real: libnvidia-ml through pynvml; simulated: a device-description file"),
+    Spec("simulated_devices", ("--simulated-devices",), "SIMULATED_DEVICES", None, "dgx-h100-8", _str,
+         "simulated backend: fleet name (h200, dgx-h100-8, dgx-h100-8-mig) or description file"),
+    Spec("log_level", ("--log-level",), "LOG_LEVEL", None, "info", _choice(LOG_LEVELS), "log level"),
+)
+_BY_NAME = {s.name: s for s in SPECS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_file: str | None
+    mig_strategy: str
+    fail_on_init_error: bool
+    driver_root: str
+    dev_root: str
+    pass_device_specs: bool
+    device_list_strategy: tuple[str, ...]
+    device_id_strategy: str
+    kubelet_socket: str
+    device_plugin_dir: Path
+    run_dir: Path
+    nvml_backend: str
+    simulated_devices: str
+    log_level: str
+
+    def bus_path(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds every setting as a flag whose default is None (= not given)."""
+    group = parser.add_argument_group("settings (flag > environment > config file)")
+    for spec in SPECS:
+        env = f" [env {spec.env}]" if spec.env else ""
+        group.add_argument(*spec.flags, dest=spec.name, default=None, help=f"{spec.help}{env}")
+
+
+def _lookup(tree: Mapping[str, Any], key: tuple[str, ...]) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in key:
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise SettingsError(f"config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise SettingsError(f"config file {path}: not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a mapping at the top level")
+    version = data.get("version")
+    if version != "v1":
+        raise SettingsError(f"config file {path}: version: {version!r} is not supported; allowed values: v1")
+    return data
+
+
+def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    given = vars(args) if args is not None else {}
+
+    def raw(spec: Spec, file_data: Mapping[str, Any]) -> tuple[Any, str]:
+        if given.get(spec.name) is not None:
+            return given[spec.name], f"flag {spec.flags[0]}"
+        if spec.env and spec.env in environ:
+            return environ[spec.env], f"environment {spec.env}"
+        if spec.file_key is not None:
+            found, value = _lookup(file_data, spec.file_key)
+            if found:
+                return value, f"config file key {'.'.join(spec.file_key)}"
+        return spec.default, "default"
+
+    config_value, _ = raw(_BY_NAME["config_file"], {})
+    file_data = load_config_file(str(config_value)) if config_value else {}
+
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        value, where = raw(spec, file_data)
+        values[spec.name] = None if value is None else spec.parse(value, f"{spec.name} ({where})")
+    if values["dev_root"] is None:
+        values["dev_root"] = values["driver_root"]
+    if values["device_plugin_dir"] is None:
+        sock = values["kubelet_socket"]
+        values["device_plugin_dir"] = os.path.dirname(sock) if sock else DEFAULT_DEVICE_PLUGIN_DIR
+    values["device_plugin_dir"] = Path(values["device_plugin_dir"])
+    values["run_dir"] = Path(values["run_dir"])
+    return Settings(**values)

@@ -1,0 +1,196 @@
+"""`gpu-plugin`: one command for the services, the operator tools and the simulators.
+
+    gpu-plugin health-monitor | plugin-server | registrar     the three supervised services
+    gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
+    gpu-plugin status                                          a table of devices from the bus
+    gpu-plugin inject xid|ecc|lost|recover <uuid> ...          faults for the simulated backend
+    gpu-plugin kubelet-sim --dir D --control C                 the kubelet simulator
+    gpu-plugin supervisor-watchdog                             supervisord event listener
+
+Settings come from flags, then the environment, then the config file (see common.settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.settings import Settings, SettingsError, add_arguments, resolve
+
+SERVICES = ("health-monitor", "plugin-server", "registrar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpu-plugin", description="Kubernetes device plugin for NVIDIA GPUs")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in SERVICES:
+        add_arguments(sub.add_parser(name, help=f"run the {name} service"))
+
+    bus = sub.add_parser("bus", help="look at the buses")
+    bus_sub = bus.add_subparsers(dest="bus_command", required=True)
+    tail = bus_sub.add_parser("tail", help="print decoded bus messages")
+    tail.add_argument("--topic", action="append", default=[], help="topic prefix (repeatable), e.g. health.event")
+    tail.add_argument("--device", help="only messages about this device ID")
+    tail.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
+    tail.add_argument("--timeout", type=float, default=0.0, help="stop after S seconds (0: never)")
+    add_arguments(tail)
+
+    status = sub.add_parser("status", help="print the devices and their health")
+    status.add_argument("--timeout", type=float, default=3.0, help="how long to wait for the health state")
+    add_arguments(status)
+
+    inject = sub.add_parser("inject", help="inject a fault into the simulated NVML backend")
+    inject.add_argument("fault", choices=("xid", "ecc", "lost", "recover"))
+    inject.add_argument("uuid", help="GPU or MIG device UUID")
+    inject.add_argument("value", nargs="?", help="xid: the XID number; ecc: sbe or dbe")
+    inject.add_argument("--count", type=int, default=1, help="ecc: how many errors")
+    add_arguments(inject)
+
+    ks = sub.add_parser("kubelet-sim", help="run the kubelet simulator")
+    ks.add_argument("--dir", required=True, type=Path, help="device-plugin directory (kubelet.sock goes here)")
+    ks.add_argument("--control", required=True, type=Path, help="control socket path")
+    ks.add_argument("--log-level", default="info")
+
+    sub.add_parser("supervisor-watchdog", help="supervisord event listener: a FATAL process ends the container")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"gpu-plugin: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "kubelet-sim":
+        return _kubelet_sim(args)
+    if args.command == "supervisor-watchdog":
+        from services.watchdog import run as watchdog
+
+        return watchdog()
+    try:
+        settings = resolve(args)
+    except SettingsError as e:
+        return _fail(str(e))
+    if args.command in SERVICES:
+        return _run_service(args.command, settings)
+    if args.command == "bus":
+        return asyncio.run(_tail(settings, args))
+    if args.command == "status":
+        return asyncio.run(_status(settings, args.timeout))
+    if args.command == "inject":
+        return _inject(settings, args)
+    return _fail(f"unknown command {args.command}")
+
+
+def _run_service(name: str, settings: Settings) -> int:
+    if name == "health-monitor":
+        from services.health_monitor.__main__ import run
+    elif name == "plugin-server":
+        from services.plugin_server.__main__ import run
+    else:
+        from services.registrar.__main__ import run
+    return run(settings)
+
+
+def _kubelet_sim(args: argparse.Namespace) -> int:
+    from common.lifecycle import configure_logging
+    from services.kubelet_simulator.control import serve
+
+    configure_logging("kubelet-sim", args.log_level)
+
+    async def runner() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, stop.set)
+        await serve(args.dir, args.control, stop)
+
+    asyncio.run(runner())
+    return 0
+
+
+def _inject(settings: Settings, args: argparse.Namespace) -> int:
+    from common.nvml.factory import SIM_CONTROL_SOCKET
+    from common.nvml.simulated import FaultClient
+
+    cmd: dict[str, object] = {"op": args.fault, "uuid": args.uuid}
+    if args.fault == "xid":
+        if args.value is None or not args.value.isdigit():
+            return _fail("inject xid needs the XID number, e.g. gpu-plugin inject xid GPU-... 79")
+        cmd["xid"] = int(args.value)
+    elif args.fault == "ecc":
+        if args.value not in ("sbe", "dbe"):
+            return _fail("inject ecc needs sbe or dbe, e.g. gpu-plugin inject ecc GPU-... dbe")
+        cmd["kind"], cmd["count"] = args.value, args.count
+    try:
+        FaultClient(settings.run_dir / SIM_CONTROL_SOCKET).send(cmd)
+    except (ConnectionError, ValueError) as e:
+        return _fail(str(e))
+    print(f"injected {args.fault} into {args.uuid}")
+    return 0
+
+
+async def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from common.bus.messages import HEALTH_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET
+    from common.bus.sockets import BusSubscriber
+
+    paths = [settings.bus_path(n) for n in (HEALTH_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET)]
+    sub = BusSubscriber(paths, topics=args.topic or [""])
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    shown = 0
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            msg = await sub.recv_timeout(wait)
+            if msg is None:
+                continue
+            body = dataclasses.asdict(msg)
+            if args.device and args.device not in json.dumps(body):
+                continue
+            print(f"{msg.TOPIC} {json.dumps(body, sort_keys=True)}", flush=True)
+            shown += 1
+            if args.count and shown >= args.count:
+                break
+    finally:
+        sub.close()
+    return 0
+
+
+async def _status(settings: Settings, timeout: float) -> int:
+    from common.bus.messages import HEALTH_SOCKET, HealthState
+    from common.bus.sockets import BusSubscriber
+
+    sub = BusSubscriber([settings.bus_path(HEALTH_SOCKET)], topics=[HealthState.TOPIC])
+    try:
+        msg = await sub.recv_timeout(timeout)
+    finally:
+        sub.close()
+    if not isinstance(msg, HealthState):
+        return _fail(f"no health state on {settings.bus_path(HEALTH_SOCKET)} within {timeout:.0f} s "
+                     "(is the health-monitor running?)")
+    age = time.time() - msg.sent_at
+    print(f"driver {msg.driver_version or '?'}  nvml {'ok' if msg.nvml_ok else 'FAILED: ' + msg.error}  "
+          f"state seq {msg.seq} ({'STALE, ' if age > 3 else ''}{age:.1f} s old)")
+    rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA")]
+    for d in msg.devices:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since))
+        numa = "-" if d.numa_node is None else str(d.numa_node)
+        rows.append((d.index, d.id, d.health, d.reason or "-", since, d.parent or "-", numa))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""health-monitor: wiring only (settings -> backend -> HealthMonitor)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from common.bus.messages import HEALTH_SOCKET
+from common.bus.sockets import BusPublisher
+from common.lifecycle import ensure_private_dir, run_service
+from common.nvml.factory import make_backend
+from common.settings import Settings
+from services.health_monitor.monitor import HealthMonitor
+from services.health_monitor.xid_policy import policy_from_env
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    ensure_private_dir(settings.run_dir)
+    publisher = BusPublisher(settings.bus_path(HEALTH_SOCKET))
+    backend = make_backend(settings)
+    try:
+        monitor = HealthMonitor(
+            backend, publisher, policy_from_env(os.environ), fail_on_init_error=settings.fail_on_init_error
+        )
+        await monitor.run(stop)
+    finally:
+        publisher.close()
+
+
+def run(settings: Settings) -> int:
+    return run_service("health-monitor", main, settings)
+
+
+if __name__ == "__main__":
+    from services.cli import main as cli_main
+
+    sys.exit(cli_main(["health-monitor", *sys.argv[1:]]))

@@ -1,0 +1,116 @@
+"""Discovery: what GPUs and MIG devices the driver reports, as bus `DeviceState`s.
+
+Written once against `NvmlBackend`, so the real driver and the simulation go through the
+same code. Optional facts the driver does not support (MIG mode on older GPUs, NUMA)
+are left unknown; a GPU that is lost while being described is listed Unhealthy rather
+than dropped, because a device missing from the list is a device the kubelet forgets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState
+from common.nvml.backend import (
+    NVML_ERROR_GPU_IS_LOST,
+    NVML_ERROR_NOT_FOUND,
+    Handle,
+    NvmlBackend,
+    NvmlError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inventory:
+    devices: list[DeviceState] = field(default_factory=list)
+    handles: dict[str, Handle] = field(default_factory=dict)  # GPU UUID -> handle
+    children: dict[str, list[str]] = field(default_factory=dict)  # GPU UUID -> MIG UUIDs
+
+
+def _mig_profile(name: str) -> str:
+    # NVML names MIG devices "<GPU name> MIG <profile>", e.g. "NVIDIA H100 80GB HBM3 MIG 1g.10gb".
+    _, sep, profile = name.rpartition("MIG ")
+    return profile.strip() if sep else ""
+
+
+def discover(backend: NvmlBackend, now: float) -> Inventory:
+    inv = Inventory()
+    for index in range(backend.device_get_count()):
+        handle = backend.device_get_handle_by_index(index)
+        uuid = backend.device_get_uuid(handle)
+        inv.handles[uuid] = handle
+        try:
+            gpu, migs = _describe(backend, handle, index, uuid, now)
+        except NvmlError as e:
+            if e.code != NVML_ERROR_GPU_IS_LOST:
+                raise
+            log.error("GPU %s (index %d) is lost at discovery", uuid, index)
+            gpu = DeviceState(id=uuid, kind="gpu", index=str(index), name="", health=UNHEALTHY,
+                              reason="GPU lost", since=now)
+            migs = []
+        inv.devices.append(gpu)
+        inv.devices.extend(migs)
+        inv.children[uuid] = [m.id for m in migs]
+    return inv
+
+
+def _describe(
+    backend: NvmlBackend, handle: Handle, index: int, uuid: str, now: float
+) -> tuple[DeviceState, list[DeviceState]]:
+    pci = backend.device_get_pci_info(handle).bus_id
+    gpu = DeviceState(
+        id=uuid,
+        kind="gpu",
+        index=str(index),
+        name=backend.device_get_name(handle),
+        health=HEALTHY,
+        reason="",
+        since=now,
+        minor=backend.device_get_minor_number(handle),
+        pci_bus_id=pci,
+        numa_node=backend.sysfs_numa_node(pci),
+        memory_mb=backend.device_get_memory_total(handle) // (1024 * 1024),
+    )
+    return gpu, _describe_migs(backend, handle, gpu, now)
+
+
+def _describe_migs(backend: NvmlBackend, handle: Handle, gpu: DeviceState, now: float) -> list[DeviceState]:
+    try:
+        current, _pending = backend.device_get_mig_mode(handle)
+    except NvmlError as e:
+        if e.code == NVML_ERROR_GPU_IS_LOST:
+            raise
+        return []  # MIG not supported on this GPU
+    if current != 1:
+        return []
+    migs: list[DeviceState] = []
+    for slot in range(backend.device_get_max_mig_device_count(handle)):
+        try:
+            mh = backend.device_get_mig_device_handle_by_index(handle, slot)
+        except NvmlError as e:
+            if e.code == NVML_ERROR_NOT_FOUND:
+                continue  # an empty slot
+            raise
+        name = backend.device_get_name(mh)
+        migs.append(
+            DeviceState(
+                id=backend.device_get_uuid(mh),
+                kind="mig",
+                index=f"{gpu.index}:{len(migs)}",
+                name=name,
+                health=HEALTHY,
+                reason="",
+                since=now,
+                pci_bus_id=gpu.pci_bus_id,
+                numa_node=gpu.numa_node,
+                memory_mb=backend.device_get_memory_total(mh) // (1024 * 1024),
+                parent=gpu.id,
+                gpu_instance_id=backend.device_get_gpu_instance_id(mh),
+                compute_instance_id=backend.device_get_compute_instance_id(mh),
+                profile=_mig_profile(name),
+            )
+        )
+    return migs

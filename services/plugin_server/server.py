@@ -1,0 +1,216 @@
+"""The plugin server: health bus in, one DevicePlugin gRPC server per resource out.
+
+It holds no state of its own worth keeping: everything it serves is rebuilt from the
+next health state (replayed to it at once on subscribe), so a restart costs one round
+trip. It re-creates an endpoint whose socket file vanished (a kubelet restart removes
+every socket in the directory) and announces each endpoint, with the identity of its
+socket file and the number of open ListAndWatch streams, on its own bus socket for the
+registrar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from common.bus.messages import EndpointState, HealthState, PluginEvent, PluginState
+from common.bus.sockets import BusPublisher, BusSubscriber
+from common.fswatch import DirWatcher, file_id
+from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from common.settings import Settings
+from services.plugin_server.device_table import ResourceTable, build_resources, socket_name
+from services.plugin_server.servicer import DevicePluginServicer, plugin_options
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER_S = 3.0  # three missed heartbeats
+RECHECK_S = 5.0  # backstop for filesystem changes inotify cannot see (e.g. a new mount)
+
+
+class Endpoint:
+    """One gRPC server on `<device plugin dir>/nvidia-<name>.sock`."""
+
+    def __init__(self, server: PluginServer, table: ResourceTable) -> None:
+        self._owner = server
+        self.table = table
+        self.path = server.settings.device_plugin_dir / socket_name(table.resource)
+        self.socket_id = ""
+        self.servicer: DevicePluginServicer | None = None
+        self._grpc: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        if self.path.exists() or self.path.is_symlink():
+            log.info("removing stale socket %s", self.path)
+            self.path.unlink()
+        self.servicer = DevicePluginServicer(
+            self.table, self._owner.settings, self._owner.streams_changed, self._owner.allocated(self.table.resource)
+        )
+        server = grpc.aio.server()
+        pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
+        old_umask = os.umask(0o077)  # the socket is for the kubelet (root) only
+        try:
+            server.add_insecure_port(f"unix:{self.path}")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        self._grpc = server
+        self.socket_id = file_id(self.path)
+        log.info("serving %s on %s", self.table.resource, self.path)
+
+    def alive(self) -> bool:
+        return self._grpc is not None and file_id(self.path) == self.socket_id
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+        if self.socket_id and file_id(self.path) == self.socket_id:
+            self.path.unlink(missing_ok=True)
+        self.socket_id = ""
+
+    def state(self) -> EndpointState:
+        opts = plugin_options()
+        return EndpointState(
+            resource=self.table.resource,
+            endpoint=self.path.name,
+            socket_id=self.socket_id,
+            pre_start_required=opts.pre_start_required,
+            get_preferred_allocation_available=opts.get_preferred_allocation_available,
+            streams=self.servicer.streams if self.servicer else 0,
+            healthy=self.table.healthy,
+            total=len(self.table.devices),
+        )
+
+
+class PluginServer:
+    def __init__(self, settings: Settings, publisher: BusPublisher, health_bus: Path) -> None:
+        self.settings = settings
+        self._pub = publisher
+        self._health_bus = health_bus
+        self._incarnation = uuidlib.uuid4().hex[:12]
+        self._seq = 0
+        self._health: HealthState | None = None
+        self._health_seen_at = 0.0
+        self._stale = False
+        self.endpoints: dict[str, Endpoint] = {}
+        self._dirty = asyncio.Event()
+
+    # -- bus out ----------------------------------------------------------------------
+    def streams_changed(self, _count: int) -> None:
+        self._dirty.set()
+
+    def allocated(self, resource: str) -> Callable[[list[str]], None]:
+        def record(ids: list[str]) -> None:
+            event = PluginEvent(time=time.time(), event="allocate", resource=resource, detail="", devices=ids)
+            asyncio.get_running_loop().create_task(self._pub.publish(event))
+
+        return record
+
+    async def _publisher_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            self._seq += 1
+            await self._pub.publish(
+                PluginState(
+                    incarnation=self._incarnation,
+                    seq=self._seq,
+                    sent_at=time.time(),
+                    health_incarnation=self._health.incarnation if self._health else "",
+                    health_stale=self._stale,
+                    endpoints=[ep.state() for ep in self.endpoints.values() if ep.socket_id],
+                )
+            )
+
+    # -- bus in -----------------------------------------------------------------------
+    async def _consume_health(self) -> None:
+        sub = BusSubscriber([self._health_bus], topics=[HealthState.TOPIC])
+        try:
+            while True:
+                msg = await sub.recv_timeout(1.0)
+                now = time.monotonic()
+                if isinstance(msg, HealthState):
+                    self._health_seen_at = now
+                    if self._stale:
+                        log.info("health publisher is back")
+                        self._stale = False
+                        self._dirty.set()
+                    await self._apply(msg)
+                elif self._health is not None and not self._stale and now - self._health_seen_at > STALE_AFTER_S:
+                    # Missing data is not a fault: keep serving the last known state.
+                    log.warning("health state is stale (no heartbeat for %.0f s); keeping last known state",
+                                now - self._health_seen_at)
+                    self._stale = True
+                    self._dirty.set()
+        finally:
+            sub.close()
+
+    async def _apply(self, state: HealthState) -> None:
+        old = self._health
+        self._health = state
+        if old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
+            return  # a heartbeat
+        resources = build_resources(state, self.settings)
+        for name, devices in resources.items():
+            ep = self.endpoints.get(name)
+            if ep is None:
+                ep = self.endpoints[name] = Endpoint(self, ResourceTable(name))
+            changed = await ep.table.update(devices)
+            if not ep.alive():
+                await ep.start()
+                changed = True
+            if changed:
+                self._dirty.set()
+        for name, ep in self.endpoints.items():
+            if name not in resources and await ep.table.update([]):
+                self._dirty.set()
+
+    # -- sockets ----------------------------------------------------------------------
+    async def _watch_sockets(self, stop: asyncio.Event) -> None:
+        watcher = DirWatcher(self.settings.device_plugin_dir, create=True)
+        watcher.start()
+        try:
+            while not stop.is_set():
+                names = await watcher.next(timeout=RECHECK_S)
+                wanted = {ep.path.name for ep in self.endpoints.values()}
+                if names and "" not in names and not names & wanted:
+                    continue
+                for ep in list(self.endpoints.values()):
+                    if ep.socket_id and not ep.alive():
+                        log.warning("socket %s was removed or replaced: re-creating it", ep.path)
+                        await ep.stop(grace=0)
+                        self.settings.device_plugin_dir.mkdir(parents=True, exist_ok=True)
+                        await ep.start()
+                        self._dirty.set()
+        finally:
+            watcher.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.settings.device_plugin_dir.mkdir(parents=True, exist_ok=True)
+        self._dirty.set()
+        tasks = [
+            asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
+            asyncio.create_task(self._publisher_loop(), name="plugin-state"),
+            asyncio.create_task(self._consume_health(), name="health-consumer"),
+            asyncio.create_task(self._watch_sockets(stop), name="socket-watcher"),
+        ]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in [*tasks, stopper]:
+                t.cancel()
+            for ep in self.endpoints.values():
+                await ep.stop(grace=0.5)
+            log.info("plugin-server stopped; sockets removed")
+

@@ -1,0 +1,98 @@
+"""gRPC glue for one resource's DevicePlugin service: thin, no NVML, no disk."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
+from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from common.settings import Settings
+from services.plugin_server.allocation import AllocationError, container_response
+from services.plugin_server.device_table import ResourceTable
+
+log = logging.getLogger(__name__)
+
+
+def plugin_options() -> pb.DevicePluginOptions:
+    """The options both GetDevicePluginOptions and the registration announce."""
+    return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+
+
+def preferred(available: list[str], must_include: list[str], size: int) -> list[str]:
+    """must_include first, then the rest of `available` in order, up to `size`.
+
+    Never an error: an error here fails the pod's admission.
+    """
+    chosen = list(dict.fromkeys(must_include))
+    for dev in available:
+        if len(chosen) >= size:
+            break
+        if dev not in chosen:
+            chosen.append(dev)
+    return chosen
+
+
+class DevicePluginServicer(pb_grpc.DevicePluginServicer):
+    def __init__(
+        self,
+        table: ResourceTable,
+        settings: Settings,
+        on_streams: Callable[[int], None],
+        on_allocate: Callable[[list[str]], None],
+    ) -> None:
+        self._table = table
+        self._settings = settings
+        self._on_streams = on_streams
+        self._on_allocate = on_allocate
+        self.streams = 0
+
+    async def GetDevicePluginOptions(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.DevicePluginOptions:  # type: ignore[override]
+        return plugin_options()
+
+    async def ListAndWatch(  # type: ignore[override]
+        self, request: pb.Empty, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ListAndWatchResponse]:
+        self.streams += 1
+        self._on_streams(self.streams)
+        try:
+            seen = -1
+            while True:
+                if seen != self._table.version:
+                    seen = self._table.version
+                    yield self._table.response
+                await self._table.wait_changed(seen)
+        finally:
+            self.streams -= 1
+            self._on_streams(self.streams)
+
+    async def GetPreferredAllocation(  # type: ignore[override]
+        self, request: pb.PreferredAllocationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PreferredAllocationResponse:
+        resp = pb.PreferredAllocationResponse()
+        for req in request.container_requests:
+            ids = preferred(list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size)
+            resp.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=ids))
+        return resp
+
+    async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:  # type: ignore[override]
+        resp = pb.AllocateResponse()
+        devices = self._table.devices
+        try:
+            if not request.container_requests:
+                raise AllocationError(f'invalid allocation request for "{self._table.resource}": no container requests')
+            for req in request.container_requests:
+                ids = list(req.devices_ids)
+                resp.container_responses.append(container_response(self._table.resource, ids, devices, self._settings))
+        except AllocationError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        for req in request.container_requests:
+            self._on_allocate(list(req.devices_ids))
+        return resp
+
+    async def PreStartContainer(  # type: ignore[override]
+        self, request: pb.PreStartContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PreStartContainerResponse:
+        return pb.PreStartContainerResponse()

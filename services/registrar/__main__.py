@@ -1,0 +1,39 @@
+"""registrar: wiring only."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from common.bus.messages import PLUGIN_SOCKET, REGISTRAR_SOCKET
+from common.bus.sockets import BusPublisher
+from common.lifecycle import ensure_private_dir, run_service
+from common.settings import Settings
+from services.registrar.registrar import Registrar
+
+log = logging.getLogger(__name__)
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    ensure_private_dir(settings.run_dir)
+    if not settings.kubelet_socket:
+        log.info('kubelet socket is "": not registering with the kubelet')
+        await stop.wait()
+        return
+    publisher = BusPublisher(settings.bus_path(REGISTRAR_SOCKET))
+    try:
+        await Registrar(Path(settings.kubelet_socket), publisher, settings.bus_path(PLUGIN_SOCKET)).run(stop)
+    finally:
+        publisher.close()
+
+
+def run(settings: Settings) -> int:
+    return run_service("registrar", main, settings)
+
+
+if __name__ == "__main__":
+    from services.cli import main as cli_main
+
+    sys.exit(cli_main(["registrar", *sys.argv[1:]]))

@@ -1,0 +1,195 @@
+"""The registrar: registers every endpoint the plugin-server announces with the kubelet,
+and again whenever the kubelet restarts (a new kubelet.sock) or an endpoint is re-created.
+
+Duplicate registrations are harmful, not merely wasteful: the kubelet replaces its client
+for the resource, and when the replaced client's stream ends it disconnects whichever
+client is current, marking every device of the resource unhealthy. So an endpoint is
+registered once per (kubelet.sock identity, endpoint socket identity), and a registrar
+restarting alone adopts endpoints that a kubelet already streams from (the plugin-server
+reports open ListAndWatch streams per socket) instead of registering them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+import grpc
+
+from common.bus.messages import EndpointState, PluginState, RegistrarEvent, RegistrarState, Registration
+from common.bus.sockets import BusPublisher, BusSubscriber
+from common.fswatch import DirWatcher, file_id
+from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
+from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1beta1"
+# The kubelet dials the endpoint inside Register with a 10 s timeout; allow for it.
+REGISTER_TIMEOUT_S = 12.0
+BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Registrar:
+    def __init__(self, kubelet_socket: Path, publisher: BusPublisher, plugin_bus: Path) -> None:
+        self._kubelet_socket = kubelet_socket
+        self._dir = kubelet_socket.parent
+        self._pub = publisher
+        self._plugin_bus = plugin_bus
+        self._incarnation = uuidlib.uuid4().hex[:12]
+        self._seq = 0
+        self._endpoints: dict[str, EndpointState] = {}
+        self._plugin_seen = False
+        self.registered: dict[str, Registration] = {}
+        self._failures: dict[str, int] = {}
+        self._retry_at: dict[str, float] = {}
+        self._errors: dict[str, str] = {}
+        self._kubelet_state = "absent"
+        self._wake = asyncio.Event()
+
+    # -- inputs -----------------------------------------------------------------------
+    async def _consume_plugin(self) -> None:
+        sub = BusSubscriber([self._plugin_bus], topics=[PluginState.TOPIC])
+        try:
+            while True:
+                msg = await sub.recv()
+                if isinstance(msg, PluginState):
+                    self._endpoints = {e.resource: e for e in msg.endpoints}
+                    self._plugin_seen = True
+                    self._wake.set()
+        finally:
+            sub.close()
+
+    async def _watch_kubelet(self) -> None:
+        watcher = DirWatcher(self._dir)
+        watcher.start()
+        try:
+            while True:
+                names = await watcher.next(timeout=5.0)
+                if self._kubelet_socket.name in names or "" in names or any(
+                    e.endpoint in names for e in self._endpoints.values()
+                ):
+                    self._failures.clear()
+                    self._retry_at.clear()
+                    self._wake.set()
+        finally:
+            watcher.close()
+
+    # -- reconcile --------------------------------------------------------------------
+    async def _reconcile_loop(self) -> None:
+        while True:
+            delay = await self._reconcile()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    def _set_kubelet(self, state: str) -> None:
+        if state != self._kubelet_state:
+            log.info("kubelet: %s -> %s", self._kubelet_state, state)
+            self._kubelet_state = state
+
+    async def _reconcile(self) -> float:
+        """One pass; returns how long to sleep before the next unless woken."""
+        kubelet_id = file_id(self._kubelet_socket)
+        if not kubelet_id:
+            self._set_kubelet("absent")
+            await self._publish_state(kubelet_id)
+            return 5.0
+        if self._kubelet_state == "absent":
+            self._set_kubelet("present")
+        next_s = 5.0
+        now = time.monotonic()
+        for resource, ep in self._endpoints.items():
+            reg = self.registered.get(resource)
+            if reg and (reg.kubelet_id, reg.socket_id) == (kubelet_id, ep.socket_id):
+                continue
+            if not ep.socket_id or file_id(self._dir / ep.endpoint) != ep.socket_id:
+                continue  # being re-created: the plugin-server will announce the new socket
+            if reg is None and ep.streams > 0:
+                log.info("%s: kubelet already streams from %s; adopting, not re-registering", resource, ep.endpoint)
+                self.registered[resource] = Registration(resource, ep.endpoint, ep.socket_id, kubelet_id,
+                                                         time.time(), adopted=True)
+                continue
+            if self._retry_at.get(resource, 0.0) > now:
+                next_s = min(next_s, self._retry_at[resource] - now)
+                continue
+            await self._register(resource, ep, kubelet_id)
+            if resource in self._retry_at:
+                next_s = min(next_s, self._retry_at[resource] - time.monotonic())
+        await self._publish_state(kubelet_id)
+        return max(next_s, 0.0)
+
+    async def _register(self, resource: str, ep: EndpointState, kubelet_id: str) -> None:
+        request = pb.RegisterRequest(
+            version=API_VERSION,
+            endpoint=ep.endpoint,
+            resource_name=resource,
+            options=pb.DevicePluginOptions(
+                pre_start_required=ep.pre_start_required,
+                get_preferred_allocation_available=ep.get_preferred_allocation_available,
+            ),
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{self._kubelet_socket}") as channel:
+                await pb_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            failures = self._failures.get(resource, 0)
+            delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+            self._failures[resource] = failures + 1
+            self._retry_at[resource] = time.monotonic() + delay
+            error = f"{e.code().name}: {e.details()}"
+            self._set_kubelet("refusing")
+            if self._errors.get(resource) != error:  # log once per state change, not per retry
+                self._errors[resource] = error
+                log.warning("registering %s failed (%s); retrying with backoff", resource, error)
+                await self._pub.publish(RegistrarEvent(time.time(), "failed", resource, error))
+            return
+        self._set_kubelet("present")
+        self._failures.pop(resource, None)
+        self._retry_at.pop(resource, None)
+        self._errors.pop(resource, None)
+        self.registered[resource] = Registration(resource, ep.endpoint, ep.socket_id, kubelet_id, time.time(),
+                                                 adopted=False)
+        log.info("registered %s (endpoint %s) with the kubelet", resource, ep.endpoint)
+        await self._pub.publish(RegistrarEvent(time.time(), "registered", resource, ep.endpoint))
+
+    async def _publish_state(self, kubelet_id: str) -> None:
+        self._seq += 1
+        pending = sorted(
+            r for r, ep in self._endpoints.items()
+            if (reg := self.registered.get(r)) is None or (reg.kubelet_id, reg.socket_id) != (kubelet_id, ep.socket_id)
+        )
+        await self._pub.publish(
+            RegistrarState(
+                incarnation=self._incarnation,
+                seq=self._seq,
+                sent_at=time.time(),
+                kubelet=self._kubelet_state,
+                kubelet_id=kubelet_id,
+                registrations=list(self.registered.values()),
+                pending=pending,
+                last_error="; ".join(f"{r}: {e}" for r, e in sorted(self._errors.items())),
+            )
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
+            asyncio.create_task(self._consume_plugin(), name="plugin-consumer"),
+            asyncio.create_task(self._watch_kubelet(), name="kubelet-watcher"),
+            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+        ]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in [*tasks, stopper]:
+                t.cancel()
