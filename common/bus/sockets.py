@@ -95,7 +95,7 @@ class BusPublisher:
         next_beat = time.monotonic() + self._heartbeat_s
         while True:
             timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
-            if await self._sock.poll(timeout_ms, zmq.POLLIN):
+            if await self._sock.poll(timeout=timeout_ms):
                 frame = await self._sock.recv()
                 # \x01<topic> is a subscription; anything else (unsubscribe, junk) needs nothing.
                 if frame[:1] == b"\x01":

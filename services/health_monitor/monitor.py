@@ -9,6 +9,7 @@ bus socket. Nothing else touches NVML after discovery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -16,7 +17,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable
 
-from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthEvent, HealthState
+from common.bus.messages import UNHEALTHY, DeviceState, HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
@@ -136,10 +137,8 @@ class HealthMonitor:
             delay = INIT_BACKOFF_S[min(attempt, len(INIT_BACKOFF_S) - 1)]
             attempt += 1
             log.info("failOnInitError=false: advertising no devices, retrying NVML in %.0f s", delay)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
         return False
 
     async def run(self, stop: asyncio.Event) -> None:

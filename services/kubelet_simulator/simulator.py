@@ -124,7 +124,7 @@ class KubeletSimulator(pb_grpc.RegistrationServicer):
         await self._notify()
 
     # -- Registration service ---------------------------------------------------------
-    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.Empty:  # type: ignore[override]
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
         self.registrations.append(
             {"resource": request.resource_name, "endpoint": request.endpoint, "time": time.time(), "ok": False}
         )
@@ -204,7 +204,7 @@ class KubeletSimulator(pb_grpc.RegistrationServicer):
         return client
 
     async def allocate(self, resource: str, ids: list[str]) -> pb.ContainerAllocateResponse:
-        resp = await self._client(resource).stub.Allocate(
+        resp: pb.AllocateResponse = await self._client(resource).stub.Allocate(
             pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=ids)]), timeout=10
         )
         if not resp.container_responses:

@@ -49,10 +49,12 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self._on_allocate = on_allocate
         self.streams = 0
 
-    async def GetDevicePluginOptions(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.DevicePluginOptions:  # type: ignore[override]
+    async def GetDevicePluginOptions(
+        self, request: pb.Empty, context: grpc.aio.ServicerContext
+    ) -> pb.DevicePluginOptions:
         return plugin_options()
 
-    async def ListAndWatch(  # type: ignore[override]
+    async def ListAndWatch(
         self, request: pb.Empty, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ListAndWatchResponse]:
         self.streams += 1
@@ -68,7 +70,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             self.streams -= 1
             self._on_streams(self.streams)
 
-    async def GetPreferredAllocation(  # type: ignore[override]
+    async def GetPreferredAllocation(
         self, request: pb.PreferredAllocationRequest, context: grpc.aio.ServicerContext
     ) -> pb.PreferredAllocationResponse:
         resp = pb.PreferredAllocationResponse()
@@ -77,7 +79,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             resp.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=ids))
         return resp
 
-    async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:  # type: ignore[override]
+    async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
         resp = pb.AllocateResponse()
         devices = self._table.devices
         try:
@@ -92,7 +94,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             self._on_allocate(list(req.devices_ids))
         return resp
 
-    async def PreStartContainer(  # type: ignore[override]
+    async def PreStartContainer(
         self, request: pb.PreStartContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.PreStartContainerResponse:
         return pb.PreStartContainerResponse()

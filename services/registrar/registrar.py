@@ -12,6 +12,7 @@ reports open ListAndWatch streams per socket) instead of registering them again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid as uuidlib
@@ -82,10 +83,8 @@ class Registrar:
     async def _reconcile_loop(self) -> None:
         while True:
             delay = await self._reconcile()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
             self._wake.clear()
 
     def _set_kubelet(self, state: str) -> None:

@@ -1,0 +1,155 @@
+"""The whole stack on one machine with no GPU and no kubelet: the shipped supervisord.conf
+runs the three services on a simulated fleet, beside a kubelet simulator process, all in
+a fresh temporary directory. Used by `make demo`, the end-to-end tests and `bench/`.
+
+It runs from a source checkout (it needs the repository's supervisord.conf).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from services.kubelet_simulator.control import KubeletSimClient
+
+REPO = Path(__file__).resolve().parents[1]
+SUPERVISORD_CONF = REPO / "supervisord.conf"
+BIN = Path(sys.executable).parent
+PROGRAMS = ("health-monitor", "plugin-server", "registrar")
+RESOURCE = "nvidia.com/gpu"
+
+
+class DevStack:
+    def __init__(self, fleet: str = "dgx-h100-8", env: dict[str, str] | None = None, keep: bool = False) -> None:
+        # Short paths: AF_UNIX socket paths are limited to 107 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="gp-"))
+        self.run_dir = self.root / "run"
+        self.dp_dir = self.root / "dp"
+        self.control = self.root / "kubelet.ctl"
+        self.keep = keep
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "GPU_PLUGIN_RUN_DIR": str(self.run_dir),
+            "KUBELET_SOCKET": str(self.dp_dir / "kubelet.sock"),
+            "NVML_BACKEND": "simulated",
+            "SIMULATED_DEVICES": fleet,
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.supervisord: subprocess.Popen[bytes] | None = None
+        self.kubelet_proc: subprocess.Popen[bytes] | None = None
+        self._kubelet: KubeletSimClient | None = None
+
+    # -- processes --------------------------------------------------------------------
+    def start_kubelet(self) -> None:
+        self.dp_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "kubelet.log", "ab")  # noqa: SIM115 - owned by the child
+        self.kubelet_proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "kubelet-sim", "--dir", str(self.dp_dir),
+             "--control", str(self.control)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        log.close()
+
+    def start_supervisor(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)
+        log = open(self.root / "supervisord.log", "ab")  # noqa: SIM115 - owned by the child
+        self.supervisord = subprocess.Popen(
+            [str(BIN / "supervisord"), "-c", str(SUPERVISORD_CONF)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+        )
+        log.close()
+
+    def start(self) -> DevStack:
+        self.start_kubelet()
+        self.start_supervisor()
+        return self
+
+    @property
+    def kubelet(self) -> KubeletSimClient:
+        if self._kubelet is None:
+            self._kubelet = KubeletSimClient(self.control)
+        return self._kubelet
+
+    def ctl(self, *args: str, check: bool = True) -> str:
+        out = subprocess.run(
+            [str(BIN / "supervisorctl"), "-c", str(SUPERVISORD_CONF), *args],
+            env=self.env, capture_output=True, text=True, timeout=60,
+        )
+        if check and out.returncode not in (0, 3):  # 3: some process not RUNNING (status)
+            raise RuntimeError(f"supervisorctl {' '.join(args)} failed ({out.returncode}): {out.stdout}{out.stderr}")
+        return out.stdout
+
+    def pid(self, program: str) -> int:
+        return int(self.ctl("pid", program).strip() or 0)
+
+    def wait_running(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.supervisord is not None and self.supervisord.poll() is not None:
+                raise RuntimeError(f"supervisord exited ({self.supervisord.returncode}); see {self.root}")
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                out = self.ctl("status", check=False)
+                if all(f"{p}" in out for p in PROGRAMS) and out.count("RUNNING") >= len(PROGRAMS) + 1:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"stack not RUNNING within {timeout} s: {self.ctl('status', check=False)}")
+
+    def inject(self, *args: str) -> None:
+        subprocess.run([str(BIN / "gpu-plugin"), "inject", *args], env=self.env, check=True, timeout=30,
+                       capture_output=True)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM to supervisord (as Kubernetes does); returns its exit code."""
+        code = None
+        if self._kubelet is not None:
+            self._kubelet.close()
+        if self.supervisord is not None and self.supervisord.poll() is None:
+            self.supervisord.send_signal(signal.SIGTERM)
+            try:
+                code = self.supervisord.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.supervisord.kill()
+                code = self.supervisord.wait()
+        elif self.supervisord is not None:
+            code = self.supervisord.returncode
+        if self.kubelet_proc is not None and self.kubelet_proc.poll() is None:
+            self.kubelet_proc.send_signal(signal.SIGTERM)
+            try:
+                self.kubelet_proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kubelet_proc.kill()
+                self.kubelet_proc.wait()
+        return code
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("supervisord.log", "kubelet.log"):
+            p = self.root / name
+            if p.exists():
+                parts.append(f"--- {name}\n{p.read_text(errors='replace')[-20000:]}")
+        return "\n".join(parts)
+
+    def cleanup(self) -> None:
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> DevStack:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+        if e is not None:
+            self.keep = True
+            print(f"stack directory kept for inspection: {self.root}", file=sys.stderr)
+        self.cleanup()
