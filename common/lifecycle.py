@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
 
 
+class FatalError(RuntimeError):
+    """A failure whose message says everything: logged without a traceback, exit status 1."""
+
+
 def configure_logging(service: str, level: str) -> None:
     """One line per record on stderr; supervisord forwards it to the container log."""
     logging.basicConfig(
@@ -62,6 +66,9 @@ def run_service(name: str, main: ServiceMain, settings: Settings) -> int:
 
     try:
         asyncio.run(runner())
+    except FatalError as e:
+        log.error("%s cannot continue: %s", name, e)
+        return 1
     except Exception:
         log.exception("%s failed", name)
         return 1

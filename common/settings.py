@@ -194,7 +194,7 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
             return environ[spec.env], f"environment {spec.env}"
         if spec.file_key is not None:
             found, value = _lookup(file_data, spec.file_key)
-            if found:
+            if found and value is not None:  # "key:" with no value means unset, as in NVIDIA's plugin
                 return value, f"config file key {'.'.join(spec.file_key)}"
         return spec.default, "default"
 

@@ -50,7 +50,7 @@ def decode(topic: bytes, payload: bytes) -> Message:
     if not isinstance(body, dict):
         raise BusDecodeError(f"{name}: payload is not a map")
     version = body.get("v")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # True and 1.0 are not 1 here
         raise BusDecodeError(f"{name}: schema version {version!r}, expected {SCHEMA_VERSION}")
     msg = _build(cls, body, name)
     assert isinstance(msg, Message)

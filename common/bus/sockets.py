@@ -29,6 +29,7 @@ import zmq.asyncio
 
 from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode
 from common.bus.messages import Message
+from common.lifecycle import FatalError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ HEARTBEAT_S = 1.0
 MAX_IPC_PATH = 107
 
 
-class BusInUseError(RuntimeError):
+class BusInUseError(FatalError):
     """Another live process already publishes on this endpoint."""
 
 

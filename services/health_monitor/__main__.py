@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 
 from common.bus.messages import HEALTH_SOCKET
 from common.bus.sockets import BusPublisher
 from common.lifecycle import ensure_private_dir, run_service
+from common.nvml.backend import NvmlError
 from common.nvml.factory import make_backend
 from common.settings import Settings
 from services.health_monitor.monitor import HealthMonitor
@@ -25,6 +27,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         )
         await monitor.run(stop)
     finally:
+        with contextlib.suppress(NvmlError):
+            backend.shutdown()
         publisher.close()
 
 

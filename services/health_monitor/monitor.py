@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from common.bus.messages import UNHEALTHY, DeviceState, HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
+from common.lifecycle import FatalError
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
@@ -43,7 +44,7 @@ WAIT_SLICE_MS = 1000  # bounds how long the event thread takes to notice shutdow
 INIT_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
-class NvmlInitError(RuntimeError):
+class NvmlInitError(FatalError):
     """NVML could not be initialised; the message says why and what to check."""
 
 

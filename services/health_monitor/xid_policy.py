@@ -52,7 +52,7 @@ def _parse(value: str, env: str) -> tuple[set[str], set[int]]:
             continue
         if item in ("all", "xids"):
             words.add(item)
-        elif item.isdigit():
+        elif item.isascii() and item.isdigit():
             xids.add(int(item))
         else:
             log.warning("%s: ignoring malformed XID %r", env, item)

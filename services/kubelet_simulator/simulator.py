@@ -40,6 +40,7 @@ API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 DIAL_TIMEOUT_S = 10.0
 _QUALIFIED = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def is_extended_resource_name(name: str) -> bool:
@@ -49,7 +50,12 @@ def is_extended_resource_name(name: str) -> bool:
     domain, _, short = name.partition("/")
     if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
         return False
-    return bool(domain) and len(short) <= 63 and bool(_QUALIFIED.match(short))
+    return (
+        len(domain) <= 253
+        and bool(_DNS1123_SUBDOMAIN.match(domain))
+        and len(short) <= 63
+        and bool(_QUALIFIED.match(short))
+    )
 
 
 @dataclass
@@ -85,6 +91,7 @@ class KubeletSimulator(pb_grpc.RegistrationServicer):
         self.registrations: list[dict[str, Any]] = []
         self.disconnects = 0
         self.restarts = 0
+        self.refuse: str | None = None  # when set, Register fails with this message
         self._changed = asyncio.Condition()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -128,6 +135,8 @@ class KubeletSimulator(pb_grpc.RegistrationServicer):
         self.registrations.append(
             {"resource": request.resource_name, "endpoint": request.endpoint, "time": time.time(), "ok": False}
         )
+        if self.refuse is not None:
+            await context.abort(grpc.StatusCode.UNKNOWN, self.refuse)
         if request.version != API_VERSION:
             await context.abort(grpc.StatusCode.UNKNOWN, f"Unsupported device plugin API version: {request.version}")
         if not is_extended_resource_name(request.resource_name):

@@ -1,0 +1,133 @@
+"""Test-side peers on real sockets: a bus publisher on its own event loop, and a blocking
+DevicePlugin client that reads a ListAndWatch stream into a queue."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from common.bus.messages import HEALTHY, DeviceState, HealthState, Message
+from common.bus.sockets import BusPublisher
+from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
+from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, for running real async peers beside a test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+class FakeHealthMonitor:
+    """Publishes HealthState messages on <run>/health.sock with the real publisher."""
+
+    def __init__(self, run_dir: Path, devices: list[DeviceState]) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.lt = LoopThread()
+        self.devices = devices
+        self.seq = 0
+        self.incarnation = "fake-" + str(time.monotonic_ns())
+
+        async def make() -> BusPublisher:
+            return BusPublisher(run_dir / "health.sock")
+
+        self.pub = self.lt.run(make())
+        self.lt.spawn(self.pub.run())
+        self.publish()
+
+    def publish(self, devices: list[DeviceState] | None = None, bump: bool = True) -> None:
+        if devices is not None:
+            self.devices = devices
+        self.seq += 1 if bump else 0
+        msg = HealthState(incarnation=self.incarnation, seq=self.seq, sent_at=time.time(), nvml_ok=True,
+                          error="", driver_version="580.159.04", devices=list(self.devices))
+        self.lt.run(self.pub.publish(msg))
+
+    def send(self, msg: Message) -> None:
+        self.lt.run(self.pub.publish(msg))
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.pub.close()
+
+        self.lt.run(shut())
+        self.lt.close()
+
+
+def gpus(n: int, numa: bool = True) -> list[DeviceState]:
+    return [
+        DeviceState(id=f"GPU-{i:08x}-0000-0000-0000-000000000000", kind="gpu", index=str(i), name="NVIDIA H100",
+                    health=HEALTHY, reason="", since=0.0, minor=i, pci_bus_id=f"00000000:{0x18 + i:02x}:00.0",
+                    numa_node=(i * 2 // n) if numa else None, memory_mb=81559)
+        for i in range(n)
+    ]
+
+
+class PluginClient:
+    """A blocking DevicePlugin client over the unix socket, as the kubelet dials it."""
+
+    def __init__(self, socket: Path) -> None:
+        self.channel = grpc.insecure_channel(f"unix:{socket}")
+        self.stub = pb_grpc.DevicePluginStub(self.channel)
+        self.updates: queue.Queue[pb.ListAndWatchResponse | Exception] = queue.Queue()
+        self._stream: Any = None
+
+    def watch(self) -> None:
+        self._stream = self.stub.ListAndWatch(pb.Empty())
+
+        def read() -> None:
+            try:
+                for resp in self._stream:
+                    self.updates.put(resp)
+            except grpc.RpcError as e:
+                self.updates.put(e)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def next_update(self, timeout: float = 10.0) -> pb.ListAndWatchResponse:
+        item = self.updates.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def no_update_within(self, seconds: float) -> bool:
+        try:
+            self.updates.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        return False
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+        self.channel.close()

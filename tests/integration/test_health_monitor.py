@@ -1,0 +1,142 @@
+"""The health-monitor alone: a real process on the simulated backend, observed on the bus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.bus.messages import HEALTHY, UNHEALTHY, HealthEvent, HealthState, Message
+from tests.conftest import Procs, wait_until
+from tests.integration.busclient import BusWatch, wait_for_message
+
+
+def start_monitor(procs: Procs, root: Path, fleet: str, name: str = "hm", **env: str) -> Path:
+    run = root / "run"
+    procs.start(name, "health-monitor", env={"GPU_PLUGIN_RUN_DIR": str(run), "NVML_BACKEND": "simulated",
+                                              "SIMULATED_DEVICES": fleet, **env})
+    return run
+
+
+def state(run: Path, predicate=lambda s: True, timeout: float = 15.0) -> HealthState:  # type: ignore[no-untyped-def]
+    def match(m: Message) -> bool:
+        return isinstance(m, HealthState) and m.nvml_ok and predicate(m)
+
+    msg = wait_for_message(run / "health.sock", match, timeout, topics=("health.state",))
+    assert isinstance(msg, HealthState)
+    return msg
+
+
+def health(s: HealthState) -> dict[str, str]:
+    return {d.id: d.health for d in s.devices}
+
+
+def inject(procs: Procs, run: Path, *args: str) -> None:
+    p = procs.start("inject", "inject", *args, env={"GPU_PLUGIN_RUN_DIR": str(run)})
+    assert p.wait(30) == 0, procs.log("inject")
+
+
+def test_discovers_the_fleet_and_publishes_it(procs: Procs, short_tmp: Path) -> None:
+    run = start_monitor(procs, short_tmp, "dgx-h100-8")
+    s = state(run)
+    gpus = [d for d in s.devices if d.kind == "gpu"]
+    assert [d.index for d in gpus] == [str(i) for i in range(8)]
+    assert {d.numa_node for d in gpus[:4]} == {0} and {d.numa_node for d in gpus[4:]} == {1}
+    assert all(d.health == HEALTHY and d.minor == int(d.index) for d in gpus)
+    assert s.driver_version
+    assert (run.stat().st_mode & 0o777) == 0o700
+
+
+def test_h200_recording_is_discovered_as_the_real_driver_reported_it(procs: Procs, short_tmp: Path) -> None:
+    run = start_monitor(procs, short_tmp, "h200")
+    (gpu,) = state(run).devices
+    assert gpu.id == "GPU-1f62f3ea-d20c-f470-47b7-8f5c74880cbb"
+    assert (gpu.name, gpu.pci_bus_id, gpu.minor) == ("NVIDIA H200", "00000000:00:06.0", 0)
+
+
+@pytest.mark.parametrize(
+    ("xid", "fatal"), [(79, True), (48, True), (13, False), (31, False), (43, False), (109, False)],
+    ids=lambda v: str(v),
+)
+def test_xid_policy_decides_health(procs: Procs, short_tmp: Path, xid: int, fatal: bool) -> None:
+    run = start_monitor(procs, short_tmp, "dgx-h100-8")
+    victim = state(run).devices[2].id
+    with BusWatch(run / "health.sock", ("health.event",)) as events:
+        inject(procs, run, "xid", victim, str(xid))
+        event = events.wait(lambda m: isinstance(m, HealthEvent) and m.event == "xid")
+    assert isinstance(event, HealthEvent) and event.xid == xid and event.device == victim
+    s = state(run)
+    assert health(s)[victim] == (UNHEALTHY if fatal else HEALTHY)
+    assert sum(h == UNHEALTHY for h in health(s).values()) == (1 if fatal else 0)
+    if fatal:
+        assert next(d for d in s.devices if d.id == victim).reason == f"XID {xid}"
+
+
+def test_transition_is_an_event_with_old_new_and_reason(procs: Procs, short_tmp: Path) -> None:
+    run = start_monitor(procs, short_tmp, "dgx-h100-8")
+    victim = state(run).devices[0].id
+    with BusWatch(run / "health.sock", ("health.event",)) as events:
+        inject(procs, run, "ecc", victim, "dbe")
+        event = events.wait(lambda m: isinstance(m, HealthEvent) and m.event == "transition")
+    assert isinstance(event, HealthEvent)
+    assert (event.device, event.old, event.new, event.reason) == (victim, HEALTHY, UNHEALTHY, "ECC DBE")
+
+
+def test_mig_instance_xid_hits_only_its_instance_and_whole_gpu_xid_hits_all(procs: Procs, short_tmp: Path) -> None:
+    run = start_monitor(procs, short_tmp, "dgx-h100-8-mig")
+    s = state(run)
+    migs = [d for d in s.devices if d.kind == "mig"]
+    assert migs, "the MIG fleet lists MIG devices"
+    one = migs[0]
+    siblings = [m for m in migs if m.parent == one.parent and m.id != one.id]
+    inject(procs, run, "xid", one.id, "94")
+    s = state(run, lambda s: health(s)[one.id] == UNHEALTHY)
+    assert all(health(s)[m.id] == HEALTHY for m in siblings)
+    assert health(s)[one.parent] == HEALTHY
+
+    other_gpu = next(m.parent for m in migs if m.parent != one.parent)
+    inject(procs, run, "xid", other_gpu, "48")
+    s = state(run, lambda s: health(s)[other_gpu] == UNHEALTHY)
+    assert all(health(s)[m.id] == UNHEALTHY for m in migs if m.parent == other_gpu)
+
+
+def test_dp_disable_healthchecks_all_keeps_devices_healthy(procs: Procs, short_tmp: Path) -> None:
+    run = start_monitor(procs, short_tmp, "dgx-h100-8", DP_DISABLE_HEALTHCHECKS="all")
+    victim = state(run).devices[1].id
+    with BusWatch(run / "health.sock", ("health.event",)) as events:
+        inject(procs, run, "xid", victim, "79")
+        events.wait(lambda m: isinstance(m, HealthEvent) and m.event == "xid")
+    assert health(state(run))[victim] == HEALTHY
+
+
+def test_second_monitor_cannot_take_over_the_bus(procs: Procs, short_tmp: Path) -> None:
+    run = start_monitor(procs, short_tmp, "dgx-h100-8")
+    first = state(run)
+    second = procs.start("hm2", "health-monitor", env={"GPU_PLUGIN_RUN_DIR": str(run), "NVML_BACKEND": "simulated"})
+    assert second.wait(30) != 0
+    assert "another process publishes" in procs.log("hm2")
+    assert state(run).incarnation == first.incarnation
+
+
+def _broken_fleet(root: Path) -> Path:
+    desc = root / "broken.json"
+    desc.write_text(json.dumps({"init_error": 9, "devices": []}))
+    return desc
+
+
+def test_nvml_init_failure_exits_with_the_cause_when_fail_on_init_error(procs: Procs, short_tmp: Path) -> None:
+    start_monitor(procs, short_tmp, str(_broken_fleet(short_tmp)))
+    p = procs.procs[-1][1]
+    assert p.wait(30) != 0
+    log = procs.log("hm")
+    assert "nvml init failed: Driver Not Loaded" in log and "kernel driver" in log
+
+
+def test_nvml_init_failure_is_published_and_retried_without_fail_on_init_error(procs: Procs, short_tmp: Path) -> None:
+    run = start_monitor(procs, short_tmp, str(_broken_fleet(short_tmp)), FAIL_ON_INIT_ERROR="false")
+    msg = wait_for_message(run / "health.sock", lambda m: isinstance(m, HealthState), topics=("health.state",))
+    assert isinstance(msg, HealthState)
+    assert not msg.nvml_ok and "Driver Not Loaded" in msg.error and msg.devices == []
+    assert procs.procs[-1][1].poll() is None
+    wait_until(lambda: procs.log("hm").count("retrying NVML") >= 2, 10, "a second init attempt")

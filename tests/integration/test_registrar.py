@@ -1,0 +1,139 @@
+"""The registrar with real peers: a plugin-server process, a test-side health publisher and
+the kubelet simulator, in-process here so the test can look inside it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.bus.messages import RegistrarEvent, RegistrarState
+from services.kubelet_simulator.simulator import KubeletSimulator
+from tests.conftest import Procs, wait_until
+from tests.integration.busclient import BusWatch
+from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+
+RESOURCE = "nvidia.com/gpu"
+
+
+@dataclasses.dataclass
+class Env:
+    run: Path
+    dp: Path
+    procs: Procs
+    health: FakeHealthMonitor
+    lt: LoopThread
+    sim: KubeletSimulator
+
+    def env(self) -> dict[str, str]:
+        return {"GPU_PLUGIN_RUN_DIR": str(self.run), "KUBELET_SOCKET": str(self.dp / "kubelet.sock")}
+
+    def start_kubelet(self) -> None:
+        self.lt.run(self.sim.start())
+
+    def start_registrar(self, name: str = "rg") -> Any:
+        return self.procs.start(name, "registrar", env=self.env())
+
+    def ok_registrations(self) -> int:
+        return sum(1 for r in self.sim.registrations if r["ok"])
+
+    def held(self, allocatable: int = 4) -> bool:
+        view = self.sim.resources.get(RESOURCE)
+        return bool(view and view.connected and sum(h == "Healthy" for h in view.devices.values()) == allocatable)
+
+    def allocate(self, ids: list[str]) -> Any:
+        return self.lt.run(self.sim.allocate(RESOURCE, ids))
+
+
+@pytest.fixture
+def env(procs: Procs, short_tmp: Path) -> Iterator[Env]:
+    run, dp = short_tmp / "run", short_tmp / "dp"
+    dp.mkdir()
+    lt = LoopThread()
+    e = Env(run, dp, procs, FakeHealthMonitor(run, gpus(4)), lt, KubeletSimulator(dp))
+    procs.start("ps", "plugin-server", env=e.env())
+    yield e
+    lt.run(e.sim.stop())
+    e.health.close()
+    lt.close()
+
+
+def test_kubelet_absent_at_start_then_appearing(env: Env) -> None:
+    env.start_registrar()
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:
+        w.wait(lambda m: isinstance(m, RegistrarState) and m.kubelet == "absent" and m.pending == [RESOURCE])
+    env.start_kubelet()
+    wait_until(env.held, 10, "the kubelet holding 4 healthy GPUs")
+    assert env.ok_registrations() == 1
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, RegistrarState) and m.registrations != [])
+    assert isinstance(msg, RegistrarState)
+    assert msg.kubelet == "present" and msg.pending == [] and not msg.registrations[0].adopted
+
+
+def test_kubelet_restart_reregisters_exactly_once(env: Env) -> None:
+    env.start_kubelet()
+    env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+    for n in range(2, 5):
+        env.lt.run(env.sim.restart())
+        wait_until(lambda n=n: env.held() and env.ok_registrations() >= n, 10, f"registration {n}")
+        assert env.ok_registrations() == n
+        ids = list(env.sim.resources[RESOURCE].devices)
+        assert env.allocate(ids[:1]).envs["NVIDIA_VISIBLE_DEVICES"] == ids[0]
+    assert env.sim.disconnects == 0, "no registration was ever replaced under a live stream"
+
+
+def test_registrar_restart_alone_does_not_disturb_the_kubelet(env: Env) -> None:
+    env.start_kubelet()
+    first = env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    ids = list(env.sim.resources[RESOURCE].devices)
+    assert env.allocate(ids[:1]).envs  # no registrar: the kubelet still has a working endpoint
+    env.start_registrar("rg2")
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, RegistrarState) and m.registrations != [])
+    assert isinstance(msg, RegistrarState) and msg.registrations[0].adopted
+    assert env.ok_registrations() == 1 and env.sim.disconnects == 0 and env.held()
+    assert env.allocate(ids[:2]).envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(ids[:2])
+    # Adoption is not blindness: a later kubelet restart is still followed.
+    env.lt.run(env.sim.restart())
+    wait_until(lambda: env.held() and env.ok_registrations() == 2, 10, "re-registration after adoption")
+
+
+def test_refusing_kubelet_is_retried_with_backoff_and_reported_once(env: Env) -> None:
+    env.sim.refuse = "registration refused for the test"
+    env.start_kubelet()
+    env.start_registrar()
+    with BusWatch(env.run / "registrar.sock", ("registrar.",)) as w:
+        w.wait(lambda m: isinstance(m, RegistrarState) and m.kubelet == "refusing" and "refused" in m.last_error)
+        seen_at = len(env.sim.registrations)
+        wait_until(lambda: len(env.sim.registrations) >= seen_at + 3, 10, "several retries")
+        env.sim.refuse = None
+        wait_until(env.held, 10, "registration once the kubelet accepts")
+        w.wait(lambda m: isinstance(m, RegistrarEvent) and m.event == "registered")
+        repeated = [m for m in w.seen if isinstance(m, RegistrarEvent) and m.event == "failed"]
+    assert len(repeated) <= 1, "a repeated failure is reported once, not per retry"
+    assert env.procs.log("rg").count("registering nvidia.com/gpu failed") == 1
+
+
+def test_plugin_server_restart_is_registered_once_more(env: Env) -> None:
+    env.start_kubelet()
+    env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+    ps = env.procs.procs[0][1]
+    os.kill(ps.pid, signal.SIGKILL)
+    ps.wait(10)
+    env.procs.start("ps2", "plugin-server", env=env.env())
+    wait_until(lambda: env.held() and env.ok_registrations() == 2, 15, "re-registration of the new endpoint")
+    ids = list(env.sim.resources[RESOURCE].devices)
+    assert env.allocate(ids[:1]).envs
+
+

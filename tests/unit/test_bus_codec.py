@@ -1,0 +1,403 @@
+"""The bus codec: every message type round-trips, and every malformed payload is a BusDecodeError."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.bus import codec
+from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode
+from common.bus.messages import (
+    BY_TOPIC,
+    HEALTHY,
+    MESSAGE_TYPES,
+    SCHEMA_VERSION,
+    UNHEALTHY,
+    DeviceState,
+    EndpointState,
+    HealthEvent,
+    HealthState,
+    Message,
+    PluginEvent,
+    PluginState,
+    RegistrarEvent,
+    RegistrarState,
+    Registration,
+)
+
+GPU0 = DeviceState(
+    id="GPU-8a3a5e0e-1c2b-4e3f-9a7d-1234567890ab",
+    kind="gpu",
+    index="0",
+    name="NVIDIA H200",
+    health=HEALTHY,
+    reason="",
+    since=1700000000.25,
+    minor=0,
+    pci_bus_id="00000000:19:00.0",
+    numa_node=0,
+    memory_mb=143771,
+)
+GPU1_NO_NUMA = DeviceState(
+    id="GPU-11111111-2222-3333-4444-555555555555",
+    kind="gpu",
+    index="1",
+    name="NVIDIA H100 80GB HBM3",
+    health=UNHEALTHY,
+    reason="XID 79: GPU has fallen off the bus",
+    since=1700000100.0,
+    minor=1,
+    pci_bus_id="00000000:3B:00.0",
+    numa_node=None,
+    memory_mb=81559,
+)
+MIG = DeviceState(
+    id="MIG-0f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718",
+    kind="mig",
+    index="0:1",
+    name="NVIDIA H200 MIG 1g.18gb",
+    health=HEALTHY,
+    reason="",
+    since=1700000000.5,
+    numa_node=1,
+    memory_mb=16384,
+    parent=GPU0.id,
+    gpu_instance_id=9,
+    compute_instance_id=0,
+    profile="1g.18gb",
+)
+ENDPOINT = EndpointState(
+    resource="nvidia.com/gpu",
+    endpoint="nvidia-gpu.sock",
+    socket_id="1234567:1700000000.123",
+    pre_start_required=False,
+    get_preferred_allocation_available=True,
+    streams=1,
+    healthy=7,
+    total=8,
+)
+REGISTRATION = Registration(
+    resource="nvidia.com/gpu",
+    endpoint="nvidia-gpu.sock",
+    socket_id="1234567:1700000000.123",
+    kubelet_id="7654321:1699999999.5",
+    time=1700000001.0,
+    adopted=False,
+)
+
+SAMPLES: list[tuple[str, Message]] = [
+    (
+        "health-state-full",
+        HealthState(
+            incarnation="3f9c2a",
+            seq=42,
+            sent_at=1700000200.75,
+            nvml_ok=True,
+            error="",
+            driver_version="580.159.04",
+            devices=[GPU0, GPU1_NO_NUMA, MIG],
+        ),
+    ),
+    (
+        "health-state-nvml-down",
+        HealthState(
+            incarnation="aa",
+            seq=0,
+            sent_at=0.0,
+            nvml_ok=False,
+            error="nvml init failed: Driver Not Loaded",
+            driver_version="",
+        ),
+    ),
+    ("health-event-xid", HealthEvent(time=1700000300.0, device=GPU1_NO_NUMA.id, event="xid", xid=79)),
+    (
+        "health-event-transition",
+        HealthEvent(
+            time=1700000301.5,
+            device=GPU0.id,
+            event="transition",
+            old=HEALTHY,
+            new=UNHEALTHY,
+            reason="double-bit ECC",
+        ),
+    ),
+    (
+        "plugin-state",
+        PluginState(
+            incarnation="b7",
+            seq=3,
+            sent_at=1700000400.0,
+            health_incarnation="3f9c2a",
+            health_stale=True,
+            endpoints=[ENDPOINT, dataclasses.replace(ENDPOINT, resource="nvidia.com/mig-1g.18gb", streams=0)],
+        ),
+    ),
+    (
+        "plugin-state-empty",
+        PluginState(
+            incarnation="b7", seq=1, sent_at=1.0, health_incarnation="", health_stale=False
+        ),
+    ),
+    (
+        "plugin-event",
+        PluginEvent(
+            time=1700000500.0,
+            event="allocate",
+            resource="nvidia.com/gpu",
+            detail="ok",
+            devices=[GPU0.id, GPU1_NO_NUMA.id],
+        ),
+    ),
+    (
+        "registrar-state",
+        RegistrarState(
+            incarnation="c1",
+            seq=9,
+            sent_at=1700000600.0,
+            kubelet="present",
+            kubelet_id="7654321:1699999999.5",
+            registrations=[REGISTRATION, dataclasses.replace(REGISTRATION, adopted=True)],
+            pending=["nvidia.com/mig-1g.18gb"],
+            last_error="rpc error: connection refused",
+        ),
+    ),
+    (
+        "registrar-event",
+        RegistrarEvent(time=1700000700.0, event="registered", resource="nvidia.com/gpu", detail="nvidia-gpu.sock"),
+    ),
+]
+
+
+def _body(msg: Message) -> dict[str, Any]:
+    _topic, payload = encode(msg)
+    body = msgpack.unpackb(payload, raw=False)
+    assert isinstance(body, dict)
+    return body
+
+
+def _pack(body: Any) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+HEALTH_STATE = SAMPLES[0][1]
+HEALTH_EVENT = SAMPLES[2][1]
+
+
+def test_samples_cover_every_message_type() -> None:
+    assert {type(m) for _, m in SAMPLES} == set(MESSAGE_TYPES)
+    assert set(BY_TOPIC) == {t.TOPIC for t in MESSAGE_TYPES}
+
+
+@pytest.mark.parametrize("msg", [m for _, m in SAMPLES], ids=[i for i, _ in SAMPLES])
+def test_round_trip(msg: Message) -> None:
+    topic, payload = encode(msg)
+    assert topic == type(msg).TOPIC.encode("ascii")
+    assert msgpack.unpackb(payload, raw=False)["v"] == SCHEMA_VERSION
+    back = decode(topic, payload)
+    assert type(back) is type(msg)
+    assert back == msg
+
+
+def test_round_trip_keeps_numa_none_and_int_apart() -> None:
+    back = decode(*encode(HEALTH_STATE))
+    assert isinstance(back, HealthState)
+    assert [d.numa_node for d in back.devices] == [0, None, 1]
+    assert all(isinstance(d, DeviceState) for d in back.devices)
+
+
+def test_extra_unknown_keys_are_ignored() -> None:
+    body = _body(HEALTH_STATE)
+    body["future_field"] = {"anything": [1, 2, 3]}
+    body["devices"][0]["new_metric"] = 3.5
+    assert decode(b"health.state", _pack(body)) == HEALTH_STATE
+
+
+def test_ints_accepted_for_float_fields() -> None:
+    body = _body(HEALTH_STATE)
+    body["sent_at"] = 1700000200
+    body["devices"][0]["since"] = 5
+    msg = decode(b"health.state", _pack(body))
+    assert isinstance(msg, HealthState)
+    assert msg.sent_at == 1700000200.0 and isinstance(msg.sent_at, float)
+    assert msg.devices[0].since == 5.0 and isinstance(msg.devices[0].since, float)
+
+
+def test_optional_fields_take_their_defaults_when_absent() -> None:
+    body = {"v": SCHEMA_VERSION, "time": 1.0, "device": "GPU-x", "event": "nvml"}
+    assert decode(b"health.event", _pack(body)) == HealthEvent(time=1.0, device="GPU-x", event="nvml")
+
+
+def _mutated(msg: Message, path: tuple[Any, ...], value: Any = None, delete: bool = False) -> bytes:
+    body = _body(msg)
+    node: Any = body
+    for part in path[:-1]:
+        node = node[part]
+    if delete:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return _pack(body)
+
+
+BAD: list[tuple[str, bytes, bytes]] = [
+    ("unknown-topic", b"health.stat", encode(HEALTH_STATE)[1]),
+    ("empty-topic", b"", encode(HEALTH_STATE)[1]),
+    ("non-ascii-topic", "health.état".encode(), encode(HEALTH_STATE)[1]),
+    ("non-utf8-topic", b"\xff\xfe", encode(HEALTH_STATE)[1]),
+    ("empty-payload", b"health.state", b""),
+    ("not-msgpack-truncated", b"health.state", encode(HEALTH_STATE)[1][:-3]),
+    ("not-msgpack-reserved-byte", b"health.state", b"\xc1"),
+    ("not-msgpack-trailing-data", b"health.state", encode(HEALTH_STATE)[1] + b"\x01"),
+    ("msgpack-list", b"health.state", _pack([1, 2, 3])),
+    ("msgpack-str", b"health.state", _pack("health")),
+    ("msgpack-nil", b"health.state", _pack(None)),
+    ("msgpack-int-keys", b"health.state", _pack({1: 2})),
+    ("missing-v", b"health.state", _mutated(HEALTH_STATE, ("v",), delete=True)),
+    ("v-2", b"health.state", _mutated(HEALTH_STATE, ("v",), 2)),
+    ("v-0", b"health.state", _mutated(HEALTH_STATE, ("v",), 0)),
+    ("v-str", b"health.state", _mutated(HEALTH_STATE, ("v",), "1")),
+    ("v-true", b"health.state", _mutated(HEALTH_STATE, ("v",), True)),
+    ("v-float", b"health.state", _mutated(HEALTH_STATE, ("v",), 1.0)),
+    ("missing-seq", b"health.state", _mutated(HEALTH_STATE, ("seq",), delete=True)),
+    ("missing-incarnation", b"health.state", _mutated(HEALTH_STATE, ("incarnation",), delete=True)),
+    ("missing-nested-id", b"health.state", _mutated(HEALTH_STATE, ("devices", 1, "id"), delete=True)),
+    ("missing-nested-health", b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "health"), delete=True)),
+    ("str-for-int", b"health.state", _mutated(HEALTH_STATE, ("seq",), "42")),
+    ("bool-for-int", b"health.state", _mutated(HEALTH_STATE, ("seq",), True)),
+    ("float-for-int", b"health.state", _mutated(HEALTH_STATE, ("seq",), 42.0)),
+    ("bool-for-float", b"health.state", _mutated(HEALTH_STATE, ("sent_at",), False)),
+    ("str-for-float", b"health.state", _mutated(HEALTH_STATE, ("sent_at",), "1.5")),
+    ("int-for-str", b"health.state", _mutated(HEALTH_STATE, ("incarnation",), 7)),
+    ("bytes-for-str", b"health.state", _mutated(HEALTH_STATE, ("error",), b"oops")),
+    ("int-for-bool", b"health.state", _mutated(HEALTH_STATE, ("nvml_ok",), 1)),
+    ("none-for-required-str", b"health.state", _mutated(HEALTH_STATE, ("driver_version",), None)),
+    ("map-for-list", b"health.state", _mutated(HEALTH_STATE, ("devices",), {"0": {}})),
+    ("list-for-map", b"health.state", _mutated(HEALTH_STATE, ("devices", 0), ["GPU-x", "gpu"])),
+    ("str-for-nested-map", b"health.state", _mutated(HEALTH_STATE, ("devices", 0), "GPU-x")),
+    ("nested-str-for-int", b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "minor"), "0")),
+    ("nested-str-for-optional-int", b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "numa_node"), "0")),
+    ("nested-bool-for-optional-int", b"health.state", _mutated(HEALTH_STATE, ("devices", 2, "numa_node"), True)),
+    ("nested-int-for-str", b"health.state", _mutated(HEALTH_STATE, ("devices", 2, "parent"), 0)),
+    ("nested-endpoint-str-for-bool", b"plugin.state",
+     _mutated(SAMPLES[4][1], ("endpoints", 0, "pre_start_required"), "false")),
+    ("nested-registration-missing-adopted", b"registrar.state",
+     _mutated(SAMPLES[7][1], ("registrations", 1, "adopted"), delete=True)),
+    ("list-of-int-for-list-of-str", b"plugin.event", _mutated(SAMPLES[6][1], ("devices",), [1, 2])),
+    ("str-for-list-of-str", b"registrar.state", _mutated(SAMPLES[7][1], ("pending",), "nvidia.com/gpu")),
+    ("payload-of-other-topic", b"health.state", encode(HEALTH_EVENT)[1]),
+]
+
+
+@pytest.mark.parametrize(("topic", "payload"), [(t, p) for _, t, p in BAD], ids=[i for i, _, _ in BAD])
+def test_decode_rejects(topic: bytes, payload: bytes) -> None:
+    with pytest.raises(BusDecodeError):
+        decode(topic, payload)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "where"),
+    [
+        (("seq",), "x", "health.state.seq"),
+        (("devices", 1, "minor"), "x", "health.state.devices[1].minor"),
+    ],
+    ids=["top-level", "nested"],
+)
+def test_decode_error_names_the_field(path: tuple[Any, ...], value: Any, where: str) -> None:
+    with pytest.raises(BusDecodeError, match="^" + re.escape(where) + ":"):
+        decode(b"health.state", _mutated(HEALTH_STATE, path, value))
+
+
+def test_oversized_payload_rejected_without_unpacking(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unpackb(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an oversized payload must be refused before unpacking")
+
+    monkeypatch.setattr(codec.msgpack, "unpackb", unpackb)
+    with pytest.raises(BusDecodeError, match="exceeds"):
+        decode(b"health.state", b"\x00" * (MAX_PAYLOAD + 1))
+
+
+def test_payload_of_exactly_max_size_is_unpacked() -> None:
+    # A valid message padded with an ignored key to exactly MAX_PAYLOAD bytes is accepted.
+    body = _body(HEALTH_EVENT)
+    body["pad"] = ""
+    overhead = len(_pack(body))
+    body["pad"] = "x" * (MAX_PAYLOAD - overhead - 4)  # str32 header is 4 bytes longer than fixstr
+    payload = _pack(body)
+    assert len(payload) == MAX_PAYLOAD
+    assert decode(b"health.event", payload) == HEALTH_EVENT
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.one_of(st.sampled_from(sorted(t.encode() for t in BY_TOPIC)), st.binary(max_size=40)),
+       payload=st.binary(max_size=512))
+def test_arbitrary_bytes_only_raise_bus_decode_error(topic: bytes, payload: bytes) -> None:
+    try:
+        msg = decode(topic, payload)
+    except BusDecodeError:
+        return
+    assert isinstance(msg, Message)
+
+
+_json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.sampled_from(sorted(BY_TOPIC)), extra=st.dictionaries(st.text(max_size=12), _json_like, max_size=8))
+def test_arbitrary_msgpack_maps_only_raise_bus_decode_error(topic: str, extra: dict[str, Any]) -> None:
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, **extra}
+    try:
+        msg = decode(topic.encode(), _pack(body))
+    except BusDecodeError:
+        return
+    assert isinstance(msg, BY_TOPIC[topic])
+
+
+_ids = st.text(min_size=1, max_size=40)
+_times = st.floats(min_value=0, max_value=4e9, allow_nan=False, allow_infinity=False)
+_i64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+_device_states = st.builds(
+    DeviceState,
+    id=_ids,
+    kind=st.sampled_from(["gpu", "mig"]),
+    index=st.text(max_size=8),
+    name=st.text(max_size=40),
+    health=st.sampled_from([HEALTHY, UNHEALTHY]),
+    reason=st.text(max_size=60),
+    since=_times,
+    minor=_i64,
+    pci_bus_id=st.text(max_size=16),
+    numa_node=st.none() | st.integers(min_value=-1, max_value=64),
+    memory_mb=st.integers(min_value=0, max_value=2**40),
+    parent=st.text(max_size=40),
+    gpu_instance_id=_i64,
+    compute_instance_id=_i64,
+    profile=st.text(max_size=12),
+)
+_health_states = st.builds(
+    HealthState,
+    incarnation=_ids,
+    seq=st.integers(min_value=0, max_value=2**64 - 1),
+    sent_at=_times,
+    nvml_ok=st.booleans(),
+    error=st.text(max_size=80),
+    driver_version=st.text(max_size=16),
+    devices=st.lists(_device_states, max_size=8),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(msg=_health_states)
+def test_health_state_round_trip_property(msg: HealthState) -> None:
+    assert decode(*encode(msg)) == msg
