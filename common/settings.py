@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
 DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_RUN_DIR = "/run/gpu-device-plugin"
-DEFAULT_STATE_DIR = "/var/lib/kubelet/device-plugins/gpu-device-plugin-state"
+DEFAULT_STATE_DIR = "/var/lib/kubelet/device-plugins/gpu-device-plugin"
 
 MIG_STRATEGIES = ("none", "single", "mixed")
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
 DEVICE_ID_STRATEGIES = ("uuid", "index")
 NVML_BACKENDS = ("real", "simulated")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+RECOVERY_POLICIES = ("auto", "never")
+ECC_POLICIES = ("fatal", "report")
 
 
 class SettingsError(ValueError):
@@ -75,6 +77,22 @@ def _choice_list(choices: Sequence[str]) -> Callable[[Any, str], tuple[str, ...]
         return tuple(out)
 
     return parse
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(value: Any, where: str) -> float:
+    """Seconds: a number, or a string like "500ms", "10s", "2m"."""
+    text = str(value).strip().lower()
+    unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+    try:
+        seconds = float(text[: len(text) - len(unit)] if unit else text) * _UNITS.get(unit, 1.0)
+    except ValueError:
+        raise SettingsError(f"{where}: {value!r} is not a duration (e.g. 10, 10s, 500ms, 2m)") from None
+    if isinstance(value, bool) or not seconds > 0 or seconds > 86400:
+        raise SettingsError(f"{where}: {value!r} must be a duration between 0 and 24h")
+    return seconds
 
 
 def _str(value: Any, where: str) -> str:
@@ -123,8 +141,76 @@ SPECS: tuple[Spec, ...] = (
     Spec("simulated_devices", ("--simulated-devices",), "SIMULATED_DEVICES", None, "dgx-h100-8", _str,
          "simulated backend: fleet name (h200, dgx-h100-8, dgx-h100-8-mig) or description file"),
     Spec("log_level", ("--log-level",), "LOG_LEVEL", None, "info", _choice(LOG_LEVELS), "log level"),
+    Spec("state_dir", ("--state-dir",), "GPU_PLUGIN_STATE_DIR", None, DEFAULT_STATE_DIR, _str,
+         "state that must survive restarts (cordons); regular files under the device-plugin dir survive "
+         "kubelet restarts and, being on its hostPath, pod restarts"),
+    Spec("probe_interval", ("--health-probe-interval",), "HEALTH_PROBE_INTERVAL", ("health", "probeInterval"),
+         10.0, _duration, "how often every GPU is probed"),
+    Spec("recovery_policy", ("--health-recovery",), "HEALTH_RECOVERY", ("health", "recovery", "policy"), "auto",
+         _choice(RECOVERY_POLICIES), "auto: a device whose fault cleared returns to Healthy; never: as NVIDIA's"),
+    Spec("quiet_period", ("--health-quiet-period",), "HEALTH_QUIET_PERIOD", ("health", "recovery", "quietPeriod"),
+         60.0, _duration, "clean probes needed before recovery where the driver gives no recovery advice"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """The `health:` section of the config file (our extension of NVIDIA's v1 format)."""
+
+    fatal_xids: frozenset[int] = frozenset()  # count even if ignored by default
+    ignored_xids: frozenset[int] = frozenset()
+    monitor_only_xids: frozenset[int] = frozenset()  # reported, device stays schedulable
+    ecc_single_bit: str = "report"
+    ecc_double_bit: str = "fatal"
+
+
+_HEALTH_KEYS = {"probeInterval", "recovery", "xids", "ecc"}
+
+
+def _xid_list(value: Any, where: str) -> frozenset[int]:
+    if not isinstance(value, list):
+        raise SettingsError(f"{where}: expected a list of XIDs (positive integers)")
+    out = set()
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
+            raise SettingsError(f"{where}[{i}]: {item!r} is not an XID (a positive integer)")
+        out.add(item)
+    return frozenset(out)
+
+
+def parse_health(section: Any) -> HealthConfig:
+    if section is None:
+        return HealthConfig()
+    if not isinstance(section, Mapping):
+        raise SettingsError("health: expected a mapping")
+    for key in section:
+        if key not in _HEALTH_KEYS:
+            log.warning("config file: unknown key health.%s (known: %s)", key, ", ".join(sorted(_HEALTH_KEYS)))
+    xids = section.get("xids") or {}
+    if not isinstance(xids, Mapping):
+        raise SettingsError("health.xids: expected a mapping with fatal, ignored, monitorOnly")
+    for key in xids:
+        if key not in ("fatal", "ignored", "monitorOnly"):
+            raise SettingsError(f"health.xids.{key}: unknown key; allowed: fatal, ignored, monitorOnly")
+    lists = {k: _xid_list(xids.get(k, []), f"health.xids.{k}") for k in ("fatal", "ignored", "monitorOnly")}
+    for a, b in (("fatal", "ignored"), ("fatal", "monitorOnly"), ("ignored", "monitorOnly")):
+        both = lists[a] & lists[b]
+        if both:
+            raise SettingsError(f"health.xids: XID {min(both)} is in both {a} and {b}")
+    ecc = section.get("ecc") or {}
+    if not isinstance(ecc, Mapping):
+        raise SettingsError("health.ecc: expected a mapping with singleBit, doubleBit")
+    for key in ecc:
+        if key not in ("singleBit", "doubleBit"):
+            raise SettingsError(f"health.ecc.{key}: unknown key; allowed: singleBit, doubleBit")
+    return HealthConfig(
+        fatal_xids=lists["fatal"],
+        ignored_xids=lists["ignored"],
+        monitor_only_xids=lists["monitorOnly"],
+        ecc_single_bit=_choice(ECC_POLICIES)(ecc.get("singleBit", "report"), "health.ecc.singleBit"),
+        ecc_double_bit=_choice(ECC_POLICIES)(ecc.get("doubleBit", "fatal"), "health.ecc.doubleBit"),
+    )
 
 
 @dataclass(frozen=True)
@@ -143,6 +229,11 @@ class Settings:
     nvml_backend: str
     simulated_devices: str
     log_level: str
+    state_dir: Path
+    probe_interval: float
+    recovery_policy: str
+    quiet_period: float
+    health: HealthConfig
 
     def bus_path(self, name: str) -> Path:
         return self.run_dir / name
@@ -212,4 +303,6 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
         values["device_plugin_dir"] = os.path.dirname(sock) if sock else DEFAULT_DEVICE_PLUGIN_DIR
     values["device_plugin_dir"] = Path(values["device_plugin_dir"])
     values["run_dir"] = Path(values["run_dir"])
+    values["state_dir"] = Path(values["state_dir"])
+    values["health"] = parse_health(file_data.get("health"))
     return Settings(**values)

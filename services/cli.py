@@ -3,7 +3,8 @@
     gpu-plugin health-monitor | plugin-server | registrar     the three supervised services
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
-    gpu-plugin inject xid|ecc|lost|recover <uuid> ...          faults for the simulated backend
+    gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
+    gpu-plugin inject xid|ecc|lost|remap|recover <uuid> ...    faults for the simulated backend
     gpu-plugin kubelet-sim --dir D --control C                 the kubelet simulator
     gpu-plugin supervisor-watchdog                             supervisord event listener
 
@@ -20,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.bus.messages import HealthState
 from common.settings import Settings, SettingsError, add_arguments, resolve
 
 SERVICES = ("health-monitor", "plugin-server", "registrar")
@@ -44,8 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=3.0, help="how long to wait for the health state")
     add_arguments(status)
 
+    for verb, text in (("cordon", "take a device out of service"), ("uncordon", "put a device back in service")):
+        c = sub.add_parser(verb, help=f"{text} (kept in the state dir; survives restarts)")
+        c.add_argument("uuid", help="GPU or MIG device UUID")
+        if verb == "cordon":
+            c.add_argument("--reason", default="", help="shown in status, events and the device's reason")
+        c.add_argument("--force", action="store_true", help="do not check the device against the health bus")
+        add_arguments(c)
+
     inject = sub.add_parser("inject", help="inject a fault into the simulated NVML backend")
-    inject.add_argument("fault", choices=("xid", "ecc", "lost", "recover"))
+    inject.add_argument("fault", choices=("xid", "ecc", "lost", "remap", "retired_pending", "event_error",
+                                          "recover"))
     inject.add_argument("uuid", help="GPU or MIG device UUID")
     inject.add_argument("value", nargs="?", help="xid: the XID number; ecc: sbe or dbe")
     inject.add_argument("--count", type=int, default=1, help="ecc: how many errors")
@@ -85,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_status(settings, args.timeout))
     if args.command == "inject":
         return _inject(settings, args)
+    if args.command in ("cordon", "uncordon"):
+        return asyncio.run(_cordon(settings, args))
     return _fail(f"unknown command {args.command}")
 
 
@@ -126,6 +139,8 @@ def _inject(settings: Settings, args: argparse.Namespace) -> int:
         if args.value is None or not args.value.isdigit():
             return _fail("inject xid needs the XID number, e.g. gpu-plugin inject xid GPU-... 79")
         cmd["xid"] = int(args.value)
+    elif args.fault == "remap":
+        cmd["failed"] = args.value != "pending"
     elif args.fault == "ecc":
         if args.value not in ("sbe", "dbe"):
             return _fail("inject ecc needs sbe or dbe, e.g. gpu-plugin inject ecc GPU-... dbe")
@@ -135,6 +150,43 @@ def _inject(settings: Settings, args: argparse.Namespace) -> int:
     except (ConnectionError, ValueError) as e:
         return _fail(str(e))
     print(f"injected {args.fault} into {args.uuid}")
+    return 0
+
+
+async def _health_state(settings: Settings, timeout: float) -> HealthState | None:
+    from common.bus.messages import HEALTH_SOCKET, HealthState
+    from common.bus.sockets import BusSubscriber
+
+    sub = BusSubscriber([settings.bus_path(HEALTH_SOCKET)], topics=[HealthState.TOPIC])
+    try:
+        msg = await sub.recv_timeout(timeout)
+    finally:
+        sub.close()
+    return msg if isinstance(msg, HealthState) else None
+
+
+async def _cordon(settings: Settings, args: argparse.Namespace) -> int:
+    from common.cordons import CordonFileError, CordonStore
+
+    if not args.force:
+        state = await _health_state(settings, 3.0)
+        if state is None:
+            return _fail("no health state on the bus to check the device against (is the health-monitor "
+                         "running?); use --force to write the cordon anyway")
+        known = {d.id for d in state.devices}
+        if args.uuid not in known:
+            return _fail(f"unknown device {args.uuid}; this node has: {', '.join(sorted(known)) or 'none'}")
+    store = CordonStore(settings.state_dir)
+    try:
+        if args.command == "cordon":
+            store.cordon(args.uuid, args.reason)
+            print(f"cordoned {args.uuid}" + (f": {args.reason}" if args.reason else ""))
+        elif store.uncordon(args.uuid):
+            print(f"uncordoned {args.uuid}")
+        else:
+            print(f"{args.uuid} was not cordoned")
+    except (OSError, CordonFileError) as e:
+        return _fail(f"cannot update cordons in {settings.state_dir}: {e}")
     return 0
 
 
@@ -167,25 +219,19 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _status(settings: Settings, timeout: float) -> int:
-    from common.bus.messages import HEALTH_SOCKET, HealthState
-    from common.bus.sockets import BusSubscriber
-
-    sub = BusSubscriber([settings.bus_path(HEALTH_SOCKET)], topics=[HealthState.TOPIC])
-    try:
-        msg = await sub.recv_timeout(timeout)
-    finally:
-        sub.close()
-    if not isinstance(msg, HealthState):
-        return _fail(f"no health state on {settings.bus_path(HEALTH_SOCKET)} within {timeout:.0f} s "
+    msg = await _health_state(settings, timeout)
+    if msg is None:
+        return _fail(f"no health state on {settings.run_dir}/health.sock within {timeout:.0f} s "
                      "(is the health-monitor running?)")
     age = time.time() - msg.sent_at
     print(f"driver {msg.driver_version or '?'}  nvml {'ok' if msg.nvml_ok else 'FAILED: ' + msg.error}  "
           f"state seq {msg.seq} ({'STALE, ' if age > 3 else ''}{age:.1f} s old)")
-    rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA")]
+    rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA", "XID", "SBE", "DBE")]
     for d in msg.devices:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since))
         numa = "-" if d.numa_node is None else str(d.numa_node)
-        rows.append((d.index, d.id, d.health, d.reason or "-", since, d.parent or "-", numa))
+        rows.append((d.index, d.id, d.health, d.reason or "-", since, d.parent or "-", numa,
+                     str(d.xid_count), str(d.sbe_count), str(d.dbe_count)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -55,6 +55,10 @@ class DeviceState:
     gpu_instance_id: int = -1
     compute_instance_id: int = -1
     profile: str = ""  # MIG profile, e.g. "1g.10gb"
+    cordoned: bool = False  # taken out of service by an operator (gpu-plugin cordon)
+    xid_count: int = 0  # XIDs seen on this device since the monitor started, any class
+    sbe_count: int = 0  # single-bit (corrected) ECC events
+    dbe_count: int = 0  # double-bit (uncorrected) ECC events
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class HealthEvent(Message):
     TOPIC: ClassVar[str] = "health.event"
     time: float
     device: str
-    event: str  # "transition" | "xid" | "ecc" | "nvml"
+    event: str  # "transition" | "xid" | "ecc" | "nvml" | "probe"
     old: str = ""
     new: str = ""
     reason: str = ""

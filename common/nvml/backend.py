@@ -51,6 +51,15 @@ MEMORY_ERROR_CORRECTED = 0
 MEMORY_ERROR_UNCORRECTED = 1
 ECC_COUNTER_VOLATILE = 0
 
+# nvmlDeviceGetFieldValues field for the driver's recovery advice, and its values.
+FI_DEV_GET_GPU_RECOVERY_ACTION = 230
+GPU_RECOVERY_ACTION_NONE = 0
+GPU_RECOVERY_ACTION_GPU_RESET = 1
+GPU_RECOVERY_ACTION_NODE_REBOOT = 2
+GPU_RECOVERY_ACTION_DRAIN_P2P = 3
+GPU_RECOVERY_ACTION_DRAIN_AND_RESET = 4
+RECOVERY_ACTION_NAMES = {0: "none", 1: "GPU reset", 2: "node reboot", 3: "drain P2P", 4: "drain and reset"}
+
 # GPU instance / compute instance id meaning "the whole GPU" in event data.
 WHOLE_GPU_INSTANCE = 0xFFFFFFFF
 
@@ -135,6 +144,16 @@ class NvmlBackend(Protocol):
 
     def device_get_topology_common_ancestor(self, handle1: Handle, handle2: Handle) -> int:
         """An NVML_TOPOLOGY_* level."""
+        ...
+
+    def device_get_remapped_rows(self, handle: Handle) -> tuple[int, int, bool, bool]:
+        """(corrected rows, uncorrected rows, remapping pending, remapping failed)."""
+        ...
+
+    def device_get_retired_pages_pending_status(self, handle: Handle) -> bool: ...
+    def device_get_recovery_action(self, handle: Handle) -> int:
+        """The driver's recovery advice (field NVML_FI_DEV_GET_GPU_RECOVERY_ACTION, recent drivers):
+        GPU_RECOVERY_ACTION_NONE when the GPU needs nothing."""
         ...
 
     def event_set_create(self) -> Handle: ...

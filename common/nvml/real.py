@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.nvml.backend import (
     ECC_COUNTER_VOLATILE,
+    FI_DEV_GET_GPU_RECOVERY_ACTION,
     NVML_ERROR_LIBRARY_NOT_FOUND,
     NVML_ERROR_UNINITIALIZED,
     EventData,
@@ -164,6 +165,20 @@ class RealNvml:
 
     def device_get_topology_common_ancestor(self, handle1: Handle, handle2: Handle) -> int:
         return self._typed(int, "nvmlDeviceGetTopologyCommonAncestor", handle1, handle2)
+
+    # -- probes -----------------------------------------------------------------------
+    def device_get_remapped_rows(self, handle: Handle) -> tuple[int, int, bool, bool]:
+        corr, unc, pending, failed = self._call("nvmlDeviceGetRemappedRows", handle)
+        return int(corr), int(unc), bool(pending), bool(failed)
+
+    def device_get_retired_pages_pending_status(self, handle: Handle) -> bool:
+        return bool(self._call("nvmlDeviceGetRetiredPagesPendingStatus", handle))
+
+    def device_get_recovery_action(self, handle: Handle) -> int:
+        (value,) = self._call("nvmlDeviceGetFieldValues", handle, [FI_DEV_GET_GPU_RECOVERY_ACTION])
+        if int(value.nvmlReturn) != 0:  # the call succeeds but the field may not
+            raise NvmlError(int(value.nvmlReturn))
+        return int(value.value.uiVal)
 
     # -- events -----------------------------------------------------------------------
     def event_set_create(self) -> Handle:

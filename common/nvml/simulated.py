@@ -39,8 +39,12 @@ own (yet): `numa_node_id`, `retired_pages_pending`, `remapped_rows`.
 Faults arrive as JSON lines on a unix socket (`FaultClient`, `gpu-plugin inject`), served
 by a thread of the backend: {"op": "xid", "uuid": U, "xid": 79, "gi": .., "ci": ..},
 {"op": "ecc", "uuid": U, "kind": "dbe"|"sbe", "count": n}, {"op": "lost", "uuid": U},
-{"op": "recover", "uuid": U}. XID 79 and "lost" make every later call on that GPU raise
-GPU_IS_LOST, as a fallen-off-the-bus GPU does, until "recover".
+{"op": "remap", "uuid": U, "failed": true} (a pending row remap, failed or not),
+{"op": "retired_pending", "uuid": U}, {"op": "event_error", "uuid": U, "code": 999} (the
+next event wait fails), {"op": "recover", "uuid": U}. XID 79 and "lost" make every later
+call on that GPU raise GPU_IS_LOST, as a fallen-off-the-bus GPU does, until "recover".
+Where the description has "recovery_action", fatal XIDs and DBEs set it to GPU reset and
+"recover" back to none, as recent drivers advise.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import os
 import queue
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -60,6 +65,8 @@ from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
     EVENT_XID_CRITICAL,
+    GPU_RECOVERY_ACTION_GPU_RESET,
+    GPU_RECOVERY_ACTION_NONE,
     MEMORY_ERROR_CORRECTED,
     MEMORY_ERROR_UNCORRECTED,
     NVML_ERROR_GPU_IS_LOST,
@@ -68,6 +75,7 @@ from common.nvml.backend import (
     NVML_ERROR_NOT_SUPPORTED,
     NVML_ERROR_TIMEOUT,
     NVML_ERROR_UNINITIALIZED,
+    NVML_ERROR_UNKNOWN,
     NVML_NVLINK_MAX_LINKS,
     NVML_TOPOLOGY_INTERNAL,
     WHOLE_GPU_INSTANCE,
@@ -80,6 +88,8 @@ from common.nvml.backend import (
 log = logging.getLogger(__name__)
 
 XID_GPU_LOST = 79  # "GPU has fallen off the bus"
+# XIDs after which the driver advises a GPU reset (double-bit ECC, lost, row-remap failure, ...).
+XIDS_NEEDING_RESET = frozenset({48, 63, 64, 74, 79, 92, 94, 95, 119, 120})
 FLEETS = ("h200", "dgx-h100-8", "dgx-h100-8-mig")
 
 
@@ -147,6 +157,7 @@ class SimulatedNvml:
         self._gpus: list[_SimGpu] = []
         self._events: queue.Queue[EventData] = queue.Queue()
         self._listener: socket.socket | None = None
+        self._wait_error: int | None = None  # the next event_set_wait fails with this code
 
     # -- lifecycle --------------------------------------------------------------------
     def init(self) -> None:
@@ -304,6 +315,17 @@ class SimulatedNvml:
             return NVML_TOPOLOGY_INTERNAL
         raise NvmlError(NVML_ERROR_NOT_SUPPORTED)
 
+    # -- probes -----------------------------------------------------------------------
+    def device_get_remapped_rows(self, handle: Handle) -> tuple[int, int, bool, bool]:
+        corr, unc, pending, failed = self._field(handle, "remapped_rows")
+        return int(corr), int(unc), bool(pending), bool(failed)
+
+    def device_get_retired_pages_pending_status(self, handle: Handle) -> bool:
+        return bool(self._field(handle, "retired_pages_pending"))
+
+    def device_get_recovery_action(self, handle: Handle) -> int:
+        return int(self._field(handle, "recovery_action"))
+
     # -- events -----------------------------------------------------------------------
     def event_set_create(self) -> Handle:
         self._check()
@@ -319,6 +341,10 @@ class SimulatedNvml:
 
     def event_set_wait(self, event_set: Handle, timeout_ms: int) -> EventData:
         self._check()
+        with self._lock:
+            if self._wait_error is not None:
+                code, self._wait_error = self._wait_error, None
+                raise NvmlError(code)
         try:
             return self._events.get(timeout=timeout_ms / 1000.0)
         except queue.Empty:
@@ -347,6 +373,8 @@ class SimulatedNvml:
                 self._emit(gpu, EVENT_XID_CRITICAL, xid, gi, ci)
                 if xid == XID_GPU_LOST:
                     gpu.lost = True
+                if xid in XIDS_NEEDING_RESET:
+                    self._advise(gpu, GPU_RECOVERY_ACTION_GPU_RESET)
             elif op == "ecc":
                 kind = cmd.get("kind")
                 count = cmd.get("count", 1)
@@ -355,14 +383,39 @@ class SimulatedNvml:
                 err = MEMORY_ERROR_UNCORRECTED if kind == "dbe" else MEMORY_ERROR_CORRECTED
                 gpu.ecc[err] += count
                 etype = EVENT_DOUBLE_BIT_ECC if kind == "dbe" else EVENT_SINGLE_BIT_ECC
+                if kind == "dbe":
+                    self._advise(gpu, GPU_RECOVERY_ACTION_GPU_RESET)
                 self._emit(gpu, etype, 0, WHOLE_GPU_INSTANCE, WHOLE_GPU_INSTANCE)
             elif op == "lost":
                 gpu.lost = True
+            elif op == "remap":
+                failed = bool(cmd.get("failed", True))
+                self._set_field(gpu, "remapped_rows", lambda v: [v[0], v[1] + 1, 1, int(failed)])
+            elif op == "retired_pending":
+                self._set_field(gpu, "retired_pages_pending", lambda v: 1)
+            elif op == "event_error":
+                self._wait_error = int(cmd.get("code", NVML_ERROR_UNKNOWN))
             elif op == "recover":
+                # What a GPU reset gives back: a GPU that answers, clean counters, no advice.
                 gpu.lost = False
                 gpu.ecc = {MEMORY_ERROR_CORRECTED: 0, MEMORY_ERROR_UNCORRECTED: 0}
+                self._advise(gpu, GPU_RECOVERY_ACTION_NONE)
+                self._set_field(gpu, "remapped_rows", lambda v: [v[0], v[1], 0, 0])
+                self._set_field(gpu, "retired_pages_pending", lambda v: 0)
             else:
-                raise ValueError(f"unknown fault op {op!r}; expected xid, ecc, lost or recover")
+                raise ValueError(
+                    f"unknown fault op {op!r}; expected xid, ecc, lost, remap, retired_pending, event_error or recover"
+                )
+
+    @staticmethod
+    def _set_field(gpu: _SimGpu, key: str, change: Callable[[Any], Any]) -> None:
+        """Changes a probed value, unless the GPU does not support the query at all."""
+        value = gpu.desc.get(key)
+        if value is not None and not (isinstance(value, dict) and "error" in value):
+            gpu.desc[key] = change(value)
+
+    def _advise(self, gpu: _SimGpu, action: int) -> None:
+        self._set_field(gpu, "recovery_action", lambda v: action)
 
     def _find(self, uuid: object) -> tuple[_SimGpu, _SimMig | None]:
         for gpu in self._gpus:

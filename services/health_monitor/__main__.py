@@ -9,11 +9,12 @@ import sys
 
 from common.bus.messages import HEALTH_SOCKET
 from common.bus.sockets import BusPublisher
+from common.cordons import CordonStore
 from common.lifecycle import ensure_private_dir, run_service
 from common.nvml.backend import NvmlError
 from common.nvml.factory import make_backend
 from common.settings import Settings
-from services.health_monitor.monitor import HealthMonitor
+from services.health_monitor.monitor import HealthMonitor, RecoveryPolicy
 from services.health_monitor.xid_policy import policy_from_env
 
 
@@ -23,7 +24,13 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     backend = make_backend(settings)
     try:
         monitor = HealthMonitor(
-            backend, publisher, policy_from_env(os.environ), fail_on_init_error=settings.fail_on_init_error
+            backend,
+            publisher,
+            policy_from_env(os.environ, settings.health),
+            fail_on_init_error=settings.fail_on_init_error,
+            recovery=RecoveryPolicy(settings.recovery_policy, settings.probe_interval, settings.quiet_period),
+            health=settings.health,
+            cordons=CordonStore(settings.state_dir),
         )
         await monitor.run(stop)
     finally:

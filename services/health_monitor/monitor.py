@@ -1,9 +1,24 @@
-"""The health monitor: the only NVML user. Discovers devices, watches driver events,
-applies the health policy and publishes the node's full device state on the health bus.
+"""The health monitor: the only NVML user. Discovers devices, watches driver events, probes
+every GPU, applies the health policy and publishes the node's full device state.
 
-Threads: NVML's event wait blocks in C (ctypes releases the GIL), so it runs in one
-worker thread and hands each event to the asyncio loop, which owns all state and the
-bus socket. Nothing else touches NVML after discovery.
+Health model: each device carries a set of active faults (an XID, a double-bit ECC error,
+"GPU lost", a failed probe, a pending row remap, ...) and possibly an operator's cordon.
+A device is Unhealthy while it has any fault or cordon of its own, or its GPU has one (a
+MIG device shares the fate of its GPU; an instance event stays on its instance). Faults
+that a probe can see (lost, probe failure, row remap, retired pages) clear when the probe
+no longer sees them. Faults reported only as events (XID, ECC) clear by recovery: when the
+driver's recovery advice says nothing is needed and a probe interval has passed, or, on
+drivers without that advice, after a quiet period of clean probes. Policy `never` keeps
+every fault until a restart, as NVIDIA's plugin does.
+
+An event wait that fails with anything but a timeout is a fault of the event channel, not
+evidence about any GPU: the event set is re-created, the failure is reported, and every GPU
+is probed at once; only what the probes find marks devices unhealthy. (NVIDIA's plugin
+marks every device unhealthy, for good, on such an error.)
+
+Threads: NVML's event wait blocks in C (ctypes releases the GIL), so it runs in one worker
+thread; probes run in another. Both hand their findings to the asyncio loop, which owns
+all state and the bus socket.
 """
 
 from __future__ import annotations
@@ -16,32 +31,47 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from common.bus.messages import UNHEALTHY, DeviceState, HealthEvent, HealthState
+from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
+from common.cordons import Cordon, CordonFileError, CordonStore
+from common.fswatch import DirWatcher
 from common.lifecycle import FatalError
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
     EVENT_XID_CRITICAL,
+    GPU_RECOVERY_ACTION_NONE,
+    MEMORY_ERROR_UNCORRECTED,
     NVML_ERROR_DRIVER_NOT_LOADED,
+    NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_LIBRARY_NOT_FOUND,
     NVML_ERROR_NOT_SUPPORTED,
     NVML_ERROR_TIMEOUT,
+    RECOVERY_ACTION_NAMES,
     WHOLE_GPU_INSTANCE,
     EventData,
     Handle,
     NvmlBackend,
     NvmlError,
 )
+from common.settings import HealthConfig
 from services.health_monitor.discovery import Inventory, discover
-from services.health_monitor.xid_policy import XidPolicy
+from services.health_monitor.xid_policy import FATAL, XidPolicy
 
 log = logging.getLogger(__name__)
 
 EVENT_MASK = EVENT_XID_CRITICAL | EVENT_DOUBLE_BIT_ECC | EVENT_SINGLE_BIT_ECC
 WAIT_SLICE_MS = 1000  # bounds how long the event thread takes to notice shutdown
 INIT_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+EVENT_SET_BACKOFF_S = (0.1, 1.0, 5.0, 30.0)
+
+# Fault kinds. Sticky ones are seen only as events and clear by recovery; the others are
+# what a probe sees, and clear when it stops seeing them.
+STICKY = frozenset({"xid", "ecc"})
+PROBED = frozenset({"lost", "probe", "remap", "retired"})
 
 
 class NvmlInitError(FatalError):
@@ -62,6 +92,31 @@ def explain_init_error(e: NvmlError) -> str:
     return f"nvml init failed: {e}: {hint}"
 
 
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    policy: str = "auto"  # "auto" | "never"
+    probe_interval: float = 10.0
+    quiet_period: float = 60.0
+
+
+@dataclass
+class Probe:
+    """What one probe of one GPU found (computed in the probe thread)."""
+
+    gpu: str
+    faults: dict[str, str] = field(default_factory=dict)  # PROBED kind -> reason
+    recovery_action: int | None = None  # None: the driver gives no advice
+    dbe_total: int | None = None
+
+
+@dataclass
+class Tracker:
+    faults: dict[str, str] = field(default_factory=dict)
+    last_fault: float = 0.0  # monotonic time of the last fault seen
+    recovery_action: int | None = None
+    dbe_total: int | None = None
+
+
 class HealthMonitor:
     def __init__(
         self,
@@ -69,23 +124,31 @@ class HealthMonitor:
         publisher: BusPublisher,
         policy: XidPolicy,
         fail_on_init_error: bool = True,
+        recovery: RecoveryPolicy | None = None,
+        health: HealthConfig | None = None,
+        cordons: CordonStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._nvml = backend
         self._pub = publisher
         self._policy = policy
         self._fail_on_init_error = fail_on_init_error
+        self._recovery = recovery or RecoveryPolicy()
+        self._health = health or HealthConfig()
+        self._cordon_store = cordons
+        self._cordons: dict[str, Cordon] = {}
         self._clock = clock
         self._incarnation = uuidlib.uuid4().hex[:12]
         self._seq = 0
         self._devices: dict[str, DeviceState] = {}
+        self._trackers: dict[str, Tracker] = {}
         self._inventory = Inventory()
         self._nvml_ok = False
         self._error = "starting"
         self._driver = ""
         self._stopping = threading.Event()
+        self._probe_now = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.sbe_counts: dict[str, int] = {}
 
     # -- state ------------------------------------------------------------------------
     def devices(self) -> list[DeviceState]:
@@ -105,21 +168,55 @@ class HealthMonitor:
             )
         )
 
-    async def _set_health(self, targets: list[str], health: str, reason: str) -> None:
-        changed = False
+    def _evaluate(self, dev: DeviceState) -> tuple[str, str, bool]:
+        """(health, reason, cordoned) from the device's own and its GPU's faults and cordons."""
+        reasons: list[str] = []
+        cordoned = False
+        for source in (dev.id, dev.parent) if dev.parent else (dev.id,):
+            cordon = self._cordons.get(source)
+            if cordon is not None:
+                cordoned = True
+                reasons.append(f"cordoned: {cordon.reason}" if cordon.reason else "cordoned")
+            reasons.extend(self._trackers[source].faults.values() if source in self._trackers else ())
+        unique = list(dict.fromkeys(reasons))
+        return (UNHEALTHY if unique else HEALTHY), "; ".join(unique), cordoned
+
+    async def _refresh(self, force: bool = False) -> None:
+        """Recomputes every device's health; publishes transitions and, on any change, the state."""
         now = self._clock()
-        for dev_id in targets:
-            old = self._devices.get(dev_id)
-            if old is None or old.health == health:
+        changed = False
+        for dev_id, old in list(self._devices.items()):
+            health, reason, cordoned = self._evaluate(old)
+            if health == HEALTHY and old.health == UNHEALTHY:
+                reason = "uncordoned" if old.cordoned and not cordoned else "recovered"
+            elif health == HEALTHY:
+                reason = old.reason if old.health == HEALTHY else ""
+            new = dataclasses.replace(old, health=health, reason=reason, cordoned=cordoned,
+                                      since=now if health != old.health else old.since)
+            if new == old:
                 continue
-            self._devices[dev_id] = dataclasses.replace(old, health=health, reason=reason, since=now)
+            self._devices[dev_id] = new
             changed = True
-            log.warning("device %s: %s -> %s (%s)", dev_id, old.health, health, reason)
-            await self._pub.publish(
-                HealthEvent(time=now, device=dev_id, event="transition", old=old.health, new=health, reason=reason)
-            )
-        if changed:
+            if health != old.health:
+                log.warning("device %s: %s -> %s (%s)", dev_id, old.health, health, reason)
+                await self._pub.publish(HealthEvent(time=now, device=dev_id, event="transition",
+                                                    old=old.health, new=health, reason=reason))
+        if changed or force:
             await self._publish_state()
+
+    def _add_fault(self, targets: list[str], kind: str, reason: str) -> None:
+        now = time.monotonic()
+        for dev_id in targets:
+            tracker = self._trackers.setdefault(dev_id, Tracker())
+            tracker.faults[kind] = reason
+            tracker.last_fault = now
+
+    def _count(self, dev_id: str, **increments: int) -> None:
+        dev = self._devices.get(dev_id)
+        if dev is not None:
+            self._devices[dev_id] = dataclasses.replace(
+                dev, **{k: getattr(dev, k) + v for k, v in increments.items()}
+            )
 
     # -- startup ----------------------------------------------------------------------
     async def _init_nvml(self, stop: asyncio.Event) -> bool:
@@ -144,13 +241,16 @@ class HealthMonitor:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        beat = asyncio.create_task(self._pub.run(), name="bus-heartbeat")
+        tasks = [asyncio.create_task(self._pub.run(), name="bus-heartbeat")]
         try:
             if not await self._init_nvml(stop):
                 return
             self._driver = self._nvml.system_get_driver_version()
             self._inventory = discover(self._nvml, self._clock())
             self._devices = {d.id: d for d in self._inventory.devices}
+            for d in self._inventory.devices:
+                if d.health == UNHEALTHY:  # lost during discovery
+                    self._add_fault([d.id], "lost", d.reason)
             self._nvml_ok, self._error = True, ""
             log.info(
                 "discovered %d devices (driver %s): %s",
@@ -158,15 +258,25 @@ class HealthMonitor:
                 self._driver,
                 ", ".join(f"{d.index}={d.id}" for d in self._devices.values()),
             )
-            event_set = self._register_events()
-            await self._publish_state()
-            waiter = threading.Thread(target=self._wait_events, args=(event_set,), name="nvml-events", daemon=True)
-            waiter.start()
-            await stop.wait()
+            self._load_cordons()
+            await self._refresh(force=True)
+            event_set = await asyncio.to_thread(self._register_events)
+            threading.Thread(target=self._wait_events, args=(event_set,), name="nvml-events", daemon=True).start()
+            tasks.append(asyncio.create_task(self._probe_loop(), name="probes"))
+            if self._cordon_store is not None:
+                tasks.append(asyncio.create_task(self._watch_cordons(), name="cordons"))
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
         finally:
             self._stopping.set()
-            beat.cancel()
+            for t in tasks:
+                t.cancel()
 
+    # -- events -----------------------------------------------------------------------
     def _register_events(self) -> Handle:
         event_set = self._nvml.event_set_create()
         for gpu_uuid, handle in self._inventory.handles.items():
@@ -174,68 +284,213 @@ class HealthMonitor:
                 supported = self._nvml.device_get_supported_event_types(handle)
                 self._nvml.device_register_events(handle, EVENT_MASK & supported, event_set)
             except NvmlError as e:
-                if e.code != NVML_ERROR_NOT_SUPPORTED:
+                if e.code not in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_GPU_IS_LOST):
                     raise
-                # As NVIDIA's plugin: not a fault of the GPU; it stays healthy.
-                log.warning("GPU %s: event registration not supported; device stays healthy", gpu_uuid)
+                # As NVIDIA's plugin: not a fault of the GPU; it stays healthy and probes watch it.
+                log.warning("GPU %s: event registration failed (%s); relying on probes", gpu_uuid, e)
         return event_set
 
-    # -- events -----------------------------------------------------------------------
     def _wait_events(self, event_set: Handle) -> None:
         loop = self._loop
         assert loop is not None
+        failures = 0
         while not self._stopping.is_set():
             try:
                 event = self._nvml.event_set_wait(event_set, WAIT_SLICE_MS)
             except NvmlError as e:
                 if e.code == NVML_ERROR_TIMEOUT:
                     continue
-                log.error("NVML event wait failed: %s", e)
-                self._stopping.wait(1.0)
+                event_set = self._recreate_event_set(event_set, e, failures)
+                failures += 1
                 continue
+            failures = 0
             asyncio.run_coroutine_threadsafe(self._on_event(event), loop)
 
+    def _recreate_event_set(self, old: Handle, error: NvmlError, failures: int) -> Handle:
+        loop = self._loop
+        assert loop is not None
+        reason = f"NVML event wait failed ({error}); event set re-created, all GPUs probed"
+        log.error("%s", reason)
+        asyncio.run_coroutine_threadsafe(self._on_wait_failure(reason), loop)
+        self._stopping.wait(EVENT_SET_BACKOFF_S[min(failures, len(EVENT_SET_BACKOFF_S) - 1)])
+        with contextlib.suppress(NvmlError):
+            self._nvml.event_set_free(old)
+        while not self._stopping.is_set():
+            try:
+                return self._register_events()
+            except NvmlError as e:
+                log.error("re-creating the NVML event set failed (%s); retrying", e)
+                self._stopping.wait(EVENT_SET_BACKOFF_S[-1])
+        return old
+
+    async def _on_wait_failure(self, reason: str) -> None:
+        await self._pub.publish(HealthEvent(time=self._clock(), device="", event="nvml", reason=reason))
+        self._probe_now.set()
+
     def _targets(self, event: EventData) -> list[str]:
-        """The devices an event on a physical GPU (or one of its instances) reaches."""
+        """The devices an event names: a whole GPU, or the MIG devices of one instance."""
         if event.uuid is None:
-            return list(self._devices)  # NVIDIA's rule: an event naming no device hits all
+            return list(self._inventory.handles)  # NVIDIA's rule: an event naming no device hits all GPUs
         gpu_uuid = event.uuid
         dev = self._devices.get(gpu_uuid)
         if dev is not None and dev.kind == "mig":
             gpu_uuid = dev.parent
-        children = self._inventory.children.get(gpu_uuid, [])
         if event.gpu_instance_id == WHOLE_GPU_INSTANCE:
-            return [gpu_uuid, *children]
+            return [gpu_uuid]
         hit = [
             c
-            for c in children
+            for c in self._inventory.children.get(gpu_uuid, [])
             if self._devices[c].gpu_instance_id == event.gpu_instance_id
             and event.compute_instance_id in (WHOLE_GPU_INSTANCE, self._devices[c].compute_instance_id)
         ]
-        return hit or [gpu_uuid, *children]
+        return hit or [gpu_uuid]
 
     async def _on_event(self, event: EventData) -> None:
         now = self._clock()
         targets = self._targets(event)
+        device = event.uuid or ""
         if event.event_type & EVENT_XID_CRITICAL:
             xid = event.event_data
-            fatal = self._policy.is_fatal(xid)
-            log.warning(
-                "XID %d on %s (gi %d, ci %d): %s",
-                xid, event.uuid, event.gpu_instance_id, event.compute_instance_id,
-                "marking unhealthy" if fatal else "ignored by policy",
-            )
-            await self._pub.publish(
-                HealthEvent(time=now, device=event.uuid or "", event="xid", xid=xid,
-                            reason="fatal" if fatal else "ignored")
-            )
-            if fatal:
-                await self._set_health(targets, UNHEALTHY, f"XID {xid}")
+            verdict = self._policy.classify(xid)
+            log.warning("XID %d on %s (gi %d, ci %d): %s", xid, device or "no device",
+                        event.gpu_instance_id, event.compute_instance_id, verdict)
+            for t in targets:
+                self._count(t, xid_count=1)
+            await self._pub.publish(HealthEvent(time=now, device=device, event="xid", xid=xid, reason=verdict))
+            if verdict == FATAL:
+                self._add_fault(targets, "xid", f"XID {xid}")
         elif event.event_type & EVENT_DOUBLE_BIT_ECC:
-            await self._pub.publish(HealthEvent(time=now, device=event.uuid or "", event="ecc", reason="ECC DBE"))
-            if self._policy.checks_enabled:
-                await self._set_health(targets, UNHEALTHY, "ECC DBE")
+            for t in targets:
+                self._count(t, dbe_count=1)
+            await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC DBE"))
+            if self._policy.checks_enabled and self._health.ecc_double_bit == "fatal":
+                self._add_fault(targets, "ecc", "ECC DBE")
         elif event.event_type & EVENT_SINGLE_BIT_ECC:
-            key = event.uuid or ""
-            self.sbe_counts[key] = self.sbe_counts.get(key, 0) + 1
-            await self._pub.publish(HealthEvent(time=now, device=key, event="ecc", reason="ECC SBE"))
+            for t in targets:
+                self._count(t, sbe_count=1)
+            await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC SBE"))
+            if self._policy.checks_enabled and self._health.ecc_single_bit == "fatal":
+                self._add_fault(targets, "ecc", "ECC SBE")
+        await self._refresh(force=True)  # the counters changed even when health did not
+
+    # -- probes -----------------------------------------------------------------------
+    async def _probe_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), self._recovery.probe_interval)
+            self._probe_now.clear()
+            results = await asyncio.to_thread(self._probe_all)
+            await self._apply_probes(results)
+
+    def _probe_all(self) -> list[Probe]:
+        return [self._probe(gpu, handle) for gpu, handle in self._inventory.handles.items()]
+
+    def _probe(self, gpu: str, handle: Handle) -> Probe:
+        result = Probe(gpu)
+        nvml = self._nvml
+
+        def optional(call: Callable[[], object]) -> object | None:
+            """A query the GPU may not support: None then. GPU_IS_LOST propagates."""
+            try:
+                return call()
+            except NvmlError as e:
+                if e.code == NVML_ERROR_NOT_SUPPORTED:
+                    return None
+                raise
+
+        try:
+            nvml.device_get_pci_info(handle)  # does the GPU still answer?
+            rows = optional(lambda: nvml.device_get_remapped_rows(handle))
+            if isinstance(rows, tuple):
+                _corr, _unc, pending, failed = rows
+                if failed:
+                    result.faults["remap"] = "row-remap failure"
+                elif pending:
+                    result.faults["remap"] = "row remap pending (GPU reset needed)"
+            if optional(lambda: nvml.device_get_retired_pages_pending_status(handle)):
+                result.faults["retired"] = "retired pages pending (GPU reset needed)"
+            action = optional(lambda: nvml.device_get_recovery_action(handle))
+            result.recovery_action = action if isinstance(action, int) else None
+            dbe = optional(lambda: nvml.device_get_total_ecc_errors(handle, MEMORY_ERROR_UNCORRECTED))
+            result.dbe_total = dbe if isinstance(dbe, int) else None
+        except NvmlError as e:
+            if e.code == NVML_ERROR_GPU_IS_LOST:
+                result.faults["lost"] = "GPU lost"
+            else:
+                result.faults["probe"] = f"probe failed: {e}"
+        return result
+
+    async def _apply_probes(self, results: list[Probe]) -> None:
+        if not self._policy.checks_enabled:
+            return
+        now = time.monotonic()
+        for r in results:
+            tracker = self._trackers.setdefault(r.gpu, Tracker())
+            for kind in PROBED - r.faults.keys():
+                tracker.faults.pop(kind, None)
+            if r.faults:
+                tracker.faults.update(r.faults)
+                tracker.last_fault = now
+            # A DBE the event channel missed (events unsupported) still counts.
+            if (r.dbe_total is not None and tracker.dbe_total is not None and r.dbe_total > tracker.dbe_total
+                    and self._health.ecc_double_bit == "fatal"):
+                self._add_fault([r.gpu], "ecc", "ECC DBE")
+            if r.dbe_total is not None:
+                tracker.dbe_total = r.dbe_total
+            tracker.recovery_action = r.recovery_action
+            if not r.faults:
+                self._maybe_recover(r.gpu, now)
+        await self._refresh()
+
+    def _maybe_recover(self, gpu: str, now: float) -> None:
+        """Clears sticky faults of a GPU (and its MIG devices) whose condition has cleared."""
+        if self._recovery.policy != "auto":
+            return
+        tracker = self._trackers[gpu]
+        members = [gpu, *self._inventory.children.get(gpu, [])]
+        sticky = [m for m in members if self._trackers.get(m) and self._trackers[m].faults.keys() & STICKY]
+        if not sticky:
+            return
+        last = max(self._trackers[m].last_fault for m in sticky)
+        if tracker.recovery_action is not None:
+            ready = tracker.recovery_action == GPU_RECOVERY_ACTION_NONE and now - last >= self._recovery.probe_interval
+            if not ready and tracker.recovery_action != GPU_RECOVERY_ACTION_NONE:
+                advice = RECOVERY_ACTION_NAMES.get(tracker.recovery_action, str(tracker.recovery_action))
+                for m in sticky:
+                    self._trackers[m].faults["advice"] = f"driver advises: {advice}"
+        else:
+            ready = now - last >= self._recovery.quiet_period
+        if ready:
+            for m in sticky:
+                t = self._trackers[m]
+                for kind in (*STICKY, "advice"):
+                    t.faults.pop(kind, None)
+            log.info("GPU %s: fault cleared, recovering %s", gpu, ", ".join(sticky))
+
+    # -- cordons ----------------------------------------------------------------------
+    def _load_cordons(self) -> None:
+        if self._cordon_store is None:
+            return
+        try:
+            self._cordons = self._cordon_store.load()
+        except CordonFileError as e:
+            # Keep the cordons we had: an unreadable file must not return devices to service.
+            log.error("%s; keeping the previous cordons", e)
+            return
+        unknown = set(self._cordons) - set(self._devices)
+        if unknown:
+            log.warning("cordons name devices this node does not have: %s", ", ".join(sorted(unknown)))
+
+    async def _watch_cordons(self) -> None:
+        assert self._cordon_store is not None
+        store_dir: Path = self._cordon_store.dir
+        watcher = DirWatcher(store_dir, create=True)
+        watcher.start()
+        try:
+            while True:
+                names = await watcher.next(timeout=30.0)
+                if not names or self._cordon_store.path.name in names or "" in names:
+                    self._load_cordons()
+                    await self._refresh()
+        finally:
+            watcher.close()

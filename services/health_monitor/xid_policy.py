@@ -6,18 +6,29 @@ leave the GPU healthy. DP_DISABLE_HEALTHCHECKS is "all" (no health checks at all
 DP_ENABLE_HEALTHCHECKS is a comma list of XIDs that count even if ignored, or "all"
 (every XID counts). An explicit enable wins over any disable. Malformed entries are
 ignored with a warning, as NVIDIA's plugin does.
+
+The config file's `health.xids` adds to that: `fatal` XIDs count like DP_ENABLE_HEALTHCHECKS,
+`ignored` ones like DP_DISABLE_HEALTHCHECKS, and `monitorOnly` XIDs are reported on the bus
+but leave the device schedulable (GKE's idea). Precedence, strongest first: the environment's
+enable, monitor-only, the file's fatal list, a disable of all XIDs, the ignore lists.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from common.settings import HealthConfig
 
 log = logging.getLogger(__name__)
 
 ENV_DISABLE = "DP_DISABLE_HEALTHCHECKS"
 ENV_ENABLE = "DP_ENABLE_HEALTHCHECKS"
+
+FATAL = "fatal"
+IGNORED = "ignored"
+MONITOR_ONLY = "monitor-only"
 
 # Application errors (NVIDIA XID catalogue): the GPU itself is fine.
 #  13 graphics engine exception, 31 GPU memory page fault, 43 GPU stopped processing,
@@ -32,15 +43,24 @@ class XidPolicy:
     all_xids_enabled: bool = False
     ignored: frozenset[int] = DEFAULT_IGNORED_XIDS
     enabled: frozenset[int] = frozenset()
+    monitor_only: frozenset[int] = frozenset()
+    config_fatal: frozenset[int] = frozenset()
+
+    def classify(self, xid: int) -> str:
+        if not self.checks_enabled:
+            return IGNORED
+        if self.all_xids_enabled or xid in self.enabled:
+            return FATAL
+        if xid in self.monitor_only:
+            return MONITOR_ONLY
+        if xid in self.config_fatal:
+            return FATAL
+        if self.all_xids_disabled or xid in self.ignored:
+            return IGNORED
+        return FATAL
 
     def is_fatal(self, xid: int) -> bool:
-        if not self.checks_enabled:
-            return False
-        if self.all_xids_enabled or xid in self.enabled:
-            return True
-        if self.all_xids_disabled:
-            return False
-        return xid not in self.ignored
+        return self.classify(xid) == FATAL
 
 
 def _parse(value: str, env: str) -> tuple[set[str], set[int]]:
@@ -59,13 +79,16 @@ def _parse(value: str, env: str) -> tuple[set[str], set[int]]:
     return words, xids
 
 
-def policy_from_env(environ: Mapping[str, str], extra_ignored: Iterable[int] = ()) -> XidPolicy:
+def policy_from_env(environ: Mapping[str, str], config: HealthConfig | None = None) -> XidPolicy:
+    config = config or HealthConfig()
     dis_words, dis_xids = _parse(environ.get(ENV_DISABLE, ""), ENV_DISABLE)
     en_words, en_xids = _parse(environ.get(ENV_ENABLE, ""), ENV_ENABLE)
     return XidPolicy(
         checks_enabled="all" not in dis_words,
         all_xids_disabled="xids" in dis_words,
         all_xids_enabled=bool(en_words),
-        ignored=DEFAULT_IGNORED_XIDS | dis_xids | frozenset(extra_ignored),
+        ignored=DEFAULT_IGNORED_XIDS | dis_xids | config.ignored_xids,
         enabled=frozenset(en_xids),
+        monitor_only=config.monitor_only_xids,
+        config_fatal=config.fatal_xids,
     )

@@ -6,10 +6,14 @@ import logging
 
 import pytest
 
+from common.settings import HealthConfig
 from services.health_monitor.xid_policy import (
     DEFAULT_IGNORED_XIDS,
     ENV_DISABLE,
     ENV_ENABLE,
+    FATAL,
+    IGNORED,
+    MONITOR_ONLY,
     XidPolicy,
     policy_from_env,
 )
@@ -72,12 +76,34 @@ def test_default_policy_matches_unset_environment() -> None:
     [((), 94, True), ((94,), 94, False), ((94,), 79, True), ((94, 31), 31, False)],
     ids=["none", "extra-94", "extra-keeps-79", "extra-overlaps-default"],
 )
-def test_extra_ignored(extra: tuple[int, ...], xid: int, fatal: bool) -> None:
-    assert policy_from_env({}, extra_ignored=extra).is_fatal(xid) is fatal
+def test_config_ignored(extra: tuple[int, ...], xid: int, fatal: bool) -> None:
+    config = HealthConfig(ignored_xids=frozenset(extra))
+    assert policy_from_env({}, config).is_fatal(xid) is fatal
 
 
-def test_extra_ignored_loses_to_enable() -> None:
-    assert policy_from_env({ENV_ENABLE: "94"}, extra_ignored=(94,)).is_fatal(94) is True
+def test_config_ignored_loses_to_enable() -> None:
+    assert policy_from_env({ENV_ENABLE: "94"}, HealthConfig(ignored_xids=frozenset({94}))).is_fatal(94) is True
+
+
+@pytest.mark.parametrize(
+    ("env", "config", "xid", "expected"),
+    [
+        ({}, HealthConfig(monitor_only_xids=frozenset({94})), 94, MONITOR_ONLY),
+        ({}, HealthConfig(monitor_only_xids=frozenset({94})), 79, FATAL),
+        ({}, HealthConfig(fatal_xids=frozenset({13})), 13, FATAL),
+        ({}, HealthConfig(fatal_xids=frozenset({13})), 31, IGNORED),
+        ({ENV_DISABLE: "xids"}, HealthConfig(fatal_xids=frozenset({48})), 48, FATAL),
+        ({ENV_DISABLE: "xids"}, HealthConfig(monitor_only_xids=frozenset({48})), 48, MONITOR_ONLY),
+        ({ENV_ENABLE: "94"}, HealthConfig(monitor_only_xids=frozenset({94})), 94, FATAL),
+        ({ENV_DISABLE: "all"}, HealthConfig(fatal_xids=frozenset({79})), 79, IGNORED),
+        ({ENV_DISABLE: "48"}, HealthConfig(fatal_xids=frozenset({48})), 48, FATAL),
+    ],
+    ids=["monitor-only", "monitor-only-other", "file-fatal-default-ignored", "file-fatal-other",
+         "file-fatal-beats-disable-xids", "monitor-only-under-disable-xids", "env-enable-beats-monitor-only",
+         "disable-all-beats-everything", "file-fatal-beats-env-disable-list"],
+)
+def test_config_file_xid_lists(env: dict[str, str], config: HealthConfig, xid: int, expected: str) -> None:
+    assert policy_from_env(env, config).classify(xid) == expected
 
 
 @pytest.mark.parametrize(
