@@ -55,6 +55,7 @@ class DeviceState:
     gpu_instance_id: int = -1
     compute_instance_id: int = -1
     profile: str = ""  # MIG profile, e.g. "1g.10gb"
+    mig_enabled: bool = False  # GPUs: MIG mode is on (its MIG devices are listed after it)
     cordoned: bool = False  # taken out of service by an operator (gpu-plugin cordon)
     xid_count: int = 0  # XIDs seen on this device since the monitor started, any class
     sbe_count: int = 0  # single-bit (corrected) ECC events

@@ -8,6 +8,7 @@ than dropped, because a device missing from the list is a device the kubelet for
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -74,7 +75,19 @@ def _describe(
         numa_node=backend.sysfs_numa_node(pci),
         memory_mb=backend.device_get_memory_total(handle) // (1024 * 1024),
     )
-    return gpu, _describe_migs(backend, handle, gpu, now)
+    migs = _describe_migs(backend, handle, gpu, now)
+    if migs or _mig_mode_on(backend, handle):
+        gpu = dataclasses.replace(gpu, mig_enabled=True)
+    return gpu, migs
+
+
+def _mig_mode_on(backend: NvmlBackend, handle: Handle) -> bool:
+    try:
+        return backend.device_get_mig_mode(handle)[0] == 1
+    except NvmlError as e:
+        if e.code == NVML_ERROR_GPU_IS_LOST:
+            raise
+        return False
 
 
 def _describe_migs(backend: NvmlBackend, handle: Handle, gpu: DeviceState, now: float) -> list[DeviceState]:

@@ -149,6 +149,7 @@ class HealthMonitor:
         self._stopping = threading.Event()
         self._probe_now = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._dbe_events: dict[str, int] = {}  # DBEs seen as events since the last probe
 
     # -- state ------------------------------------------------------------------------
     def devices(self) -> list[DeviceState]:
@@ -259,6 +260,9 @@ class HealthMonitor:
                 ", ".join(f"{d.index}={d.id}" for d in self._devices.values()),
             )
             self._load_cordons()
+            # A first probe before the first state: it finds GPUs that are already broken and
+            # sets the ECC baseline that later probes compare against.
+            await self._apply_probes(await asyncio.to_thread(self._probe_all))
             await self._refresh(force=True)
             event_set = await asyncio.to_thread(self._register_events)
             threading.Thread(target=self._wait_events, args=(event_set,), name="nvml-events", daemon=True).start()
@@ -362,6 +366,7 @@ class HealthMonitor:
         elif event.event_type & EVENT_DOUBLE_BIT_ECC:
             for t in targets:
                 self._count(t, dbe_count=1)
+                self._dbe_events[t] = self._dbe_events.get(t, 0) + 1
             await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC DBE"))
             if self._policy.checks_enabled and self._health.ecc_double_bit == "fatal":
                 self._add_fault(targets, "ecc", "ECC DBE")
@@ -432,9 +437,12 @@ class HealthMonitor:
                 tracker.faults.update(r.faults)
                 tracker.last_fault = now
             # A DBE the event channel missed (events unsupported) still counts.
-            if (r.dbe_total is not None and tracker.dbe_total is not None and r.dbe_total > tracker.dbe_total
-                    and self._health.ecc_double_bit == "fatal"):
-                self._add_fault([r.gpu], "ecc", "ECC DBE")
+            if r.dbe_total is not None and tracker.dbe_total is not None and r.dbe_total > tracker.dbe_total:
+                missed = r.dbe_total - tracker.dbe_total - self._dbe_events.pop(r.gpu, 0)
+                if missed > 0:
+                    self._count(r.gpu, dbe_count=missed)
+                    if self._health.ecc_double_bit == "fatal":
+                        self._add_fault([r.gpu], "ecc", "ECC DBE")
             if r.dbe_total is not None:
                 tracker.dbe_total = r.dbe_total
             tracker.recovery_action = r.recovery_action

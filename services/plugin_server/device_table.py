@@ -1,17 +1,30 @@
 """Device table: turns the health-monitor's state into the resources the kubelet sees,
 and wakes ListAndWatch streams when, and only when, a resource's list changes.
+
+MIG strategies, as NVIDIA's plugin names them:
+- none: every GPU is offered whole as nvidia.com/gpu, MIG-enabled or not. A GPU is
+  Unhealthy when it or any of its MIG devices is.
+- single: every GPU has MIG on with one profile; the MIG devices are nvidia.com/gpu. A
+  node with no MIG-enabled GPU serves its GPUs whole, as NVIDIA's plugin does.
+- mixed: GPUs without MIG are nvidia.com/gpu; each MIG profile is nvidia.com/mig-<profile>.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from common.bus.messages import HEALTHY, DeviceState, HealthState
+from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
+from common.lifecycle import FatalError
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import Settings
 
 GPU_RESOURCE = "nvidia.com/gpu"
+
+
+class MigConfigError(FatalError):
+    """The node's MIG layout does not fit the MIG strategy."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,12 @@ class PluginDevice:
     health: str
     numa_node: int | None
     device: DeviceState  # the physical (GPU or MIG) device behind the ID
+    parent: DeviceState | None = None  # MIG devices: their GPU
+
+    @property
+    def gpu_id(self) -> str:
+        """The physical GPU this ID lives on: what distributes and packs replicas and MIG devices."""
+        return self.parent.id if self.parent is not None else self.device.id
 
 
 def socket_name(resource: str) -> str:
@@ -29,14 +48,44 @@ def socket_name(resource: str) -> str:
     return "nvidia-" + resource.split("/", 1)[1] + ".sock"
 
 
+def _whole(gpu: DeviceState, migs: Iterable[DeviceState]) -> PluginDevice:
+    broken = [m for m in migs if m.health != HEALTHY]
+    health = UNHEALTHY if gpu.health != HEALTHY or broken else HEALTHY
+    return PluginDevice(gpu.id, health, gpu.numa_node, gpu)
+
+
+def _mig(mig: DeviceState, gpu: DeviceState) -> PluginDevice:
+    return PluginDevice(mig.id, mig.health, mig.numa_node, mig, parent=gpu)
+
+
 def build_resources(state: HealthState, settings: Settings) -> dict[str, list[PluginDevice]]:
     """Resource name -> its devices, per the MIG strategy."""
+    gpus = [d for d in state.devices if d.kind == "gpu"]
+    migs_of: dict[str, list[DeviceState]] = {g.id: [] for g in gpus}
+    for d in state.devices:
+        if d.kind == "mig" and d.parent in migs_of:
+            migs_of[d.parent].append(d)
+    by_id = {g.id: g for g in gpus}
     out: dict[str, list[PluginDevice]] = {}
-    for dev in state.devices:
-        if dev.kind != "gpu":
-            continue
-        # MIG strategy "none": every GPU is offered whole, MIG-enabled or not.
-        out.setdefault(GPU_RESOURCE, []).append(PluginDevice(dev.id, dev.health, dev.numa_node, dev))
+    strategy = settings.mig_strategy
+    if strategy == "single":
+        enabled = [g for g in gpus if g.mig_enabled]
+        if enabled:
+            if len(enabled) != len(gpus):
+                plain = ", ".join(g.index for g in gpus if not g.mig_enabled)
+                raise MigConfigError(f"MIG strategy single: all GPUs must have MIG enabled; GPU {plain} do not")
+            profiles = sorted({m.profile for ms in migs_of.values() for m in ms})
+            if len(profiles) > 1:
+                raise MigConfigError(f"MIG strategy single: all MIG devices must have one profile; found "
+                                     f"{', '.join(profiles)} (use the mixed strategy)")
+            out[GPU_RESOURCE] = [_mig(m, by_id[g.id]) for g in gpus for m in migs_of[g.id]]
+            return out
+    for g in gpus:
+        if strategy == "mixed" and g.mig_enabled:
+            for m in migs_of[g.id]:
+                out.setdefault(f"nvidia.com/mig-{m.profile}", []).append(_mig(m, g))
+        else:
+            out.setdefault(GPU_RESOURCE, []).append(_whole(g, migs_of[g.id]))
     return out
 
 
