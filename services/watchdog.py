@@ -25,3 +25,7 @@ def run() -> int:
             os.kill(os.getppid(), signal.SIGTERM)
             continue
         childutils.listener.ok(sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -35,6 +35,8 @@ def _matches(sim: KubeletSimulator, cond: dict[str, Any]) -> bool:
         return False
     if "allocatable" in cond and sum(1 for h in view.devices.values() if h == "Healthy") != cond["allocatable"]:
         return False
+    if "registrations" in cond and sum(1 for r in sim.registrations if r["ok"]) < cond["registrations"]:
+        return False
     return not ("capacity" in cond and len(view.devices) != cond["capacity"])
 
 

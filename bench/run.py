@@ -1,0 +1,213 @@
+"""`make bench`: the real stack under supervisord on the simulated 8-GPU box, measured from
+the kubelet simulator's side. Prints a table and writes bench/results/latest.json.
+
+Figures (p50/p99 where repeated):
+  cold start -> registered          supervisord start until the kubelet holds 8 healthy GPUs
+  fault -> Unhealthy at kubelet     `inject xid 79` sent until the kubelet's list shows it
+  kubelet restart -> back           simulator restart until it holds the resource again
+  kill -9 plugin-server -> back     SIGKILL until the kubelet holds 8 healthy GPUs again
+  Allocate, GetPreferredAllocation  a kubelet-like gRPC client on the plugin socket
+  memory                            PSS of supervisord and every child
+  idle CPU                          CPU time of each process over an idle window
+
+Usage: python bench/run.py [--injections 200] [--allocations 2000] [--idle 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.nvml.factory import SIM_CONTROL_SOCKET  # noqa: E402
+from common.nvml.simulated import FaultClient  # noqa: E402
+from common.pb.deviceplugin.v1beta1 import api_pb2 as pb  # noqa: E402
+from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc  # noqa: E402
+from services.devstack import PROGRAMS, RESOURCE, DevStack  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def pct(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {"n": len(samples), "p50": pct(samples, 50), "p99": pct(samples, 99), "max": max(samples),
+            "mean": statistics.fmean(samples)}
+
+
+def held(stack: DevStack, timeout: float = 30.0, **cond: Any) -> dict[str, Any]:
+    reply = stack.kubelet.wait(RESOURCE, timeout=timeout, **({"allocatable": 8, "connected": True} | cond))
+    if not reply["ok"]:
+        raise RuntimeError(f"condition {cond} not reached: {reply['state']}\n{stack.logs()}")
+    return reply
+
+
+def registrations(stack: DevStack) -> int:
+    return sum(1 for r in stack.kubelet.state()["registrations"] if r["ok"])
+
+
+def pids(stack: DevStack) -> dict[str, int]:
+    assert stack.supervisord is not None
+    out = {"supervisord": stack.supervisord.pid}
+    for p in (*PROGRAMS, "watchdog"):
+        out[p] = stack.pid(p)
+    return out
+
+
+def pss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def bench_faults(stack: DevStack, ids: list[str], n: int) -> list[float]:
+    faults = FaultClient(stack.run_dir / SIM_CONTROL_SOCKET)
+    out: list[float] = []
+    for i in range(n):
+        victim = ids[i % len(ids)]
+        t0 = time.time()
+        faults.send({"op": "xid", "uuid": victim, "xid": 79})
+        reply = stack.kubelet.wait(RESOURCE, device=victim, health="Unhealthy", timeout=10)
+        if not reply["ok"]:
+            raise RuntimeError(f"{victim} never turned Unhealthy")
+        out.append(reply["at"] - t0)
+        faults.send({"op": "recover", "uuid": victim})
+        stack.kubelet.wait(RESOURCE, device=victim, health="Healthy", timeout=10)
+    return out
+
+
+def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], dict[int, list[float]]]:
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        stub = pb_grpc.DevicePluginStub(channel)
+        alloc: list[float] = []
+        for i in range(n):
+            req = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=[ids[i % 8]])])
+            t0 = time.perf_counter()
+            stub.Allocate(req)
+            alloc.append(time.perf_counter() - t0)
+        preferred: dict[int, list[float]] = {}
+        for size in range(1, 9):
+            req2 = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
+                available_deviceIDs=ids, must_include_deviceIDs=[], allocation_size=size)])
+            samples = []
+            for _ in range(max(50, n // 10)):
+                t0 = time.perf_counter()
+                stub.GetPreferredAllocation(req2)
+                samples.append(time.perf_counter() - t0)
+            preferred[size] = samples
+    return alloc, preferred
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--injections", type=int, default=200)
+    ap.add_argument("--allocations", type=int, default=2000)
+    ap.add_argument("--restarts", type=int, default=20)
+    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
+    args = ap.parse_args()
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+
+    # Recovery after each injected fault waits for a probe: probe fast in this stack only.
+    stack = DevStack(fleet="dgx-h100-8", env={"HEALTH_PROBE_INTERVAL": "50ms"})
+    try:
+        t0 = time.time()
+        stack.start()
+        reply = held(stack, timeout=60)
+        results["cold_start_s"] = reply["at"] - t0
+        ids = list(reply["state"]["resources"][RESOURCE]["devices"])
+
+        results["fault_to_unhealthy_s"] = summary(bench_faults(stack, ids, args.injections))
+
+        restarts = []
+        for _ in range(args.restarts):
+            before = registrations(stack)
+            t0 = time.time()
+            stack.kubelet.restart()
+            reply = held(stack, registrations=before + 1)
+            restarts.append(reply["at"] - t0)
+            assert registrations(stack) == before + 1, "exactly one registration per kubelet restart"
+        results["kubelet_restart_to_back_s"] = summary(restarts)
+
+        kills = []
+        for _ in range(args.kills):
+            pid = stack.pid("plugin-server")
+            before = registrations(stack)
+            t0 = time.time()
+            os.kill(pid, signal.SIGKILL)
+            reply = held(stack, timeout=30, registrations=before + 1)
+            kills.append(reply["at"] - t0)
+        results["kill9_plugin_server_to_back_s"] = summary(kills)
+
+        alloc, preferred = bench_rpc(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
+        results["allocate_s"] = summary(alloc)
+        results["preferred_allocation_s"] = {str(k): summary(v) for k, v in preferred.items()}
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+    # Memory and idle CPU with the shipped defaults.
+    stack = DevStack(fleet="dgx-h100-8")
+    try:
+        stack.start()
+        held(stack, timeout=60)
+        stack.wait_running()
+        procs = pids(stack)
+        results["pss_kb"] = {name: pss_kb(pid) for name, pid in procs.items()}
+        results["pss_total_mb"] = sum(results["pss_kb"].values()) / 1024
+        before = {name: cpu_ticks(pid) for name, pid in procs.items()}
+        time.sleep(args.idle)  # the idle window being measured
+        after = {name: cpu_ticks(pid) for name, pid in procs.items()}
+        results["idle_window_s"] = args.idle
+        results["idle_cpu_percent"] = {
+            name: 100.0 * (after[name] - before[name]) / CLK_TCK / args.idle for name in procs
+        }
+        results["idle_cpu_percent_total"] = sum(results["idle_cpu_percent"].values())
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=1))
+    ms = 1000.0
+    print(f"{'figure':44} {'p50':>10} {'p99':>10}")
+    print(f"{'cold start -> registered (s)':44} {results['cold_start_s']:10.3f}")
+    for key, label in (("fault_to_unhealthy_s", "fault -> Unhealthy at kubelet (ms)"),
+                       ("kubelet_restart_to_back_s", "kubelet restart -> resource back (ms)"),
+                       ("kill9_plugin_server_to_back_s", "kill -9 plugin-server -> back (ms)"),
+                       ("allocate_s", "Allocate (ms)")):
+        r = results[key]
+        print(f"{label:44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}   (n={r['n']})")
+    for size, r in results["preferred_allocation_s"].items():
+        print(f"{'GetPreferredAllocation size ' + size + ' (ms)':44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}")
+    print(f"{'total PSS (MB)':44} {results['pss_total_mb']:10.1f}   " +
+          ", ".join(f"{k} {v / 1024:.1f}" for k, v in results["pss_kb"].items()))
+    print(f"{'idle CPU over ' + str(int(args.idle)) + ' s (% of one core)':44} "
+          f"{results['idle_cpu_percent_total']:10.3f}   " +
+          ", ".join(f"{k} {v:.3f}" for k, v in results["idle_cpu_percent"].items()))
+    print(f"written to {RESULTS / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
