@@ -29,11 +29,11 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.nvml.factory import SIM_CONTROL_SOCKET  # noqa: E402
-from common.nvml.simulated import FaultClient  # noqa: E402
-from common.pb.deviceplugin.v1beta1 import api_pb2 as pb  # noqa: E402
-from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc  # noqa: E402
-from services.devstack import PROGRAMS, RESOURCE, DevStack  # noqa: E402
+from common.nvml.factory import SIM_CONTROL_SOCKET
+from common.nvml.simulated import FaultClient
+from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
+from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from services.devstack import PROGRAMS, RESOURCE, DevStack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -16,7 +16,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ DEVICE_ID_STRATEGIES = ("uuid", "index")
 NVML_BACKENDS = ("real", "simulated")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RECOVERY_POLICIES = ("auto", "never")
+SHARED_ALLOCATION_POLICIES = ("distributed", "packed")
+DEFAULT_CDI_SPEC_DIR = "/var/run/cdi"
 ECC_POLICIES = ("fatal", "report")
 
 
@@ -130,6 +132,13 @@ SPECS: tuple[Spec, ...] = (
     Spec("device_id_strategy", ("--device-id-strategy",), "DEVICE_ID_STRATEGY",
          ("flags", "plugin", "deviceIDStrategy"), "uuid", _choice(DEVICE_ID_STRATEGIES),
          "how devices are named to the runtime"),
+    Spec("cdi_annotation_prefix", ("--cdi-annotation-prefix",), "CDI_ANNOTATION_PREFIX",
+         ("flags", "plugin", "cdiAnnotationPrefix"), "cdi.k8s.io/", _str, "prefix of the CDI annotation key"),
+    Spec("cdi_spec_dir", ("--cdi-spec-dir",), "CDI_SPEC_DIR", None, DEFAULT_CDI_SPEC_DIR, _str,
+         "where the CDI spec is written for the CDI strategies"),
+    Spec("shared_devices_allocation_policy", ("--shared-devices-allocation-policy",),
+         "SHARED_DEVICES_ALLOCATION_POLICY", ("flags", "plugin", "sharedDevicesAllocationPolicy"), "distributed",
+         _choice(SHARED_ALLOCATION_POLICIES), "preferred allocation of replicas and MIG devices"),
     Spec("kubelet_socket", ("--kubelet-socket",), "KUBELET_SOCKET", ("flags", "plugin", "kubeletSocket"),
          DEFAULT_KUBELET_SOCKET, _str, 'kubelet registration socket; "" = do not register'),
     Spec("device_plugin_dir", ("--device-plugin-dir",), "DEVICE_PLUGIN_DIR", None, None, _str,
@@ -214,6 +223,135 @@ def parse_health(section: Any) -> HealthConfig:
 
 
 @dataclass(frozen=True)
+class SharedResource:
+    """One entry of sharing.timeSlicing.resources (or sharing.mps.resources)."""
+
+    name: str  # nvidia.com/gpu or nvidia.com/mig-<profile>
+    rename: str  # "" = keep the name (or <name>.shared with renameByDefault)
+    replicas: int
+    devices: tuple[str, ...] | int | None  # None = all; N = the first N GPUs; or indices, "i:j", UUIDs
+
+
+@dataclass(frozen=True)
+class Sharing:
+    kind: str = ""  # "" (none), "timeSlicing" or "mps"
+    rename_by_default: bool = False
+    fail_requests_greater_than_one: bool = False
+    resources: tuple[SharedResource, ...] = ()
+
+    def for_resource(self, name: str) -> SharedResource | None:
+        return next((r for r in self.resources if r.name == name), None)
+
+    def served_name(self, res: SharedResource) -> str:
+        if res.rename:
+            return res.rename
+        return f"{res.name}.shared" if self.rename_by_default else res.name
+
+
+def _resource_name(value: Any, where: str) -> str:
+    text = _str(value, where)
+    if not text.startswith("nvidia.com/") or len(text) <= len("nvidia.com/"):
+        raise SettingsError(f"{where}: {text!r} is not a resource name of the form nvidia.com/<name>")
+    return text
+
+
+def parse_sharing(section: Any) -> Sharing:
+    """The v1 `sharing:` section, validated; NVIDIA's rules and wording where it has them."""
+    if section is None:
+        return Sharing()
+    if not isinstance(section, Mapping):
+        raise SettingsError("sharing: expected a mapping with timeSlicing or mps")
+    kinds = [k for k in ("timeSlicing", "mps") if section.get(k) is not None]
+    for key in section:
+        if key not in ("timeSlicing", "mps"):
+            log.warning("config file: unknown key sharing.%s (known: mps, timeSlicing)", key)
+    if len(kinds) > 1:
+        raise SettingsError("sharing: timeSlicing and mps are mutually exclusive; set one")
+    if not kinds:
+        return Sharing()
+    kind = kinds[0]
+    body = section[kind]
+    where = f"sharing.{kind}"
+    if not isinstance(body, Mapping):
+        raise SettingsError(f"{where}: expected a mapping")
+    for key in body:
+        if key not in ("renameByDefault", "failRequestsGreaterThanOne", "resources"):
+            log.warning("config file: unknown key %s.%s", where, key)
+    raw = body.get("resources")
+    if not isinstance(raw, list) or not raw:
+        raise SettingsError(f"{where}.resources: expected a non-empty list")
+    resources: list[SharedResource] = []
+    for i, item in enumerate(raw):
+        w = f"{where}.resources[{i}]"
+        if not isinstance(item, Mapping):
+            raise SettingsError(f"{w}: expected a mapping with name, replicas, devices")
+        for key in item:
+            if key not in ("name", "rename", "replicas", "devices"):
+                log.warning("config file: unknown key %s.%s", w, key)
+        name = _resource_name(item.get("name"), f"{w}.name")
+        replicas = item.get("replicas")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 2:
+            raise SettingsError(f"{w}.replicas: {replicas!r} must be an integer >= 2")
+        rename = _resource_name(item["rename"], f"{w}.rename") if item.get("rename") else ""
+        resources.append(SharedResource(name, rename, replicas, _devices(item.get("devices", "all"), f"{w}.devices")))
+        if [r.name for r in resources].count(name) > 1:
+            raise SettingsError(f"{w}.name: {name} is listed twice")
+    return Sharing(
+        kind=kind,
+        rename_by_default=_bool(body.get("renameByDefault", False), f"{where}.renameByDefault"),
+        fail_requests_greater_than_one=_bool(body.get("failRequestsGreaterThanOne", False),
+                                             f"{where}.failRequestsGreaterThanOne"),
+        resources=tuple(resources),
+    )
+
+
+def _devices(value: Any, where: str) -> tuple[str, ...] | int | None:
+    if value == "all":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise SettingsError(f"{where}: {value} must be at least 1")
+        return value
+    if isinstance(value, list) and value:
+        out: list[str] = []
+        for i, item in enumerate(value):
+            text = str(item)
+            if not (text.isdigit() or (text.count(":") == 1 and all(p.isdigit() for p in text.split(":")))
+                    or text.startswith(("GPU-", "MIG-"))):
+                raise SettingsError(f"{where}[{i}]: {item!r} is not a GPU index, \"i:j\" or a GPU/MIG UUID")
+            out.append(text)
+        return tuple(out)
+    raise SettingsError(f"{where}: {value!r} must be all, a number of GPUs, or a list of indices / \"i:j\" / UUIDs")
+
+
+# The v1 file's keys we know: anything else is warned about, never silently used.
+_KNOWN_FILE_KEYS: dict[str, Any] = {
+    "version": None,
+    "flags": {
+        "migStrategy": None, "failOnInitError": None, "nvidiaDriverRoot": None, "nvidiaDevRoot": None,
+        "gdsEnabled": None, "mofedEnabled": None, "useNodeFeatureAPI": None, "deviceDiscoveryStrategy": None,
+        "plugin": {"passDeviceSpecs": None, "deviceListStrategy": None, "deviceIDStrategy": None,
+                   "cdiAnnotationPrefix": None, "nvidiaCTKPath": None, "containerDriverRoot": None,
+                   "kubeletSocket": None, "sharedDevicesAllocationPolicy": None},
+        "gfd": None,
+    },
+    "resources": None,
+    "sharing": None,  # checked by parse_sharing
+    "health": None,  # checked by parse_health
+    "imex": None,
+}
+
+
+def _warn_unknown(tree: Mapping[str, Any], known: Mapping[str, Any], prefix: str = "") -> None:
+    for key, value in tree.items():
+        if key not in known:
+            log.warning("config file: unknown key %s%s is ignored (known: %s)", prefix, key,
+                        ", ".join(sorted(known)))
+        elif isinstance(known[key], Mapping) and isinstance(value, Mapping):
+            _warn_unknown(value, known[key], f"{prefix}{key}.")
+
+
+@dataclass(frozen=True)
 class Settings:
     config_file: str | None
     mig_strategy: str
@@ -234,6 +372,10 @@ class Settings:
     recovery_policy: str
     quiet_period: float
     health: HealthConfig
+    cdi_annotation_prefix: str = "cdi.k8s.io/"
+    cdi_spec_dir: Path = Path(DEFAULT_CDI_SPEC_DIR)
+    shared_devices_allocation_policy: str = "distributed"
+    sharing: Sharing = field(default_factory=lambda: Sharing())
 
     def bus_path(self, name: str) -> Path:
         return self.run_dir / name
@@ -305,4 +447,7 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
     values["run_dir"] = Path(values["run_dir"])
     values["state_dir"] = Path(values["state_dir"])
     values["health"] = parse_health(file_data.get("health"))
+    values["sharing"] = parse_sharing(file_data.get("sharing"))
+    values["cdi_spec_dir"] = Path(values["cdi_spec_dir"])
+    _warn_unknown(file_data, _KNOWN_FILE_KEYS)
     return Settings(**values)

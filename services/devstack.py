@@ -91,7 +91,8 @@ class DevStack:
         return out.stdout
 
     def pid(self, program: str) -> int:
-        return int(self.ctl("pid", program).strip() or 0)
+        out = self.ctl("pid", program, check=False).strip()  # exits 7 while the program is down
+        return int(out) if out.isdigit() else 0
 
     def wait_running(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -56,10 +56,21 @@ class DeviceState:
     compute_instance_id: int = -1
     profile: str = ""  # MIG profile, e.g. "1g.10gb"
     mig_enabled: bool = False  # GPUs: MIG mode is on (its MIG devices are listed after it)
+    caps: list[int] = field(default_factory=list)  # MIG devices: /dev/nvidia-caps/nvidia-cap<N> (GI, CI)
     cordoned: bool = False  # taken out of service by an operator (gpu-plugin cordon)
     xid_count: int = 0  # XIDs seen on this device since the monitor started, any class
     sbe_count: int = 0  # single-bit (corrected) ECC events
     dbe_count: int = 0  # double-bit (uncorrected) ECC events
+
+
+@dataclass(frozen=True)
+class PairLink:
+    """How two GPUs are connected, discovered once: what preferred allocation scores."""
+
+    a: str  # GPU UUID
+    b: str  # GPU UUID
+    nvlinks: int  # active NVLinks between them (directly or through NVSwitches)
+    level: int  # NVML topology level of their PCIe common ancestor (0 board .. 50 system); -1 unknown
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class HealthState(Message):
     error: str
     driver_version: str
     devices: list[DeviceState] = field(default_factory=list)
+    links: list[PairLink] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,7 @@ class PluginState(Message):
     health_incarnation: str  # the health-monitor state this is built from ("" = none yet)
     health_stale: bool
     endpoints: list[EndpointState] = field(default_factory=list)
+    bus_dropped: int = 0  # health-bus payloads rejected (malformed, unknown, wrong version)
 
 
 @dataclass(frozen=True)

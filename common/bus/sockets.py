@@ -15,6 +15,7 @@ over from a live owner, so the publisher first takes an exclusive flock next to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -29,6 +30,7 @@ import zmq.asyncio
 
 from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode
 from common.bus.messages import Message
+from common.fswatch import file_id
 from common.lifecycle import FatalError
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,32 @@ class BusPublisher:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._sock.setsockopt(zmq.SNDHWM, 10000)
-        self._sock.bind(ipc_address(path))
-        os.chmod(path, 0o600)
+        self._bound = ""
+        self._bind()
         self._states: dict[str, Message] = {}
         self.sent = 0
+
+    def _bind(self) -> None:
+        # We hold the lock: whatever socket file is there was left by a dead publisher.
+        self.path.unlink(missing_ok=True)
+        self._sock.bind(ipc_address(self.path))
+        os.chmod(self.path, 0o600)
+        self._bound = file_id(self.path)
+
+    def _ensure_bound(self) -> None:
+        """Re-binds when someone removed our socket file (or the whole run directory)."""
+        if file_id(self.path) == self._bound:
+            return
+        log.warning("bus socket %s was removed; binding it again", self.path)
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.unbind(ipc_address(self.path))
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.path.parent, 0o700)
+        if not self.path.with_name(self.path.name + ".lock").exists():
+            self._lock_file.close()
+            self._lock_file = self._take_lock(self.path)
+        self._bind()
 
     @staticmethod
     def _take_lock(path: Path) -> IO[bytes]:
@@ -102,12 +126,14 @@ class BusPublisher:
                 if frame[:1] == b"\x01":
                     await self._resend_states()
                 continue
+            self._ensure_bound()
             await self._resend_states()
             next_beat = time.monotonic() + self._heartbeat_s
 
     def close(self) -> None:
         self._sock.close(linger=0)
-        self.path.unlink(missing_ok=True)
+        if file_id(self.path) == self._bound:
+            self.path.unlink(missing_ok=True)
         self._lock_file.close()
 
 

@@ -46,8 +46,9 @@ def sysfs_pci_address(bus_id: str) -> str:
 class RealNvml:
     """NvmlBackend over the NVIDIA driver."""
 
-    def __init__(self, sysfs_root: str | Path = "/sys") -> None:
+    def __init__(self, sysfs_root: str | Path = "/sys", proc_root: str | Path = "/proc") -> None:
         self._sysfs_root = Path(sysfs_root)
+        self._proc_root = Path(proc_root)
         self._nvml: ModuleType | None = None
 
     # -- plumbing ---------------------------------------------------------------------
@@ -165,6 +166,19 @@ class RealNvml:
 
     def device_get_topology_common_ancestor(self, handle1: Handle, handle2: Handle) -> int:
         return self._typed(int, "nvmlDeviceGetTopologyCommonAncestor", handle1, handle2)
+
+    def mig_cap_minors(self, gpu_minor: int, gpu_instance_id: int, compute_instance_id: int) -> list[int]:
+        path = self._proc_root / "driver" / "nvidia-caps" / "mig-minors"
+        wanted = (f"gpu{gpu_minor}/gi{gpu_instance_id}/access",
+                  f"gpu{gpu_minor}/gi{gpu_instance_id}/ci{compute_instance_id}/access")
+        try:
+            table = dict(line.split()[:2] for line in path.read_text().splitlines() if len(line.split()) >= 2)
+        except OSError:
+            return []
+        try:
+            return [int(table[w]) for w in wanted]
+        except (KeyError, ValueError):
+            return []
 
     # -- probes -----------------------------------------------------------------------
     def device_get_remapped_rows(self, handle: Handle) -> tuple[int, int, bool, bool]:

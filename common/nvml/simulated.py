@@ -315,6 +315,12 @@ class SimulatedNvml:
             return NVML_TOPOLOGY_INTERNAL
         raise NvmlError(NVML_ERROR_NOT_SUPPORTED)
 
+    def mig_cap_minors(self, gpu_minor: int, gpu_instance_id: int, compute_instance_id: int) -> list[int]:
+        # The layout the driver gives /proc/driver/nvidia-caps/mig-minors: config 1, monitor 2,
+        # then per GPU 15 GPU instances, each an access node followed by 8 compute instances.
+        gi = 3 + gpu_minor * 15 * 9 + gpu_instance_id * 9
+        return [gi, gi + 1 + compute_instance_id]
+
     # -- probes -----------------------------------------------------------------------
     def device_get_remapped_rows(self, handle: Handle) -> tuple[int, int, bool, bool]:
         corr, unc, pending, failed = self._field(handle, "remapped_rows")

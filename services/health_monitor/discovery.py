@@ -12,10 +12,12 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState
+from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, PairLink
 from common.nvml.backend import (
+    NVLINK_STATE_ACTIVE,
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_NOT_FOUND,
+    NVML_NVLINK_MAX_LINKS,
     Handle,
     NvmlBackend,
     NvmlError,
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Inventory:
     devices: list[DeviceState] = field(default_factory=list)
+    links: list[PairLink] = field(default_factory=list)
     handles: dict[str, Handle] = field(default_factory=dict)  # GPU UUID -> handle
     children: dict[str, list[str]] = field(default_factory=dict)  # GPU UUID -> MIG UUIDs
 
@@ -55,7 +58,49 @@ def discover(backend: NvmlBackend, now: float) -> Inventory:
         inv.devices.append(gpu)
         inv.devices.extend(migs)
         inv.children[uuid] = [m.id for m in migs]
+    inv.links = discover_links(backend, inv)
     return inv
+
+
+def discover_links(backend: NvmlBackend, inv: Inventory) -> list[PairLink]:
+    """NVLink counts and PCIe common-ancestor levels of every GPU pair, asked once at start.
+
+    NVIDIA's plugin asks NVML on every GetPreferredAllocation (hundreds of ms per pair on
+    some systems); asking once here keeps the request path free of NVML. Links to an
+    NVSwitch connect a GPU to every other GPU on the switch fabric: such a pair counts the
+    smaller of their switch link counts. Any query the driver refuses leaves that part
+    unknown; preferred allocation then falls back on NUMA.
+    """
+    gpus = [d for d in inv.devices if d.kind == "gpu" and d.pci_bus_id]
+    by_bus = {d.pci_bus_id.lower(): d.id for d in gpus}
+    direct: dict[tuple[str, str], int] = {}
+    to_switch: dict[str, int] = {}
+    for d in gpus:
+        handle = inv.handles[d.id]
+        for link in range(NVML_NVLINK_MAX_LINKS):
+            try:
+                if backend.device_get_nvlink_state(handle, link) != NVLINK_STATE_ACTIVE:
+                    continue
+                remote = backend.device_get_nvlink_remote_pci_info(handle, link).bus_id.lower()
+            except NvmlError:
+                break  # no NVLink on this GPU, or past its last link
+            peer = by_bus.get(remote)
+            if peer is None:
+                to_switch[d.id] = to_switch.get(d.id, 0) + 1
+            elif d.id < peer:  # both ends report a direct link: count it from one
+                direct[(d.id, peer)] = direct.get((d.id, peer), 0) + 1
+    links: list[PairLink] = []
+    for i, a in enumerate(gpus):
+        for b in gpus[i + 1:]:
+            try:
+                level = backend.device_get_topology_common_ancestor(inv.handles[a.id], inv.handles[b.id])
+            except NvmlError:
+                level = -1
+            nvlinks = direct.get((min(a.id, b.id), max(a.id, b.id)), 0)
+            if to_switch.get(a.id) and to_switch.get(b.id):
+                nvlinks += min(to_switch[a.id], to_switch[b.id])
+            links.append(PairLink(a=a.id, b=b.id, nvlinks=nvlinks, level=level))
+    return links
 
 
 def _describe(
@@ -121,9 +166,10 @@ def _describe_migs(backend: NvmlBackend, handle: Handle, gpu: DeviceState, now: 
                 numa_node=gpu.numa_node,
                 memory_mb=backend.device_get_memory_total(mh) // (1024 * 1024),
                 parent=gpu.id,
-                gpu_instance_id=backend.device_get_gpu_instance_id(mh),
-                compute_instance_id=backend.device_get_compute_instance_id(mh),
+                gpu_instance_id=(gi := backend.device_get_gpu_instance_id(mh)),
+                compute_instance_id=(ci := backend.device_get_compute_instance_id(mh)),
                 profile=_mig_profile(name),
+                caps=backend.mig_cap_minors(gpu.minor, gi, ci),
             )
         )
     return migs

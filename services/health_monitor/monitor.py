@@ -166,6 +166,7 @@ class HealthMonitor:
                 error=self._error,
                 driver_version=self._driver,
                 devices=list(self._devices.values()),
+                links=self._inventory.links,
             )
         )
 

@@ -48,6 +48,12 @@ async def handle(sim: KubeletSimulator, cmd: dict[str, Any]) -> dict[str, Any]:
         ok = await sim.wait_for(lambda: _matches(sim, cmd), float(cmd.get("timeout", 10)))
         view = sim.resources.get(cmd["resource"])
         return {"ok": ok, "at": view.updated_at if view else 0.0, "state": sim.snapshot()}
+    if op == "configure":
+        if "refuse" in cmd:
+            sim.refuse = cmd["refuse"] or None
+        if "register_delay" in cmd:
+            sim.register_delay = float(cmd["register_delay"])
+        return {"ok": True}
     if op == "restart":
         await sim.restart()
         return {"ok": True}

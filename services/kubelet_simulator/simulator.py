@@ -92,6 +92,7 @@ class KubeletSimulator(pb_grpc.RegistrationServicer):
         self.disconnects = 0
         self.restarts = 0
         self.refuse: str | None = None  # when set, Register fails with this message
+        self.register_delay = 0.0  # a slow kubelet: seconds spent in Register before answering
         self._changed = asyncio.Condition()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -135,6 +136,8 @@ class KubeletSimulator(pb_grpc.RegistrationServicer):
         self.registrations.append(
             {"resource": request.resource_name, "endpoint": request.endpoint, "time": time.time(), "ok": False}
         )
+        if self.register_delay:
+            await asyncio.sleep(self.register_delay)  # simulated slowness, not a wait for a condition
         if self.refuse is not None:
             await context.abort(grpc.StatusCode.UNKNOWN, self.refuse)
         if request.version != API_VERSION:

@@ -3,23 +3,47 @@
 Validation comes first and names the offending IDs, with NVIDIA's wording, because an
 Allocate error fails the pod for good (UnexpectedAdmissionError) and the operator needs
 to know why.
+
+The answer matches NVIDIA's plugin (v0.20.0) for every device-list strategy:
+- envvar: NVIDIA_VISIBLE_DEVICES=<id>,<id>.
+- volume-mounts: NVIDIA_VISIBLE_DEVICES=/var/run/nvidia-container-devices and one /dev/null
+  mount per device; with envvar too it answers exactly as volume-mounts alone.
+- cdi-annotations / cdi-cri: the CDI names k8s.device-plugin.nvidia.com/gpu=<id> in one
+  annotation / in cdi_devices. With only CDI strategies there is no NVIDIA_VISIBLE_DEVICES
+  and no DeviceSpecs: the runtime takes everything from the CDI spec (see `cdi`).
+- pass_device_specs (with a non-CDI strategy): the GPU's /dev/nvidia<minor> and, for a MIG
+  device, its GI/CI capability nodes, host paths under the dev root.
+
+This is the gRPC hot path: no I/O, no NVML, nothing but dictionary look-ups.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import posixpath
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 
+from common.bus.messages import HEALTHY
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import Settings
 from services.plugin_server.device_table import PluginDevice
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 VOLUME_MOUNT_ROOT = "/var/run/nvidia-container-devices"
+CDI_KIND = "k8s.device-plugin.nvidia.com/gpu"
+CDI_ANNOTATION_NAME = "nvidia-device-plugin"
 MAX_REPORTED_IDS = 10  # keep error messages readable when a request is absurd
+
+_CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
 
 
 class AllocationError(ValueError):
     """The request cannot be honoured; the message is returned as INVALID_ARGUMENT."""
+
+
+def new_annotation_id() -> str:
+    """The random part of the CDI annotation key, one per container response (as NVIDIA's)."""
+    return str(uuid.uuid4())
 
 
 def _names(ids: Sequence[str]) -> str:
@@ -28,37 +52,98 @@ def _names(ids: Sequence[str]) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
-def validate(resource: str, ids: Sequence[str], devices: Mapping[str, PluginDevice]) -> None:
+def validate(
+    resource: str, ids: Sequence[str], devices: Mapping[str, PluginDevice], settings: Settings | None = None
+) -> None:
+    """Raises AllocationError for a request that must not be answered.
+
+    In order: no IDs, unknown IDs, duplicate IDs, unhealthy IDs, and (with
+    failRequestsGreaterThanOne) more than one time-sliced replica. `settings` None skips
+    the last check.
+    """
     prefix = f'invalid allocation request for "{resource}": invalid request'
     if not ids:
         raise AllocationError(f"{prefix}: no devices requested")
     unknown = [i for i in ids if i not in devices]
     if unknown:
         raise AllocationError(f"{prefix}: unknown device: {_names(unknown)}")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        duplicates: list[str] = []
+        for i in ids:
+            if i in seen and i not in duplicates:
+                duplicates.append(i)
+            seen.add(i)
+        raise AllocationError(f"{prefix}: duplicate device: {_names(duplicates)}")
+    unhealthy = [i for i in ids if devices[i].health != HEALTHY]
+    if unhealthy:
+        raise AllocationError(f"{prefix}: unhealthy device: {_names(unhealthy)}")
+    if (
+        settings is not None
+        and settings.sharing.fail_requests_greater_than_one
+        and len(ids) > 1
+        and any(devices[i].replica is not None for i in ids)
+    ):
+        raise AllocationError(f"{prefix}: maximum request size for shared resources is 1; found {len(ids)}")
 
 
 def runtime_ids(ids: Sequence[str], devices: Mapping[str, PluginDevice], id_strategy: str) -> list[str]:
-    """The names the container runtime gets: UUIDs or indices, replicas collapsed."""
-    out: list[str] = []
+    """The names the container runtime gets: UUIDs or indices ("N", "N:M"), replicas collapsed,
+    in the order of first appearance."""
+    out: dict[str, None] = {}
     for i in ids:
         dev = devices[i].device
-        name = dev.id if id_strategy == "uuid" else dev.index
-        if name not in out:
-            out.append(name)
-    return out
+        out[dev.id if id_strategy == "uuid" else dev.index] = None
+    return list(out)
+
+
+def host_path(root: str, path: str) -> str:
+    """`path` (absolute, inside the container) under the host's `root`, as Go's filepath.Join."""
+    return posixpath.normpath(posixpath.join("/", root.lstrip("/"), path.lstrip("/")))
+
+
+def device_specs(ids: Sequence[str], devices: Mapping[str, PluginDevice], dev_root: str) -> list[pb.DeviceSpec]:
+    """One /dev/nvidia<minor> per physical GPU, a MIG device's cap nodes after its GPU's; no duplicates."""
+    paths: dict[str, None] = {}
+    for i in ids:
+        pd = devices[i]
+        gpu = pd.parent if pd.parent is not None else pd.device
+        if gpu.minor >= 0:
+            paths[f"/dev/nvidia{gpu.minor}"] = None
+        if pd.device.kind == "mig":
+            for cap in pd.device.caps:
+                paths[f"/dev/nvidia-caps/nvidia-cap{cap}"] = None
+    return [pb.DeviceSpec(container_path=p, host_path=host_path(dev_root, p), permissions="rw") for p in paths]
 
 
 def container_response(
-    resource: str, ids: Sequence[str], devices: Mapping[str, PluginDevice], settings: Settings
+    resource: str,
+    ids: Sequence[str],
+    devices: Mapping[str, PluginDevice],
+    settings: Settings,
+    *,
+    annotation_id: Callable[[], str] = new_annotation_id,
 ) -> pb.ContainerAllocateResponse:
-    validate(resource, ids, devices)
+    validate(resource, ids, devices, settings)
     names = runtime_ids(ids, devices, settings.device_id_strategy)
     resp = pb.ContainerAllocateResponse()
     strategies = settings.device_list_strategy
+    if "cdi-annotations" in strategies or "cdi-cri" in strategies:
+        qualified = [f"{CDI_KIND}={name}" for name in names]
+        if "cdi-annotations" in strategies:
+            key = f"{settings.cdi_annotation_prefix}{CDI_ANNOTATION_NAME}_{annotation_id()}"
+            resp.annotations[key] = ",".join(qualified)
+        if "cdi-cri" in strategies:
+            resp.cdi_devices.extend(pb.CDIDevice(name=q) for q in qualified)
+    if _CDI_STRATEGIES.issuperset(strategies):
+        return resp  # only CDI: the runtime takes everything from the spec
     if "volume-mounts" in strategies:
         resp.envs[VISIBLE_DEVICES] = VOLUME_MOUNT_ROOT
-        for name in names:
-            resp.mounts.append(pb.Mount(container_path=f"{VOLUME_MOUNT_ROOT}/{name}", host_path="/dev/null"))
-    elif "envvar" in strategies:
+        resp.mounts.extend(
+            pb.Mount(container_path=f"{VOLUME_MOUNT_ROOT}/{name}", host_path="/dev/null") for name in names
+        )
+    else:  # envvar
         resp.envs[VISIBLE_DEVICES] = ",".join(names)
+    if settings.pass_device_specs:
+        resp.devices.extend(device_specs(ids, devices, settings.dev_root))
     return resp

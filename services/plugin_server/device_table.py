@@ -7,6 +7,12 @@ MIG strategies, as NVIDIA's plugin names them:
 - single: every GPU has MIG on with one profile; the MIG devices are nvidia.com/gpu. A
   node with no MIG-enabled GPU serves its GPUs whole, as NVIDIA's plugin does.
 - mixed: GPUs without MIG are nvidia.com/gpu; each MIG profile is nvidia.com/mig-<profile>.
+
+Time-slicing (sharing.timeSlicing) then replaces each selected device of a resource by
+`replicas` IDs "<UUID>::<n>", served under the resource's name, its rename, or
+"<name>.shared" with renameByDefault. A replica's health is always its device's: they are
+built from the same DeviceState on every update. Unlike NVIDIA's plugin, which ignores
+`devices` and replicates every GPU, the selection is honoured (said at start).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
 from common.lifecycle import FatalError
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
-from common.settings import Settings
+from common.settings import Settings, SharedResource
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -36,6 +42,7 @@ class PluginDevice:
     numa_node: int | None
     device: DeviceState  # the physical (GPU or MIG) device behind the ID
     parent: DeviceState | None = None  # MIG devices: their GPU
+    replica: int | None = None  # time-sliced replicas: n of "<UUID>::<n>"
 
     @property
     def gpu_id(self) -> str:
@@ -68,24 +75,51 @@ def build_resources(state: HealthState, settings: Settings) -> dict[str, list[Pl
     by_id = {g.id: g for g in gpus}
     out: dict[str, list[PluginDevice]] = {}
     strategy = settings.mig_strategy
-    if strategy == "single":
-        enabled = [g for g in gpus if g.mig_enabled]
-        if enabled:
-            if len(enabled) != len(gpus):
-                plain = ", ".join(g.index for g in gpus if not g.mig_enabled)
-                raise MigConfigError(f"MIG strategy single: all GPUs must have MIG enabled; GPU {plain} do not")
-            profiles = sorted({m.profile for ms in migs_of.values() for m in ms})
-            if len(profiles) > 1:
-                raise MigConfigError(f"MIG strategy single: all MIG devices must have one profile; found "
-                                     f"{', '.join(profiles)} (use the mixed strategy)")
-            out[GPU_RESOURCE] = [_mig(m, by_id[g.id]) for g in gpus for m in migs_of[g.id]]
-            return out
-    for g in gpus:
-        if strategy == "mixed" and g.mig_enabled:
-            for m in migs_of[g.id]:
-                out.setdefault(f"nvidia.com/mig-{m.profile}", []).append(_mig(m, g))
-        else:
-            out.setdefault(GPU_RESOURCE, []).append(_whole(g, migs_of[g.id]))
+    if strategy == "single" and any(g.mig_enabled for g in gpus):
+        if not all(g.mig_enabled for g in gpus):
+            plain = ", ".join(g.index for g in gpus if not g.mig_enabled)
+            raise MigConfigError(f"MIG strategy single: all GPUs must have MIG enabled; GPU {plain} do not")
+        profiles = sorted({m.profile for ms in migs_of.values() for m in ms})
+        if len(profiles) > 1:
+            raise MigConfigError(f"MIG strategy single: all MIG devices must have one profile; found "
+                                 f"{', '.join(profiles)} (use the mixed strategy)")
+        out[GPU_RESOURCE] = [_mig(m, by_id[g.id]) for g in gpus for m in migs_of[g.id]]
+    else:
+        for g in gpus:
+            if strategy == "mixed" and g.mig_enabled:
+                for m in migs_of[g.id]:
+                    out.setdefault(f"nvidia.com/mig-{m.profile}", []).append(_mig(m, g))
+            else:
+                out.setdefault(GPU_RESOURCE, []).append(_whole(g, migs_of[g.id]))
+    if settings.sharing.kind == "timeSlicing":
+        out = _time_slice(out, settings)
+    return out
+
+
+def _selected(dev: PluginDevice, position: int, res: SharedResource) -> bool:
+    if res.devices is None:
+        return True
+    if isinstance(res.devices, int):
+        return position < res.devices
+    return dev.device.index in res.devices or dev.device.id in res.devices
+
+
+def _time_slice(resources: dict[str, list[PluginDevice]], settings: Settings) -> dict[str, list[PluginDevice]]:
+    out: dict[str, list[PluginDevice]] = {}
+    for name, devices in resources.items():
+        res = settings.sharing.for_resource(name)
+        if res is None:
+            out.setdefault(name, []).extend(devices)
+            continue
+        served = settings.sharing.served_name(res)
+        for position, dev in enumerate(devices):
+            if not _selected(dev, position, res):
+                out.setdefault(name, []).append(dev)
+                continue
+            out.setdefault(served, []).extend(
+                PluginDevice(f"{dev.id}::{n}", dev.health, dev.numa_node, dev.device, dev.parent, replica=n)
+                for n in range(res.replicas)
+            )
     return out
 
 

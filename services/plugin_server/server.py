@@ -101,6 +101,7 @@ class PluginServer:
         self._stale = False
         self.endpoints: dict[str, Endpoint] = {}
         self._dirty = asyncio.Event()
+        self._health_sub: BusSubscriber | None = None
 
     # -- bus out ----------------------------------------------------------------------
     def streams_changed(self, _count: int) -> None:
@@ -126,15 +127,19 @@ class PluginServer:
                     health_incarnation=self._health.incarnation if self._health else "",
                     health_stale=self._stale,
                     endpoints=[ep.state() for ep in self.endpoints.values() if ep.socket_id],
+                    bus_dropped=self._health_sub.dropped if self._health_sub else 0,
                 )
             )
 
     # -- bus in -----------------------------------------------------------------------
     async def _consume_health(self) -> None:
-        sub = BusSubscriber([self._health_bus], topics=[HealthState.TOPIC])
+        sub = self._health_sub = BusSubscriber([self._health_bus], topics=[HealthState.TOPIC])
         try:
             while True:
+                dropped = sub.dropped
                 msg = await sub.recv_timeout(1.0)
+                if sub.dropped != dropped:
+                    self._dirty.set()
                 now = time.monotonic()
                 if isinstance(msg, HealthState):
                     self._health_seen_at = now

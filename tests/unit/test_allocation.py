@@ -79,7 +79,6 @@ ALLOCATIONS: list[tuple[str, dict[str, str], list[int], dict[str, str], list[str
     ("envvar-uuid-two", {"DEVICE_LIST_STRATEGY": "envvar"}, [0, 3],
      {"NVIDIA_VISIBLE_DEVICES": f"{UUIDS[0]},{UUIDS[3]}"}, []),
     ("envvar-uuid-order-kept", {}, [3, 1], {"NVIDIA_VISIBLE_DEVICES": f"{UUIDS[3]},{UUIDS[1]}"}, []),
-    ("envvar-uuid-duplicates", {}, [1, 1], {"NVIDIA_VISIBLE_DEVICES": UUIDS[1]}, []),
     ("envvar-index", {"DEVICE_ID_STRATEGY": "index"}, [0, 1], {"NVIDIA_VISIBLE_DEVICES": "0,1"}, []),
     ("envvar-index-one", {"DEVICE_ID_STRATEGY": "index"}, [3], {"NVIDIA_VISIBLE_DEVICES": "3"}, []),
     ("volume-mounts-uuid", {"DEVICE_LIST_STRATEGY": "volume-mounts"}, [0, 2],
@@ -116,7 +115,7 @@ def test_container_response(
 
 
 @pytest.mark.parametrize(
-    "requested", [[0], [0, 1, 2, 3], [2, 2, 0]], ids=["one", "all", "duplicates"]
+    "requested", [[0], [0, 1, 2, 3], [2, 0]], ids=["one", "all", "out-of-order"]
 )
 def test_envvar_plus_volume_mounts_answers_exactly_as_volume_mounts(requested: list[int]) -> None:
     ids = [UUIDS[i] for i in requested]
@@ -126,11 +125,26 @@ def test_envvar_plus_volume_mounts_answers_exactly_as_volume_mounts(requested: l
     assert both.SerializeToString(deterministic=True) == alone.SerializeToString(deterministic=True)
 
 
-def test_unhealthy_device_can_still_be_allocated_when_the_kubelet_asks() -> None:
-    # The kubelet only hands out healthy devices; Allocate trusts its list rather than racing it.
+def test_unhealthy_device_is_refused_and_named() -> None:
+    # The kubelet hands out only devices it saw healthy; one that turned unhealthy since is refused
+    # with its name rather than handed to a container that would fail on it.
     devices = {**DEVICES, UUIDS[0]: PluginDevice(UUIDS[0], UNHEALTHY, 0, _gpu(0, UNHEALTHY))}
-    resp = container_response(GPU_RESOURCE, [UUIDS[0]], devices, _settings())
-    assert dict(resp.envs) == {"NVIDIA_VISIBLE_DEVICES": UUIDS[0]}
+    with pytest.raises(AllocationError) as err:
+        container_response(GPU_RESOURCE, [UUIDS[1], UUIDS[0]], devices, _settings())
+    assert str(err.value) == (
+        f'invalid allocation request for "nvidia.com/gpu": invalid request: unhealthy device: {UUIDS[0]}'
+    )
+    assert dict(container_response(GPU_RESOURCE, [UUIDS[1]], devices, _settings()).envs) == {
+        "NVIDIA_VISIBLE_DEVICES": UUIDS[1]
+    }
+
+
+def test_duplicate_ids_are_refused() -> None:
+    with pytest.raises(AllocationError) as err:
+        container_response(GPU_RESOURCE, [UUIDS[1], UUIDS[1]], DEVICES, _settings())
+    assert str(err.value) == (
+        f'invalid allocation request for "nvidia.com/gpu": invalid request: duplicate device: {UUIDS[1]}'
+    )
 
 
 UNKNOWN: list[tuple[str, str, list[str], str]] = [
