@@ -48,18 +48,19 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return q[49], q[98]
 
 
-def timed(fn: Callable[[], object], calls: int) -> list[float]:
+def timed(fn: Callable[..., object], inputs: list[tuple[object, ...]]) -> list[float]:
+    """Seconds per call of fn(*args), one call per input (inputs drawn before timing)."""
     out = []
-    for _ in range(calls):
+    for args in inputs:
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         out.append(time.perf_counter() - t0)
     return out
 
 
 def bench_box(name: str, n: int, island: int, calls: int, rnd: random.Random) -> None:
     gpus, links = box(n, island)
-    builds = timed(lambda: Topology(gpus, links), max(20, calls // 50))
+    builds = timed(Topology, [(gpus, links)] * max(20, calls // 50))
     topo = Topology(gpus, links)
     b50, b99 = percentiles(builds)
     print(f"\n{name}: Topology build p50 {b50 * 1e3:.2f} ms, p99 {b99 * 1e3:.2f} ms "
@@ -68,22 +69,13 @@ def bench_box(name: str, n: int, island: int, calls: int, rnd: random.Random) ->
     ids = list(topo.ids)
     worst = 0.0
     for size in range(1, n + 1):
-        ordered = timed(lambda s=size: preferred_gpus(topo, ids, [], s), calls)
-        # Random inputs are drawn before timing; each call takes the next one.
-        shuffles = [rnd.sample(ids, n) for _ in range(calls)]
-        it = iter(shuffles)
-        shuffled = timed(lambda s=size: preferred_gpus(topo, next(it), [], s), calls)
-        busy_inputs = []
+        ordered = timed(preferred_gpus, [(topo, ids, [], size)] * calls)
+        shuffled = timed(preferred_gpus, [(topo, rnd.sample(ids, n), [], size) for _ in range(calls)])
+        busy_inputs: list[tuple[object, ...]] = []
         for _ in range(calls):
             free = rnd.sample(ids, max(1, 3 * n // 4))
-            busy_inputs.append((free, free[:1]))
-        bt = iter(busy_inputs)
-
-        def busy_call(s: int = size) -> object:
-            free, must = next(bt)
-            return preferred_gpus(topo, free, must, s)
-
-        busy = timed(busy_call, calls)
+            busy_inputs.append((topo, free, free[:1], size))
+        busy = timed(preferred_gpus, busy_inputs)
         cells = []
         for samples in (ordered, shuffled, busy):
             p50, p99 = percentiles(samples)

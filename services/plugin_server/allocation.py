@@ -32,7 +32,8 @@ VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 VOLUME_MOUNT_ROOT = "/var/run/nvidia-container-devices"
 CDI_KIND = "k8s.device-plugin.nvidia.com/gpu"
 CDI_ANNOTATION_NAME = "nvidia-device-plugin"
-MAX_REPORTED_IDS = 10  # keep error messages readable when a request is absurd
+MAX_REPORTED_IDS = 10
+MAX_ID_CHARS = 128  # keep error messages readable when a request is absurd
 
 _CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
 
@@ -46,8 +47,13 @@ def new_annotation_id() -> str:
     return str(uuid.uuid4())
 
 
+def _clip(device_id: str) -> str:
+    # An error travels in gRPC trailing metadata (16 KiB at most): an absurd ID is shortened.
+    return device_id if len(device_id) <= MAX_ID_CHARS else device_id[:MAX_ID_CHARS] + "..."
+
+
 def _names(ids: Sequence[str]) -> str:
-    shown = ", ".join(ids[:MAX_REPORTED_IDS])
+    shown = ", ".join(_clip(i) for i in ids[:MAX_REPORTED_IDS])
     more = len(ids) - MAX_REPORTED_IDS
     return shown + (f" (and {more} more)" if more > 0 else "")
 

@@ -110,6 +110,8 @@ class Topology:
         self.exact: bool = n <= MAX_EXACT
         self._w: tuple[tuple[int, ...], ...] = tuple(tuple(row) for row in w)
         self._full = (1 << n) - 1
+        # Every pair scores the same (e.g. no topology known): every set of a size ties.
+        self._uniform = len({w[i][j] for i in range(n) for j in range(i + 1, n)}) <= 1
         self._scores = array("q")  # subset mask -> total pair score
         self._by_size: list[array[int]] = []  # popcount -> masks, best score first, ties by GPU order
         if self.exact:
@@ -227,6 +229,9 @@ def _best_known(topo: Topology, must_mask: int, known: list[int], room: int, enu
     bits = [1 << i for i in known]
     if room <= 0 or room >= len(bits):
         mask = must_mask | sum(bits[: max(room, 0)])
+        return scores[mask], mask
+    if topo._uniform:
+        mask = must_mask | sum(bits[:room])  # all tie: the first listed
         return scores[mask], mask
     if comb(len(bits), room) <= enum_limit:
         # combinations() yields in `available` order and max() keeps the first best.

@@ -17,6 +17,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -25,6 +26,7 @@ from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
+from services.plugin_server import cdi
 from services.plugin_server.device_table import ResourceTable, build_resources, socket_name
 from services.plugin_server.servicer import DevicePluginServicer, plugin_options
 
@@ -102,6 +104,8 @@ class PluginServer:
         self.endpoints: dict[str, Endpoint] = {}
         self._dirty = asyncio.Event()
         self._health_sub: BusSubscriber | None = None
+        self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
+        self._cdi_spec: dict[str, Any] | None = None
 
     # -- bus out ----------------------------------------------------------------------
     def streams_changed(self, _count: int) -> None:
@@ -163,6 +167,12 @@ class PluginServer:
         if old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
             return  # a heartbeat
         resources = build_resources(state, self.settings)
+        if self._cdi:
+            spec = cdi.build_spec([d for d in state.devices if d.kind in ("gpu", "mig")], self.settings)
+            if spec != self._cdi_spec:
+                path = cdi.write_spec(self.settings.cdi_spec_dir, spec)
+                self._cdi_spec = spec
+                log.info("CDI spec written to %s (%d devices)", path, len(spec["devices"]))
         for name, devices in resources.items():
             ep = self.endpoints.get(name)
             if ep is None:
@@ -197,7 +207,23 @@ class PluginServer:
         finally:
             watcher.close()
 
+    def _announce_settings(self) -> None:
+        s = self.settings
+        log.info("MIG strategy %s; device list strategy %s; device ID strategy %s; passDeviceSpecs %s",
+                 s.mig_strategy, ",".join(s.device_list_strategy), s.device_id_strategy, s.pass_device_specs)
+        if s.sharing.kind == "mps":
+            log.warning("sharing.mps is configured and valid, but MPS is not served yet: the devices are "
+                        "offered without sharing")
+        for res in s.sharing.resources if s.sharing.kind == "timeSlicing" else ():
+            chosen = "all devices" if res.devices is None else f"devices {res.devices}"
+            log.info("time-slicing %s: %d replicas of %s as %s (NVIDIA's plugin ignores a device selection "
+                     "and replicates all; here it is honoured)", res.name, res.replicas, chosen,
+                     s.sharing.served_name(res))
+        if self._cdi:
+            cdi.check_driver_files(s)
+
     async def run(self, stop: asyncio.Event) -> None:
+        self._announce_settings()
         self.settings.device_plugin_dir.mkdir(parents=True, exist_ok=True)
         self._dirty.set()
         tasks = [
@@ -217,5 +243,7 @@ class PluginServer:
                 t.cancel()
             for ep in self.endpoints.values():
                 await ep.stop(grace=0.5)
+            if self._cdi_spec is not None:
+                cdi.remove_spec(self.settings.cdi_spec_dir)
             log.info("plugin-server stopped; sockets removed")
 

@@ -392,3 +392,19 @@ def test_shared_well_formed(available: list[str], must: list[str], size: int, po
     if size > 0:
         assert len(got) == max(min(size, len(universe)), len(must_d))
     assert preferred_shared(REP, available, must, size, policy) == got
+
+
+def test_uniform_topology_ties_to_available_order() -> None:
+    rnd = random.Random(7)
+    blind = Topology([gpu(i, None) for i in range(16)], [])  # nothing known: every pair 0
+    one_numa = Topology([gpu(i, 0) for i in range(16)], [])  # every pair 20
+    ids = list(blind.ids)
+    for _ in range(20):
+        available = rnd.sample(ids, rnd.randint(1, 16))
+        size = rnd.randint(1, 16)
+        for topo in (blind, one_numa):
+            assert preferred_gpus(topo, available, [], size) == available[:size]
+            assert preferred_gpus(topo, available, [], size, enum_limit=0) == available[:size]
+    assert preferred_gpus(blind, ["X", "G0", "G1"], [], 2) == ["X", "G0"]
+    assert preferred_gpus(one_numa, ["X", "G0", "G1"], [], 2) == ["G0", "G1"]
+    assert preferred_gpus(one_numa, ["X", "G0", "G1"], ["G5"], 2) == ["G5", "G0"]

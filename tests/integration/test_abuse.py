@@ -1,0 +1,218 @@
+"""Bad input, churn and bus abuse against a live plugin-server: every request gets a clear
+gRPC status (or, for preferred allocation, a usable answer), and the server keeps serving."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.bus.codec import MAX_PAYLOAD, encode
+from common.bus.messages import UNHEALTHY, HealthState, PluginState
+from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
+from tests.conftest import Procs, wait_until
+from tests.integration.busclient import BusWatch
+from tests.integration.fakes import FakeHealthMonitor, PluginClient, gpus
+
+
+@dataclasses.dataclass
+class Server:
+    run: Path
+    sock: Path
+    health: FakeHealthMonitor
+    client: PluginClient
+    proc: object
+
+    @property
+    def ids(self) -> list[str]:
+        return [d.id for d in self.health.devices]
+
+    def alive(self) -> bool:
+        resp = self.client.stub.Allocate(pb.AllocateRequest(container_requests=[
+            pb.ContainerAllocateRequest(devices_ids=self.ids[:1])]), timeout=5)
+        return bool(resp.container_responses[0].envs)
+
+
+@pytest.fixture
+def server(procs: Procs, short_tmp: Path) -> Iterator[Server]:
+    run, dp = short_tmp / "run", short_tmp / "dp"
+    health = FakeHealthMonitor(run, gpus(8))
+    proc = procs.start("ps", "plugin-server", env={"GPU_PLUGIN_RUN_DIR": str(run),
+                                                   "KUBELET_SOCKET": str(dp / "kubelet.sock")})
+    sock = dp / "nvidia-gpu.sock"
+    wait_until(sock.exists, 15, "the plugin socket")
+    s = Server(run, sock, health, PluginClient(sock), proc)
+    wait_until(s.alive, 10, "the server answering")
+    yield s
+    s.client.close()
+    s.health.close()
+    assert proc.poll() is None, "the plugin-server survived everything"  # type: ignore[attr-defined]
+
+
+ids_strategy = st.lists(st.one_of(st.text(max_size=300), st.sampled_from(["GPU-00000000-0000-0000-0000-000000000000"])),
+                        max_size=50)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=ids_strategy)
+def test_allocate_bad_ids_get_a_clear_status(server: Server, ids: list[str]) -> None:
+    req = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=ids)])
+    valid = bool(ids) and set(ids) <= set(server.ids) and len(set(ids)) == len(ids)
+    if valid:
+        assert server.client.stub.Allocate(req, timeout=5).container_responses
+        return
+    with pytest.raises(grpc.RpcError) as err:
+        server.client.stub.Allocate(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith('invalid allocation request for "nvidia.com/gpu"')
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [[], ["GPU-nope"], None, ["x" * 100_000], ["ГПУ-устройство", "🙂"], [str(i) for i in range(10_000)]],
+    ids=["empty", "unknown", "duplicates", "very-long", "non-ascii", "ten-thousand"],
+)
+def test_allocate_edge_cases(server: Server, ids: list[str] | None) -> None:
+    ids = [server.ids[0], server.ids[0]] if ids is None else ids
+    with pytest.raises(grpc.RpcError) as err:
+        server.client.stub.Allocate(pb.AllocateRequest(container_requests=[
+            pb.ContainerAllocateRequest(devices_ids=ids)]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(err.value.details()) < 2000, "the message stays readable"
+    assert server.alive()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.integers(min_value=-(2**31), max_value=2**31 - 1),
+       avail=st.lists(st.integers(0, 7), unique=True), must=st.lists(st.integers(0, 9), unique=True, max_size=3))
+def test_preferred_allocation_always_answers_usably(server: Server, size: int, avail: list[int], must: list[int]) -> None:
+    names = [*server.ids, "GPU-unknown-a", "GPU-unknown-b"]
+    available = [names[i] for i in avail]
+    must_include = [names[i] for i in must]
+    resp = server.client.stub.GetPreferredAllocation(pb.PreferredAllocationRequest(container_requests=[
+        pb.ContainerPreferredAllocationRequest(available_deviceIDs=available, must_include_deviceIDs=must_include,
+                                               allocation_size=size)]), timeout=5)
+    chosen = list(resp.container_responses[0].deviceIDs)
+    assert chosen[: len(must_include)] == must_include, "must_include always honoured, first"
+    assert set(chosen) <= set(available) | set(must_include)
+    assert len(chosen) == len(set(chosen))
+    if size > 0:
+        assert len(chosen) == max(len(must_include), min(size, len(set(available) | set(must_include))))
+
+
+def test_list_and_watch_churn_and_two_streams(server: Server) -> None:
+    for _ in range(50):
+        c = PluginClient(server.sock)
+        c.watch()
+        assert len(c.next_update().devices) == 8
+        c.close()
+    a, b = PluginClient(server.sock), PluginClient(server.sock)
+    try:
+        a.watch()
+        b.watch()
+        assert len(a.next_update().devices) == len(b.next_update().devices) == 8
+        devs = list(server.health.devices)
+        devs[3] = dataclasses.replace(devs[3], health=UNHEALTHY)
+        server.health.publish(devs)
+        for c in (a, b):
+            assert [d.health for d in c.next_update().devices].count("Unhealthy") == 1
+    finally:
+        a.close()
+        b.close()
+    with BusWatch(server.run / "plugin.sock", ("plugin.state",)) as w:
+        w.wait(lambda m: isinstance(m, PluginState) and m.endpoints and m.endpoints[0].streams == 0)
+
+
+def test_concurrent_allocates_while_a_device_flaps(server: Server) -> None:
+    stop = threading.Event()
+    flapper = server.ids[2]
+
+    def flap() -> None:
+        healthy = list(server.health.devices)
+        broken = [dataclasses.replace(d, health=UNHEALTHY) if d.id == flapper else d for d in healthy]
+        while not stop.is_set():
+            server.health.publish(broken)
+            server.health.publish(healthy)
+
+    t = threading.Thread(target=flap)
+    t.start()
+    try:
+        def call(i: int) -> str:
+            ids = [server.ids[i % 8]]
+            try:
+                server.client.stub.Allocate(pb.AllocateRequest(container_requests=[
+                    pb.ContainerAllocateRequest(devices_ids=ids)]), timeout=10)
+                return "ok"
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and ids[0] == flapper, e.details()
+                return "unhealthy"
+
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(call, range(640)))
+    finally:
+        stop.set()
+        t.join()
+    assert results.count("ok") >= 640 - 80, "only the flapping device may be refused"
+    assert server.alive()
+
+
+def test_bus_abuse_is_dropped_and_counted(server: Server) -> None:
+    server.health.close()  # a rogue process takes the health endpoint (bypassing the lock, as an attacker would)
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.PUB)
+    rogue.setsockopt(zmq.LINGER, 0)
+    (server.run / "health.sock").unlink(missing_ok=True)
+    rogue.bind(f"ipc://{server.run / 'health.sock'}")
+    good = HealthState(incarnation="x", seq=1, sent_at=0.0, nvml_ok=True, error="", driver_version="", devices=[])
+    topic, payload = encode(good)
+    frames = [
+        [topic, os.urandom(64)],
+        [topic, payload[: len(payload) // 2]],
+        [topic, msgpack.packb({**msgpack.unpackb(payload), "v": 99})],
+        [topic, msgpack.packb({"v": 1, "seq": "not a number"})],
+        [b"\xff\xfe", payload],
+        [topic],
+        [topic, payload, b"extra"],
+        [topic, b"\x00" * (MAX_PAYLOAD + 10)],
+    ]
+    try:
+        def dropped() -> int:
+            with BusWatch(server.run / "plugin.sock", ("plugin.state",)) as w:
+                msg = w.wait(lambda m: isinstance(m, PluginState))
+            assert isinstance(msg, PluginState)
+            return msg.bus_dropped
+
+        def flood() -> bool:
+            for f in frames:
+                rogue.send_multipart(f)
+            return dropped() >= 7
+
+        wait_until(flood, 15, "the plugin-server counting dropped payloads")
+    finally:
+        rogue.close(0)
+    assert server.alive()
+    c = PluginClient(server.sock)
+    try:
+        c.watch()
+        assert len(c.next_update().devices) == 8, "the last good state is intact"
+    finally:
+        c.close()
+    # Junk sent *into* the plugin-server's own XPUB socket is harmless too.
+    xsub = ctx.socket(zmq.XSUB)
+    xsub.setsockopt(zmq.LINGER, 0)
+    xsub.connect(f"ipc://{server.run / 'plugin.sock'}")
+    for junk in (b"", b"\x02garbage", os.urandom(1000), b"\x01" + os.urandom(100)):
+        xsub.send(junk)
+    xsub.close(0)
+    server.health = FakeHealthMonitor(server.run, server.health.devices)
+    assert server.alive()
