@@ -95,7 +95,9 @@ def test_allocate_edge_cases(server: Server, ids: list[str] | None) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(size=st.integers(min_value=-(2**31), max_value=2**31 - 1),
        avail=st.lists(st.integers(0, 7), unique=True), must=st.lists(st.integers(0, 9), unique=True, max_size=3))
-def test_preferred_allocation_always_answers_usably(server: Server, size: int, avail: list[int], must: list[int]) -> None:
+def test_preferred_allocation_always_answers_usably(
+    server: Server, size: int, avail: list[int], must: list[int]
+) -> None:
     names = [*server.ids, "GPU-unknown-a", "GPU-unknown-b"]
     available = [names[i] for i in avail]
     must_include = [names[i] for i in must]
