@@ -25,6 +25,7 @@ from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
 from common.lifecycle import FatalError
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import Settings, SharedResource
+from services.plugin_server.preferred import Topology
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -131,6 +132,8 @@ class ResourceTable:
         self.version = 0
         self.devices: dict[str, PluginDevice] = {}
         self.response = pb.ListAndWatchResponse()
+        self.topology = Topology([], [])
+        self.shared = False  # replicas or MIG devices: preferred allocation spreads or packs them
         self._changed = asyncio.Condition()
 
     @property
@@ -149,6 +152,7 @@ class ResourceTable:
             ]
         )
         self.devices = {d.id: d for d in devices}
+        self.shared = any(d.replica is not None or d.parent is not None for d in devices)
         if response == self.response:
             return False
         self.response = response

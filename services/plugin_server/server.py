@@ -28,6 +28,7 @@ from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
 from services.plugin_server import cdi
 from services.plugin_server.device_table import ResourceTable, build_resources, socket_name
+from services.plugin_server.preferred import Topology
 from services.plugin_server.servicer import DevicePluginServicer, plugin_options
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class PluginServer:
         self.endpoints: dict[str, Endpoint] = {}
         self._dirty = asyncio.Event()
         self._health_sub: BusSubscriber | None = None
+        self._topology = Topology([], [])
         self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
         self._cdi_spec: dict[str, Any] | None = None
 
@@ -167,6 +169,10 @@ class PluginServer:
         if old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
             return  # a heartbeat
         resources = build_resources(state, self.settings)
+        gpus = [d for d in state.devices if d.kind == "gpu"]
+        if old is None or old.links != state.links or [d.id for d in old.devices] != [d.id for d in state.devices]:
+            # Built when the topology changes, never per request (16 GPUs: ~50 ms).
+            self._topology = Topology(gpus, state.links)
         if self._cdi:
             spec = cdi.build_spec([d for d in state.devices if d.kind in ("gpu", "mig")], self.settings)
             if spec != self._cdi_spec:
@@ -177,6 +183,7 @@ class PluginServer:
             ep = self.endpoints.get(name)
             if ep is None:
                 ep = self.endpoints[name] = Endpoint(self, ResourceTable(name))
+            ep.table.topology = self._topology
             changed = await ep.table.update(devices)
             if not ep.alive():
                 await ep.start()

@@ -12,6 +12,7 @@ from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
 from services.plugin_server.allocation import AllocationError, container_response
 from services.plugin_server.device_table import ResourceTable
+from services.plugin_server.preferred import preferred_gpus, preferred_shared
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,19 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.PreferredAllocationRequest, context: grpc.aio.ServicerContext
     ) -> pb.PreferredAllocationResponse:
         resp = pb.PreferredAllocationResponse()
+        table = self._table
         for req in request.container_requests:
-            ids = preferred(list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size)
+            available, must, size = list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size
+            try:
+                if table.shared:
+                    ids = preferred_shared(table.devices, available, must, size,
+                                           self._settings.shared_devices_allocation_policy)
+                else:
+                    ids = preferred_gpus(table.topology, available, must, size)
+            except Exception:
+                # An error here fails the pod's admission: a plain answer is always better.
+                log.exception("preferred allocation failed; answering in request order")
+                ids = preferred(available, must, size)
             resp.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=ids))
         return resp
 
