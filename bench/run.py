@@ -96,7 +96,7 @@ def bench_faults(stack: DevStack, ids: list[str], n: int) -> list[float]:
     return out
 
 
-def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], dict[int, list[float]]]:
+def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], list[float], dict[int, list[float]]]:
     with grpc.insecure_channel(f"unix:{socket}") as channel:
         stub = pb_grpc.DevicePluginStub(channel)
         alloc: list[float] = []
@@ -105,6 +105,11 @@ def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], dict[i
             t0 = time.perf_counter()
             stub.Allocate(req)
             alloc.append(time.perf_counter() - t0)
+        noop: list[float] = []  # the floor: a gRPC round trip that does nothing
+        for _ in range(n):
+            t0 = time.perf_counter()
+            stub.PreStartContainer(pb.PreStartContainerRequest())
+            noop.append(time.perf_counter() - t0)
         preferred: dict[int, list[float]] = {}
         for size in range(1, 9):
             req2 = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
@@ -115,7 +120,7 @@ def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], dict[i
                 stub.GetPreferredAllocation(req2)
                 samples.append(time.perf_counter() - t0)
             preferred[size] = samples
-    return alloc, preferred
+    return alloc, noop, preferred
 
 
 def main() -> int:
@@ -159,8 +164,9 @@ def main() -> int:
             kills.append(reply["at"] - t0)
         results["kill9_plugin_server_to_back_s"] = summary(kills)
 
-        alloc, preferred = bench_rpc(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
+        alloc, noop, preferred = bench_rpc(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
         results["allocate_s"] = summary(alloc)
+        results["noop_rpc_s"] = summary(noop)
         results["preferred_allocation_s"] = {str(k): summary(v) for k, v in preferred.items()}
     finally:
         stack.stop()
@@ -195,7 +201,8 @@ def main() -> int:
     for key, label in (("fault_to_unhealthy_s", "fault -> Unhealthy at kubelet (ms)"),
                        ("kubelet_restart_to_back_s", "kubelet restart -> resource back (ms)"),
                        ("kill9_plugin_server_to_back_s", "kill -9 plugin-server -> back (ms)"),
-                       ("allocate_s", "Allocate (ms)")):
+                       ("allocate_s", "Allocate (ms)"),
+                       ("noop_rpc_s", "PreStartContainer, a no-op: the floor (ms)")):
         r = results[key]
         print(f"{label:44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}   (n={r['n']})")
     for size, r in results["preferred_allocation_s"].items():

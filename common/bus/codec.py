@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -28,9 +29,33 @@ class BusDecodeError(ValueError):
 
 
 def encode(msg: Message) -> tuple[bytes, bytes]:
-    body = dataclasses.asdict(msg)
+    body = _to_wire(msg)
     body["v"] = SCHEMA_VERSION
     return msg.TOPIC.encode("ascii"), msgpack.packb(body, use_bin_type=True)
+
+
+@functools.cache
+def _plan(cls: type) -> tuple[tuple[str, bool], ...]:
+    """(field, holds dataclasses) per field: only those need walking."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name]) or (hints[f.name],)
+        out.append((f.name, any(dataclasses.is_dataclass(a) for a in args)))
+    return tuple(out)
+
+
+def _to_wire(obj: Any) -> dict[str, Any]:
+    # dataclasses.asdict deep-copies every value; a state goes out on every change and
+    # heartbeat, so build the plain dict directly, walking only the nested fields.
+    out: dict[str, Any] = {}
+    cls: type = obj.__class__
+    for name, nested in _plan(cls):
+        value = getattr(obj, name)
+        if nested:
+            value = [_to_wire(v) for v in value] if isinstance(value, list) else _to_wire(value)
+        out[name] = value
+    return out
 
 
 def decode(topic: bytes, payload: bytes) -> Message:
@@ -57,13 +82,16 @@ def decode(topic: bytes, payload: bytes) -> Message:
     return msg
 
 
+Checker = Callable[[Any, str], Any]
+
+
 @functools.cache
-def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+def _fields(cls: type) -> tuple[tuple[str, Checker, bool], ...]:
     hints = typing.get_type_hints(cls)
     return tuple(
         (
             f.name,
-            hints[f.name],
+            _checker(hints[f.name]),
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
         )
         for f in dataclasses.fields(cls)
@@ -74,40 +102,65 @@ def _build(cls: type, body: Any, where: str) -> Any:
     if not isinstance(body, dict):
         raise BusDecodeError(f"{where}: expected a map")
     kwargs: dict[str, Any] = {}
-    for name, hint, required in _fields(cls):
+    for name, check, required in _fields(cls):
         if name not in body:
             if required:
                 raise BusDecodeError(f"{where}: missing field {name!r}")
             continue
-        kwargs[name] = _check(hint, body[name], f"{where}.{name}")
-    return cls(**kwargs)
+        kwargs[name] = check(body[name], f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - every field was checked above
+        raise BusDecodeError(f"{where}: {e}") from e
 
 
-def _check(hint: Any, value: Any, where: str) -> Any:
+def _checker(hint: Any) -> Checker:
+    """A validating converter for one type hint, built once per field (decoding is hot)."""
     origin = typing.get_origin(hint)
     if origin is types.UnionType or origin is typing.Union:
         args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _check(inner, value, where)
+        check = _checker(inner)
+
+        def optional(value: Any, where: str) -> Any:
+            return None if value is None else check(value, where)
+
+        return optional
     if origin is list:
-        if not isinstance(value, list):
-            raise BusDecodeError(f"{where}: expected a list")
         (inner,) = typing.get_args(hint)
-        return [_check(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        item = _checker(inner)
+
+        def checked_list(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise BusDecodeError(f"{where}: expected a list")
+            return [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+        return checked_list
     if dataclasses.is_dataclass(hint):
-        return _build(typing.cast(type, hint), value, where)
+        cls = typing.cast(type, hint)
+        return lambda value, where: _build(cls, value, where)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise BusDecodeError(f"{where}: expected a number")
-        return float(value)
+
+        def number(value: Any, where: str) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise BusDecodeError(f"{where}: expected a number")
+            return float(value)
+
+        return number
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise BusDecodeError(f"{where}: expected an integer")
-        return value
+
+        def integer(value: Any, where: str) -> int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BusDecodeError(f"{where}: expected an integer")
+            return value
+
+        return integer
     if hint in (str, bool):
-        if not isinstance(value, hint):
-            raise BusDecodeError(f"{where}: expected {hint.__name__}")
-        return value
-    raise BusDecodeError(f"{where}: unsupported field type {hint!r}")
+
+        def exact(value: Any, where: str) -> Any:
+            if not isinstance(value, hint):
+                raise BusDecodeError(f"{where}: expected {hint.__name__}")
+            return value
+
+        return exact
+    raise TypeError(f"unsupported field type {hint!r} in a bus message")
