@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from common.bus.codec import MAX_PAYLOAD, encode
 from common.bus.messages import UNHEALTHY, HealthState, PluginState
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
+from services.devstack import RESOURCE, DevStack
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.fakes import FakeHealthMonitor, PluginClient, gpus
@@ -27,36 +28,93 @@ from tests.integration.fakes import FakeHealthMonitor, PluginClient, gpus
 
 @dataclasses.dataclass
 class Server:
+    """A plugin-server under test, alone (fed by a test-side health publisher) or under
+    supervisord with the rest of the stack (fed by the simulated health-monitor)."""
+
     run: Path
     sock: Path
-    health: FakeHealthMonitor
+    ids: list[str]
     client: PluginClient
-    proc: object
-
-    @property
-    def ids(self) -> list[str]:
-        return [d.id for d in self.health.devices]
 
     def alive(self) -> bool:
         resp = self.client.stub.Allocate(pb.AllocateRequest(container_requests=[
             pb.ContainerAllocateRequest(devices_ids=self.ids[:1])]), timeout=5)
         return bool(resp.container_responses[0].envs)
 
+    def set_health(self, device: str, healthy: bool) -> None:
+        raise NotImplementedError
 
-@pytest.fixture
-def server(procs: Procs, short_tmp: Path) -> Iterator[Server]:
-    run, dp = short_tmp / "run", short_tmp / "dp"
-    health = FakeHealthMonitor(run, gpus(8))
-    proc = procs.start("ps", "plugin-server", env={"GPU_PLUGIN_RUN_DIR": str(run),
-                                                   "KUBELET_SOCKET": str(dp / "kubelet.sock")})
-    sock = dp / "nvidia-gpu.sock"
-    wait_until(sock.exists, 15, "the plugin socket")
-    s = Server(run, sock, health, PluginClient(sock), proc)
-    wait_until(s.alive, 10, "the server answering")
-    yield s
-    s.client.close()
-    s.health.close()
-    assert proc.poll() is None, "the plugin-server survived everything"  # type: ignore[attr-defined]
+    def release_health_bus(self) -> None:
+        """Stops the real health publisher, so that a rogue one can bind its endpoint."""
+        raise NotImplementedError
+
+    def restore_health_bus(self) -> None:
+        raise NotImplementedError
+
+
+class AloneServer(Server):
+    def __init__(self, run: Path, sock: Path, health: FakeHealthMonitor) -> None:
+        super().__init__(run, sock, [d.id for d in health.devices], PluginClient(sock))
+        self.health = health
+        self.healthy = list(health.devices)
+
+    def set_health(self, device: str, healthy: bool) -> None:
+        self.health.publish([d if healthy or d.id != device else dataclasses.replace(d, health=UNHEALTHY)
+                             for d in self.healthy])
+
+    def release_health_bus(self) -> None:
+        self.health.close()
+
+    def restore_health_bus(self) -> None:
+        self.health = FakeHealthMonitor(self.run, self.healthy)
+
+
+class SupervisedServer(Server):
+    def __init__(self, stack: DevStack) -> None:
+        state = stack.kubelet.wait(RESOURCE, allocatable=8, connected=True, timeout=30)
+        assert state["ok"], stack.logs()
+        sock = stack.dp_dir / "nvidia-gpu.sock"
+        super().__init__(stack.run_dir, sock, list(state["state"]["resources"][RESOURCE]["devices"]),
+                         PluginClient(sock))
+        self.stack = stack
+
+    def set_health(self, device: str, healthy: bool) -> None:
+        self.stack.inject("recover" if healthy else "lost", device)
+
+    def release_health_bus(self) -> None:
+        self.stack.ctl("stop", "health-monitor")
+
+    def restore_health_bus(self) -> None:
+        self.stack.ctl("start", "health-monitor")
+
+
+@pytest.fixture(params=["alone", pytest.param("supervised", marks=pytest.mark.e2e)])
+def server(request: pytest.FixtureRequest, procs: Procs, short_tmp: Path) -> Iterator[Server]:
+    if request.param == "alone":
+        run, dp = short_tmp / "run", short_tmp / "dp"
+        health = FakeHealthMonitor(run, gpus(8))
+        proc = procs.start("ps", "plugin-server", env={"GPU_PLUGIN_RUN_DIR": str(run),
+                                                       "KUBELET_SOCKET": str(dp / "kubelet.sock")})
+        sock = dp / "nvidia-gpu.sock"
+        wait_until(sock.exists, 15, "the plugin socket")
+        alone = AloneServer(run, sock, health)
+        wait_until(alone.alive, 10, "the server answering")
+        yield alone
+        alone.client.close()
+        alone.health.close()
+        assert proc.poll() is None, "the plugin-server survived everything"
+        return
+    stack = DevStack(fleet="dgx-h100-8")
+    stack.start()
+    try:
+        supervised = SupervisedServer(stack)
+        pid = stack.pid("plugin-server")
+        yield supervised
+        supervised.client.close()
+        assert stack.pid("plugin-server") == pid, "the plugin-server survived everything"
+    finally:
+        stack.stop()
+        stack.cleanup()
 
 
 ids_strategy = st.lists(st.one_of(st.text(max_size=300), st.sampled_from(["GPU-00000000-0000-0000-0000-000000000000"])),
@@ -112,7 +170,15 @@ def test_preferred_allocation_always_answers_usably(
         assert len(chosen) == max(len(must_include), min(size, len(set(available) | set(must_include))))
 
 
+def _streams(server: Server) -> int:
+    with BusWatch(server.run / "plugin.sock", ("plugin.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, PluginState) and bool(m.endpoints))
+    assert isinstance(msg, PluginState)
+    return msg.endpoints[0].streams
+
+
 def test_list_and_watch_churn_and_two_streams(server: Server) -> None:
+    baseline = _streams(server)  # the kubelet's own stream, under supervisord
     for _ in range(50):
         c = PluginClient(server.sock)
         c.watch()
@@ -123,16 +189,14 @@ def test_list_and_watch_churn_and_two_streams(server: Server) -> None:
         a.watch()
         b.watch()
         assert len(a.next_update().devices) == len(b.next_update().devices) == 8
-        devs = list(server.health.devices)
-        devs[3] = dataclasses.replace(devs[3], health=UNHEALTHY)
-        server.health.publish(devs)
+        server.set_health(server.ids[3], False)
         for c in (a, b):
-            assert [d.health for d in c.next_update().devices].count("Unhealthy") == 1
+            wait_until(lambda c=c: [d.health for d in c.next_update().devices].count("Unhealthy") == 1, 10,
+                       "the change on both streams")
     finally:
         a.close()
         b.close()
-    with BusWatch(server.run / "plugin.sock", ("plugin.state",)) as w:
-        w.wait(lambda m: isinstance(m, PluginState) and m.endpoints and m.endpoints[0].streams == 0)
+    wait_until(lambda: _streams(server) == baseline, 10, "closed streams counted out")
 
 
 def test_concurrent_allocates_while_a_device_flaps(server: Server) -> None:
@@ -140,11 +204,9 @@ def test_concurrent_allocates_while_a_device_flaps(server: Server) -> None:
     flapper = server.ids[2]
 
     def flap() -> None:
-        healthy = list(server.health.devices)
-        broken = [dataclasses.replace(d, health=UNHEALTHY) if d.id == flapper else d for d in healthy]
         while not stop.is_set():
-            server.health.publish(broken)
-            server.health.publish(healthy)
+            server.set_health(flapper, False)
+            server.set_health(flapper, True)
 
     t = threading.Thread(target=flap)
     t.start()
@@ -169,7 +231,7 @@ def test_concurrent_allocates_while_a_device_flaps(server: Server) -> None:
 
 
 def test_bus_abuse_is_dropped_and_counted(server: Server) -> None:
-    server.health.close()  # a rogue process takes the health endpoint (bypassing the lock, as an attacker would)
+    server.release_health_bus()  # a rogue process takes the endpoint (bypassing the lock, as an attacker would)
     ctx = zmq.Context.instance()
     rogue = ctx.socket(zmq.PUB)
     rogue.setsockopt(zmq.LINGER, 0)
@@ -216,5 +278,5 @@ def test_bus_abuse_is_dropped_and_counted(server: Server) -> None:
     for junk in (b"", b"\x02garbage", os.urandom(1000), b"\x01" + os.urandom(100)):
         xsub.send(junk)
     xsub.close(0)
-    server.health = FakeHealthMonitor(server.run, server.health.devices)
+    server.restore_health_bus()
     assert server.alive()
