@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,6 +173,22 @@ def main() -> int:
         stack.stop()
         stack.cleanup()
 
+    # Allocate and preferred allocation on 8 GPUs x 16 time-sliced replicas.
+    config = RESULTS.parent / "replicas16.yaml"
+    stack = DevStack(fleet="dgx-h100-8", env={"CONFIG_FILE": str(config)})
+    try:
+        stack.start()
+        reply = stack.kubelet.wait(RESOURCE, capacity=128, allocatable=128, connected=True, timeout=60)
+        if not reply["ok"]:
+            raise RuntimeError(f"128 replicas not served: {reply['state']}")
+        replicas = list(reply["state"]["resources"][RESOURCE]["devices"])
+        alloc, _, shared = bench_rpc(stack.dp_dir / "nvidia-gpu.sock", replicas, args.allocations)
+        results["allocate_replicas_8x16_s"] = summary(alloc)
+        results["preferred_replicas_8x16_s"] = {str(k): summary(v) for k, v in shared.items()}
+    finally:
+        stack.stop()
+        stack.cleanup()
+
     # Memory and idle CPU with the shipped defaults.
     stack = DevStack(fleet="dgx-h100-8")
     try:
@@ -202,18 +219,22 @@ def main() -> int:
                        ("kubelet_restart_to_back_s", "kubelet restart -> resource back (ms)"),
                        ("kill9_plugin_server_to_back_s", "kill -9 plugin-server -> back (ms)"),
                        ("allocate_s", "Allocate (ms)"),
+                       ("allocate_replicas_8x16_s", "Allocate, 8 GPUs x 16 replicas (ms)"),
                        ("noop_rpc_s", "PreStartContainer, a no-op: the floor (ms)")):
         r = results[key]
         print(f"{label:44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}   (n={r['n']})")
     for size, r in results["preferred_allocation_s"].items():
         print(f"{'GetPreferredAllocation size ' + size + ' (ms)':44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}")
+    r = results["preferred_replicas_8x16_s"]["4"]
+    print(f"{'GetPreferredAllocation 4 of 128 replicas (ms)':44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}")
     print(f"{'total PSS (MB)':44} {results['pss_total_mb']:10.1f}   " +
           ", ".join(f"{k} {v / 1024:.1f}" for k, v in results["pss_kb"].items()))
     print(f"{'idle CPU over ' + str(int(args.idle)) + ' s (% of one core)':44} "
           f"{results['idle_cpu_percent_total']:10.3f}   " +
           ", ".join(f"{k} {v:.3f}" for k, v in results["idle_cpu_percent"].items()))
     print(f"written to {RESULTS / 'latest.json'}")
-    return 0
+    print("\npreferred allocation alone (bench/preferred.py), 8 and 16 GPUs:", flush=True)
+    return subprocess.call([sys.executable, str(Path(__file__).resolve().parent / "preferred.py")])
 
 
 if __name__ == "__main__":
