@@ -97,6 +97,16 @@ def _duration(value: Any, where: str) -> float:
     return seconds
 
 
+def _port(value: Any, where: str) -> int:
+    try:
+        port = int(str(value))
+    except ValueError:
+        raise SettingsError(f"{where}: {value!r} is not a port number (0-65535)") from None
+    if isinstance(value, bool) or not 0 <= port <= 65535:
+        raise SettingsError(f"{where}: {value!r} is not a port number (0-65535)")
+    return port
+
+
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise SettingsError(f"{where}: {value!r} is not a string")
@@ -150,6 +160,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("simulated_devices", ("--simulated-devices",), "SIMULATED_DEVICES", None, "dgx-h100-8", _str,
          "simulated backend: fleet name (h200, dgx-h100-8, dgx-h100-8-mig) or description file"),
     Spec("log_level", ("--log-level",), "LOG_LEVEL", None, "info", _choice(LOG_LEVELS), "log level"),
+    Spec("metrics_port", ("--metrics-port",), "METRICS_PORT", ("health", "metricsPort"), 0, _port,
+         "health-monitor: serve Prometheus metrics on this TCP port (0: off, no listener)"),
     Spec("state_dir", ("--state-dir",), "GPU_PLUGIN_STATE_DIR", None, DEFAULT_STATE_DIR, _str,
          "state that must survive restarts (cordons); regular files under the device-plugin dir survive "
          "kubelet restarts and, being on its hostPath, pod restarts"),
@@ -174,7 +186,7 @@ class HealthConfig:
     ecc_double_bit: str = "fatal"
 
 
-_HEALTH_KEYS = {"probeInterval", "recovery", "xids", "ecc"}
+_HEALTH_KEYS = {"probeInterval", "recovery", "xids", "ecc", "metricsPort"}
 
 
 def _xid_list(value: Any, where: str) -> frozenset[int]:
@@ -367,6 +379,7 @@ class Settings:
     nvml_backend: str
     simulated_devices: str
     log_level: str
+    metrics_port: int
     state_dir: Path
     probe_interval: float
     recovery_policy: str

@@ -14,6 +14,7 @@ from common.lifecycle import ensure_private_dir, run_service
 from common.nvml.backend import NvmlError
 from common.nvml.factory import make_backend
 from common.settings import Settings
+from services.health_monitor.metrics import HealthMetrics
 from services.health_monitor.monitor import HealthMonitor, RecoveryPolicy
 from services.health_monitor.xid_policy import policy_from_env
 
@@ -31,6 +32,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             recovery=RecoveryPolicy(settings.recovery_policy, settings.probe_interval, settings.quiet_period),
             health=settings.health,
             cordons=CordonStore(settings.state_dir),
+            metrics=HealthMetrics(settings.metrics_port) if settings.metrics_port else None,
         )
         await monitor.run(stop)
     finally:

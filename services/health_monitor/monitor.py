@@ -59,6 +59,7 @@ from common.nvml.backend import (
 )
 from common.settings import HealthConfig
 from services.health_monitor.discovery import Inventory, discover
+from services.health_monitor.metrics import HealthMetrics
 from services.health_monitor.xid_policy import FATAL, XidPolicy
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,64 @@ class Tracker:
     dbe_total: int | None = None
 
 
+def register_events(nvml: NvmlBackend, handles: dict[str, Handle]) -> tuple[Handle, dict[str, str]]:
+    """A new event set with XID and ECC events of every GPU that supports them.
+
+    Returns the set and, per GPU, "" or why registration failed. NOT_SUPPORTED (and a GPU
+    already lost) is not a fault of the event channel: the GPU stays healthy, and probes
+    watch it, as NVIDIA's plugin leaves such a GPU alone.
+    """
+    event_set = nvml.event_set_create()
+    outcome: dict[str, str] = {}
+    for gpu_uuid, handle in handles.items():
+        try:
+            supported = nvml.device_get_supported_event_types(handle)
+            nvml.device_register_events(handle, EVENT_MASK & supported, event_set)
+            outcome[gpu_uuid] = ""
+        except NvmlError as e:
+            if e.code not in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_GPU_IS_LOST):
+                raise
+            outcome[gpu_uuid] = str(e)
+            log.warning("GPU %s: event registration failed (%s); relying on probes", gpu_uuid, e)
+    return event_set, outcome
+
+
+def probe_gpu(nvml: NvmlBackend, gpu: str, handle: Handle) -> Probe:
+    """One probe of one GPU: does it answer, and does it need a reset? Blocking NVML calls."""
+    result = Probe(gpu)
+
+    def optional(call: Callable[[], object]) -> object | None:
+        """A query the GPU may not support: None then. GPU_IS_LOST propagates."""
+        try:
+            return call()
+        except NvmlError as e:
+            if e.code == NVML_ERROR_NOT_SUPPORTED:
+                return None
+            raise
+
+    try:
+        nvml.device_get_pci_info(handle)  # does the GPU still answer?
+        rows = optional(lambda: nvml.device_get_remapped_rows(handle))
+        if isinstance(rows, tuple):
+            _corr, _unc, pending, failed = rows
+            if failed:
+                result.faults["remap"] = "row-remap failure"
+            elif pending:
+                result.faults["remap"] = "row remap pending (GPU reset needed)"
+        if optional(lambda: nvml.device_get_retired_pages_pending_status(handle)):
+            result.faults["retired"] = "retired pages pending (GPU reset needed)"
+        action = optional(lambda: nvml.device_get_recovery_action(handle))
+        result.recovery_action = action if isinstance(action, int) else None
+        dbe = optional(lambda: nvml.device_get_total_ecc_errors(handle, MEMORY_ERROR_UNCORRECTED))
+        result.dbe_total = dbe if isinstance(dbe, int) else None
+    except NvmlError as e:
+        if e.code == NVML_ERROR_GPU_IS_LOST:
+            result.faults["lost"] = "GPU lost"
+        else:
+            result.faults["probe"] = f"probe failed: {e}"
+    return result
+
+
 class HealthMonitor:
     def __init__(
         self,
@@ -127,8 +186,10 @@ class HealthMonitor:
         recovery: RecoveryPolicy | None = None,
         health: HealthConfig | None = None,
         cordons: CordonStore | None = None,
+        metrics: HealthMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._metrics = metrics
         self._nvml = backend
         self._pub = publisher
         self._policy = policy
@@ -156,6 +217,8 @@ class HealthMonitor:
         return list(self._devices.values())
 
     async def _publish_state(self) -> None:
+        if self._metrics is not None:
+            self._metrics.devices(list(self._devices.values()))
         self._seq += 1
         await self._pub.publish(
             HealthState(
@@ -201,6 +264,8 @@ class HealthMonitor:
             changed = True
             if health != old.health:
                 log.warning("device %s: %s -> %s (%s)", dev_id, old.health, health, reason)
+                if self._metrics is not None:
+                    self._metrics.transition(dev_id, health)
                 await self._pub.publish(HealthEvent(time=now, device=dev_id, event="transition",
                                                     old=old.health, new=health, reason=reason))
         if changed or force:
@@ -283,16 +348,7 @@ class HealthMonitor:
 
     # -- events -----------------------------------------------------------------------
     def _register_events(self) -> Handle:
-        event_set = self._nvml.event_set_create()
-        for gpu_uuid, handle in self._inventory.handles.items():
-            try:
-                supported = self._nvml.device_get_supported_event_types(handle)
-                self._nvml.device_register_events(handle, EVENT_MASK & supported, event_set)
-            except NvmlError as e:
-                if e.code not in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_GPU_IS_LOST):
-                    raise
-                # As NVIDIA's plugin: not a fault of the GPU; it stays healthy and probes watch it.
-                log.warning("GPU %s: event registration failed (%s); relying on probes", gpu_uuid, e)
+        event_set, _ = register_events(self._nvml, self._inventory.handles)
         return event_set
 
     def _wait_events(self, event_set: Handle) -> None:
@@ -361,6 +417,8 @@ class HealthMonitor:
                         event.gpu_instance_id, event.compute_instance_id, verdict)
             for t in targets:
                 self._count(t, xid_count=1)
+                if self._metrics is not None:
+                    self._metrics.xid(t, xid, verdict)
             await self._pub.publish(HealthEvent(time=now, device=device, event="xid", xid=xid, reason=verdict))
             if verdict == FATAL:
                 self._add_fault(targets, "xid", f"XID {xid}")
@@ -368,12 +426,16 @@ class HealthMonitor:
             for t in targets:
                 self._count(t, dbe_count=1)
                 self._dbe_events[t] = self._dbe_events.get(t, 0) + 1
+                if self._metrics is not None:
+                    self._metrics.ecc(t, "dbe")
             await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC DBE"))
             if self._policy.checks_enabled and self._health.ecc_double_bit == "fatal":
                 self._add_fault(targets, "ecc", "ECC DBE")
         elif event.event_type & EVENT_SINGLE_BIT_ECC:
             for t in targets:
                 self._count(t, sbe_count=1)
+                if self._metrics is not None:
+                    self._metrics.ecc(t, "sbe")
             await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC SBE"))
             if self._policy.checks_enabled and self._health.ecc_single_bit == "fatal":
                 self._add_fault(targets, "ecc", "ECC SBE")
@@ -389,42 +451,7 @@ class HealthMonitor:
             await self._apply_probes(results)
 
     def _probe_all(self) -> list[Probe]:
-        return [self._probe(gpu, handle) for gpu, handle in self._inventory.handles.items()]
-
-    def _probe(self, gpu: str, handle: Handle) -> Probe:
-        result = Probe(gpu)
-        nvml = self._nvml
-
-        def optional(call: Callable[[], object]) -> object | None:
-            """A query the GPU may not support: None then. GPU_IS_LOST propagates."""
-            try:
-                return call()
-            except NvmlError as e:
-                if e.code == NVML_ERROR_NOT_SUPPORTED:
-                    return None
-                raise
-
-        try:
-            nvml.device_get_pci_info(handle)  # does the GPU still answer?
-            rows = optional(lambda: nvml.device_get_remapped_rows(handle))
-            if isinstance(rows, tuple):
-                _corr, _unc, pending, failed = rows
-                if failed:
-                    result.faults["remap"] = "row-remap failure"
-                elif pending:
-                    result.faults["remap"] = "row remap pending (GPU reset needed)"
-            if optional(lambda: nvml.device_get_retired_pages_pending_status(handle)):
-                result.faults["retired"] = "retired pages pending (GPU reset needed)"
-            action = optional(lambda: nvml.device_get_recovery_action(handle))
-            result.recovery_action = action if isinstance(action, int) else None
-            dbe = optional(lambda: nvml.device_get_total_ecc_errors(handle, MEMORY_ERROR_UNCORRECTED))
-            result.dbe_total = dbe if isinstance(dbe, int) else None
-        except NvmlError as e:
-            if e.code == NVML_ERROR_GPU_IS_LOST:
-                result.faults["lost"] = "GPU lost"
-            else:
-                result.faults["probe"] = f"probe failed: {e}"
-        return result
+        return [probe_gpu(self._nvml, gpu, handle) for gpu, handle in self._inventory.handles.items()]
 
     async def _apply_probes(self, results: list[Probe]) -> None:
         if not self._policy.checks_enabled:
