@@ -1,0 +1,118 @@
+"""The bus sockets on real ipc:// endpoints: replay on subscribe, one publisher per
+endpoint, a removed socket bound again, and junk dropped and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from common.bus.messages import HealthState
+from common.bus.sockets import BusInUseError, BusPublisher, BusSubscriber
+
+
+def state(seq: int) -> HealthState:
+    return HealthState(incarnation="i", seq=seq, sent_at=time.time(), nvml_ok=True, error="", driver_version="")
+
+
+def test_a_new_subscriber_gets_the_state_at_once_not_at_the_heartbeat(short_tmp: Path) -> None:
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=3600)  # no heartbeat during the test
+        task = asyncio.create_task(pub.run())
+        try:
+            await pub.publish(state(7))
+            for _ in range(3):  # each new subscriber, even after others
+                sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
+                msg = await sub.recv_timeout(5.0)
+                sub.close()
+                assert isinstance(msg, HealthState) and msg.seq == 7
+        finally:
+            task.cancel()
+            pub.close()
+
+    asyncio.run(run())
+
+
+def test_heartbeat_resends_the_same_state_with_a_new_time(short_tmp: Path) -> None:
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=0.05)
+        task = asyncio.create_task(pub.run())
+        sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
+        try:
+            await pub.publish(state(3))
+            first = await sub.recv_timeout(5.0)
+            beats = [await sub.recv_timeout(5.0) for _ in range(3)]
+            assert isinstance(first, HealthState)
+            assert all(isinstance(b, HealthState) and b.seq == 3 and b.sent_at >= first.sent_at for b in beats)
+        finally:
+            sub.close()
+            task.cancel()
+            pub.close()
+
+    asyncio.run(run())
+
+
+def test_one_publisher_per_endpoint(short_tmp: Path) -> None:
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock")
+        try:
+            with pytest.raises(BusInUseError, match="another process publishes"):
+                BusPublisher(short_tmp / "health.sock")
+        finally:
+            pub.close()
+        BusPublisher(short_tmp / "health.sock").close()  # free again once closed
+
+    asyncio.run(run())
+
+
+def test_a_removed_socket_and_run_dir_are_bound_again(short_tmp: Path) -> None:
+    run_dir = short_tmp / "run"
+    run_dir.mkdir(mode=0o700)
+
+    async def run() -> None:
+        pub = BusPublisher(run_dir / "health.sock", heartbeat_s=0.05)
+        task = asyncio.create_task(pub.run())
+        try:
+            await pub.publish(state(1))
+            for p in run_dir.iterdir():
+                p.unlink()
+            run_dir.rmdir()
+            sub = BusSubscriber([run_dir / "health.sock"], topics=["health.state"])
+            msg = await sub.recv_timeout(5.0)
+            sub.close()
+            assert isinstance(msg, HealthState) and msg.seq == 1
+            assert run_dir.stat().st_mode & 0o777 == 0o700
+        finally:
+            task.cancel()
+            pub.close()
+
+    asyncio.run(run())
+
+
+def test_junk_is_dropped_and_counted(short_tmp: Path) -> None:
+    path = short_tmp / "rogue.sock"
+    rogue = zmq.Context.instance().socket(zmq.PUB)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.bind(f"ipc://{path}")
+
+    async def run() -> None:
+        sub = BusSubscriber([path])
+        try:
+            deadline = time.monotonic() + 10
+            while sub.dropped < 3 and time.monotonic() < deadline:
+                rogue.send_multipart([b"health.state", os.urandom(32)])
+                rogue.send_multipart([b"nonsense", b"x"])
+                rogue.send_multipart([b"a", b"b", b"c"])
+                await sub.recv_timeout(0.05)
+            assert sub.dropped >= 3 and sub.received == 0
+        finally:
+            sub.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        rogue.close(0)
