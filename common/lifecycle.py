@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from common.settings import Settings
 
@@ -41,6 +42,28 @@ def ensure_private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if path.stat().st_mode & 0o777 != 0o700:
         os.chmod(path, 0o700)
+
+
+async def run_until_stopped(stop: asyncio.Event, *tasks: asyncio.Task[Any]) -> None:
+    """Runs a service's eternal tasks until `stop` is set.
+
+    A task that fails, or ends at all, stops the service with an error: supervisord then
+    restarts the process, which is better than limping on without, say, its socket watcher.
+    """
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is stopper:
+                continue
+            error = t.exception()
+            if error is not None:
+                raise error
+            raise RuntimeError(f"task {t.get_name()} ended unexpectedly")
+    finally:
+        for t in (*tasks, stopper):
+            t.cancel()
+        await asyncio.gather(*tasks, stopper, return_exceptions=True)
 
 
 def run_service(name: str, main: ServiceMain, settings: Settings) -> int:

@@ -38,7 +38,7 @@ from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthEvent, He
 from common.bus.sockets import BusPublisher
 from common.cordons import Cordon, CordonFileError, CordonStore
 from common.fswatch import DirWatcher
-from common.lifecycle import FatalError
+from common.lifecycle import FatalError, run_until_stopped
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
@@ -335,12 +335,7 @@ class HealthMonitor:
             tasks.append(asyncio.create_task(self._probe_loop(), name="probes"))
             if self._cordon_store is not None:
                 tasks.append(asyncio.create_task(self._watch_cordons(), name="cordons"))
-            stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            for t in done:
-                if t is not stopper and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+            await run_until_stopped(stop, *tasks)
         finally:
             self._stopping.set()
             for t in tasks:

@@ -24,6 +24,7 @@ import grpc
 from common.bus.messages import EndpointState, HealthState, PluginEvent, PluginState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
+from common.lifecycle import run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
 from services.plugin_server import cdi
@@ -233,21 +234,15 @@ class PluginServer:
         self._announce_settings()
         self.settings.device_plugin_dir.mkdir(parents=True, exist_ok=True)
         self._dirty.set()
-        tasks = [
-            asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
-            asyncio.create_task(self._publisher_loop(), name="plugin-state"),
-            asyncio.create_task(self._consume_health(), name="health-consumer"),
-            asyncio.create_task(self._watch_sockets(stop), name="socket-watcher"),
-        ]
-        stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t is not stopper and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+            await run_until_stopped(
+                stop,
+                asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
+                asyncio.create_task(self._publisher_loop(), name="plugin-state"),
+                asyncio.create_task(self._consume_health(), name="health-consumer"),
+                asyncio.create_task(self._watch_sockets(stop), name="socket-watcher"),
+            )
         finally:
-            for t in [*tasks, stopper]:
-                t.cancel()
             for ep in self.endpoints.values():
                 await ep.stop(grace=0.5)
             if self._cdi_spec is not None:

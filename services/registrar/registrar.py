@@ -23,6 +23,7 @@ import grpc
 from common.bus.messages import EndpointState, PluginState, RegistrarEvent, RegistrarState, Registration
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
+from common.lifecycle import run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 
@@ -177,18 +178,10 @@ class Registrar:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = [
+        await run_until_stopped(
+            stop,
             asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
             asyncio.create_task(self._consume_plugin(), name="plugin-consumer"),
             asyncio.create_task(self._watch_kubelet(), name="kubelet-watcher"),
             asyncio.create_task(self._reconcile_loop(), name="reconcile"),
-        ]
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t is not stopper and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-        finally:
-            for t in [*tasks, stopper]:
-                t.cancel()
+        )

@@ -9,41 +9,15 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from services.devstack import BIN, PROGRAMS, RESOURCE, DevStack
 from tests.conftest import wait_until
+from tests.e2e.conftest import held, registrations
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def stack() -> Iterator[DevStack]:
-    s = DevStack(fleet="dgx-h100-8")
-    s.start()
-    try:
-        yield s
-    except BaseException:
-        s.keep = True
-        raise
-    finally:
-        s.stop()
-        s.cleanup()
-
-
-def registrations(stack: DevStack) -> int:
-    return sum(1 for r in stack.kubelet.state()["registrations"] if r["ok"])
-
-
-def held(stack: DevStack, timeout: float = 20.0, **cond: Any) -> dict[str, Any]:
-    reply = stack.kubelet.wait(RESOURCE, timeout=timeout, **({"allocatable": 8, "capacity": 8, "connected": True}
-                                                             | cond))
-    assert reply["ok"], f"kubelet does not hold the resource ({cond}): {reply['state']}\n{stack.logs()}"
-    return reply["state"]
 
 
 def allocate_ok(stack: DevStack) -> None:

@@ -4,35 +4,15 @@ box beside the kubelet simulator (a separate process), as in the container."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from services.devstack import PROGRAMS, RESOURCE, DevStack
 from tests.conftest import wait_until
+from tests.e2e.conftest import held
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def stack() -> Iterator[DevStack]:
-    s = DevStack(fleet="dgx-h100-8")
-    s.start()
-    try:
-        yield s
-    except BaseException:
-        s.keep = True
-        raise
-    finally:
-        s.stop()
-        s.cleanup()
-
-
-def held(stack: DevStack, allocatable: int = 8, timeout: float = 20.0) -> dict:  # type: ignore[type-arg]
-    reply = stack.kubelet.wait(RESOURCE, allocatable=allocatable, capacity=8, connected=True, timeout=timeout)
-    assert reply["ok"], f"kubelet does not hold {allocatable} healthy GPUs: {reply['state']}\n{stack.logs()}"
-    return reply["state"]
 
 
 def ok_registrations(state: dict) -> int:  # type: ignore[type-arg]

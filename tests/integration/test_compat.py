@@ -5,7 +5,6 @@ allocation follows the topology."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,6 @@ from tests.integration.busclient import BusWatch
 from tests.integration.node import Node, fleet_copy
 
 GPU = "nvidia.com/gpu"
-
-
-@pytest.fixture
-def make_node(procs: Procs, short_tmp: Path) -> Iterator[Any]:
-    nodes: list[Node] = []
-
-    def make(fleet: str = "dgx-h100-8", config: str | None = None, **env: str) -> Node:
-        if config is not None:
-            path = short_tmp / "config.yaml"
-            path.write_text(config)
-            env["CONFIG_FILE"] = str(path)
-        node = Node(procs, short_tmp, fleet, **env)
-        nodes.append(node)
-        return node
-
-    yield make
-    for n in nodes:
-        n.close()
 
 
 def gpu_order(node: Node) -> list[str]:

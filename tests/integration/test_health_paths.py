@@ -4,32 +4,17 @@ simulator holds, through the real health-monitor, plugin-server and registrar.""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from common.bus.messages import HealthEvent, HealthState
-from tests.conftest import Procs, wait_until
+from tests.conftest import wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.node import Node, fleet_copy
 
 GPU = "nvidia.com/gpu"
-
-
-@pytest.fixture
-def make_node(procs: Procs, short_tmp: Path) -> Iterator[Any]:
-    nodes: list[Node] = []
-
-    def make(fleet: str = "dgx-h100-8", **env: str) -> Node:
-        node = Node(procs, short_tmp, fleet, **env)
-        nodes.append(node)
-        return node
-
-    yield make
-    for n in nodes:
-        n.close()
 
 
 def health_state(node: Node) -> HealthState:
