@@ -163,6 +163,9 @@ def main() -> int:
             os.kill(pid, signal.SIGKILL)
             reply = held(stack, timeout=30, registrations=before + 1)
             kills.append(reply["at"] - t0)
+            # Three deaths within startsecs would be a crash loop, and supervisord would give up
+            # (by design: the pod restarts). Space the kills as independent crashes.
+            stack.wait_running()
         results["kill9_plugin_server_to_back_s"] = summary(kills)
 
         alloc, noop, preferred = bench_rpc(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
