@@ -51,6 +51,7 @@ class Registrar:
         self._errors: dict[str, str] = {}
         self._kubelet_state = "absent"
         self._wake = asyncio.Event()
+        self._published: tuple[object, ...] = ()
 
     # -- inputs -----------------------------------------------------------------------
     async def _consume_plugin(self) -> None:
@@ -159,21 +160,28 @@ class Registrar:
         await self._pub.publish(RegistrarEvent(time.time(), "registered", resource, ep.endpoint))
 
     async def _publish_state(self, kubelet_id: str) -> None:
-        self._seq += 1
+        """Publishes the state when it changed; the publisher's heartbeat repeats it meanwhile."""
         pending = sorted(
             r for r, ep in self._endpoints.items()
             if (reg := self.registered.get(r)) is None or (reg.kubelet_id, reg.socket_id) != (kubelet_id, ep.socket_id)
         )
+        content = (self._kubelet_state, kubelet_id, list(self.registered.values()), pending,
+                   "; ".join(f"{r}: {e}" for r, e in sorted(self._errors.items())))
+        if content == self._published:
+            return
+        self._published = content
+        self._seq += 1
+        kubelet, kid, registrations, pending, last_error = content
         await self._pub.publish(
             RegistrarState(
                 incarnation=self._incarnation,
                 seq=self._seq,
                 sent_at=time.time(),
-                kubelet=self._kubelet_state,
-                kubelet_id=kubelet_id,
-                registrations=list(self.registered.values()),
+                kubelet=kubelet,
+                kubelet_id=kid,
+                registrations=registrations,
                 pending=pending,
-                last_error="; ".join(f"{r}: {e}" for r, e in sorted(self._errors.items())),
+                last_error=last_error,
             )
         )
 
