@@ -3,6 +3,7 @@ kubelet simulator, walked through what an operator cares about. Exits 0 on succe
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 
@@ -14,7 +15,8 @@ def say(text: str) -> None:
 
 
 def main() -> int:
-    stack = DevStack(fleet="dgx-h100-8")
+    # Probing every second (default 10 s) lets the demo show recovery without a long wait.
+    stack = DevStack(fleet="dgx-h100-8", env={"HEALTH_PROBE_INTERVAL": "1s"})
     ok = False
     try:
         say(f"starting supervisord (health-monitor, plugin-server, registrar) "
@@ -56,9 +58,17 @@ def main() -> int:
               f"allocatable {view['allocatable']} of {view['capacity']}")
 
         say("gpu-plugin status (read from the health bus)")
-        import subprocess
+        gpu_plugin = str(stack.env["PATH"].split(":")[0] + "/gpu-plugin")
+        subprocess.run([gpu_plugin, "status"], env=stack.env, check=True)
 
-        subprocess.run([str(stack.env["PATH"].split(":")[0] + "/gpu-plugin"), "status"], env=stack.env, check=True)
+        say(f"the GPU is reset (simulated): {victim} returns to Healthy without restarting anything")
+        stack.inject("recover", victim)
+        t0 = time.monotonic()
+        reply = k.wait(RESOURCE, device=victim, health="Healthy", timeout=30)
+        if not reply["ok"]:
+            raise RuntimeError(f"{victim} did not recover: {reply}")
+        print(f"  back to Healthy at the kubelet after {time.monotonic() - t0:.1f} s "
+              f"(the driver's recovery advice is read by the next probe)")
         ok = True
     finally:
         say("stopping supervisord with SIGTERM")
