@@ -271,12 +271,17 @@ def test_bus_abuse_is_dropped_and_counted(server: Server) -> None:
         assert len(c.next_update().devices) == 8, "the last good state is intact"
     finally:
         c.close()
-    # Junk sent *into* the plugin-server's own XPUB socket is harmless too.
-    xsub = ctx.socket(zmq.XSUB)
-    xsub.setsockopt(zmq.LINGER, 0)
-    xsub.connect(f"ipc://{server.run / 'plugin.sock'}")
-    for junk in (b"", b"\x02garbage", os.urandom(1000), b"\x01" + os.urandom(100)):
-        xsub.send(junk)
-    xsub.close(0)
     server.restore_health_bus()
+    # Junk sent *into* every publisher's XPUB socket (where subscriptions arrive) is harmless too.
+    for bus in sorted(server.run.glob("*.sock")):
+        if bus.name not in ("health.sock", "plugin.sock", "registrar.sock"):
+            continue
+        xsub = ctx.socket(zmq.XSUB)
+        xsub.setsockopt(zmq.LINGER, 0)
+        xsub.connect(f"ipc://{bus}")
+        for junk in (b"", b"\x02garbage", os.urandom(1000), b"\x01" + os.urandom(100), b"\x00"):
+            xsub.send(junk)
+        xsub.close(0)
     assert server.alive()
+    with BusWatch(server.run / "health.sock", ("health.state",)) as w:
+        assert isinstance(w.wait(lambda m: isinstance(m, HealthState)), HealthState), "health publisher still up"
