@@ -48,9 +48,11 @@ class CordonStore:
             raise CordonFileError(f"{self.path}: expected a JSON object of device -> cordon")
         out: dict[str, Cordon] = {}
         for dev, entry in raw.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("reason", ""), str):
-                raise CordonFileError(f"{self.path}: entry {dev!r} is malformed")
-            out[dev] = Cordon(reason=entry.get("reason", ""), time=float(entry.get("time", 0.0)))
+            when = entry.get("time", 0.0) if isinstance(entry, dict) else None
+            if (not isinstance(entry, dict) or not isinstance(entry.get("reason", ""), str)
+                    or isinstance(when, bool) or not isinstance(when, int | float)):
+                raise CordonFileError(f"{self.path}: entry {dev!r} is malformed (expected reason: str, time: number)")
+            out[dev] = Cordon(reason=entry.get("reason", ""), time=float(when))
         return out
 
     @contextmanager

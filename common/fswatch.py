@@ -14,7 +14,8 @@ from pathlib import Path
 from inotify_simple import INotify
 from inotify_simple import flags as F
 
-WATCH_MASK = F.CREATE | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.DELETE_SELF | F.MOVE_SELF | F.ATTRIB
+WATCH_MASK = (F.CREATE | F.DELETE | F.MOVED_FROM | F.MOVED_TO | F.DELETE_SELF | F.MOVE_SELF | F.ATTRIB
+              | F.CLOSE_WRITE)  # a file edited in place (echo > file) changes without a create
 
 
 class DirWatcher:

@@ -7,6 +7,7 @@ as `NvmlError(code)`; the answers are converted to the plain types of `backend`.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _address(handle: Any) -> int | None:
+    """The pointer value of an NVML device handle: the same device, the same value."""
+    try:
+        value: int | None = ctypes.cast(handle, ctypes.c_void_p).value
+        return value
+    except (TypeError, ctypes.ArgumentError):
+        return id(handle)
+
+
 def sysfs_pci_address(bus_id: str) -> str:
     """NVML's "00000000:3B:00.0" as sysfs names it: "0000:3b:00.0" (4-digit domain, lower case)."""
     domain, sep, rest = bus_id.strip().partition(":")
@@ -49,6 +59,7 @@ class RealNvml:
     def __init__(self, sysfs_root: str | Path = "/sys", proc_root: str | Path = "/proc") -> None:
         self._sysfs_root = Path(sysfs_root)
         self._proc_root = Path(proc_root)
+        self._uuid_by_handle: dict[int | None, str] = {}
         self._nvml: ModuleType | None = None
 
     # -- plumbing ---------------------------------------------------------------------
@@ -109,7 +120,9 @@ class RealNvml:
         return self._call("nvmlDeviceGetHandleByIndex", index)
 
     def device_get_uuid(self, handle: Handle) -> str:
-        return self._typed(_text, "nvmlDeviceGetUUID", handle)
+        uuid = self._typed(_text, "nvmlDeviceGetUUID", handle)
+        self._uuid_by_handle[_address(handle)] = uuid
+        return uuid
 
     def device_get_name(self, handle: Handle) -> str:
         return self._typed(_text, "nvmlDeviceGetName", handle)
@@ -218,7 +231,9 @@ class RealNvml:
         try:
             return self.device_get_uuid(device)
         except NvmlError:
-            return None
+            # A GPU that fell off the bus (XID 79) no longer answers for its UUID; its handle
+            # is still the one discovery saw. Never widen its event to every GPU.
+            return self._uuid_by_handle.get(_address(device))
 
     def event_set_free(self, event_set: Handle) -> None:
         self._call("nvmlEventSetFree", event_set)

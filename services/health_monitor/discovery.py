@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Inventory:
     devices: list[DeviceState] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # GPUs NVML counts but cannot name, and why
     links: list[PairLink] = field(default_factory=list)
     handles: dict[str, Handle] = field(default_factory=dict)  # GPU UUID -> handle
     children: dict[str, list[str]] = field(default_factory=dict)  # GPU UUID -> MIG UUIDs
@@ -43,17 +44,23 @@ def _mig_profile(name: str) -> str:
 def discover(backend: NvmlBackend, now: float) -> Inventory:
     inv = Inventory()
     for index in range(backend.device_get_count()):
-        handle = backend.device_get_handle_by_index(index)
-        uuid = backend.device_get_uuid(handle)
+        try:
+            handle = backend.device_get_handle_by_index(index)
+            uuid = backend.device_get_uuid(handle)
+        except NvmlError as e:
+            # Without a UUID there is nothing to offer or to name: say so, and go on with the rest.
+            log.error("GPU index %d cannot be read (%s): not offered", index, e)
+            inv.unreadable.append(f"GPU index {index}: {e}")
+            continue
         inv.handles[uuid] = handle
         try:
             gpu, migs = _describe(backend, handle, index, uuid, now)
         except NvmlError as e:
-            if e.code != NVML_ERROR_GPU_IS_LOST:
-                raise
-            log.error("GPU %s (index %d) is lost at discovery", uuid, index)
+            # One broken GPU must not keep the others from being served: list it Unhealthy.
+            reason = "GPU lost" if e.code == NVML_ERROR_GPU_IS_LOST else f"discovery failed: {e}"
+            log.error("GPU %s (index %d): %s", uuid, index, reason)
             gpu = DeviceState(id=uuid, kind="gpu", index=str(index), name="", health=UNHEALTHY,
-                              reason="GPU lost", since=now)
+                              reason=reason, since=now)
             migs = []
         inv.devices.append(gpu)
         inv.devices.extend(migs)

@@ -24,6 +24,7 @@ all state and the bus socket.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -48,8 +49,8 @@ from common.nvml.backend import (
     NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_LIBRARY_NOT_FOUND,
-    NVML_ERROR_NOT_SUPPORTED,
     NVML_ERROR_TIMEOUT,
+    NVML_ERROR_UNKNOWN,
     RECOVERY_ACTION_NAMES,
     WHOLE_GPU_INSTANCE,
     EventData,
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 EVENT_MASK = EVENT_XID_CRITICAL | EVENT_DOUBLE_BIT_ECC | EVENT_SINGLE_BIT_ECC
 WAIT_SLICE_MS = 1000  # bounds how long the event thread takes to notice shutdown
 INIT_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+MAX_PENDING_EVENTS = 1000  # events handed to the loop and not yet applied
 EVENT_SET_BACKOFF_S = (0.1, 1.0, 5.0, 30.0)
 
 # Fault kinds. Sticky ones are seen only as events and clear by recovery; the others are
@@ -133,8 +135,8 @@ def register_events(nvml: NvmlBackend, handles: dict[str, Handle]) -> tuple[Hand
             nvml.device_register_events(handle, EVENT_MASK & supported, event_set)
             outcome[gpu_uuid] = ""
         except NvmlError as e:
-            if e.code not in (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_GPU_IS_LOST):
-                raise
+            # Not a fault of the GPU (NOT_SUPPORTED), or one the probes will report (lost, ...):
+            # the GPU is watched by probes instead of events.
             outcome[gpu_uuid] = str(e)
             log.warning("GPU %s: event registration failed (%s); relying on probes", gpu_uuid, e)
     return event_set, outcome
@@ -145,13 +147,14 @@ def probe_gpu(nvml: NvmlBackend, gpu: str, handle: Handle) -> Probe:
     result = Probe(gpu)
 
     def optional(call: Callable[[], object]) -> object | None:
-        """A query the GPU may not support: None then. GPU_IS_LOST propagates."""
+        """A query the GPU or driver may not answer (NOT_SUPPORTED, an older driver's INVALID_ARGUMENT
+        for a newer field, NO_PERMISSION in a vGPU guest): unknown then. Only GPU_IS_LOST counts."""
         try:
             return call()
         except NvmlError as e:
-            if e.code == NVML_ERROR_NOT_SUPPORTED:
-                return None
-            raise
+            if e.code == NVML_ERROR_GPU_IS_LOST:
+                raise
+            return None
 
     try:
         nvml.device_get_pci_info(handle)  # does the GPU still answer?
@@ -211,6 +214,9 @@ class HealthMonitor:
         self._probe_now = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dbe_events: dict[str, int] = {}  # DBEs seen as events since the last probe
+        self._pending = threading.BoundedSemaphore(MAX_PENDING_EVENTS)
+        self._flush: asyncio.Task[None] | None = None
+        self._event_thread: threading.Thread | None = None
 
     # -- state ------------------------------------------------------------------------
     def devices(self) -> list[DeviceState]:
@@ -316,9 +322,9 @@ class HealthMonitor:
             self._inventory = discover(self._nvml, self._clock())
             self._devices = {d.id: d for d in self._inventory.devices}
             for d in self._inventory.devices:
-                if d.health == UNHEALTHY:  # lost during discovery
-                    self._add_fault([d.id], "lost", d.reason)
-            self._nvml_ok, self._error = True, ""
+                if d.health == UNHEALTHY:  # lost or unreadable during discovery; probes may clear it
+                    self._add_fault([d.id], "lost" if d.reason == "GPU lost" else "probe", d.reason)
+            self._nvml_ok, self._error = True, "; ".join(self._inventory.unreadable)
             log.info(
                 "discovered %d devices (driver %s): %s",
                 len(self._devices),
@@ -331,7 +337,9 @@ class HealthMonitor:
             await self._apply_probes(await asyncio.to_thread(self._probe_all))
             await self._refresh(force=True)
             event_set = await asyncio.to_thread(self._register_events)
-            threading.Thread(target=self._wait_events, args=(event_set,), name="nvml-events", daemon=True).start()
+            self._event_thread = threading.Thread(target=self._wait_events, args=(event_set,), name="nvml-events",
+                                                  daemon=True)
+            self._event_thread.start()
             tasks.append(asyncio.create_task(self._probe_loop(), name="probes"))
             if self._cordon_store is not None:
                 tasks.append(asyncio.create_task(self._watch_cordons(), name="cordons"))
@@ -340,6 +348,9 @@ class HealthMonitor:
             self._stopping.set()
             for t in tasks:
                 t.cancel()
+            if self._event_thread is not None:
+                # NVML must not be shut down under a thread still inside event_set_wait.
+                await asyncio.to_thread(self._event_thread.join, WAIT_SLICE_MS / 1000 + 1.0)
 
     # -- events -----------------------------------------------------------------------
     def _register_events(self) -> Handle:
@@ -359,8 +370,26 @@ class HealthMonitor:
                 event_set = self._recreate_event_set(event_set, e, failures)
                 failures += 1
                 continue
+            except Exception as e:  # a bug must not silently end event watching
+                if self._stopping.is_set():
+                    return
+                log.exception("NVML event thread")
+                event_set = self._recreate_event_set(event_set, NvmlError(NVML_ERROR_UNKNOWN, repr(e)), failures)
+                failures += 1
+                continue
             failures = 0
-            asyncio.run_coroutine_threadsafe(self._on_event(event), loop)
+            # Backpressure: an XID storm waits here (NVML keeps queueing in the driver) instead
+            # of piling up unbounded work on the loop.
+            while not self._pending.acquire(timeout=0.5):
+                if self._stopping.is_set():
+                    return
+            future = asyncio.run_coroutine_threadsafe(self._on_event(event), loop)
+            future.add_done_callback(self._event_done)
+
+    def _event_done(self, future: concurrent.futures.Future[None]) -> None:
+        self._pending.release()
+        if not future.cancelled() and future.exception() is not None:
+            log.error("handling an NVML event failed", exc_info=future.exception())
 
     def _recreate_event_set(self, old: Handle, error: NvmlError, failures: int) -> Handle:
         loop = self._loop
@@ -382,6 +411,12 @@ class HealthMonitor:
     async def _on_wait_failure(self, reason: str) -> None:
         await self._pub.publish(HealthEvent(time=self._clock(), device="", event="nvml", reason=reason))
         self._probe_now.set()
+
+    def _gpu_of(self, device: str | None) -> str:
+        dev = self._devices.get(device or "")
+        if dev is None:
+            return ""
+        return dev.parent if dev.kind == "mig" else dev.id
 
     def _targets(self, event: EventData) -> list[str]:
         """The devices an event names: a whole GPU, or the MIG devices of one instance."""
@@ -418,9 +453,11 @@ class HealthMonitor:
             if verdict == FATAL:
                 self._add_fault(targets, "xid", f"XID {xid}")
         elif event.event_type & EVENT_DOUBLE_BIT_ECC:
+            gpu_of_event = self._gpu_of(event.uuid)
+            if gpu_of_event:  # the probe compares the GPU's counter: remember this one was seen
+                self._dbe_events[gpu_of_event] = self._dbe_events.get(gpu_of_event, 0) + 1
             for t in targets:
                 self._count(t, dbe_count=1)
-                self._dbe_events[t] = self._dbe_events.get(t, 0) + 1
                 if self._metrics is not None:
                     self._metrics.ecc(t, "dbe")
             await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC DBE"))
@@ -434,7 +471,12 @@ class HealthMonitor:
             await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC SBE"))
             if self._policy.checks_enabled and self._health.ecc_single_bit == "fatal":
                 self._add_fault(targets, "ecc", "ECC SBE")
-        await self._refresh(force=True)  # the counters changed even when health did not
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """One state publish for a burst of events: those already queued are applied first."""
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.get_running_loop().create_task(self._refresh(force=True))
 
     # -- probes -----------------------------------------------------------------------
     async def _probe_loop(self) -> None:

@@ -54,6 +54,9 @@ async def handle(sim: KubeletSimulator, cmd: dict[str, Any]) -> dict[str, Any]:
         if "register_delay" in cmd:
             sim.register_delay = float(cmd["register_delay"])
         return {"ok": True}
+    if op == "drop":
+        await sim.drop(cmd["resource"])
+        return {"ok": True}
     if op == "restart":
         await sim.restart()
         return {"ok": True}

@@ -122,6 +122,20 @@ class KubeletSimulator(pb_grpc.RegistrationServicer):
         with contextlib.suppress(FileNotFoundError):
             (self.dir / KUBELET_SOCKET).unlink()
 
+    async def drop(self, resource: str) -> None:
+        """The kubelet lets go of a plugin without restarting: its stream closes, the devices
+        turn Unhealthy, and only a new registration brings them back."""
+        client = self.clients.pop(resource, None)
+        if client is None:
+            return
+        self.disconnects += 1
+        await self._close(client)
+        view = self.resources[resource]
+        view.connected = False
+        view.devices = {i: "Unhealthy" for i in view.devices}
+        view.updated_at = time.time()
+        await self._notify()
+
     async def restart(self) -> None:
         """As a kubelet restart: connections closed, sockets removed, listening again."""
         await self.stop()

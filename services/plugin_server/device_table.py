@@ -77,8 +77,9 @@ def build_resources(state: HealthState, settings: Settings) -> dict[str, list[Pl
     out: dict[str, list[PluginDevice]] = {}
     strategy = settings.mig_strategy
     if strategy == "single" and any(g.mig_enabled for g in gpus):
-        if not all(g.mig_enabled for g in gpus):
-            plain = ", ".join(g.index for g in gpus if not g.mig_enabled)
+        # A GPU lost at discovery has no MIG facts at all: it breaks no rule, it just offers nothing.
+        plain = ", ".join(g.index for g in gpus if not g.mig_enabled and g.name)
+        if plain:
             raise MigConfigError(f"MIG strategy single: all GPUs must have MIG enabled; GPU {plain} do not")
         profiles = sorted({m.profile for ms in migs_of.values() for m in ms})
         if len(profiles) > 1:

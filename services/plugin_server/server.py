@@ -11,17 +11,19 @@ registrar.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 import uuid as uuidlib
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from common.bus.messages import EndpointState, HealthState, PluginEvent, PluginState
+from common.bus.messages import UNHEALTHY, EndpointState, HealthState, PluginEvent, PluginState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.lifecycle import run_until_stopped
@@ -48,8 +50,23 @@ class Endpoint:
         self.socket_id = ""
         self.servicer: DevicePluginServicer | None = None
         self._grpc: grpc.aio.Server | None = None
+        # Health updates and the socket watcher may both (re)start an endpoint: one at a time,
+        # and always stopping the old server first, or it would keep running, unreachable.
+        self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
+    async def ensure_serving(self) -> bool:
+        """(Re)starts the server when its socket is missing or replaced; True when it did."""
+        async with self._lock:
+            if self.alive():
+                return False
+            if self.socket_id:
+                log.warning("socket %s was removed or replaced: re-creating it", self.path)
+            await self._stop(grace=0)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            await self._start()
+            return True
+
+    async def _start(self) -> None:
         if self.path.exists() or self.path.is_symlink():
             log.info("removing stale socket %s", self.path)
             self.path.unlink()
@@ -72,6 +89,10 @@ class Endpoint:
         return self._grpc is not None and file_id(self.path) == self.socket_id
 
     async def stop(self, grace: float | None = None) -> None:
+        async with self._lock:
+            await self._stop(grace)
+
+    async def _stop(self, grace: float | None) -> None:
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
@@ -101,10 +122,12 @@ class PluginServer:
         self._incarnation = uuidlib.uuid4().hex[:12]
         self._seq = 0
         self._health: HealthState | None = None
+        self._last_good: HealthState | None = None  # the last state with NVML working
         self._health_seen_at = 0.0
         self._stale = False
         self.endpoints: dict[str, Endpoint] = {}
         self._dirty = asyncio.Event()
+        self._events: deque[PluginEvent] = deque(maxlen=10000)  # bounded: a flood drops the oldest
         self._health_sub: BusSubscriber | None = None
         self._topology = Topology([], [])
         self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
@@ -116,8 +139,10 @@ class PluginServer:
 
     def allocated(self, resource: str) -> Callable[[list[str]], None]:
         def record(ids: list[str]) -> None:
-            event = PluginEvent(time=time.time(), event="allocate", resource=resource, detail="", devices=ids)
-            asyncio.get_running_loop().create_task(self._pub.publish(event))
+            # Off the Allocate path: the publisher loop sends it after the answer.
+            self._events.append(PluginEvent(time=time.time(), event="allocate", resource=resource, detail="",
+                                            devices=ids))
+            self._dirty.set()
 
         return record
 
@@ -125,6 +150,8 @@ class PluginServer:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            while self._events:
+                await self._pub.publish(self._events.popleft())
             self._seq += 1
             await self._pub.publish(
                 PluginState(
@@ -169,6 +196,15 @@ class PluginServer:
         self._health = state
         if old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
             return  # a heartbeat
+        if state.nvml_ok:
+            self._last_good = state
+        elif self._last_good is not None:
+            # NVML went away after devices were known: the GPUs are not usable now, but they are
+            # still there. Keep them listed, Unhealthy, rather than have the kubelet forget them.
+            log.error("health-monitor reports NVML unavailable (%s): all devices Unhealthy", state.error)
+            state = dataclasses.replace(self._last_good, devices=[
+                dataclasses.replace(d, health=UNHEALTHY, reason=f"NVML unavailable: {state.error}")
+                for d in self._last_good.devices])
         resources = build_resources(state, self.settings)
         gpus = [d for d in state.devices if d.kind == "gpu"]
         if old is None or old.links != state.links or [d.id for d in old.devices] != [d.id for d in state.devices]:
@@ -186,10 +222,7 @@ class PluginServer:
                 ep = self.endpoints[name] = Endpoint(self, ResourceTable(name))
             ep.table.topology = self._topology
             changed = await ep.table.update(devices)
-            if not ep.alive():
-                await ep.start()
-                changed = True
-            if changed:
+            if await ep.ensure_serving() or changed:
                 self._dirty.set()
         for name, ep in self.endpoints.items():
             if name not in resources and await ep.table.update([]):
@@ -206,11 +239,7 @@ class PluginServer:
                 if names and "" not in names and not names & wanted:
                     continue
                 for ep in list(self.endpoints.values()):
-                    if ep.socket_id and not ep.alive():
-                        log.warning("socket %s was removed or replaced: re-creating it", ep.path)
-                        await ep.stop(grace=0)
-                        self.settings.device_plugin_dir.mkdir(parents=True, exist_ok=True)
-                        await ep.start()
+                    if ep.socket_id and await ep.ensure_serving():
                         self._dirty.set()
         finally:
             watcher.close()

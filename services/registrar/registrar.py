@@ -33,6 +33,8 @@ API_VERSION = "v1beta1"
 # The kubelet dials the endpoint inside Register with a 10 s timeout; allow for it.
 REGISTER_TIMEOUT_S = 12.0
 BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# A stream that stays closed this long (no socket changed) means the kubelet let go of us.
+STREAM_LOST_GRACE_S = 2.0
 
 
 class Registrar:
@@ -52,6 +54,8 @@ class Registrar:
         self._kubelet_state = "absent"
         self._wake = asyncio.Event()
         self._published: tuple[object, ...] = ()
+        self._streamed: dict[str, str] = {}  # resource -> socket id the kubelet was seen streaming from
+        self._stream_lost_at: dict[str, float] = {}
 
     # -- inputs -----------------------------------------------------------------------
     async def _consume_plugin(self) -> None:
@@ -62,6 +66,7 @@ class Registrar:
                 if isinstance(msg, PluginState):
                     self._endpoints = {e.resource: e for e in msg.endpoints}
                     self._plugin_seen = True
+                    self._track_streams()
                     self._wake.set()
         finally:
             sub.close()
@@ -80,6 +85,32 @@ class Registrar:
                     self._wake.set()
         finally:
             watcher.close()
+
+    def _track_streams(self) -> None:
+        """Notices a kubelet that stopped streaming from an endpoint it still has registered."""
+        now = time.monotonic()
+        for resource, ep in self._endpoints.items():
+            reg = self.registered.get(resource)
+            if reg is None or reg.socket_id != ep.socket_id:
+                continue
+            if ep.streams > 0:
+                self._streamed[resource] = ep.socket_id
+                self._stream_lost_at.pop(resource, None)
+            elif self._streamed.get(resource) == ep.socket_id:
+                self._stream_lost_at.setdefault(resource, now)
+
+    def _stream_lost(self, resource: str, now: float) -> bool:
+        lost = self._stream_lost_at.get(resource)
+        if lost is None or now - lost < STREAM_LOST_GRACE_S:
+            return False
+        # The kubelet dropped its ListAndWatch stream (its devices are now Unhealthy there) but
+        # neither socket changed: only a new registration brings the resource back.
+        log.warning("%s: the kubelet stopped streaming from %s; registering again", resource,
+                    self._endpoints[resource].endpoint)
+        self._stream_lost_at.pop(resource, None)
+        self._streamed.pop(resource, None)
+        self.registered.pop(resource, None)
+        return True
 
     # -- reconcile --------------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
@@ -108,7 +139,11 @@ class Registrar:
         for resource, ep in self._endpoints.items():
             reg = self.registered.get(resource)
             if reg and (reg.kubelet_id, reg.socket_id) == (kubelet_id, ep.socket_id):
-                continue
+                if not self._stream_lost(resource, now):
+                    if resource in self._stream_lost_at:
+                        next_s = min(next_s, STREAM_LOST_GRACE_S)
+                    continue
+                reg = None  # the kubelet let go of it: register again below
             if not ep.socket_id or file_id(self._dir / ep.endpoint) != ep.socket_id:
                 continue  # being re-created: the plugin-server will announce the new socket
             if reg is None and ep.streams > 0:

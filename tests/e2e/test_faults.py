@@ -116,10 +116,18 @@ def test_stale_socket_file_is_replaced(stack: DevStack) -> None:
 
 def test_plugin_socket_deleted_by_someone_else(stack: DevStack) -> None:
     held(stack)
-    before = registrations(stack)
-    (stack.dp_dir / "nvidia-gpu.sock").unlink()
-    held(stack, registrations=before + 1)
-    allocate_ok(stack)
+    pid = stack.pid("plugin-server")
+    baseline = (0, 0)
+    for i in range(10):
+        before = registrations(stack)
+        (stack.dp_dir / "nvidia-gpu.sock").unlink()
+        held(stack, registrations=before + 1)
+        allocate_ok(stack)
+        if i == 1:
+            baseline = fds_and_threads(pid)
+    fds, threads = fds_and_threads(pid)
+    assert fds <= baseline[0] + 2 and threads <= baseline[1] + 1, "the replaced gRPC servers are gone"
+    assert stack.pid("plugin-server") == pid
 
 
 def test_run_directory_deleted(stack: DevStack) -> None:

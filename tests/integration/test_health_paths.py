@@ -202,3 +202,14 @@ def test_status_and_bus_tail_show_health(make_node: Any) -> None:
     assert "Unhealthy" in row and "XID 79" in row
     tail = node.cli("bus", "tail", "--topic", "health.state", "--device", ids[1], "--count", "1", "--timeout", "10")
     assert tail.returncode == 0 and tail.stdout.startswith("health.state ") and ids[1] in tail.stdout
+
+
+def test_a_malformed_cordon_file_keeps_the_last_cordons_and_the_monitor_running(make_node: Any) -> None:
+    node = make_node()
+    victim = list(node.wait_devices())[4]
+    assert node.cli("cordon", victim).returncode == 0
+    node.wait_health(victim, "Unhealthy")
+    (node.root / "state" / "cordons.json").write_text('{"GPU-x": {"reason": "r", "time": "yesterday"}}')
+    wait_until(lambda: "keeping the previous cordons" in node.procs.log("health-monitor"), 10, "the error logged")
+    assert node.services["health-monitor"].poll() is None
+    assert node.devices()[victim] == "Unhealthy"

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.bus.messages import UNHEALTHY, EndpointState, Message, PluginState
+from common.bus.messages import UNHEALTHY, EndpointState, HealthState, Message, PluginState
 from common.fswatch import file_id
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from tests.conftest import Procs, wait_until
@@ -151,3 +151,21 @@ def test_sigterm_removes_the_socket_and_exits_zero(env: Env) -> None:
     assert proc.wait(10) == 0
     assert not env.sock.exists()
     wait_until(lambda: not (env.run / "plugin.sock").exists(), 5, "the bus socket removed")
+
+
+def test_nvml_lost_after_discovery_keeps_devices_listed_unhealthy(env: Env) -> None:
+    env.endpoint()
+    client = PluginClient(env.sock)
+    try:
+        client.watch()
+        assert len(client.next_update().devices) == 4
+        env.health.seq += 1
+        env.health.send(HealthState(incarnation=env.health.incarnation, seq=env.health.seq, sent_at=0.0,
+                                    nvml_ok=False, error="nvml init failed: Driver Not Loaded", driver_version="",
+                                    devices=[]))
+        update = client.next_update()
+        assert [d.health for d in update.devices] == ["Unhealthy"] * 4, "listed, not forgotten"
+        env.health.publish()  # NVML is back
+        assert [d.health for d in client.next_update().devices] == ["Healthy"] * 4
+    finally:
+        client.close()

@@ -137,3 +137,15 @@ def test_plugin_server_restart_is_registered_once_more(env: Env) -> None:
     assert env.allocate(ids[:1]).envs
 
 
+
+
+def test_a_kubelet_that_drops_the_stream_gets_a_new_registration(env: Env) -> None:
+    env.start_kubelet()
+    env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+    wait_until(lambda: env.sim.clients.get(RESOURCE) is not None and env.sim.clients[RESOURCE].updates > 0, 10,
+               "the stream running")
+    env.lt.run(env.sim.drop(RESOURCE))
+    assert not env.held()
+    wait_until(lambda: env.held() and env.ok_registrations() == 2, 15, "a new registration after the drop")
+    assert "stopped streaming" in env.procs.log("rg")

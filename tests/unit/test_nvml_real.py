@@ -318,3 +318,17 @@ def test_importing_real_does_not_import_pynvml() -> None:
     code = "import sys, common.nvml.real; assert 'pynvml' not in sys.modules, 'pynvml imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_event_of_a_lost_gpu_is_still_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # XID 79: the GPU no longer answers for its UUID, but its handle is the one discovery saw.
+    # The event must stay on that GPU, never become "no device" (which would hit every GPU).
+    nvml, fake = started(monkeypatch)
+    assert nvml.device_get_uuid(GPU) == GPU.uuid
+
+    def lost(handle: Any) -> str:
+        raise FakeNVMLError(NVML_ERROR_GPU_IS_LOST)
+
+    fake.nvmlDeviceGetUUID = lost
+    fake.nvmlEventSetWait = lambda s, t: FakeEvent(GPU, EVENT_XID_CRITICAL, 79, 0xFFFFFFFF, 0xFFFFFFFF)
+    assert nvml.event_set_wait("s", 10).uuid == GPU.uuid

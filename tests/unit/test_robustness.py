@@ -1,0 +1,86 @@
+"""What one broken GPU, one bad file or one odd driver must not do: take the rest down."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
+from common.cordons import CordonFileError, CordonStore
+from common.nvml.backend import NVML_ERROR_UNKNOWN
+from common.nvml.simulated import SimulatedNvml, fleet_path
+from common.settings import resolve
+from services.health_monitor.discovery import discover
+from services.health_monitor.monitor import probe_gpu
+from services.plugin_server.device_table import build_resources
+
+
+def fleet(tmp_path: Path, name: str, change: Any) -> SimulatedNvml:
+    desc = json.loads(fleet_path(name).read_text())
+    change(desc)
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(desc))
+    nvml = SimulatedNvml(path)
+    nvml.init()
+    return nvml
+
+
+def test_a_gpu_that_cannot_be_named_is_skipped_and_reported(tmp_path: Path) -> None:
+    nvml = fleet(tmp_path, "dgx-h100-8", lambda d: d["devices"][2].update(uuid={"error": NVML_ERROR_UNKNOWN}))
+    inv = discover(nvml, 0.0)
+    assert len([d for d in inv.devices if d.kind == "gpu"]) == 7
+    assert inv.unreadable == ["GPU index 2: Unknown Error"]
+
+
+def test_a_gpu_that_fails_description_is_listed_unhealthy(tmp_path: Path) -> None:
+    nvml = fleet(tmp_path, "dgx-h100-8", lambda d: d["devices"][5].update(name={"error": NVML_ERROR_UNKNOWN}))
+    inv = discover(nvml, 0.0)
+    broken = [d for d in inv.devices if d.health == UNHEALTHY]
+    assert [(d.index, d.reason) for d in broken] == [("5", "discovery failed: Unknown Error")]
+    assert sum(d.health == HEALTHY for d in inv.devices) == 7
+
+
+@pytest.mark.parametrize("code", [2, 4, 999], ids=["invalid-argument", "no-permission", "unknown"])
+def test_an_optional_query_the_driver_refuses_is_unknown_not_a_fault(tmp_path: Path, code: int) -> None:
+    nvml = fleet(tmp_path, "h200", lambda d: d["devices"][0].update(recovery_action={"error": code},
+                                                                      remapped_rows={"error": code}))
+    handle = nvml.device_get_handle_by_index(0)
+    probe = probe_gpu(nvml, "GPU-x", handle)
+    assert probe.faults == {} and probe.recovery_action is None
+
+
+def test_mig_single_tolerates_a_gpu_lost_at_discovery() -> None:
+    lost = DeviceState(id="GPU-lost", kind="gpu", index="0", name="", health=UNHEALTHY, reason="GPU lost", since=0)
+    gpu = DeviceState(id="GPU-a", kind="gpu", index="1", name="H100", health=HEALTHY, reason="", since=0,
+                      mig_enabled=True)
+    mig = DeviceState(id="MIG-a", kind="mig", index="1:0", name="H100 MIG 1g.10gb", health=HEALTHY, reason="",
+                      since=0, parent="GPU-a", profile="1g.10gb")
+    state = HealthState(incarnation="i", seq=1, sent_at=0, nvml_ok=True, error="", driver_version="",
+                        devices=[lost, gpu, mig])
+    resources = build_resources(state, resolve(environ={"MIG_STRATEGY": "single"}))
+    assert [d.id for d in resources["nvidia.com/gpu"]] == ["MIG-a"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"GPU-a": {"reason": "x", "time": "yesterday"}}', '{"GPU-a": {"reason": "x", "time": null}}',
+     '{"GPU-a": {"reason": 5}}', '{"GPU-a": "cordoned"}', '["GPU-a"]', "{not json"],
+    ids=["time-text", "time-null", "reason-number", "entry-string", "list", "not-json"],
+)
+def test_a_malformed_cordon_file_is_one_clear_error(tmp_path: Path, body: str) -> None:
+    (tmp_path / "cordons.json").write_text(body)
+    with pytest.raises(CordonFileError):
+        CordonStore(tmp_path).load()
+
+
+def test_cordon_store_round_trip_is_atomic(tmp_path: Path) -> None:
+    store = CordonStore(tmp_path / "state")
+    store.cordon("GPU-a", "fan")
+    store.cordon("GPU-b", "")
+    assert store.uncordon("GPU-b") and not store.uncordon("GPU-b")
+    loaded = store.load()
+    assert list(loaded) == ["GPU-a"] and loaded["GPU-a"].reason == "fan"
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["cordons.json", "cordons.json.lock"]
