@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import uuid as uuidlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +217,7 @@ class HealthMonitor:
         self._dbe_events: dict[str, int] = {}  # DBEs seen as events since the last probe
         self._pending = threading.BoundedSemaphore(MAX_PENDING_EVENTS)
         self._flush: asyncio.Task[None] | None = None
+        self._outbox: deque[HealthEvent] = deque(maxlen=10000)  # events for humans, sent after the state
         self._event_thread: threading.Thread | None = None
 
     # -- state ------------------------------------------------------------------------
@@ -253,7 +255,8 @@ class HealthMonitor:
         return (UNHEALTHY if unique else HEALTHY), "; ".join(unique), cordoned
 
     async def _refresh(self, force: bool = False) -> None:
-        """Recomputes every device's health; publishes transitions and, on any change, the state."""
+        """Recomputes every device's health; on any change publishes the state, then the
+        transitions and other queued events (the state first: that is what the kubelet waits for)."""
         now = self._clock()
         changed = False
         for dev_id, old in list(self._devices.items()):
@@ -272,10 +275,12 @@ class HealthMonitor:
                 log.warning("device %s: %s -> %s (%s)", dev_id, old.health, health, reason)
                 if self._metrics is not None:
                     self._metrics.transition(dev_id, health)
-                await self._pub.publish(HealthEvent(time=now, device=dev_id, event="transition",
-                                                    old=old.health, new=health, reason=reason))
+                self._outbox.append(HealthEvent(time=now, device=dev_id, event="transition",
+                                                old=old.health, new=health, reason=reason))
         if changed or force:
             await self._publish_state()
+        while self._outbox:
+            await self._pub.publish(self._outbox.popleft())
 
     def _add_fault(self, targets: list[str], kind: str, reason: str) -> None:
         now = time.monotonic()
@@ -437,6 +442,10 @@ class HealthMonitor:
         return hit or [gpu_uuid]
 
     async def _on_event(self, event: EventData) -> None:
+        self._apply_event(event)
+        self._schedule_flush()
+
+    def _apply_event(self, event: EventData) -> None:
         now = self._clock()
         targets = self._targets(event)
         device = event.uuid or ""
@@ -449,7 +458,7 @@ class HealthMonitor:
                 self._count(t, xid_count=1)
                 if self._metrics is not None:
                     self._metrics.xid(t, xid, verdict)
-            await self._pub.publish(HealthEvent(time=now, device=device, event="xid", xid=xid, reason=verdict))
+            self._outbox.append(HealthEvent(time=now, device=device, event="xid", xid=xid, reason=verdict))
             if verdict == FATAL:
                 self._add_fault(targets, "xid", f"XID {xid}")
         elif event.event_type & EVENT_DOUBLE_BIT_ECC:
@@ -460,7 +469,7 @@ class HealthMonitor:
                 self._count(t, dbe_count=1)
                 if self._metrics is not None:
                     self._metrics.ecc(t, "dbe")
-            await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC DBE"))
+            self._outbox.append(HealthEvent(time=now, device=device, event="ecc", reason="ECC DBE"))
             if self._policy.checks_enabled and self._health.ecc_double_bit == "fatal":
                 self._add_fault(targets, "ecc", "ECC DBE")
         elif event.event_type & EVENT_SINGLE_BIT_ECC:
@@ -468,10 +477,9 @@ class HealthMonitor:
                 self._count(t, sbe_count=1)
                 if self._metrics is not None:
                     self._metrics.ecc(t, "sbe")
-            await self._pub.publish(HealthEvent(time=now, device=device, event="ecc", reason="ECC SBE"))
+            self._outbox.append(HealthEvent(time=now, device=device, event="ecc", reason="ECC SBE"))
             if self._policy.checks_enabled and self._health.ecc_single_bit == "fatal":
                 self._add_fault(targets, "ecc", "ECC SBE")
-        self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         """One state publish for a burst of events: those already queued are applied first."""

@@ -126,7 +126,8 @@ class PluginServer:
         self._health_seen_at = 0.0
         self._stale = False
         self.endpoints: dict[str, Endpoint] = {}
-        self._dirty = asyncio.Event()
+        self._wake = asyncio.Event()  # the publisher loop has something to send
+        self._state_changed = False
         self._events: deque[PluginEvent] = deque(maxlen=10000)  # bounded: a flood drops the oldest
         self._health_sub: BusSubscriber | None = None
         self._topology = Topology([], [])
@@ -134,24 +135,31 @@ class PluginServer:
         self._cdi_spec: dict[str, Any] | None = None
 
     # -- bus out ----------------------------------------------------------------------
+    def _mark_changed(self) -> None:
+        self._state_changed = True
+        self._wake.set()
+
     def streams_changed(self, _count: int) -> None:
-        self._dirty.set()
+        self._mark_changed()
 
     def allocated(self, resource: str) -> Callable[[list[str]], None]:
         def record(ids: list[str]) -> None:
             # Off the Allocate path: the publisher loop sends it after the answer.
             self._events.append(PluginEvent(time=time.time(), event="allocate", resource=resource, detail="",
                                             devices=ids))
-            self._dirty.set()
+            self._wake.set()
 
         return record
 
     async def _publisher_loop(self) -> None:
         while True:
-            await self._dirty.wait()
-            self._dirty.clear()
+            await self._wake.wait()
+            self._wake.clear()
             while self._events:
                 await self._pub.publish(self._events.popleft())
+            if not self._state_changed:
+                continue
+            self._state_changed = False
             self._seq += 1
             await self._pub.publish(
                 PluginState(
@@ -171,25 +179,28 @@ class PluginServer:
         try:
             while True:
                 dropped = sub.dropped
-                msg = await sub.recv_timeout(1.0)
+                msg = await sub.recv()  # no timeout here: staleness is _watch_staleness's job
                 if sub.dropped != dropped:
-                    self._dirty.set()
-                now = time.monotonic()
+                    self._mark_changed()
                 if isinstance(msg, HealthState):
-                    self._health_seen_at = now
+                    self._health_seen_at = time.monotonic()
                     if self._stale:
                         log.info("health publisher is back")
                         self._stale = False
-                        self._dirty.set()
+                        self._mark_changed()
                     await self._apply(msg)
-                elif self._health is not None and not self._stale and now - self._health_seen_at > STALE_AFTER_S:
-                    # Missing data is not a fault: keep serving the last known state.
-                    log.warning("health state is stale (no heartbeat for %.0f s); keeping last known state",
-                                now - self._health_seen_at)
-                    self._stale = True
-                    self._dirty.set()
         finally:
             sub.close()
+
+    async def _watch_staleness(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)  # a periodic check, not a wait for a condition
+            silent = time.monotonic() - self._health_seen_at
+            if self._health is not None and not self._stale and silent > STALE_AFTER_S:
+                # Missing data is not a fault: keep serving the last known state.
+                log.warning("health state is stale (no heartbeat for %.0f s); keeping last known state", silent)
+                self._stale = True
+                self._mark_changed()
 
     async def _apply(self, state: HealthState) -> None:
         old = self._health
@@ -223,10 +234,10 @@ class PluginServer:
             ep.table.topology = self._topology
             changed = await ep.table.update(devices)
             if await ep.ensure_serving() or changed:
-                self._dirty.set()
+                self._mark_changed()
         for name, ep in self.endpoints.items():
             if name not in resources and await ep.table.update([]):
-                self._dirty.set()
+                self._mark_changed()
 
     # -- sockets ----------------------------------------------------------------------
     async def _watch_sockets(self, stop: asyncio.Event) -> None:
@@ -240,7 +251,7 @@ class PluginServer:
                     continue
                 for ep in list(self.endpoints.values()):
                     if ep.socket_id and await ep.ensure_serving():
-                        self._dirty.set()
+                        self._mark_changed()
         finally:
             watcher.close()
 
@@ -262,13 +273,14 @@ class PluginServer:
     async def run(self, stop: asyncio.Event) -> None:
         self._announce_settings()
         self.settings.device_plugin_dir.mkdir(parents=True, exist_ok=True)
-        self._dirty.set()
+        self._mark_changed()
         try:
             await run_until_stopped(
                 stop,
                 asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
                 asyncio.create_task(self._publisher_loop(), name="plugin-state"),
                 asyncio.create_task(self._consume_health(), name="health-consumer"),
+                asyncio.create_task(self._watch_staleness(), name="staleness"),
                 asyncio.create_task(self._watch_sockets(stop), name="socket-watcher"),
             )
         finally:
