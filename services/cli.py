@@ -6,7 +6,6 @@
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
     gpu-plugin inject xid|ecc|lost|remap|recover <uuid> ...    faults for the simulated backend
     gpu-plugin kubelet-sim --dir D --control C                 the kubelet simulator
-    gpu-plugin supervisor-watchdog                             supervisord event listener
 
 Settings come from flags, then the environment, then the config file (see common.settings).
 """
@@ -67,7 +66,6 @@ def _parser() -> argparse.ArgumentParser:
     ks.add_argument("--control", required=True, type=Path, help="control socket path")
     ks.add_argument("--log-level", default="info")
 
-    sub.add_parser("supervisor-watchdog", help="supervisord event listener: a FATAL process ends the container")
     return p
 
 
@@ -80,10 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "kubelet-sim":
         return _kubelet_sim(args)
-    if args.command == "supervisor-watchdog":
-        from services.watchdog import run as watchdog
-
-        return watchdog()
     try:
         settings = resolve(args)
     except SettingsError as e:

@@ -87,7 +87,8 @@ def test_a_fatal_component_ends_supervisord(tmp_path: Path) -> None:
         code = s.supervisord.wait(60)
         assert code is not None
         log = (s.root / "supervisord.log").read_text()
-        assert "health-monitor is FATAL" in log and "nvml init failed: Driver Not Loaded" in log
+        assert "processname:health-monitor" in log and ": FATAL; stopping supervisord" in log
+        assert "nvml init failed: Driver Not Loaded" in log
     finally:
         s.stop()
         s.cleanup()
