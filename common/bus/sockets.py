@@ -168,6 +168,31 @@ class BusSubscriber:
                 return msg
             self._drop(f"{len(frames)} frames, expected 2")
 
+    async def recv_latest(self) -> Message:
+        """The newest of the messages waiting (at least one), after yielding to the loop.
+
+        For full-state topics only the newest matters, and a flood of states must neither pile
+        up work nor starve the loop: pyzmq's recv returns without yielding when a message is
+        already there, so a consumer looping on recv() alone would never let gRPC run.
+        """
+        msg = await self.recv()
+        while True:
+            try:
+                frames = await self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 2:
+                self._drop(f"{len(frames)} frames, expected 2")
+                continue
+            try:
+                msg = decode(frames[0], frames[1])
+            except BusDecodeError as e:
+                self._drop(str(e))
+                continue
+            self.received += 1
+        await asyncio.sleep(0)
+        return msg
+
     async def recv_timeout(self, timeout_s: float) -> Message | None:
         try:
             return await asyncio.wait_for(self.recv(), timeout_s)

@@ -179,7 +179,7 @@ class PluginServer:
         try:
             while True:
                 dropped = sub.dropped
-                msg = await sub.recv()  # no timeout here: staleness is _watch_staleness's job
+                msg = await sub.recv_latest()  # no timeout here: staleness is _watch_staleness's job
                 if sub.dropped != dropped:
                     self._mark_changed()
                 if isinstance(msg, HealthState):

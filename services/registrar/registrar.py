@@ -62,7 +62,7 @@ class Registrar:
         sub = BusSubscriber([self._plugin_bus], topics=[PluginState.TOPIC])
         try:
             while True:
-                msg = await sub.recv()
+                msg = await sub.recv_latest()
                 if isinstance(msg, PluginState):
                     self._endpoints = {e.resource: e for e in msg.endpoints}
                     self._plugin_seen = True

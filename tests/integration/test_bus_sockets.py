@@ -116,3 +116,28 @@ def test_junk_is_dropped_and_counted(short_tmp: Path) -> None:
         asyncio.run(run())
     finally:
         rogue.close(0)
+
+
+def test_recv_latest_skips_to_the_newest_state(short_tmp: Path) -> None:
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=3600)
+        task = asyncio.create_task(pub.run())
+        sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
+        try:
+            await pub.publish(state(0))
+            first = await sub.recv_timeout(5.0)
+            assert isinstance(first, HealthState)
+            for seq in range(1, 201):
+                await pub.publish(state(seq))
+            seen = []
+            while not seen or seen[-1] != 200:
+                msg = await asyncio.wait_for(sub.recv_latest(), 5.0)
+                assert isinstance(msg, HealthState)
+                seen.append(msg.seq)
+            assert len(seen) < 200, "a burst is coalesced, not handled one by one"
+        finally:
+            sub.close()
+            task.cancel()
+            pub.close()
+
+    asyncio.run(run())
