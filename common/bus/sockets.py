@@ -36,6 +36,7 @@ from common.lifecycle import FatalError
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+MAX_DRAIN = 256  # superseded states skipped per receive, bounding the work between two yields
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
 
@@ -173,14 +174,17 @@ class BusSubscriber:
 
         For full-state topics only the newest matters, and a flood of states must neither pile
         up work nor starve the loop: pyzmq's recv returns without yielding when a message is
-        already there, so a consumer looping on recv() alone would never let gRPC run.
+        already there, so a consumer looping on recv() alone would never let gRPC run. At most
+        MAX_DRAIN waiting messages are skipped per call, and only the newest is decoded.
         """
         msg = await self.recv()
-        while True:
+        waiting: list[list[bytes]] = []
+        for _ in range(MAX_DRAIN):
             try:
-                frames = await self._sock.recv_multipart(zmq.NOBLOCK)
+                waiting.append(await self._sock.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
+        for frames in reversed(waiting):
             if len(frames) != 2:
                 self._drop(f"{len(frames)} frames, expected 2")
                 continue
@@ -190,6 +194,7 @@ class BusSubscriber:
                 self._drop(str(e))
                 continue
             self.received += 1
+            break
         await asyncio.sleep(0)
         return msg
 
