@@ -156,18 +156,24 @@ class BusSubscriber:
         self.received = 0
         self.dropped = 0
 
+    def _decode(self, frames: list[bytes]) -> Message | None:
+        """The message, or None after counting the drop."""
+        if len(frames) != 2:
+            self._drop(f"{len(frames)} frames, expected 2")
+            return None
+        try:
+            msg = decode(frames[0], frames[1])
+        except BusDecodeError as e:
+            self._drop(str(e))
+            return None
+        self.received += 1
+        return msg
+
     async def recv(self) -> Message:
         while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) == 2:
-                try:
-                    msg = decode(frames[0], frames[1])
-                except BusDecodeError as e:
-                    self._drop(str(e))
-                    continue
-                self.received += 1
+            msg = self._decode(await self._sock.recv_multipart())
+            if msg is not None:
                 return msg
-            self._drop(f"{len(frames)} frames, expected 2")
 
     async def recv_latest(self) -> Message:
         """The newest of the messages waiting (at least one), after yielding to the loop.
@@ -185,16 +191,10 @@ class BusSubscriber:
             except zmq.Again:
                 break
         for frames in reversed(waiting):
-            if len(frames) != 2:
-                self._drop(f"{len(frames)} frames, expected 2")
-                continue
-            try:
-                msg = decode(frames[0], frames[1])
-            except BusDecodeError as e:
-                self._drop(str(e))
-                continue
-            self.received += 1
-            break
+            newer = self._decode(frames)
+            if newer is not None:
+                msg = newer
+                break
         await asyncio.sleep(0)
         return msg
 
