@@ -54,7 +54,6 @@ class Registrar:
         self._kubelet_state = "absent"
         self._wake = asyncio.Event()
         self._published: tuple[object, ...] = ()
-        self._streamed: dict[str, str] = {}  # resource -> socket id the kubelet was seen streaming from
         self._stream_lost_at: dict[str, float] = {}
 
     # -- inputs -----------------------------------------------------------------------
@@ -87,16 +86,19 @@ class Registrar:
             watcher.close()
 
     def _track_streams(self) -> None:
-        """Notices a kubelet that stopped streaming from an endpoint it still has registered."""
+        """Notices a kubelet that does not stream from an endpoint registered with it.
+
+        The kubelet opens ListAndWatch within milliseconds of a registration; an endpoint that
+        stays without a stream for STREAM_LOST_GRACE_S was let go (or never taken up).
+        """
         now = time.monotonic()
         for resource, ep in self._endpoints.items():
             reg = self.registered.get(resource)
             if reg is None or reg.socket_id != ep.socket_id:
                 continue
             if ep.streams > 0:
-                self._streamed[resource] = ep.socket_id
                 self._stream_lost_at.pop(resource, None)
-            elif self._streamed.get(resource) == ep.socket_id:
+            else:
                 self._stream_lost_at.setdefault(resource, now)
 
     def _stream_lost(self, resource: str, now: float) -> bool:
@@ -108,7 +110,6 @@ class Registrar:
         log.warning("%s: the kubelet stopped streaming from %s; registering again", resource,
                     self._endpoints[resource].endpoint)
         self._stream_lost_at.pop(resource, None)
-        self._streamed.pop(resource, None)
         self.registered.pop(resource, None)
         return True
 
