@@ -31,7 +31,7 @@ import zmq.asyncio
 from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode
 from common.bus.messages import Message
 from common.fswatch import file_id
-from common.lifecycle import FatalError
+from common.lifecycle import FatalError, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,7 @@ class BusPublisher:
         log.warning("bus socket %s was removed; binding it again", self.path)
         with contextlib.suppress(zmq.ZMQError):
             self._sock.unbind(ipc_address(self.path))
-        if not self.path.parent.is_dir():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.path.parent, 0o700)
+        ensure_private_dir(self.path.parent)
         if not self.path.with_name(self.path.name + ".lock").exists():
             self._lock_file.close()
             self._lock_file = self._take_lock(self.path)

@@ -221,9 +221,6 @@ class HealthMonitor:
         self._event_thread: threading.Thread | None = None
 
     # -- state ------------------------------------------------------------------------
-    def devices(self) -> list[DeviceState]:
-        return list(self._devices.values())
-
     async def _publish_state(self) -> None:
         if self._metrics is not None:
             self._metrics.devices(list(self._devices.values()))
@@ -461,25 +458,20 @@ class HealthMonitor:
             self._outbox.append(HealthEvent(time=now, device=device, event="xid", xid=xid, reason=verdict))
             if verdict == FATAL:
                 self._add_fault(targets, "xid", f"XID {xid}")
-        elif event.event_type & EVENT_DOUBLE_BIT_ECC:
+        elif event.event_type & (EVENT_DOUBLE_BIT_ECC | EVENT_SINGLE_BIT_ECC):
+            double = bool(event.event_type & EVENT_DOUBLE_BIT_ECC)
+            kind, policy = ("dbe", self._health.ecc_double_bit) if double else ("sbe", self._health.ecc_single_bit)
             gpu_of_event = self._gpu_of(event.uuid)
-            if gpu_of_event:  # the probe compares the GPU's counter: remember this one was seen
+            if double and gpu_of_event:  # the probe compares the GPU's counter: remember this one was seen
                 self._dbe_events[gpu_of_event] = self._dbe_events.get(gpu_of_event, 0) + 1
             for t in targets:
-                self._count(t, dbe_count=1)
+                self._count(t, **{f"{kind}_count": 1})
                 if self._metrics is not None:
-                    self._metrics.ecc(t, "dbe")
-            self._outbox.append(HealthEvent(time=now, device=device, event="ecc", reason="ECC DBE"))
-            if self._policy.checks_enabled and self._health.ecc_double_bit == "fatal":
-                self._add_fault(targets, "ecc", "ECC DBE")
-        elif event.event_type & EVENT_SINGLE_BIT_ECC:
-            for t in targets:
-                self._count(t, sbe_count=1)
-                if self._metrics is not None:
-                    self._metrics.ecc(t, "sbe")
-            self._outbox.append(HealthEvent(time=now, device=device, event="ecc", reason="ECC SBE"))
-            if self._policy.checks_enabled and self._health.ecc_single_bit == "fatal":
-                self._add_fault(targets, "ecc", "ECC SBE")
+                    self._metrics.ecc(t, kind)
+            reason = f"ECC {kind.upper()}"
+            self._outbox.append(HealthEvent(time=now, device=device, event="ecc", reason=reason))
+            if self._policy.checks_enabled and policy == "fatal":
+                self._add_fault(targets, "ecc", reason)
 
     def _schedule_flush(self) -> None:
         """One state publish for a burst of events: those already queued are applied first."""

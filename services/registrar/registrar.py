@@ -46,7 +46,6 @@ class Registrar:
         self._incarnation = uuidlib.uuid4().hex[:12]
         self._seq = 0
         self._endpoints: dict[str, EndpointState] = {}
-        self._plugin_seen = False
         self.registered: dict[str, Registration] = {}
         self._failures: dict[str, int] = {}
         self._retry_at: dict[str, float] = {}
@@ -64,7 +63,6 @@ class Registrar:
                 msg = await sub.recv_latest()
                 if isinstance(msg, PluginState):
                     self._endpoints = {e.resource: e for e in msg.endpoints}
-                    self._plugin_seen = True
                     self._track_streams()
                     self._wake.set()
         finally:
