@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
 
 import zmq
 import zmq.asyncio
@@ -45,6 +46,10 @@ class BusInUseError(FatalError):
     """Another live process already publishes on this endpoint."""
 
 
+class BusLockError(FatalError):
+    """The lock path is not a plain file of ours."""
+
+
 def ipc_address(path: Path) -> str:
     if len(os.fsencode(path)) > MAX_IPC_PATH:
         raise ValueError(f"bus socket path {path} is longer than {MAX_IPC_PATH} bytes; use a shorter run dir")
@@ -57,7 +62,7 @@ class BusPublisher:
     def __init__(self, path: Path, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.path = path
         self._heartbeat_s = heartbeat_s
-        self._lock_file = self._take_lock(path)
+        self._lock_fd = self._take_lock(path)
         self._sock = zmq.asyncio.Context.instance().socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -83,19 +88,42 @@ class BusPublisher:
             self._sock.unbind(ipc_address(self.path))
         ensure_private_dir(self.path.parent)
         if not self.path.with_name(self.path.name + ".lock").exists():
-            self._lock_file.close()
-            self._lock_file = self._take_lock(self.path)
+            os.close(self._lock_fd)
+            self._lock_fd = self._take_lock(self.path)
         self._bind()
 
     @staticmethod
-    def _take_lock(path: Path) -> IO[bytes]:
-        f = open(path.with_name(path.name + ".lock"), "wb")  # noqa: SIM115 - held for the life of the publisher
+    def _take_lock(path: Path) -> int:
+        """An exclusive flock on `<path>.lock`, held (fd open) for the life of the publisher.
+
+        The run dir may hold anything a root process left there, so the lock path is opened
+        without following a symlink (root would otherwise truncate or create the file it points
+        to), without truncating (the file may be someone else's), and closed on exec (a child
+        holding it would keep the bus locked after we die). Only a regular file will do: a
+        FIFO or a device would block or act on open, a directory cannot be locked meaningfully.
+        """
+        lock = path.with_name(path.name + ".lock")
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise BusInUseError(f"another process publishes on {path}") from None
-        return f
+            fd = os.open(lock, flags, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise BusLockError(f"bus lock {lock} is a symlink; refusing to follow it (remove it)") from None
+            if e.errno == errno.EISDIR:
+                raise BusLockError(f"bus lock {lock} is not a regular file (a directory); remove it") from None
+            raise BusLockError(f"bus lock {lock} cannot be opened: {e.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise BusLockError(f"bus lock {lock} is not a regular file (mode {stat.filemode(mode)}); remove it")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BusInUseError(f"another process publishes on {path}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     async def publish(self, msg: Message) -> None:
         if msg.TOPIC.endswith(".state"):
@@ -133,7 +161,7 @@ class BusPublisher:
         self._sock.close(linger=0)
         if file_id(self.path) == self._bound:
             self.path.unlink(missing_ok=True)
-        self._lock_file.close()
+        os.close(self._lock_fd)
 
 
 class BusSubscriber:

@@ -7,12 +7,13 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
 
 from common.bus.messages import HealthState
-from common.bus.sockets import BusInUseError, BusPublisher, BusSubscriber
+from common.bus.sockets import BusInUseError, BusLockError, BusPublisher, BusSubscriber
 
 
 def state(seq: int) -> HealthState:
@@ -141,3 +142,51 @@ def test_recv_latest_skips_to_the_newest_state(short_tmp: Path) -> None:
             pub.close()
 
     asyncio.run(run())
+
+
+def _plant_symlink(lock: Path, target: Path) -> None:
+    lock.symlink_to(target)
+
+
+def _plant_dangling_symlink(lock: Path, target: Path) -> None:
+    lock.symlink_to(target.with_name("nowhere"))
+
+
+def _plant_directory(lock: Path, target: Path) -> None:
+    lock.mkdir()
+
+
+def _plant_fifo(lock: Path, target: Path) -> None:
+    os.mkfifo(lock)
+
+
+@pytest.mark.parametrize(
+    ("plant", "why"),
+    [(_plant_symlink, "is a symlink"), (_plant_dangling_symlink, "is a symlink"),
+     (_plant_directory, "is not a regular file"), (_plant_fifo, "is not a regular file")],
+    ids=["symlink", "dangling-symlink", "directory", "fifo"],
+)
+def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_nothing_is_touched(
+    short_tmp: Path, plant: Any, why: str
+) -> None:
+    # Root opening a planted symlink with O_TRUNC would empty whatever file it points to.
+    target = short_tmp / "precious"
+    target.write_bytes(b"not yours")
+    plant(short_tmp / "health.sock.lock", target)
+    with pytest.raises(BusLockError, match=f"health.sock.lock {why}"):
+        BusPublisher(short_tmp / "health.sock")
+    assert target.read_bytes() == b"not yours"
+    assert not (short_tmp / "health.sock").exists(), "nothing bound without the lock"
+    assert not (short_tmp / "nowhere").exists(), "a dangling symlink's target is not created"
+
+
+def test_an_existing_lock_file_is_reused_not_truncated(short_tmp: Path) -> None:
+    lock = short_tmp / "health.sock.lock"
+    lock.write_bytes(b"left by an earlier publisher")
+    pub = BusPublisher(short_tmp / "health.sock")
+    try:
+        assert lock.read_bytes() == b"left by an earlier publisher"
+        fd = pub._lock_fd
+        assert os.get_inheritable(fd) is False, "a child process must not inherit the lock"
+    finally:
+        pub.close()
