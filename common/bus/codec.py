@@ -3,7 +3,7 @@
 Decoding validates every field against the dataclass type hints in `messages`, so a
 subscriber either gets a well-typed message or a `BusDecodeError` it can count and drop.
 The supported hint shapes are the ones `messages` uses: str, int, float, bool, `X | None`,
-`list[X]` and nested dataclasses.
+`list[X]`, nested dataclasses, and `DeviceId` (a str that must have a device ID's form).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 
-from common.bus.messages import BY_TOPIC, SCHEMA_VERSION, Message
+from common.bus.messages import BY_TOPIC, SCHEMA_VERSION, IdForm, Message, is_device_id
 
 # A full state of a large node (hundreds of MIG devices and replicas) is well under this;
 # anything bigger is abuse, and refusing it before unpacking bounds the memory it costs.
@@ -87,7 +87,7 @@ Checker = Callable[[Any, str], Any]
 
 @functools.cache
 def _fields(cls: type) -> tuple[tuple[str, Checker, bool], ...]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return tuple(
         (
             f.name,
@@ -117,6 +117,20 @@ def _build(cls: type, body: Any, where: str) -> Any:
 def _checker(hint: Any) -> Checker:
     """A validating converter for one type hint, built once per field (decoding is hot)."""
     origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        base, *marks = typing.get_args(hint)
+        (form,) = [m for m in marks if isinstance(m, IdForm)]
+        check_str = _checker(base)
+        empty_ok = form.empty_ok
+
+        def device_id(value: Any, where: str) -> str:
+            text: str = check_str(value, where)
+            if (empty_ok and text == "") or is_device_id(text):
+                return text
+            shown = text if len(text) <= 64 else text[:64] + "..."
+            raise BusDecodeError(f"{where}: not a device ID: {shown!r} ({len(text)} characters)")
+
+        return device_id
     if origin is types.UnionType or origin is typing.Union:
         args = typing.get_args(hint)
         (inner,) = [a for a in args if a is not type(None)]

@@ -17,13 +17,38 @@ Rules of the protocol:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 SCHEMA_VERSION = 1
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
+
+# A device ID as it reaches the kubelet, NVIDIA_VISIBLE_DEVICES (comma-separated), volume-mount
+# paths and CDI device names: GPU-<uuid>, MIG-<uuid>, an index "3" or "3:1", a replica
+# "<uuid>::<n>". CDI's name rule (alphanumerics first and last, then _ . : -) admits all of
+# them and excludes separators, paths and control characters.
+MAX_DEVICE_ID = 128
+DEVICE_ID_PATTERN = rf"[A-Za-z0-9](?:[A-Za-z0-9_.:-]{{0,{MAX_DEVICE_ID - 2}}}[A-Za-z0-9])?"
+
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+
+
+def is_device_id(text: str) -> bool:
+    return _DEVICE_ID.fullmatch(text) is not None
+
+
+@dataclass(frozen=True)
+class IdForm:
+    """Marks a str field that the codec checks against DEVICE_ID_PATTERN."""
+
+    empty_ok: bool = False  # "" means "none" (a GPU's parent)
+
+
+DeviceId = Annotated[str, IdForm()]
+DeviceIdOrNone = Annotated[str, IdForm(empty_ok=True)]
 
 # Bus endpoints, relative to the run directory.
 HEALTH_SOCKET = "health.sock"
@@ -40,9 +65,9 @@ class Message:
 class DeviceState:
     """One schedulable device as the health-monitor sees it: a whole GPU or a MIG device."""
 
-    id: str  # GPU-… or MIG-… UUID
+    id: DeviceId  # GPU-… or MIG-… UUID
     kind: str  # "gpu" | "mig"
-    index: str  # "3" for a GPU, "3:1" for MIG device 1 of GPU 3
+    index: DeviceId  # "3" for a GPU, "3:1" for MIG device 1 of GPU 3
     name: str
     health: str  # HEALTHY | UNHEALTHY
     reason: str  # why it is in that state ("" when healthy from the start)
@@ -51,7 +76,7 @@ class DeviceState:
     pci_bus_id: str = ""
     numa_node: int | None = None  # None: unknown, no topology hint
     memory_mb: int = 0
-    parent: str = ""  # MIG devices: the UUID of the GPU they live on
+    parent: DeviceIdOrNone = ""  # MIG devices: the UUID of the GPU they live on
     gpu_instance_id: int = -1
     compute_instance_id: int = -1
     profile: str = ""  # MIG profile, e.g. "1g.10gb"
@@ -67,8 +92,8 @@ class DeviceState:
 class PairLink:
     """How two GPUs are connected, discovered once: what preferred allocation scores."""
 
-    a: str  # GPU UUID
-    b: str  # GPU UUID
+    a: DeviceId  # GPU UUID
+    b: DeviceId  # GPU UUID
     nvlinks: int  # active NVLinks between them (directly or through NVSwitches)
     level: int  # NVML topology level of their PCIe common ancestor (0 board .. 50 system); -1 unknown
 

@@ -239,7 +239,11 @@ def test_bus_abuse_is_dropped_and_counted(server: Server) -> None:
     rogue.bind(f"ipc://{server.run / 'health.sock'}")
     good = HealthState(incarnation="x", seq=1, sent_at=0.0, nvml_ok=True, error="", driver_version="", devices=[])
     topic, payload = encode(good)
+    # Well-formed, but a device ID that would split NVIDIA_VISIBLE_DEVICES in two.
+    comma = HealthState(incarnation="x", seq=2, sent_at=0.0, nvml_ok=True, error="", driver_version="",
+                        devices=[dataclasses.replace(gpus(1)[0], id="GPU-a,GPU-b")])
     frames = [
+        [*encode(comma)],
         [topic, os.urandom(64)],
         [topic, payload[: len(payload) // 2]],
         [topic, msgpack.packb({**msgpack.unpackb(payload), "v": 99})],
@@ -259,7 +263,7 @@ def test_bus_abuse_is_dropped_and_counted(server: Server) -> None:
         def flood() -> bool:
             for f in frames:
                 rogue.send_multipart(f)
-            return dropped() >= 7
+            return dropped() >= 8
 
         wait_until(flood, 15, "the plugin-server counting dropped payloads")
     finally:

@@ -15,6 +15,7 @@ from common.bus import codec
 from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode
 from common.bus.messages import (
     BY_TOPIC,
+    DEVICE_ID_PATTERN,
     HEALTHY,
     MESSAGE_TYPES,
     SCHEMA_VERSION,
@@ -24,6 +25,7 @@ from common.bus.messages import (
     HealthEvent,
     HealthState,
     Message,
+    PairLink,
     PluginEvent,
     PluginState,
     RegistrarEvent,
@@ -102,6 +104,7 @@ SAMPLES: list[tuple[str, Message]] = [
             error="",
             driver_version="580.159.04",
             devices=[GPU0, GPU1_NO_NUMA, MIG],
+            links=[PairLink(a=GPU0.id, b=GPU1_NO_NUMA.id, nvlinks=18, level=20)],
         ),
     ),
     (
@@ -294,6 +297,49 @@ BAD: list[tuple[str, bytes, bytes]] = [
 ]
 
 
+# Device IDs reach the kubelet, NVIDIA_VISIBLE_DEVICES (comma-separated), volume-mount paths
+# and CDI names: anything but the ID forms a GPU node produces is refused at the bus.
+BAD_IDS: list[tuple[str, str]] = [
+    ("empty", ""),
+    ("comma", f"{GPU0.id},{GPU1_NO_NUMA.id}"),
+    ("newline", GPU0.id + "\n"),
+    ("nul", "GPU-\x00"),
+    ("escape", "GPU-\x1b[31m"),
+    ("space", "GPU 0"),
+    ("slash-traversal", "../../etc/passwd"),
+    ("non-ascii", "GPU-ä"),
+    ("leading-dash", "-0"),
+    ("trailing-colon", "GPU-0:"),
+    ("129-chars", "G" * 129),
+    ("100000-chars", "G" * 100_000),
+]
+for _name, _bad in BAD_IDS:
+    BAD += [
+        (f"device-id-{_name}", b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "id"), _bad)),
+        (f"device-index-{_name}", b"health.state", _mutated(HEALTH_STATE, ("devices", 2, "index"), _bad)),
+        (f"link-id-{_name}", b"health.state", _mutated(HEALTH_STATE, ("links", 0, "b"), _bad)),
+    ]
+    if _bad:  # "" is a GPU's parent
+        BAD.append((f"device-parent-{_name}", b"health.state", _mutated(HEALTH_STATE, ("devices", 2, "parent"), _bad)))
+
+
+@pytest.mark.parametrize(
+    "device_id",
+    ["0", "7", "3:1", "GPU-8a3a5e0e-1c2b-4e3f-9a7d-1234567890ab", "MIG-0f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718",
+     "GPU-8a3a5e0e-1c2b-4e3f-9a7d-1234567890ab::15", "GPU-" + "a" * 124],
+)
+def test_every_real_device_id_form_is_accepted(device_id: str) -> None:
+    msg = decode(b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "id"), device_id))
+    assert isinstance(msg, HealthState) and msg.devices[0].id == device_id
+
+
+def test_a_bad_device_id_is_named_in_the_error() -> None:
+    with pytest.raises(BusDecodeError, match=r"^health\.state\.devices\[0\]\.id: not a device ID: 'GPU-a,GPU-b'"):
+        decode(b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "id"), "GPU-a,GPU-b"))
+    with pytest.raises(BusDecodeError, match=r"'GGGG.*\.\.\.' \(100000 characters\)"):
+        decode(b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "id"), "G" * 100_000))
+
+
 @pytest.mark.parametrize(("topic", "payload"), [(t, p) for _, t, p in BAD], ids=[i for i, _, _ in BAD])
 def test_decode_rejects(topic: bytes, payload: bytes) -> None:
     with pytest.raises(BusDecodeError):
@@ -364,14 +410,15 @@ def test_arbitrary_msgpack_maps_only_raise_bus_decode_error(topic: str, extra: d
 
 
 _ids = st.text(min_size=1, max_size=40)
+_device_ids = st.from_regex(DEVICE_ID_PATTERN, fullmatch=True)
 _times = st.floats(min_value=0, max_value=4e9, allow_nan=False, allow_infinity=False)
 _i64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 _device_states = st.builds(
     DeviceState,
-    id=_ids,
+    id=_device_ids,
     kind=st.sampled_from(["gpu", "mig"]),
-    index=st.text(max_size=8),
+    index=_device_ids,
     name=st.text(max_size=40),
     health=st.sampled_from([HEALTHY, UNHEALTHY]),
     reason=st.text(max_size=60),
@@ -380,7 +427,7 @@ _device_states = st.builds(
     pci_bus_id=st.text(max_size=16),
     numa_node=st.none() | st.integers(min_value=-1, max_value=64),
     memory_mb=st.integers(min_value=0, max_value=2**40),
-    parent=st.text(max_size=40),
+    parent=st.just("") | _device_ids,
     gpu_instance_id=_i64,
     compute_instance_id=_i64,
     profile=st.text(max_size=12),
@@ -401,3 +448,15 @@ _health_states = st.builds(
 @given(msg=_health_states)
 def test_health_state_round_trip_property(msg: HealthState) -> None:
     assert decode(*encode(msg)) == msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(device_id=st.text(max_size=200))
+def test_arbitrary_text_as_a_device_id_decodes_only_if_it_has_the_id_form(device_id: str) -> None:
+    try:
+        msg = decode(b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "id"), device_id))
+    except BusDecodeError:
+        assert not re.fullmatch(DEVICE_ID_PATTERN, device_id)
+        return
+    assert isinstance(msg, HealthState) and re.fullmatch(DEVICE_ID_PATTERN, msg.devices[0].id)
+    assert 1 <= len(device_id) <= 128 and "," not in device_id and device_id.isascii() and device_id.isprintable()
