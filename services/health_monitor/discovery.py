@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, PairLink
+from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, PairLink, is_device_id
 from common.nvml.backend import (
     NVLINK_STATE_ACTIVE,
     NVML_ERROR_GPU_IS_LOST,
@@ -41,6 +41,12 @@ def _mig_profile(name: str) -> str:
     return profile.strip() if sep else ""
 
 
+def _unusable(inv: Inventory, what: str, uuid: str) -> None:
+    shown = uuid if len(uuid) <= 64 else uuid[:64] + "..."
+    log.error("%s: UUID %r is not a valid device ID: not offered", what, shown)
+    inv.unreadable.append(f"{what}: UUID {shown!r} is not a valid device ID")
+
+
 def discover(backend: NvmlBackend, now: float) -> Inventory:
     inv = Inventory()
     for index in range(backend.device_get_count()):
@@ -52,6 +58,10 @@ def discover(backend: NvmlBackend, now: float) -> Inventory:
             log.error("GPU index %d cannot be read (%s): not offered", index, e)
             inv.unreadable.append(f"GPU index {index}: {e}")
             continue
+        if not is_device_id(uuid):
+            # The bus refuses a whole state carrying such an ID: leave out this GPU, not the node.
+            _unusable(inv, f"GPU index {index}", uuid)
+            continue
         inv.handles[uuid] = handle
         try:
             gpu, migs = _describe(backend, handle, index, uuid, now)
@@ -62,6 +72,10 @@ def discover(backend: NvmlBackend, now: float) -> Inventory:
             gpu = DeviceState(id=uuid, kind="gpu", index=str(index), name="", health=UNHEALTHY,
                               reason=reason, since=now)
             migs = []
+        for m in migs:
+            if not is_device_id(m.id):
+                _unusable(inv, f"MIG device of GPU index {index}", m.id)
+        migs = [m for m in migs if is_device_id(m.id)]
         inv.devices.append(gpu)
         inv.devices.extend(migs)
         inv.children[uuid] = [m.id for m in migs]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from common.bus.codec import decode, encode
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
 from common.cordons import CordonFileError, CordonStore
 from common.nvml.backend import NVML_ERROR_UNKNOWN
@@ -33,6 +34,27 @@ def test_a_gpu_that_cannot_be_named_is_skipped_and_reported(tmp_path: Path) -> N
     inv = discover(nvml, 0.0)
     assert len([d for d in inv.devices if d.kind == "gpu"]) == 7
     assert inv.unreadable == ["GPU index 2: Unknown Error"]
+
+
+def test_a_device_whose_uuid_is_no_device_id_is_skipped_and_the_state_still_decodes(tmp_path: Path) -> None:
+    # The subscriber drops a whole state carrying a malformed ID: one odd UUID from the driver
+    # must cost that device, not every device of the node.
+    def change(d: dict[str, Any]) -> None:
+        d["devices"][2]["uuid"] = "GPU-a,GPU-b"
+        gpu = next(g for g in d["devices"] if g.get("mig_devices"))
+        gpu["mig_devices"][0]["uuid"] = "MIG-GPU-x/1/0"
+
+    inv = discover(fleet(tmp_path, "dgx-h100-8-mig", change), 0.0)
+    ids = [d.id for d in inv.devices]
+    assert "GPU-a,GPU-b" not in ids and "MIG-GPU-x/1/0" not in ids
+    assert len([d for d in inv.devices if d.kind == "gpu"]) == 7
+    assert [u for u in inv.unreadable if "not a valid device ID" in u] == [
+        "GPU index 2: UUID 'GPU-a,GPU-b' is not a valid device ID",
+        "MIG device of GPU index 6: UUID 'MIG-GPU-x/1/0' is not a valid device ID",
+    ]
+    state = HealthState(incarnation="i", seq=1, sent_at=0.0, nvml_ok=True, error="", driver_version="",
+                        devices=inv.devices, links=inv.links)
+    assert decode(*encode(state)) == state
 
 
 def test_a_gpu_that_fails_description_is_listed_unhealthy(tmp_path: Path) -> None:
