@@ -3,10 +3,11 @@ and a subscriber that drops and counts whatever it cannot decode.
 
 Snapshot mechanism: the publisher binds an XPUB socket with XPUB_VERBOSE, so every
 subscription a subscriber sends (at connect, and again after any reconnect) reaches the
-publisher, which answers by re-sending its current state messages at once. A new
-subscriber therefore has the full state within a round trip, not at the next heartbeat,
-with no second socket to keep in step. Heartbeats re-send the same state (same seq,
-new sent_at) at least once a second.
+publisher, which answers by re-sending its current state messages: at once after a quiet
+spell, else with the next coalesced replay (REPLAY_INTERVAL_S). A new subscriber therefore
+has the full state within a round trip or 50 ms, not at the next heartbeat, with no second
+socket to keep in step, and a flood of subscriptions costs one replay per interval.
+Heartbeats re-send the same state (same seq, new sent_at) at least once a second.
 
 Only one process may publish on an endpoint: binding an ipc:// path silently takes it
 over from a live owner, so the publisher first takes an exclusive flock next to it.
@@ -20,6 +21,7 @@ import dataclasses
 import errno
 import fcntl
 import logging
+import math
 import os
 import stat
 import time
@@ -37,6 +39,13 @@ from common.lifecycle import FatalError, ensure_private_dir
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+# A new subscriber waits at most this long for the state when another subscribed just before.
+REPLAY_INTERVAL_S = 0.05
+SUBSCRIPTION_BATCH = 1000  # frames read between two yields to the event loop
+# Per subscriber; message bodies are shared between subscribers, so stalled ones cost ~1000
+# states at most, not 1000 each. Lower would drop the newest state of an honest burst.
+SEND_HWM = 1000
+MAX_SUBSCRIPTION = 256  # bytes: \x01 or \x00 and a topic prefix; the longest topic has 15
 MAX_DRAIN = 256  # superseded states skipped per receive, bounding the work between two yields
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
@@ -66,11 +75,19 @@ class BusPublisher:
         self._sock = zmq.asyncio.Context.instance().socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self._sock.setsockopt(zmq.SNDHWM, 10000)
+        # States supersede each other and events are for humans: a subscriber that stops reading
+        # (a suspended `bus tail`) costs at most this many messages here, then misses some.
+        self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        # What arrives here is subscriptions (a topic prefix): libzmq drops a connection that
+        # announces a bigger frame before buffering it, where it used to take any size.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION)
+        # Subscription frames are drained synchronously in batches: no future per frame.
+        self._raw: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
         self._bound = ""
         self._bind()
         self._states: dict[str, Message] = {}
         self.sent = 0
+        self.subscriptions = 0  # subscription frames seen (a flood shows here, not in replays)
 
     def _bind(self) -> None:
         # We hold the lock: whatever socket file is there was left by a dead publisher.
@@ -143,19 +160,48 @@ class BusPublisher:
             await self._send(msg)
 
     async def run(self) -> None:
-        """Answers subscriptions with the current state and sends heartbeats; runs forever."""
+        """Answers subscriptions with the current state and sends heartbeats; runs forever.
+
+        Subscriptions are drained in batches and answered by one replay per REPLAY_INTERVAL_S
+        at most: a replay reaches every subscriber at once, so it covers every subscription
+        read before it, and a flood of them (a script looping on `bus tail`) costs one state
+        per interval instead of one per subscription, per subscriber. The first subscription
+        after a quiet spell is answered at once; between batches the loop yields, so that a
+        fault's state goes out before any further replay work.
+        """
         next_beat = time.monotonic() + self._heartbeat_s
+        replay_at: float | None = None  # a coalesced replay is due at this time
+        last_replay = -REPLAY_INTERVAL_S
         while True:
-            timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
-            if await self._sock.poll(timeout=timeout_ms):
-                frame = await self._sock.recv()
-                # \x01<topic> is a subscription; anything else (unsubscribe, junk) needs nothing.
-                if frame[:1] == b"\x01":
-                    await self._resend_states()
-                continue
-            self._ensure_bound()
-            await self._resend_states()
-            next_beat = time.monotonic() + self._heartbeat_s
+            wake = next_beat if replay_at is None else min(next_beat, replay_at)
+            timeout_ms = max(0, math.ceil((wake - time.monotonic()) * 1000))
+            if await self._sock.poll(timeout=timeout_ms) and self._drain_subscriptions():
+                due = max(time.monotonic(), last_replay + REPLAY_INTERVAL_S)
+                replay_at = due if replay_at is None else min(replay_at, due)
+            now = time.monotonic()
+            if now >= next_beat:
+                self._ensure_bound()
+                next_beat = now + self._heartbeat_s
+                replay_at = now  # the heartbeat is a replay: it answers the pending subscriptions
+            if replay_at is not None and now >= replay_at:
+                await self._resend_states()
+                replay_at, last_replay = None, time.monotonic()
+            # pyzmq's poll returns without yielding when a frame is already waiting.
+            await asyncio.sleep(0)
+
+    def _drain_subscriptions(self) -> bool:
+        """Reads up to SUBSCRIPTION_BATCH waiting frames; whether any was a subscription."""
+        subscribed = False
+        for _ in range(SUBSCRIPTION_BATCH):
+            try:
+                frame = self._raw.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # \x01<topic> is a subscription; anything else (unsubscribe, junk) needs nothing.
+            if frame[:1] == b"\x01":
+                self.subscriptions += 1
+                subscribed = True
+        return subscribed
 
     def close(self) -> None:
         self._sock.close(linger=0)

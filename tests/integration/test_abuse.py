@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +26,7 @@ from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from services.devstack import RESOURCE, DevStack
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
+from tests.integration.conftest import MakeNode
 from tests.integration.fakes import FakeHealthMonitor, PluginClient, gpus
 
 
@@ -289,3 +293,122 @@ def test_bus_abuse_is_dropped_and_counted(server: Server) -> None:
     assert server.alive()
     with BusWatch(server.run / "health.sock", ("health.state",)) as w:
         assert isinstance(w.wait(lambda m: isinstance(m, HealthState)), HealthState), "health publisher still up"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _raw_subscriber(path: Path) -> zmq.Socket[bytes]:
+    """A raw XSUB, as any process that can reach the run dir may open: sends frames as they are."""
+    xsub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.XSUB)
+    xsub.setsockopt(zmq.LINGER, 0)
+    xsub.setsockopt(zmq.SNDHWM, 0)  # queue everything: the flood reaches the publisher whole
+    xsub.connect(f"ipc://{path}")
+    return xsub
+
+
+class RawZmtpPeer:
+    """A subscriber speaking ZMTP 3.0 by hand over the unix socket, as any process that can
+    reach the run dir may: it sends frames of any size (libzmq's own XSUB cannot even hold a
+    10 MB subscription: its trie recursion overflows the stack)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+        ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 4) + b"XSUB"
+        self.sock.sendall(greeting + b"\x04" + bytes([len(ready)]) + ready)
+        self.closed_by_peer = False
+
+    def send_frame(self, body: bytes) -> None:
+        head = b"\x00" + bytes([len(body)]) if len(body) < 256 else b"\x02" + struct.pack(">Q", len(body))
+        try:
+            self.sock.sendall(head + body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.closed_by_peer = True
+
+    def peer_closed(self) -> bool:
+        """Whether the publisher hung up on us (reads and discards what it sent meanwhile)."""
+        while not self.closed_by_peer and select.select([self.sock], [], [], 0)[0]:
+            try:
+                self.closed_by_peer = not self.sock.recv(65536)
+            except ConnectionResetError:
+                self.closed_by_peer = True
+        return self.closed_by_peer
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_huge_subscription_frames_keep_the_publisher_memory_bounded(make_node: MakeNode) -> None:
+    node = make_node()
+    node.wait_devices()
+    pid = node.services["health-monitor"].pid
+    before = _rss_mb(pid)
+    grown = 0.0
+    for i in range(5):
+        peer = RawZmtpPeer(node.run / "health.sock")
+        try:
+            peer.send_frame(b"\x01" + bytes([65 + i]) * (10 * 1024 * 1024))
+
+            def refused_or_grown(peer: RawZmtpPeer = peer) -> bool:
+                nonlocal grown
+                grown = _rss_mb(pid) - before
+                return peer.peer_closed() or grown > 100
+
+            wait_until(refused_or_grown, 60, "the publisher hanging up on the frame or its memory growing")
+            assert grown <= 100, f"the health-monitor grew by {grown:.0f} MB taking {i + 1} x 10 MB subscription frames"
+        finally:
+            peer.close()
+    assert node.services["health-monitor"].poll() is None
+    with BusWatch(node.run / "health.sock", ("health.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, HealthState) and len(m.devices) == 8)
+    assert isinstance(msg, HealthState)
+    assert _rss_mb(pid) - before <= 100
+
+
+def test_a_fault_reaches_the_kubelet_during_a_subscription_flood(make_node: MakeNode) -> None:
+    node = make_node()
+    devices = node.wait_devices()
+    victim = sorted(devices)[3]
+    ctx = zmq.Context.instance()
+    # Slow subscribers (a stopped `bus tail`): whatever the publisher sends them piles up.
+    idle = []
+    for _ in range(20):
+        s = ctx.socket(zmq.SUB)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SUBSCRIBE, b"health.state")
+        s.connect(f"ipc://{node.run / 'health.sock'}")
+        idle.append(s)
+    xsub = _raw_subscriber(node.run / "health.sock")
+    stop = threading.Event()
+    sent = 0
+
+    def flood() -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < 2_000_000:
+            for _ in range(50_000):  # 100 000 frames per burst, as a script looping on `bus tail` can
+                xsub.send(b"\x01health.state")
+                xsub.send(b"\x00health.state")
+            sent += 100_000
+
+    t = threading.Thread(target=flood)
+    t.start()
+    try:
+        wait_until(lambda: sent >= 100_000, 60, "the first burst of the flood")
+        node.inject("xid", victim, "79")
+        # The old publisher answered each subscription with a full state, queued ahead of the
+        # fault's and starving its own event loop: the XID reached the kubelet ~42 s late.
+        node.wait_health(victim, "Unhealthy", timeout=10)
+    finally:
+        stop.set()
+        t.join()
+        xsub.close(0)
+        for s in idle:
+            s.close(0)
+    node.wait_devices(healthy=7, timeout=10)
+    assert all(p.poll() is None for p in node.services.values())

@@ -190,3 +190,44 @@ def test_an_existing_lock_file_is_reused_not_truncated(short_tmp: Path) -> None:
         assert os.get_inheritable(fd) is False, "a child process must not inherit the lock"
     finally:
         pub.close()
+
+
+def test_a_subscription_flood_is_answered_by_a_few_coalesced_replays(short_tmp: Path) -> None:
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=3600)  # no heartbeat during the test
+        task = asyncio.create_task(pub.run())
+        honest = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
+        flooder = zmq.Context.instance().socket(zmq.XSUB)
+        flooder.setsockopt(zmq.LINGER, 0)
+        flooder.setsockopt(zmq.SNDHWM, 0)  # every frame reaches the publisher
+        try:
+            await pub.publish(state(1))
+            first = await honest.recv_timeout(10.0)
+            assert isinstance(first, HealthState)
+            flooder.connect(f"ipc://{short_tmp / 'health.sock'}")
+            for _ in range(50_000):
+                flooder.send(b"\x01health.state")
+                flooder.send(b"\x00health.state")
+            deadline = time.monotonic() + 120
+            while pub.subscriptions < 50_000 + 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert pub.subscriptions == 50_000 + 1, "the publisher saw every subscription"
+            # The old publisher replayed for each: tens of thousands of copies to every subscriber.
+            copies = 0
+            while (msg := await honest.recv_timeout(0.5)) is not None:
+                assert isinstance(msg, HealthState) and msg.seq == 1
+                copies += 1
+            assert copies <= 2000, f"{copies} replays for one flood"
+            # A flood over, an honest newcomer still gets the state at once.
+            late = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
+            try:
+                assert isinstance(await late.recv_timeout(10.0), HealthState)
+            finally:
+                late.close()
+        finally:
+            flooder.close(0)
+            honest.close()
+            task.cancel()
+            pub.close()
+
+    asyncio.run(run())
