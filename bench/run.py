@@ -4,6 +4,8 @@ the kubelet simulator's side. Prints a table and writes bench/results/latest.jso
 Figures (p50/p99 where repeated):
   cold start -> registered          supervisord start until the kubelet holds 8 healthy GPUs
   fault -> Unhealthy at kubelet     `inject xid 79` sent until the kubelet's list shows it
+  ... during a subscription flood   the same while a raw XSUB sends subscribe/unsubscribe
+                                    frames to the health bus without pause
   kubelet restart -> back           simulator restart until it holds the resource again
   kill -9 plugin-server -> back     SIGKILL until the kubelet holds 8 healthy GPUs again
   Allocate, GetPreferredAllocation  a kubelet-like gRPC client on the plugin socket
@@ -22,14 +24,17 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.bus.messages import HEALTH_SOCKET
 from common.nvml.factory import SIM_CONTROL_SOCKET
 from common.nvml.simulated import FaultClient
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
@@ -97,6 +102,32 @@ def bench_faults(stack: DevStack, ids: list[str], n: int) -> list[float]:
     return out
 
 
+def bench_faults_flooded(stack: DevStack, ids: list[str], n: int) -> tuple[list[float], int]:
+    """bench_faults while a client floods the health bus with subscriptions; also the frames sent."""
+    xsub = zmq.Context.instance().socket(zmq.XSUB)
+    xsub.setsockopt(zmq.LINGER, 0)
+    xsub.connect(f"ipc://{stack.run_dir / HEALTH_SOCKET}")
+    stop = threading.Event()
+    sent = 0
+
+    def flood() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            for _ in range(1000):
+                xsub.send(b"\x01health.state")
+                xsub.send(b"\x00health.state")
+            sent += 2000
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        return bench_faults(stack, ids, n), sent
+    finally:
+        stop.set()
+        t.join()
+        xsub.close(0)
+
+
 def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], list[float], dict[int, list[float]]]:
     with grpc.insecure_channel(f"unix:{socket}") as channel:
         stub = pb_grpc.DevicePluginStub(channel)
@@ -144,6 +175,9 @@ def main() -> int:
         ids = list(reply["state"]["resources"][RESOURCE]["devices"])
 
         results["fault_to_unhealthy_s"] = summary(bench_faults(stack, ids, args.injections))
+        flooded, frames = bench_faults_flooded(stack, ids, max(1, args.injections // 4))
+        results["fault_to_unhealthy_flooded_s"] = summary(flooded)
+        results["flood_frames"] = frames
 
         restarts = []
         for _ in range(args.restarts):
@@ -219,6 +253,7 @@ def main() -> int:
     print(f"{'figure':44} {'p50':>10} {'p99':>10}")
     print(f"{'cold start -> registered (s)':44} {results['cold_start_s']:10.3f}")
     for key, label in (("fault_to_unhealthy_s", "fault -> Unhealthy at kubelet (ms)"),
+                       ("fault_to_unhealthy_flooded_s", "XID -> Unhealthy, subscription flood (ms)"),
                        ("kubelet_restart_to_back_s", "kubelet restart -> resource back (ms)"),
                        ("kill9_plugin_server_to_back_s", "kill -9 plugin-server -> back (ms)"),
                        ("allocate_s", "Allocate (ms)"),
