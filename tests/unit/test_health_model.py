@@ -4,6 +4,7 @@ discovery code run against the simulated driver."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -228,8 +229,6 @@ def test_probe_finds_a_dbe_the_events_missed(plain: Inventory, clock: FakeClock)
 
 
 def test_discovery_failures_start_unhealthy_and_probes_may_clear_them(plain: Inventory, clock: FakeClock) -> None:
-    import dataclasses
-
     broken = dataclasses.replace(plain.devices[0], health=UNHEALTHY, reason="GPU lost")
     inv = dataclasses.replace(plain, devices=[broken, *plain.devices[1:]])
     m = HealthModel(XidPolicy(), RecoveryPolicy("auto", PROBE_S, QUIET_S), None, clock)
