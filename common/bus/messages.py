@@ -18,12 +18,20 @@ Rules of the protocol:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Final, Literal
 
 SCHEMA_VERSION = 1
 
-HEALTHY = "Healthy"
-UNHEALTHY = "Unhealthy"
+# The fixed vocabulary: the codec accepts these fields only with one of these values.
+Health = Literal["Healthy", "Unhealthy"]
+DeviceKind = Literal["gpu", "mig"]
+HealthEventKind = Literal["transition", "xid", "ecc", "nvml", "probe"]
+PluginEventKind = Literal["allocate", "endpoint", "stream"]
+KubeletPresence = Literal["absent", "present", "refusing"]
+RegistrarEventKind = Literal["registered", "failed", "kubelet"]
+
+HEALTHY: Final = "Healthy"
+UNHEALTHY: Final = "Unhealthy"
 
 # Bus endpoints, relative to the run directory.
 HEALTH_SOCKET = "health.sock"
@@ -41,10 +49,10 @@ class DeviceState:
     """One schedulable device as the health-monitor sees it: a whole GPU or a MIG device."""
 
     id: str  # GPU-… or MIG-… UUID
-    kind: str  # "gpu" | "mig"
+    kind: DeviceKind
     index: str  # "3" for a GPU, "3:1" for MIG device 1 of GPU 3
     name: str
-    health: str  # HEALTHY | UNHEALTHY
+    health: Health
     reason: str  # why it is in that state ("" when healthy from the start)
     since: float  # unix time of the last health change
     minor: int = -1  # /dev/nvidia<minor>; -1 for MIG devices
@@ -93,9 +101,9 @@ class HealthEvent(Message):
     TOPIC: ClassVar[str] = "health.event"
     time: float
     device: str
-    event: str  # "transition" | "xid" | "ecc" | "nvml" | "probe"
-    old: str = ""
-    new: str = ""
+    event: HealthEventKind
+    old: Literal["Healthy", "Unhealthy", ""] = ""  # transitions only
+    new: Literal["Healthy", "Unhealthy", ""] = ""
     reason: str = ""
     xid: int = 0
 
@@ -130,7 +138,7 @@ class PluginState(Message):
 class PluginEvent(Message):
     TOPIC: ClassVar[str] = "plugin.event"
     time: float
-    event: str  # "allocate" | "endpoint" | "stream"
+    event: PluginEventKind
     resource: str
     detail: str
     devices: list[str] = field(default_factory=list)
@@ -152,7 +160,7 @@ class RegistrarState(Message):
     incarnation: str
     seq: int
     sent_at: float
-    kubelet: str  # "absent" | "present" | "refusing"
+    kubelet: KubeletPresence
     kubelet_id: str
     registrations: list[Registration] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)  # resources not registered yet
@@ -163,7 +171,7 @@ class RegistrarState(Message):
 class RegistrarEvent(Message):
     TOPIC: ClassVar[str] = "registrar.event"
     time: float
-    event: str  # "registered" | "failed" | "kubelet"
+    event: RegistrarEventKind
     resource: str
     detail: str
 

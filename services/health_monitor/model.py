@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthEvent
+from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, Health, HealthEvent
 from common.cordons import Cordon
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
@@ -255,7 +255,7 @@ class HealthModel:
         return hit or [gpu_uuid]
 
     # -- rules ------------------------------------------------------------------------
-    def _evaluate(self, dev: DeviceState) -> tuple[str, str, bool]:
+    def _evaluate(self, dev: DeviceState) -> tuple[Health, str, bool]:
         """(health, reason, cordoned) from the device's own and its GPU's faults and cordons."""
         reasons: list[str] = []
         cordoned = False
