@@ -3,7 +3,9 @@
 Decoding validates every field against the dataclass type hints in `messages`, so a
 subscriber either gets a well-typed message or a `BusDecodeError` it can count and drop.
 The supported hint shapes are the ones `messages` uses: str, int, float, bool, `X | None`,
-`list[X]`, nested dataclasses, and `DeviceId` (a str that must have a device ID's form).
+`list[X]`, `Literal[...]` of strings (checked by value: the fixed vocabulary, so that no
+other string can reach, say, the kubelet's health field), nested dataclasses, and `DeviceId`
+(a str that must have a device ID's form).
 """
 
 from __future__ import annotations
@@ -140,6 +142,18 @@ def _checker(hint: Any) -> Checker:
             return None if value is None else check(value, where)
 
         return optional
+    if origin is typing.Literal:
+        allowed = frozenset(typing.get_args(hint))
+        if not all(isinstance(a, str) for a in allowed):
+            raise TypeError(f"only string literals are supported in bus messages, not {hint!r}")
+        shown = "|".join(sorted(allowed))
+
+        def literal(value: Any, where: str) -> str:
+            if not isinstance(value, str) or value not in allowed:
+                raise BusDecodeError(f"{where}: expected one of {shown}, got {str(value)[:32]!r}")
+            return value
+
+        return literal
     if origin is list:
         (inner,) = typing.get_args(hint)
         item = _checker(inner)

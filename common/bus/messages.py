@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Final, Literal
 
 SCHEMA_VERSION = 1
 
-HEALTHY = "Healthy"
-UNHEALTHY = "Unhealthy"
+# The fixed vocabulary: the codec accepts these fields only with one of these values.
+Health = Literal["Healthy", "Unhealthy"]
+DeviceKind = Literal["gpu", "mig"]
+HealthEventKind = Literal["transition", "xid", "ecc", "nvml", "probe"]
+PluginEventKind = Literal["allocate", "endpoint", "stream"]
+KubeletPresence = Literal["absent", "present", "refusing"]
+RegistrarEventKind = Literal["registered", "failed", "kubelet"]
+
+HEALTHY: Final = "Healthy"
+UNHEALTHY: Final = "Unhealthy"
 
 # A device ID as it reaches the kubelet, NVIDIA_VISIBLE_DEVICES (comma-separated), volume-mount
 # paths and CDI device names: GPU-<uuid>, MIG-<uuid>, an index "3" or "3:1", a replica
@@ -66,10 +74,10 @@ class DeviceState:
     """One schedulable device as the health-monitor sees it: a whole GPU or a MIG device."""
 
     id: DeviceId  # GPU-… or MIG-… UUID
-    kind: str  # "gpu" | "mig"
+    kind: DeviceKind
     index: DeviceId  # "3" for a GPU, "3:1" for MIG device 1 of GPU 3
     name: str
-    health: str  # HEALTHY | UNHEALTHY
+    health: Health
     reason: str  # why it is in that state ("" when healthy from the start)
     since: float  # unix time of the last health change
     minor: int = -1  # /dev/nvidia<minor>; -1 for MIG devices
@@ -118,9 +126,9 @@ class HealthEvent(Message):
     TOPIC: ClassVar[str] = "health.event"
     time: float
     device: str
-    event: str  # "transition" | "xid" | "ecc" | "nvml" | "probe"
-    old: str = ""
-    new: str = ""
+    event: HealthEventKind
+    old: Literal["Healthy", "Unhealthy", ""] = ""  # transitions only
+    new: Literal["Healthy", "Unhealthy", ""] = ""
     reason: str = ""
     xid: int = 0
 
@@ -155,7 +163,7 @@ class PluginState(Message):
 class PluginEvent(Message):
     TOPIC: ClassVar[str] = "plugin.event"
     time: float
-    event: str  # "allocate" | "endpoint" | "stream"
+    event: PluginEventKind
     resource: str
     detail: str
     devices: list[str] = field(default_factory=list)
@@ -177,7 +185,7 @@ class RegistrarState(Message):
     incarnation: str
     seq: int
     sent_at: float
-    kubelet: str  # "absent" | "present" | "refusing"
+    kubelet: KubeletPresence
     kubelet_id: str
     registrations: list[Registration] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)  # resources not registered yet
@@ -188,7 +196,7 @@ class RegistrarState(Message):
 class RegistrarEvent(Message):
     TOPIC: ClassVar[str] = "registrar.event"
     time: float
-    event: str  # "registered" | "failed" | "kubelet"
+    event: RegistrarEventKind
     resource: str
     detail: str
 

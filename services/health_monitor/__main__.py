@@ -15,7 +15,8 @@ from common.nvml.backend import NvmlError
 from common.nvml.factory import make_backend
 from common.settings import Settings
 from services.health_monitor.metrics import HealthMetrics
-from services.health_monitor.monitor import HealthMonitor, RecoveryPolicy
+from services.health_monitor.model import RecoveryPolicy
+from services.health_monitor.monitor import HealthMonitor
 from services.health_monitor.xid_policy import policy_from_env
 
 

@@ -1,15 +1,7 @@
 """The health monitor: the only NVML user. Discovers devices, watches driver events, probes
-every GPU, applies the health policy and publishes the node's full device state.
-
-Health model: each device carries a set of active faults (an XID, a double-bit ECC error,
-"GPU lost", a failed probe, a pending row remap, ...) and possibly an operator's cordon.
-A device is Unhealthy while it has any fault or cordon of its own, or its GPU has one (a
-MIG device shares the fate of its GPU; an instance event stays on its instance). Faults
-that a probe can see (lost, probe failure, row remap, retired pages) clear when the probe
-no longer sees them. Faults reported only as events (XID, ECC) clear by recovery: when the
-driver's recovery advice says nothing is needed and a probe interval has passed, or, on
-drivers without that advice, after a quiet period of clean probes. Policy `never` keeps
-every fault until a restart, as NVIDIA's plugin does.
+every GPU and publishes the node's full device state. The health rules themselves live in
+`model.py` as plain code; this module is the driver around them: NVML, threads, backoff
+and the bus.
 
 An event wait that fails with anything but a timeout is a fault of the event channel, not
 evidence about any GPU: the event set is re-created, the failure is reported, and every GPU
@@ -18,7 +10,7 @@ marks every device unhealthy, for good, on such an error.)
 
 Threads: NVML's event wait blocks in C (ctypes releases the GIL), so it runs in one worker
 thread; probes run in another. Both hand their findings to the asyncio loop, which owns
-all state and the bus socket.
+the model and the bus socket.
 """
 
 from __future__ import annotations
@@ -26,34 +18,27 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import threading
-import time
 import uuid as uuidlib
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthEvent, HealthState
+from common.bus.messages import HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
-from common.cordons import Cordon, CordonFileError, CordonStore
+from common.cordons import CordonFileError, CordonStore
 from common.fswatch import DirWatcher
 from common.lifecycle import FatalError, run_until_stopped
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
     EVENT_XID_CRITICAL,
-    GPU_RECOVERY_ACTION_NONE,
     MEMORY_ERROR_UNCORRECTED,
     NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_LIBRARY_NOT_FOUND,
     NVML_ERROR_TIMEOUT,
     NVML_ERROR_UNKNOWN,
-    RECOVERY_ACTION_NAMES,
-    WHOLE_GPU_INSTANCE,
     EventData,
     Handle,
     NvmlBackend,
@@ -62,7 +47,10 @@ from common.nvml.backend import (
 from common.settings import HealthConfig
 from services.health_monitor.discovery import Inventory, discover
 from services.health_monitor.metrics import HealthMetrics
-from services.health_monitor.xid_policy import FATAL, XidPolicy
+from services.health_monitor.model import Clock, HealthModel, Probe, RecoveryPolicy, SystemClock
+from services.health_monitor.xid_policy import XidPolicy
+
+__all__ = ["HealthMonitor", "NvmlInitError", "Probe", "RecoveryPolicy", "probe_gpu", "register_events"]
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +59,6 @@ WAIT_SLICE_MS = 1000  # bounds how long the event thread takes to notice shutdow
 INIT_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_PENDING_EVENTS = 1000  # events handed to the loop and not yet applied
 EVENT_SET_BACKOFF_S = (0.1, 1.0, 5.0, 30.0)
-
-# Fault kinds. Sticky ones are seen only as events and clear by recovery; the others are
-# what a probe sees, and clear when it stops seeing them.
-STICKY = frozenset({"xid", "ecc"})
-PROBED = frozenset({"lost", "probe", "remap", "retired"})
 
 
 class NvmlInitError(FatalError):
@@ -94,31 +77,6 @@ def explain_init_error(e: NvmlError) -> str:
     else:
         hint = "check the driver installation (nvidia-smi on the host) and the container runtime"
     return f"nvml init failed: {e}: {hint}"
-
-
-@dataclass(frozen=True)
-class RecoveryPolicy:
-    policy: str = "auto"  # "auto" | "never"
-    probe_interval: float = 10.0
-    quiet_period: float = 60.0
-
-
-@dataclass
-class Probe:
-    """What one probe of one GPU found (computed in the probe thread)."""
-
-    gpu: str
-    faults: dict[str, str] = field(default_factory=dict)  # PROBED kind -> reason
-    recovery_action: int | None = None  # None: the driver gives no advice
-    dbe_total: int | None = None
-
-
-@dataclass
-class Tracker:
-    faults: dict[str, str] = field(default_factory=dict)
-    last_fault: float = 0.0  # monotonic time of the last fault seen
-    recovery_action: int | None = None
-    dbe_total: int | None = None
 
 
 def register_events(nvml: NvmlBackend, handles: dict[str, Handle]) -> tuple[Handle, dict[str, str]]:
@@ -191,7 +149,7 @@ class HealthMonitor:
         health: HealthConfig | None = None,
         cordons: CordonStore | None = None,
         metrics: HealthMetrics | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         self._metrics = metrics
         self._nvml = backend
@@ -199,14 +157,11 @@ class HealthMonitor:
         self._policy = policy
         self._fail_on_init_error = fail_on_init_error
         self._recovery = recovery or RecoveryPolicy()
-        self._health = health or HealthConfig()
         self._cordon_store = cordons
-        self._cordons: dict[str, Cordon] = {}
-        self._clock = clock
+        self._clock: Clock = clock or SystemClock()
+        self._model = HealthModel(policy, self._recovery, health, self._clock, metrics)
         self._incarnation = uuidlib.uuid4().hex[:12]
         self._seq = 0
-        self._devices: dict[str, DeviceState] = {}
-        self._trackers: dict[str, Tracker] = {}
         self._inventory = Inventory()
         self._nvml_ok = False
         self._error = "starting"
@@ -214,84 +169,36 @@ class HealthMonitor:
         self._stopping = threading.Event()
         self._probe_now = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._dbe_events: dict[str, int] = {}  # DBEs seen as events since the last probe
         self._pending = threading.BoundedSemaphore(MAX_PENDING_EVENTS)
         self._flush: asyncio.Task[None] | None = None
-        self._outbox: deque[HealthEvent] = deque(maxlen=10000)  # events for humans, sent after the state
         self._event_thread: threading.Thread | None = None
 
     # -- state ------------------------------------------------------------------------
     async def _publish_state(self) -> None:
+        devices = list(self._model.devices.values())
         if self._metrics is not None:
-            self._metrics.devices(list(self._devices.values()))
+            self._metrics.devices(devices)
         self._seq += 1
         await self._pub.publish(
             HealthState(
                 incarnation=self._incarnation,
                 seq=self._seq,
-                sent_at=self._clock(),
+                sent_at=self._clock.time(),
                 nvml_ok=self._nvml_ok,
                 error=self._error,
                 driver_version=self._driver,
-                devices=list(self._devices.values()),
+                devices=devices,
                 links=self._inventory.links,
             )
         )
 
-    def _evaluate(self, dev: DeviceState) -> tuple[str, str, bool]:
-        """(health, reason, cordoned) from the device's own and its GPU's faults and cordons."""
-        reasons: list[str] = []
-        cordoned = False
-        for source in (dev.id, dev.parent) if dev.parent else (dev.id,):
-            cordon = self._cordons.get(source)
-            if cordon is not None:
-                cordoned = True
-                reasons.append(f"cordoned: {cordon.reason}" if cordon.reason else "cordoned")
-            reasons.extend(self._trackers[source].faults.values() if source in self._trackers else ())
-        unique = list(dict.fromkeys(reasons))
-        return (UNHEALTHY if unique else HEALTHY), "; ".join(unique), cordoned
-
     async def _refresh(self, force: bool = False) -> None:
-        """Recomputes every device's health; on any change publishes the state, then the
-        transitions and other queued events (the state first: that is what the kubelet waits for)."""
-        now = self._clock()
-        changed = False
-        for dev_id, old in list(self._devices.items()):
-            health, reason, cordoned = self._evaluate(old)
-            if health == HEALTHY and old.health == UNHEALTHY:
-                reason = "uncordoned" if old.cordoned and not cordoned else "recovered"
-            elif health == HEALTHY:
-                reason = old.reason if old.health == HEALTHY else ""
-            new = dataclasses.replace(old, health=health, reason=reason, cordoned=cordoned,
-                                      since=now if health != old.health else old.since)
-            if new == old:
-                continue
-            self._devices[dev_id] = new
-            changed = True
-            if health != old.health:
-                log.warning("device %s: %s -> %s (%s)", dev_id, old.health, health, reason)
-                if self._metrics is not None:
-                    self._metrics.transition(dev_id, health)
-                self._outbox.append(HealthEvent(time=now, device=dev_id, event="transition",
-                                                old=old.health, new=health, reason=reason))
-        if changed or force:
+        """Applies the model; on any change publishes the state, then the transitions and
+        other queued events (the state first: that is what the kubelet waits for)."""
+        if self._model.refresh() or force:
             await self._publish_state()
-        while self._outbox:
-            await self._pub.publish(self._outbox.popleft())
-
-    def _add_fault(self, targets: list[str], kind: str, reason: str) -> None:
-        now = time.monotonic()
-        for dev_id in targets:
-            tracker = self._trackers.setdefault(dev_id, Tracker())
-            tracker.faults[kind] = reason
-            tracker.last_fault = now
-
-    def _count(self, dev_id: str, **increments: int) -> None:
-        dev = self._devices.get(dev_id)
-        if dev is not None:
-            self._devices[dev_id] = dataclasses.replace(
-                dev, **{k: getattr(dev, k) + v for k, v in increments.items()}
-            )
+        for event in self._model.take_events():
+            await self._pub.publish(event)
 
     # -- startup ----------------------------------------------------------------------
     async def _init_nvml(self, stop: asyncio.Event) -> bool:
@@ -303,7 +210,7 @@ class HealthMonitor:
             except NvmlError as e:
                 self._error = explain_init_error(e)
             log.error("%s", self._error)
-            await self._pub.publish(HealthEvent(time=self._clock(), device="", event="nvml", reason=self._error))
+            await self._pub.publish(HealthEvent(time=self._clock.time(), device="", event="nvml", reason=self._error))
             await self._publish_state()
             if self._fail_on_init_error:
                 raise NvmlInitError(self._error)
@@ -321,17 +228,14 @@ class HealthMonitor:
             if not await self._init_nvml(stop):
                 return
             self._driver = self._nvml.system_get_driver_version()
-            self._inventory = discover(self._nvml, self._clock())
-            self._devices = {d.id: d for d in self._inventory.devices}
-            for d in self._inventory.devices:
-                if d.health == UNHEALTHY:  # lost or unreadable during discovery; probes may clear it
-                    self._add_fault([d.id], "lost" if d.reason == "GPU lost" else "probe", d.reason)
+            self._inventory = discover(self._nvml, self._clock.time())
+            self._model.load_inventory(self._inventory)
             self._nvml_ok, self._error = True, "; ".join(self._inventory.unreadable)
             log.info(
                 "discovered %d devices (driver %s): %s",
-                len(self._devices),
+                len(self._inventory.devices),
                 self._driver,
-                ", ".join(f"{d.index}={d.id}" for d in self._devices.values()),
+                ", ".join(f"{d.index}={d.id}" for d in self._inventory.devices),
             )
             self._load_cordons()
             # A first probe before the first state: it finds GPUs that are already broken and
@@ -411,67 +315,12 @@ class HealthMonitor:
         return old
 
     async def _on_wait_failure(self, reason: str) -> None:
-        await self._pub.publish(HealthEvent(time=self._clock(), device="", event="nvml", reason=reason))
+        await self._pub.publish(HealthEvent(time=self._clock.time(), device="", event="nvml", reason=reason))
         self._probe_now.set()
 
-    def _gpu_of(self, device: str | None) -> str:
-        dev = self._devices.get(device or "")
-        if dev is None:
-            return ""
-        return dev.parent if dev.kind == "mig" else dev.id
-
-    def _targets(self, event: EventData) -> list[str]:
-        """The devices an event names: a whole GPU, or the MIG devices of one instance."""
-        if event.uuid is None:
-            return list(self._inventory.handles)  # NVIDIA's rule: an event naming no device hits all GPUs
-        gpu_uuid = event.uuid
-        dev = self._devices.get(gpu_uuid)
-        if dev is not None and dev.kind == "mig":
-            gpu_uuid = dev.parent
-        if event.gpu_instance_id == WHOLE_GPU_INSTANCE:
-            return [gpu_uuid]
-        hit = [
-            c
-            for c in self._inventory.children.get(gpu_uuid, [])
-            if self._devices[c].gpu_instance_id == event.gpu_instance_id
-            and event.compute_instance_id in (WHOLE_GPU_INSTANCE, self._devices[c].compute_instance_id)
-        ]
-        return hit or [gpu_uuid]
-
     async def _on_event(self, event: EventData) -> None:
-        self._apply_event(event)
+        self._model.apply_event(event)
         self._schedule_flush()
-
-    def _apply_event(self, event: EventData) -> None:
-        now = self._clock()
-        targets = self._targets(event)
-        device = event.uuid or ""
-        if event.event_type & EVENT_XID_CRITICAL:
-            xid = event.event_data
-            verdict = self._policy.classify(xid)
-            log.warning("XID %d on %s (gi %d, ci %d): %s", xid, device or "no device",
-                        event.gpu_instance_id, event.compute_instance_id, verdict)
-            for t in targets:
-                self._count(t, xid_count=1)
-                if self._metrics is not None:
-                    self._metrics.xid(t, xid, verdict)
-            self._outbox.append(HealthEvent(time=now, device=device, event="xid", xid=xid, reason=verdict))
-            if verdict == FATAL:
-                self._add_fault(targets, "xid", f"XID {xid}")
-        elif event.event_type & (EVENT_DOUBLE_BIT_ECC | EVENT_SINGLE_BIT_ECC):
-            double = bool(event.event_type & EVENT_DOUBLE_BIT_ECC)
-            kind, policy = ("dbe", self._health.ecc_double_bit) if double else ("sbe", self._health.ecc_single_bit)
-            gpu_of_event = self._gpu_of(event.uuid)
-            if double and gpu_of_event:  # the probe compares the GPU's counter: remember this one was seen
-                self._dbe_events[gpu_of_event] = self._dbe_events.get(gpu_of_event, 0) + 1
-            for t in targets:
-                self._count(t, **{f"{kind}_count": 1})
-                if self._metrics is not None:
-                    self._metrics.ecc(t, kind)
-            reason = f"ECC {kind.upper()}"
-            self._outbox.append(HealthEvent(time=now, device=device, event="ecc", reason=reason))
-            if self._policy.checks_enabled and policy == "fatal":
-                self._add_fault(targets, "ecc", reason)
 
     def _schedule_flush(self) -> None:
         """One state publish for a burst of events: those already queued are applied first."""
@@ -491,68 +340,22 @@ class HealthMonitor:
         return [probe_gpu(self._nvml, gpu, handle) for gpu, handle in self._inventory.handles.items()]
 
     async def _apply_probes(self, results: list[Probe]) -> None:
-        if not self._policy.checks_enabled:
-            return
-        now = time.monotonic()
-        for r in results:
-            tracker = self._trackers.setdefault(r.gpu, Tracker())
-            for kind in PROBED - r.faults.keys():
-                tracker.faults.pop(kind, None)
-            if r.faults:
-                tracker.faults.update(r.faults)
-                tracker.last_fault = now
-            # A DBE the event channel missed (events unsupported) still counts.
-            if r.dbe_total is not None and tracker.dbe_total is not None and r.dbe_total > tracker.dbe_total:
-                missed = r.dbe_total - tracker.dbe_total - self._dbe_events.pop(r.gpu, 0)
-                if missed > 0:
-                    self._count(r.gpu, dbe_count=missed)
-                    if self._health.ecc_double_bit == "fatal":
-                        self._add_fault([r.gpu], "ecc", "ECC DBE")
-            if r.dbe_total is not None:
-                tracker.dbe_total = r.dbe_total
-            tracker.recovery_action = r.recovery_action
-            if not r.faults:
-                self._maybe_recover(r.gpu, now)
+        self._model.apply_probes(results)
         await self._refresh()
-
-    def _maybe_recover(self, gpu: str, now: float) -> None:
-        """Clears sticky faults of a GPU (and its MIG devices) whose condition has cleared."""
-        if self._recovery.policy != "auto":
-            return
-        tracker = self._trackers[gpu]
-        members = [gpu, *self._inventory.children.get(gpu, [])]
-        sticky = [m for m in members if self._trackers.get(m) and self._trackers[m].faults.keys() & STICKY]
-        if not sticky:
-            return
-        last = max(self._trackers[m].last_fault for m in sticky)
-        if tracker.recovery_action is not None:
-            ready = tracker.recovery_action == GPU_RECOVERY_ACTION_NONE and now - last >= self._recovery.probe_interval
-            if not ready and tracker.recovery_action != GPU_RECOVERY_ACTION_NONE:
-                advice = RECOVERY_ACTION_NAMES.get(tracker.recovery_action, str(tracker.recovery_action))
-                for m in sticky:
-                    self._trackers[m].faults["advice"] = f"driver advises: {advice}"
-        else:
-            ready = now - last >= self._recovery.quiet_period
-        if ready:
-            for m in sticky:
-                t = self._trackers[m]
-                for kind in (*STICKY, "advice"):
-                    t.faults.pop(kind, None)
-            log.info("GPU %s: fault cleared, recovering %s", gpu, ", ".join(sticky))
 
     # -- cordons ----------------------------------------------------------------------
     def _load_cordons(self) -> None:
         if self._cordon_store is None:
             return
         try:
-            self._cordons = self._cordon_store.load()
+            cordons = self._cordon_store.load()
         except CordonFileError as e:
             # Keep the cordons we had: an unreadable file must not return devices to service.
             log.error("%s; keeping the previous cordons", e)
             return
-        unknown = set(self._cordons) - set(self._devices)
+        unknown = self._model.set_cordons(cordons)
         if unknown:
-            log.warning("cordons name devices this node does not have: %s", ", ".join(sorted(unknown)))
+            log.warning("cordons name devices this node does not have: %s", ", ".join(unknown))
 
     async def _watch_cordons(self) -> None:
         assert self._cordon_store is not None

@@ -33,12 +33,18 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import combinations, pairwise
 from math import comb
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from common.bus.messages import DeviceState, PairLink
 
-if TYPE_CHECKING:
-    from services.plugin_server.device_table import PluginDevice
+
+class OnGpu(Protocol):
+    """What shared-device placement needs of an offered ID: the physical GPU it lives on.
+    (A protocol rather than device_table's PluginDevice, so that the table may use this
+    module without a cycle.)"""
+
+    @property
+    def gpu_id(self) -> str: ...
 
 NVLINK_SCORE = 100
 """Per active NVLink between two GPUs (directly or through NVSwitches)."""
@@ -59,8 +65,7 @@ ENUM_LIMIT = 128
 """When at most this many subsets fit a request, score them one by one instead of
 scanning the sorted tables (covers every request on 8 GPUs: C(8, 4) = 70)."""
 
-DISTRIBUTED = "distributed"
-PACKED = "packed"
+PACKED = "packed"  # any other policy distributes
 
 
 def pair_score(nvlinks: int, level: int, numa_a: int | None, numa_b: int | None) -> int:
@@ -296,7 +301,7 @@ def _greedy(topo: Topology, must: list[str], free: list[str], room: int) -> set[
 
 
 def preferred_shared(
-    devices: Mapping[str, PluginDevice],
+    devices: Mapping[str, OnGpu],
     available: Sequence[str],
     must_include: Sequence[str],
     size: int,

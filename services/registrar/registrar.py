@@ -20,7 +20,14 @@ from pathlib import Path
 
 import grpc
 
-from common.bus.messages import EndpointState, PluginState, RegistrarEvent, RegistrarState, Registration
+from common.bus.messages import (
+    EndpointState,
+    KubeletPresence,
+    PluginState,
+    RegistrarEvent,
+    RegistrarState,
+    Registration,
+)
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.lifecycle import run_until_stopped
@@ -50,7 +57,7 @@ class Registrar:
         self._failures: dict[str, int] = {}
         self._retry_at: dict[str, float] = {}
         self._errors: dict[str, str] = {}
-        self._kubelet_state = "absent"
+        self._kubelet_state: KubeletPresence = "absent"
         self._wake = asyncio.Event()
         self._published: tuple[object, ...] = ()
         self._stream_lost_at: dict[str, float] = {}
@@ -119,7 +126,7 @@ class Registrar:
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
 
-    def _set_kubelet(self, state: str) -> None:
+    def _set_kubelet(self, state: KubeletPresence) -> None:
         if state != self._kubelet_state:
             log.info("kubelet: %s -> %s", self._kubelet_state, state)
             self._kubelet_state = state

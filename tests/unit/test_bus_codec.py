@@ -294,6 +294,15 @@ BAD: list[tuple[str, bytes, bytes]] = [
     ("list-of-int-for-list-of-str", b"plugin.event", _mutated(SAMPLES[6][1], ("devices",), [1, 2])),
     ("str-for-list-of-str", b"registrar.state", _mutated(SAMPLES[7][1], ("pending",), "nvidia.com/gpu")),
     ("payload-of-other-topic", b"health.state", encode(HEALTH_EVENT)[1]),
+    # The vocabulary is checked by value: only these strings may reach ListAndWatch and the tools.
+    ("health-not-in-vocabulary", b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "health"), "Degraded")),
+    ("health-wrong-case", b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "health"), "healthy")),
+    ("kind-not-in-vocabulary", b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "kind"), "tpu")),
+    ("kind-int", b"health.state", _mutated(HEALTH_STATE, ("devices", 0, "kind"), 1)),
+    ("event-kind-unknown", b"health.event", _mutated(HEALTH_EVENT, ("event",), "reboot")),
+    ("transition-to-unknown", b"health.event", _mutated(HEALTH_EVENT, ("new",), "Broken")),
+    ("plugin-event-kind-unknown", b"plugin.event", _mutated(SAMPLES[6][1], ("event",), "free")),
+    ("kubelet-presence-unknown", b"registrar.state", _mutated(SAMPLES[7][1], ("kubelet",), "gone")),
 ]
 
 
@@ -351,8 +360,9 @@ def test_decode_rejects(topic: bytes, payload: bytes) -> None:
     [
         (("seq",), "x", "health.state.seq"),
         (("devices", 1, "minor"), "x", "health.state.devices[1].minor"),
+        (("devices", 1, "health"), "Sick", "health.state.devices[1].health"),
     ],
-    ids=["top-level", "nested"],
+    ids=["top-level", "nested", "vocabulary"],
 )
 def test_decode_error_names_the_field(path: tuple[Any, ...], value: Any, where: str) -> None:
     with pytest.raises(BusDecodeError, match="^" + re.escape(where) + ":"):
