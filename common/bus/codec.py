@@ -94,7 +94,8 @@ def _fields(cls: type) -> tuple[tuple[str, Checker, bool], ...]:
         (
             f.name,
             _checker(hints[f.name]),
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            or bool(f.metadata.get("required")),
         )
         for f in dataclasses.fields(cls)
     )

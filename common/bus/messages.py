@@ -69,6 +69,23 @@ class Message:
     TOPIC: ClassVar[str] = ""
 
 
+# The codec requires a field with this metadata even though it has a default: the default
+# exists only so that a service can build its state before the publisher stamps it.
+ON_WIRE_REQUIRED = {"required": True}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateMessage(Message):
+    """A publisher's complete state. Services build it with the content only; the publisher
+    stamps these three fields (`BusPublisher.publish_state`), so that they mean the same on
+    every bus: `incarnation` is random per publishing process, `seq` grows with every state
+    it publishes, `sent_at` is the unix time of the send (heartbeats and replays included)."""
+
+    incarnation: str = field(default="", metadata=ON_WIRE_REQUIRED)
+    seq: int = field(default=0, metadata=ON_WIRE_REQUIRED)
+    sent_at: float = field(default=0.0, metadata=ON_WIRE_REQUIRED)
+
+
 @dataclass(frozen=True)
 class DeviceState:
     """One schedulable device as the health-monitor sees it: a whole GPU or a MIG device."""
@@ -107,11 +124,8 @@ class PairLink:
 
 
 @dataclass(frozen=True)
-class HealthState(Message):
+class HealthState(StateMessage):
     TOPIC: ClassVar[str] = "health.state"
-    incarnation: str
-    seq: int
-    sent_at: float
     nvml_ok: bool  # False: NVML could not be used; `error` says why
     error: str
     driver_version: str
@@ -148,11 +162,8 @@ class EndpointState:
 
 
 @dataclass(frozen=True)
-class PluginState(Message):
+class PluginState(StateMessage):
     TOPIC: ClassVar[str] = "plugin.state"
-    incarnation: str
-    seq: int
-    sent_at: float
     health_incarnation: str  # the health-monitor state this is built from ("" = none yet)
     health_stale: bool
     endpoints: list[EndpointState] = field(default_factory=list)
@@ -180,11 +191,8 @@ class Registration:
 
 
 @dataclass(frozen=True)
-class RegistrarState(Message):
+class RegistrarState(StateMessage):
     TOPIC: ClassVar[str] = "registrar.state"
-    incarnation: str
-    seq: int
-    sent_at: float
     kubelet: KubeletPresence
     kubelet_id: str
     registrations: list[Registration] = field(default_factory=list)

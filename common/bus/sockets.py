@@ -25,18 +25,22 @@ import math
 import os
 import stat
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import zmq
 import zmq.asyncio
 
 from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode
-from common.bus.messages import Message
+from common.bus.messages import Message, StateMessage
 from common.fswatch import file_id
 from common.lifecycle import FatalError, ensure_private_dir
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=StateMessage)
 
 HEARTBEAT_S = 1.0
 # A new subscriber waits at most this long for the state when another subscribed just before.
@@ -85,8 +89,9 @@ class BusPublisher:
         self._raw: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
         self._bound = ""
         self._bind()
-        self._states: dict[str, Message] = {}
-        self.sent = 0
+        self._states: dict[str, StateMessage] = {}
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._seq: dict[str, int] = {}
         self.subscriptions = 0  # subscription frames seen (a flood shows here, not in replays)
 
     def _bind(self) -> None:
@@ -142,21 +147,29 @@ class BusPublisher:
             raise
         return fd
 
+    async def publish_state(self, state: S) -> S:
+        """Stamps `state` with this publisher's incarnation, the next seq of its topic and the
+        time, publishes it and keeps it for replay; returns it as sent."""
+        seq = self._seq.get(state.TOPIC, 0) + 1
+        self._seq[state.TOPIC] = seq
+        stamped = dataclasses.replace(state, incarnation=self.incarnation, seq=seq, sent_at=time.time())
+        await self.publish(stamped)
+        return stamped
+
     async def publish(self, msg: Message) -> None:
-        if msg.TOPIC.endswith(".state"):
+        """Sends `msg` as it is: events, and states that a test or tool stamped itself."""
+        if isinstance(msg, StateMessage):
             self._states[msg.TOPIC] = msg
         await self._send(msg)
 
     async def _send(self, msg: Message) -> None:
         topic, payload = encode(msg)
         await self._sock.send_multipart([topic, payload])
-        self.sent += 1
 
     async def _resend_states(self) -> None:
         for topic, msg in list(self._states.items()):
-            if hasattr(msg, "sent_at"):
-                msg = dataclasses.replace(msg, sent_at=time.time())  # type: ignore[call-arg]
-                self._states[topic] = msg
+            msg = dataclasses.replace(msg, sent_at=time.time())  # same seq: nothing changed
+            self._states[topic] = msg
             await self._send(msg)
 
     async def run(self) -> None:

@@ -20,7 +20,6 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-import uuid as uuidlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,8 +159,6 @@ class HealthMonitor:
         self._cordon_store = cordons
         self._clock: Clock = clock or SystemClock()
         self._model = HealthModel(policy, self._recovery, health, self._clock, metrics)
-        self._incarnation = uuidlib.uuid4().hex[:12]
-        self._seq = 0
         self._inventory = Inventory()
         self._nvml_ok = False
         self._error = "starting"
@@ -178,12 +175,8 @@ class HealthMonitor:
         devices = list(self._model.devices.values())
         if self._metrics is not None:
             self._metrics.devices(devices)
-        self._seq += 1
-        await self._pub.publish(
+        await self._pub.publish_state(
             HealthState(
-                incarnation=self._incarnation,
-                seq=self._seq,
-                sent_at=self._clock.time(),
                 nvml_ok=self._nvml_ok,
                 error=self._error,
                 driver_version=self._driver,

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import os
 import time
-import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -119,8 +118,6 @@ class PluginServer:
         self.settings = settings
         self._pub = publisher
         self._health_bus = health_bus
-        self._incarnation = uuidlib.uuid4().hex[:12]
-        self._seq = 0
         self._health: HealthState | None = None
         self._last_good: HealthState | None = None  # the last state with NVML working
         self._health_seen_at = 0.0
@@ -160,12 +157,8 @@ class PluginServer:
             if not self._state_changed:
                 continue
             self._state_changed = False
-            self._seq += 1
-            await self._pub.publish(
+            await self._pub.publish_state(
                 PluginState(
-                    incarnation=self._incarnation,
-                    seq=self._seq,
-                    sent_at=time.time(),
                     health_incarnation=self._health.incarnation if self._health else "",
                     health_stale=self._stale,
                     endpoints=[ep.state() for ep in self.endpoints.values() if ep.socket_id],

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid as uuidlib
 from pathlib import Path
 
 import grpc
@@ -50,8 +49,6 @@ class Registrar:
         self._dir = kubelet_socket.parent
         self._pub = publisher
         self._plugin_bus = plugin_bus
-        self._incarnation = uuidlib.uuid4().hex[:12]
-        self._seq = 0
         self._endpoints: dict[str, EndpointState] = {}
         self.registered: dict[str, Registration] = {}
         self._failures: dict[str, int] = {}
@@ -211,13 +208,9 @@ class Registrar:
         if content == self._published:
             return
         self._published = content
-        self._seq += 1
         kubelet, kid, registrations, pending, last_error = content
-        await self._pub.publish(
+        await self._pub.publish_state(
             RegistrarState(
-                incarnation=self._incarnation,
-                seq=self._seq,
-                sent_at=time.time(),
                 kubelet=kubelet,
                 kubelet_id=kid,
                 registrations=registrations,

@@ -57,6 +57,39 @@ def test_heartbeat_resends_the_same_state_with_a_new_time(short_tmp: Path) -> No
     asyncio.run(run())
 
 
+def test_the_publisher_stamps_states_services_hand_it(short_tmp: Path) -> None:
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=0.05)
+        task = asyncio.create_task(pub.run())
+        sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
+        try:
+            content = HealthState(nvml_ok=True, error="", driver_version="580")
+            sent = [await pub.publish_state(content) for _ in range(2)]
+            assert [s.seq for s in sent] == [1, 2], "seq grows with every state handed over"
+            assert {s.incarnation for s in sent} == {pub.incarnation} and len(pub.incarnation) == 12
+            assert all(s.sent_at > 0 for s in sent)
+            other = BusPublisher(short_tmp / "other.sock")
+            assert other.incarnation != pub.incarnation, "incarnation is per publisher"
+            other.close()
+
+            def latest(m: object) -> bool:
+                return isinstance(m, HealthState) and m.seq == 2
+
+            first = await sub.recv_timeout(5.0)
+            while not latest(first):
+                first = await sub.recv_timeout(5.0)
+            beat = await sub.recv_timeout(5.0)
+            assert isinstance(first, HealthState) and isinstance(beat, HealthState)
+            assert (beat.incarnation, beat.seq, beat.driver_version) == (pub.incarnation, 2, "580")
+            assert beat.sent_at > first.sent_at, "a heartbeat is the same state, sent again"
+        finally:
+            sub.close()
+            task.cancel()
+            pub.close()
+
+    asyncio.run(run())
+
+
 def test_one_publisher_per_endpoint(short_tmp: Path) -> None:
     async def run() -> None:
         pub = BusPublisher(short_tmp / "health.sock")
