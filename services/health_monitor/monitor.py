@@ -38,7 +38,7 @@ from pathlib import Path
 
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
-from common.cordons import Cordon, CordonFileError, CordonStore
+from common.cordons import Cordon, CordonFileError, CordonStateError, CordonStore
 from common.fswatch import DirWatcher
 from common.lifecycle import FatalError, run_until_stopped
 from common.nvml.backend import (
@@ -192,8 +192,10 @@ class HealthMonitor:
         cordons: CordonStore | None = None,
         metrics: HealthMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        degraded: list[str] | None = None,
     ) -> None:
         self._metrics = metrics
+        self._degraded = list(degraded or ())  # optional features that are off, and why
         self._nvml = backend
         self._pub = publisher
         self._policy = policy
@@ -202,6 +204,7 @@ class HealthMonitor:
         self._health = health or HealthConfig()
         self._cordon_store = cordons
         self._cordons: dict[str, Cordon] = {}
+        self._cordon_error = ""  # the cordon file is unreadable: every device stays cordoned
         self._clock = clock
         self._incarnation = uuidlib.uuid4().hex[:12]
         self._seq = 0
@@ -235,13 +238,16 @@ class HealthMonitor:
                 driver_version=self._driver,
                 devices=list(self._devices.values()),
                 links=self._inventory.links,
+                degraded=self._degraded,
             )
         )
 
     def _evaluate(self, dev: DeviceState) -> tuple[str, str, bool]:
         """(health, reason, cordoned) from the device's own and its GPU's faults and cordons."""
         reasons: list[str] = []
-        cordoned = False
+        cordoned = bool(self._cordon_error)
+        if self._cordon_error:
+            reasons.append(self._cordon_error)
         for source in (dev.id, dev.parent) if dev.parent else (dev.id,):
             cordon = self._cordons.get(source)
             if cordon is not None:
@@ -333,6 +339,8 @@ class HealthMonitor:
                 self._driver,
                 ", ".join(f"{d.index}={d.id}" for d in self._devices.values()),
             )
+            if self._cordon_store is not None:
+                self._check_state_dir()
             self._load_cordons()
             # A first probe before the first state: it finds GPUs that are already broken and
             # sets the ECC baseline that later probes compare against.
@@ -547,17 +555,37 @@ class HealthMonitor:
         try:
             self._cordons = self._cordon_store.load()
         except CordonFileError as e:
-            # Keep the cordons we had: an unreadable file must not return devices to service.
-            log.error("%s; keeping the previous cordons", e)
+            # Fail safe: we cannot know which devices the file names (and a restarted monitor
+            # has no previous cordons to keep), so every device stays out of service until the
+            # file is fixed or removed. Crashing instead would take the bus and status away too.
+            reason = f"cordoned: cordon file unreadable ({e}); fix or remove {self._cordon_store.path}"
+            if reason != self._cordon_error:
+                log.error("%s; every device is kept out of service", reason)
+            self._cordon_error = reason
             return
+        if self._cordon_error:
+            log.warning("cordon file %s readable again", self._cordon_store.path)
+        self._cordon_error = ""
         unknown = set(self._cordons) - set(self._devices)
         if unknown:
             log.warning("cordons name devices this node does not have: %s", ", ".join(sorted(unknown)))
 
+    def _check_state_dir(self) -> None:
+        """Cordons are optional: a state dir that cannot be created or written turns them off
+        (cordons already there still apply), said once in the log and on the bus."""
+        assert self._cordon_store is not None
+        try:
+            self._cordon_store.check_writable()
+        except CordonStateError as e:
+            reason = f"cordons unavailable: {e}; gpu-plugin cordon is refused"
+            log.error("%s", reason)
+            self._degraded.append(reason)
+
     async def _watch_cordons(self) -> None:
         assert self._cordon_store is not None
         store_dir: Path = self._cordon_store.dir
-        watcher = DirWatcher(store_dir, create=True)
+        # Not create=True: a dir we cannot create must not end the watch (it retries instead).
+        watcher = DirWatcher(store_dir)
         watcher.start()
         try:
             while True:
