@@ -135,3 +135,17 @@ def test_a_long_value_in_the_environment_is_clipped_in_the_error() -> None:
         resolve(environ={"MIG_STRATEGY": "y" * 100000})
     assert "MIG_STRATEGY" in str(err.value) and len(str(err.value)) < 400
 
+
+
+def test_a_node_larger_than_the_replica_bound_assumes_is_refused_not_streamed(tmp_path: Path) -> None:
+    from common.bus.messages import DeviceState, HealthState
+    from services.plugin_server.device_table import ResourceTooLargeError, build_resources
+
+    gpus = [DeviceState(id=f"GPU-{i:08d}-0000-0000-0000-000000000000", kind="gpu", index=str(i), name="H100",
+                        health="Healthy", reason="", since=0, numa_node=0) for i in range(MAX_DEVICES_PER_RESOURCE + 8)]
+    state = HealthState(incarnation="i", seq=1, sent_at=0, nvml_ok=True, error="", driver_version="", devices=gpus)
+    text = "version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n      replicas: {}\n"
+    with pytest.raises(ResourceTooLargeError) as err:
+        build_resources(state, load(tmp_path, text.format(MAX_REPLICAS)))
+    assert "nvidia.com/gpu" in str(err.value) and "4 MiB" in str(err.value)
+    assert len(build_resources(state, load(tmp_path, text.format(2)))["nvidia.com/gpu"]) == 2 * len(gpus)
