@@ -166,7 +166,7 @@ def main() -> int:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
 
     # Recovery after each injected fault waits for a probe: probe fast in this stack only.
-    stack = DevStack(fleet="dgx-h100-8", env={"HEALTH_PROBE_INTERVAL": "50ms"})
+    stack = DevStack(fleet="dgx-h100-8", env={"HEALTH_PROBE_INTERVAL": "100ms"})
     try:
         t0 = time.time()
         stack.start()

@@ -20,10 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FILE = "cordons.json"
+# Far beyond what `gpu-plugin cordon` writes for any node (a few hundred bytes per device):
+# a bigger file is not ours, and reading it whole would cost the monitor its memory.
+MAX_FILE_BYTES = 1 << 20
+MAX_REASON_CHARS = 1024  # keeps every entry, and so the file, small
 
 
 class CordonFileError(ValueError):
     """The cordon file exists but cannot be read; it is left as it is for the operator."""
+
+
+class CordonStateError(OSError):
+    """The state dir cannot hold cordons (read-only filesystem, a file in its way)."""
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,20 @@ class CordonStore:
 
     def load(self) -> dict[str, Cordon]:
         try:
-            raw = json.loads(self.path.read_text())
-        except FileNotFoundError:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            # NotADirectory: a file sits where the state dir should be, so no cordon file
+            # can exist: there are no cordons (and the monitor says cordons are unavailable).
             return {}
-        except (OSError, ValueError) as e:
-            raise CordonFileError(f"cannot read {self.path}: {e}") from e
+        except OSError as e:
+            raise CordonFileError(f"cannot read {self.path}: {e.strerror or e}") from e
+        if len(data) > MAX_FILE_BYTES:
+            raise CordonFileError(f"{self.path} is larger than {MAX_FILE_BYTES} bytes; not a cordon file we wrote")
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise CordonFileError(f"cannot read {self.path}: {str(e)[:200]}") from e
         if not isinstance(raw, dict):
             raise CordonFileError(f"{self.path}: expected a JSON object of device -> cordon")
         out: dict[str, Cordon] = {}
@@ -51,13 +68,25 @@ class CordonStore:
             when = entry.get("time", 0.0) if isinstance(entry, dict) else None
             if (not isinstance(entry, dict) or not isinstance(entry.get("reason", ""), str)
                     or isinstance(when, bool) or not isinstance(when, int | float)):
-                raise CordonFileError(f"{self.path}: entry {dev!r} is malformed (expected reason: str, time: number)")
+                raise CordonFileError(
+                    f"{self.path}: entry {dev[:80]!r} is malformed (expected reason: str, time: number)")
             out[dev] = Cordon(reason=entry.get("reason", ""), time=float(when))
         return out
 
+    def check_writable(self) -> None:
+        """Creates the state dir if needed; raises CordonStateError saying why cordons cannot be kept."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise CordonStateError(f"cannot create the state dir {self.dir}: {e.strerror or e}") from e
+        if not self.dir.is_dir():
+            raise CordonStateError(f"the state dir {self.dir} is not a directory")
+        if not os.access(self.dir, os.W_OK):  # EROFS shows here even for root
+            raise CordonStateError(f"the state dir {self.dir} is not writable (read-only filesystem?)")
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.check_writable()
         with open(self.dir / (FILE + ".lock"), "wb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
@@ -76,6 +105,8 @@ class CordonStore:
             raise
 
     def cordon(self, device: str, reason: str) -> None:
+        if len(reason) > MAX_REASON_CHARS:
+            raise CordonFileError(f"the reason is {len(reason)} characters; at most {MAX_REASON_CHARS}")
         with self._locked():
             cordons = self.load()
             cordons[device] = Cordon(reason=reason, time=time.time())

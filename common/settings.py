@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,41 @@ SHARED_ALLOCATION_POLICIES = ("distributed", "packed")
 DEFAULT_CDI_SPEC_DIR = "/var/run/cdi"
 ECC_POLICIES = ("fatal", "report")
 
+# Config file input bounds: NVIDIA's v1 files are a few hundred bytes and five levels deep.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_ERROR_CHARS = 600  # an error echoes input: it stays one readable log line
+
+# Below this the probe thread never rests (8 GPUs x 5 NVML calls take tens of ms on a real
+# driver; 1e-9s used 93 % of a core). The default is 10s; tests and benches probe at 0.1-0.2s.
+MIN_PROBE_INTERVAL_S = 0.1
+MAX_DURATION_S = 86400.0
+
+# Replicas: every replica is one entry of the resource's ListAndWatch response, which the
+# kubelet receives under gRPC's default 4 MiB limit; beyond it the stream fails and the
+# kubelet drops the resource, over and over. The largest entry is a MIG UUID with "::<n>",
+# "Unhealthy" and a NUMA node (tests/unit/test_settings_input.py encodes it with protobuf
+# and checks this figure); the largest resource is 16 GPUs split into 7 MIG devices each.
+GRPC_MAX_MESSAGE_BYTES = 4 << 20
+DEVICE_ENTRY_BYTES = 72
+MAX_DEVICES_PER_RESOURCE = 16 * 7
+MAX_REPLICAS = GRPC_MAX_MESSAGE_BYTES // (MAX_DEVICES_PER_RESOURCE * DEVICE_ENTRY_BYTES)
+
 
 class SettingsError(ValueError):
     """A setting has a value we cannot accept; the message names it and the allowed values."""
+
+    def __init__(self, message: str) -> None:
+        # The last guard against echoing a huge value (an alias bomb printed 226 MB).
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 3] + "..."
+        super().__init__(message)
+
+
+def _show(value: Any) -> str:
+    """repr() of input for an error message, clipped: the input may be anything."""
+    text = repr(value) if isinstance(value, str | int | float | bool | type(None)) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -52,13 +85,13 @@ def _bool(value: Any, where: str) -> bool:
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise SettingsError(f"{where}: {value!r} is not a boolean (true or false)")
+    raise SettingsError(f"{where}: {_show(value)} is not a boolean (true or false)")
 
 
 def _choice(choices: Sequence[str]) -> Callable[[Any, str], str]:
     def parse(value: Any, where: str) -> str:
         if not isinstance(value, str) or value not in choices:
-            raise SettingsError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+            raise SettingsError(f"{where}: {_show(value)} is not one of {', '.join(choices)}")
         return value
 
     return parse
@@ -71,7 +104,7 @@ def _choice_list(choices: Sequence[str]) -> Callable[[Any, str], tuple[str, ...]
         for item in items:
             item = str(item).strip()
             if item not in choices:
-                raise SettingsError(f"{where}: {item!r} is not one of {', '.join(choices)}")
+                raise SettingsError(f"{where}: {_show(item)} is not one of {', '.join(choices)}")
             if item not in out:
                 out.append(item)
         if not out:
@@ -81,35 +114,54 @@ def _choice_list(choices: Sequence[str]) -> Callable[[Any, str], tuple[str, ...]
     return parse
 
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's time.ParseDuration units (NVIDIA's users write Go durations: "1m30s", "500ms").
+_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_GO_DURATION = re.compile(rf"(?:{_GO_PART.pattern})+")
+_PLAIN_SECONDS = re.compile(r"\d+\.?\d*|\.\d+")
 
 
-def _duration(value: Any, where: str) -> float:
-    """Seconds: a number, or a string like "500ms", "10s", "2m"."""
-    text = str(value).strip().lower()
-    unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
-    try:
-        seconds = float(text[: len(text) - len(unit)] if unit else text) * _UNITS.get(unit, 1.0)
-    except ValueError:
-        raise SettingsError(f"{where}: {value!r} is not a duration (e.g. 10, 10s, 500ms, 2m)") from None
-    if isinstance(value, bool) or not seconds > 0 or seconds > 86400:
-        raise SettingsError(f"{where}: {value!r} must be a duration between 0 and 24h")
-    return seconds
+def _duration_parser(minimum: float) -> Callable[[Any, str], float]:
+    """Seconds from a Go duration ("1h30m", "1.5s", "500ms"), or a plain number of seconds."""
+
+    def parse(value: Any, where: str) -> float:
+        text = value if isinstance(value, str) else str(value) if isinstance(value, int | float) else ""
+        text = text.strip()
+        if isinstance(value, bool) or len(text) > 40:
+            seconds = None
+        elif _PLAIN_SECONDS.fullmatch(text):
+            seconds = float(text)
+        elif _GO_DURATION.fullmatch(text):
+            # Rounded to Go's resolution (1ns), so that 100000us is exactly 0.1 s.
+            seconds = round(sum(float(n) * _UNITS[u] for n, u in _GO_PART.findall(text)), 9)
+        else:
+            seconds = None
+        if seconds is None:
+            raise SettingsError(f"{where}: {_show(value)} is not a duration (e.g. 10s, 1m30s, 500ms, 1h)")
+        if not minimum <= seconds <= MAX_DURATION_S:
+            raise SettingsError(f"{where}: {_show(value)} must be at least {_go(minimum)} and at most 24h")
+        return seconds
+
+    return parse
+
+
+def _go(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
 
 
 def _port(value: Any, where: str) -> int:
     try:
         port = int(str(value))
     except ValueError:
-        raise SettingsError(f"{where}: {value!r} is not a port number (0-65535)") from None
+        raise SettingsError(f"{where}: {_show(value)} is not a port number (0-65535)") from None
     if isinstance(value, bool) or not 0 <= port <= 65535:
-        raise SettingsError(f"{where}: {value!r} is not a port number (0-65535)")
+        raise SettingsError(f"{where}: {_show(value)} is not a port number (0-65535)")
     return port
 
 
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise SettingsError(f"{where}: {value!r} is not a string")
+        raise SettingsError(f"{where}: {_show(value)} is not a string")
     return str(value)
 
 
@@ -166,11 +218,11 @@ SPECS: tuple[Spec, ...] = (
          "state that must survive restarts (cordons); regular files under the device-plugin dir survive "
          "kubelet restarts and, being on its hostPath, pod restarts"),
     Spec("probe_interval", ("--health-probe-interval",), "HEALTH_PROBE_INTERVAL", ("health", "probeInterval"),
-         10.0, _duration, "how often every GPU is probed"),
+         10.0, _duration_parser(MIN_PROBE_INTERVAL_S), "how often every GPU is probed (at least 100ms)"),
     Spec("recovery_policy", ("--health-recovery",), "HEALTH_RECOVERY", ("health", "recovery", "policy"), "auto",
          _choice(RECOVERY_POLICIES), "auto: a device whose fault cleared returns to Healthy; never: as NVIDIA's"),
     Spec("quiet_period", ("--health-quiet-period",), "HEALTH_QUIET_PERIOD", ("health", "recovery", "quietPeriod"),
-         60.0, _duration, "clean probes needed before recovery where the driver gives no recovery advice"),
+         60.0, _duration_parser(1.0), "clean probes needed before recovery where the driver gives no recovery advice"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -195,7 +247,7 @@ def _xid_list(value: Any, where: str) -> frozenset[int]:
     out = set()
     for i, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
-            raise SettingsError(f"{where}[{i}]: {item!r} is not an XID (a positive integer)")
+            raise SettingsError(f"{where}[{i}]: {_show(item)} is not an XID (a positive integer)")
         out.add(item)
     return frozenset(out)
 
@@ -263,7 +315,7 @@ class Sharing:
 def _resource_name(value: Any, where: str) -> str:
     text = _str(value, where)
     if not text.startswith("nvidia.com/") or len(text) <= len("nvidia.com/"):
-        raise SettingsError(f"{where}: {text!r} is not a resource name of the form nvidia.com/<name>")
+        raise SettingsError(f"{where}: {_show(text)} is not a resource name of the form nvidia.com/<name>")
     return text
 
 
@@ -303,7 +355,11 @@ def parse_sharing(section: Any) -> Sharing:
         name = _resource_name(item.get("name"), f"{w}.name")
         replicas = item.get("replicas")
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 2:
-            raise SettingsError(f"{w}.replicas: {replicas!r} must be an integer >= 2")
+            raise SettingsError(f"{w}.replicas: {_show(replicas)} must be an integer >= 2")
+        if replicas > MAX_REPLICAS:
+            raise SettingsError(
+                f"{w}.replicas: {replicas} is more than a ListAndWatch response can carry: at most {MAX_REPLICAS} "
+                f"(gRPC's 4 MiB message limit at the kubelet, for up to {MAX_DEVICES_PER_RESOURCE} devices)")
         rename = _resource_name(item["rename"], f"{w}.rename") if item.get("rename") else ""
         resources.append(SharedResource(name, rename, replicas, _devices(item.get("devices", "all"), f"{w}.devices")))
         if [r.name for r in resources].count(name) > 1:
@@ -330,10 +386,11 @@ def _devices(value: Any, where: str) -> tuple[str, ...] | int | None:
             text = str(item)
             if not (text.isdigit() or (text.count(":") == 1 and all(p.isdigit() for p in text.split(":")))
                     or text.startswith(("GPU-", "MIG-"))):
-                raise SettingsError(f"{where}[{i}]: {item!r} is not a GPU index, \"i:j\" or a GPU/MIG UUID")
+                raise SettingsError(f"{where}[{i}]: {_show(item)} is not a GPU index, \"i:j\" or a GPU/MIG UUID")
             out.append(text)
         return tuple(out)
-    raise SettingsError(f"{where}: {value!r} must be all, a number of GPUs, or a list of indices / \"i:j\" / UUIDs")
+    raise SettingsError(
+        f"{where}: {_show(value)} must be all, a number of GPUs, or a list of indices / \"i:j\" / UUIDs")
 
 
 # The v1 file's keys we know: anything else is warned about, never silently used.
@@ -411,21 +468,76 @@ def _lookup(tree: Mapping[str, Any], key: tuple[str, ...]) -> tuple[bool, Any]:
     return True, node
 
 
+class _ConfigInputError(Exception):
+    """Raised inside the YAML loader; becomes a SettingsError naming the file."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and anchors, and with a depth bound.
+
+    Aliases are what make a 1.4 KB file expand to gigabytes (and merge keys need them); no
+    config of ours needs one. Depth is bounded before the composer recurses: 3000 levels
+    ended in a RecursionError traceback. The pure-Python composer is what can be hooked;
+    config files are small, so its speed does not matter.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        line = event.start_mark.line + 1 if event.start_mark is not None else 0
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _ConfigInputError(f"line {line}: YAML anchors and aliases (&, *, <<) are not accepted")
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _ConfigInputError(f"line {line}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_sections(tree: Mapping[str, Any], known: Mapping[str, Any], prefix: str = "") -> None:
+    """A known section that is not a mapping is an error: `flags: 1` used to be silently ignored."""
+    for key, sub in known.items():
+        value = tree.get(key)
+        if isinstance(sub, Mapping) and value is not None:
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"{prefix}{key}: expected a mapping, got {_show(value)}")
+            _check_sections(value, sub, f"{prefix}{key}.")
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise SettingsError(f"config file {path}: {e.strerror}") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SettingsError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"config file {path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from e
+    try:
+        loader = _StrictLoader(text)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _ConfigInputError as e:
+        raise SettingsError(f"config file {path}: {e}") from e
     except yaml.YAMLError as e:
-        raise SettingsError(f"config file {path}: not valid YAML: {e}") from e
+        raise SettingsError(f"config file {path}: not valid YAML: {str(e)[:300]}") from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SettingsError(f"config file {path}: expected a mapping at the top level")
     version = data.get("version")
     if version != "v1":
-        raise SettingsError(f"config file {path}: version: {version!r} is not supported; allowed values: v1")
+        raise SettingsError(f"config file {path}: version: {_show(version)} is not supported; allowed values: v1")
     return data
 
 
@@ -446,6 +558,7 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
 
     config_value, _ = raw(_BY_NAME["config_file"], {})
     file_data = load_config_file(str(config_value)) if config_value else {}
+    _check_sections(file_data, _KNOWN_FILE_KEYS)
 
     values: dict[str, Any] = {}
     for spec in SPECS:

@@ -220,6 +220,8 @@ async def _status(settings: Settings, timeout: float) -> int:
     age = time.time() - msg.sent_at
     print(f"driver {msg.driver_version or '?'}  nvml {'ok' if msg.nvml_ok else 'FAILED: ' + msg.error}  "
           f"state seq {msg.seq} ({'STALE, ' if age > 3 else ''}{age:.1f} s old)")
+    for reason in msg.degraded:
+        print(f"degraded: {reason}")
     rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA", "XID", "SBE", "DBE")]
     for d in msg.devices:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since))

@@ -131,6 +131,9 @@ class HealthState(StateMessage):
     driver_version: str
     devices: list[DeviceState] = field(default_factory=list)
     links: list[PairLink] = field(default_factory=list)
+    # Optional features that are off, each with why (state dir unusable, metrics port taken):
+    # the monitor runs on without them rather than ending the pod.
+    degraded: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

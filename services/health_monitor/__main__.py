@@ -14,7 +14,7 @@ from common.lifecycle import ensure_private_dir, run_service
 from common.nvml.backend import NvmlError
 from common.nvml.factory import make_backend
 from common.settings import Settings
-from services.health_monitor.metrics import HealthMetrics
+from services.health_monitor.metrics import start_metrics
 from services.health_monitor.model import RecoveryPolicy
 from services.health_monitor.monitor import HealthMonitor
 from services.health_monitor.xid_policy import policy_from_env
@@ -24,6 +24,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     ensure_private_dir(settings.run_dir)
     publisher = BusPublisher(settings.bus_path(HEALTH_SOCKET))
     backend = make_backend(settings)
+    degraded: list[str] = []
     try:
         monitor = HealthMonitor(
             backend,
@@ -33,7 +34,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             recovery=RecoveryPolicy(settings.recovery_policy, settings.probe_interval, settings.quiet_period),
             health=settings.health,
             cordons=CordonStore(settings.state_dir),
-            metrics=HealthMetrics(settings.metrics_port) if settings.metrics_port else None,
+            metrics=start_metrics(settings.metrics_port, degraded),
+            degraded=degraded,
         )
         await monitor.run(stop)
     finally:

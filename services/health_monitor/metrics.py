@@ -8,9 +8,12 @@ prometheus_client is imported only then, to keep the idle process small.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from common.bus.messages import HEALTHY, DeviceState
+
+log = logging.getLogger(__name__)
 
 
 class HealthMetrics:
@@ -44,3 +47,18 @@ class HealthMetrics:
 
     def transition(self, device: str, to: str) -> None:
         self._transitions.labels(device, to).inc()
+
+
+def start_metrics(port: int, degraded: list[str]) -> HealthMetrics | None:
+    """Metrics are optional: a port that cannot be bound turns them off, said once in the
+    log and on the bus, instead of ending the pod (supervisord would give up on a monitor
+    that fails at every start)."""
+    if not port:
+        return None
+    try:
+        return HealthMetrics(port)
+    except OSError as e:
+        reason = f"metrics off: cannot listen on port {port}: {e.strerror or e}"
+        log.error("%s", reason)
+        degraded.append(reason)
+        return None

@@ -117,6 +117,9 @@ class HealthModel:
         self._observer = observer
         self.devices: dict[str, DeviceState] = {}
         self.cordons: dict[str, Cordon] = {}
+        # Set while the cordon file cannot be read: nobody can tell which devices it names, so
+        # every device counts as cordoned, with this reason (fail safe; never un-cordon).
+        self.cordon_error = ""
         self._trackers: dict[str, Tracker] = {}
         self._gpus: list[str] = []
         self._children: dict[str, list[str]] = {}
@@ -257,8 +260,8 @@ class HealthModel:
     # -- rules ------------------------------------------------------------------------
     def _evaluate(self, dev: DeviceState) -> tuple[Health, str, bool]:
         """(health, reason, cordoned) from the device's own and its GPU's faults and cordons."""
-        reasons: list[str] = []
-        cordoned = False
+        reasons: list[str] = [self.cordon_error] if self.cordon_error else []
+        cordoned = bool(self.cordon_error)
         for source in (dev.id, dev.parent) if dev.parent else (dev.id,):
             cordon = self.cordons.get(source)
             if cordon is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common.bus.messages import HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
-from common.cordons import CordonFileError, CordonStore
+from common.cordons import CordonFileError, CordonStateError, CordonStore
 from common.fswatch import DirWatcher
 from common.lifecycle import FatalError, run_until_stopped
 from common.nvml.backend import (
@@ -149,8 +149,10 @@ class HealthMonitor:
         cordons: CordonStore | None = None,
         metrics: HealthMetrics | None = None,
         clock: Clock | None = None,
+        degraded: list[str] | None = None,
     ) -> None:
         self._metrics = metrics
+        self._degraded = list(degraded or ())  # optional features that are off, and why
         self._nvml = backend
         self._pub = publisher
         self._policy = policy
@@ -159,6 +161,7 @@ class HealthMonitor:
         self._cordon_store = cordons
         self._clock: Clock = clock or SystemClock()
         self._model = HealthModel(policy, self._recovery, health, self._clock, metrics)
+        self._cordon_error = ""  # the cordon file is unreadable: every device stays cordoned
         self._inventory = Inventory()
         self._nvml_ok = False
         self._error = "starting"
@@ -182,6 +185,7 @@ class HealthMonitor:
                 driver_version=self._driver,
                 devices=devices,
                 links=self._inventory.links,
+                degraded=self._degraded,
             )
         )
 
@@ -230,6 +234,8 @@ class HealthMonitor:
                 self._driver,
                 ", ".join(f"{d.index}={d.id}" for d in self._inventory.devices),
             )
+            if self._cordon_store is not None:
+                self._check_state_dir()
             self._load_cordons()
             # A first probe before the first state: it finds GPUs that are already broken and
             # sets the ECC baseline that later probes compare against.
@@ -343,17 +349,38 @@ class HealthMonitor:
         try:
             cordons = self._cordon_store.load()
         except CordonFileError as e:
-            # Keep the cordons we had: an unreadable file must not return devices to service.
-            log.error("%s; keeping the previous cordons", e)
+            # Fail safe: we cannot know which devices the file names (and a restarted monitor
+            # has no previous cordons to keep), so every device stays out of service until the
+            # file is fixed or removed. Crashing instead would take the bus and status away too.
+            reason = f"cordoned: cordon file unreadable ({e}); fix or remove {self._cordon_store.path}"
+            if reason != self._cordon_error:
+                log.error("%s; every device is kept out of service", reason)
+            self._cordon_error = self._model.cordon_error = reason
             return
+        if self._cordon_error:
+            log.warning("cordon file %s readable again", self._cordon_store.path)
+        self._cordon_error = ""
+        self._model.cordon_error = ""
         unknown = self._model.set_cordons(cordons)
         if unknown:
             log.warning("cordons name devices this node does not have: %s", ", ".join(unknown))
 
+    def _check_state_dir(self) -> None:
+        """Cordons are optional: a state dir that cannot be created or written turns them off
+        (cordons already there still apply), said once in the log and on the bus."""
+        assert self._cordon_store is not None
+        try:
+            self._cordon_store.check_writable()
+        except CordonStateError as e:
+            reason = f"cordons unavailable: {e}; gpu-plugin cordon is refused"
+            log.error("%s", reason)
+            self._degraded.append(reason)
+
     async def _watch_cordons(self) -> None:
         assert self._cordon_store is not None
         store_dir: Path = self._cordon_store.dir
-        watcher = DirWatcher(store_dir, create=True)
+        # Not create=True: a dir we cannot create must not end the watch (it retries instead).
+        watcher = DirWatcher(store_dir)
         watcher.start()
         try:
             while True:

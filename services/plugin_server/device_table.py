@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
 from common.lifecycle import FatalError
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
-from common.settings import Settings, SharedResource
+from common.settings import DEVICE_ENTRY_BYTES, GRPC_MAX_MESSAGE_BYTES, Settings, SharedResource
 from services.plugin_server.preferred import Topology
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -32,6 +32,10 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 class MigConfigError(FatalError):
     """The node's MIG layout does not fit the MIG strategy."""
+
+
+class ResourceTooLargeError(FatalError):
+    """A resource has more device IDs than one ListAndWatch response can carry to the kubelet."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,15 @@ def build_resources(state: HealthState, settings: Settings) -> dict[str, list[Pl
                 out.setdefault(GPU_RESOURCE, []).append(_whole(g, migs_of[g.id]))
     if settings.sharing.kind == "timeSlicing":
         out = _time_slice(out, settings)
+    for name, devices in out.items():
+        # The settings bound replicas for a node of up to 112 devices per resource; a bigger
+        # node would make every ListAndWatch fail at the kubelet and the registrar re-register
+        # forever, so it is refused here with the numbers instead.
+        if len(devices) * DEVICE_ENTRY_BYTES > GRPC_MAX_MESSAGE_BYTES:
+            raise ResourceTooLargeError(
+                f"{name}: {len(devices)} device IDs do not fit in one ListAndWatch response (gRPC's 4 MiB "
+                f"limit at the kubelet, {GRPC_MAX_MESSAGE_BYTES // DEVICE_ENTRY_BYTES} IDs); lower the replicas "
+                f"or select fewer devices in sharing.timeSlicing")
     return out
 
 

@@ -341,3 +341,14 @@ def test_a_cordon_and_a_fault_both_hold_the_device(plain: Inventory, clock: Fake
     m.set_cordons({})
     m.refresh()
     assert unhealthy(m) == {victim}
+
+
+def test_an_unreadable_cordon_file_keeps_every_device_out(mig: Inventory, clock: FakeClock) -> None:
+    m = model_of(mig, clock)
+    m.cordon_error = "cordoned: cordon file unreadable (not JSON); fix or remove /state/cordons.json"
+    m.refresh()
+    assert unhealthy(m) == set(m.devices), "nobody can tell which devices the file names"
+    assert all(d.cordoned and d.reason.startswith("cordoned: cordon file unreadable") for d in m.devices.values())
+    m.cordon_error = ""
+    m.refresh()
+    assert unhealthy(m) == set()

@@ -10,7 +10,7 @@ import pytest
 
 from common.bus.codec import decode, encode
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
-from common.cordons import CordonFileError, CordonStore
+from common.cordons import CordonFileError, CordonStateError, CordonStore
 from common.nvml.backend import NVML_ERROR_UNKNOWN
 from common.nvml.simulated import SimulatedNvml, fleet_path
 from common.settings import resolve
@@ -106,3 +106,30 @@ def test_cordon_store_round_trip_is_atomic(tmp_path: Path) -> None:
     loaded = store.load()
     assert list(loaded) == ["GPU-a"] and loaded["GPU-a"].reason == "fan"
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["cordons.json", "cordons.json.lock"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xfe{}", b"[" * 100_000, b'{"GPU-a": {"reason": "' + b"x" * (2 << 20) + b'", "time": 0}}'],
+    ids=["not-utf8", "deeply-nested", "oversized"],
+)
+def test_an_unreadable_cordon_file_is_one_short_clear_error(tmp_path: Path, body: bytes) -> None:
+    (tmp_path / "cordons.json").write_bytes(body)
+    with pytest.raises(CordonFileError) as err:
+        CordonStore(tmp_path).load()
+    assert str(tmp_path / "cordons.json") in str(err.value) and len(str(err.value)) < 500
+
+
+def test_a_state_dir_under_a_file_has_no_cordons_and_refuses_writes(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    store = CordonStore(tmp_path / "file" / "state")
+    assert store.load() == {}
+    with pytest.raises(CordonStateError, match="cannot create the state dir"):
+        store.cordon("GPU-a", "fan")
+
+
+def test_a_cordon_reason_too_long_for_the_file_is_refused(tmp_path: Path) -> None:
+    store = CordonStore(tmp_path)
+    with pytest.raises(CordonFileError, match="at most 1024"):
+        store.cordon("GPU-a", "x" * 5000)
+    assert store.load() == {}
