@@ -84,6 +84,7 @@ class HealthState(Message):
     driver_version: str
     devices: list[DeviceState] = field(default_factory=list)
     links: list[PairLink] = field(default_factory=list)
+    nvml_library: str = ""  # the libnvidia-ml file loaded ("simulated:<file>"); "" from older monitors
 
 
 @dataclass(frozen=True)

@@ -235,6 +235,7 @@ class HealthMonitor:
                 driver_version=self._driver,
                 devices=list(self._devices.values()),
                 links=self._inventory.links,
+                nvml_library=self._nvml.library(),
             )
         )
 
@@ -321,6 +322,7 @@ class HealthMonitor:
             if not await self._init_nvml(stop):
                 return
             self._driver = self._nvml.system_get_driver_version()
+            log.info("NVML library: %s", self._nvml.library())
             self._inventory = discover(self._nvml, self._clock())
             self._devices = {d.id: d for d in self._inventory.devices}
             for d in self._inventory.devices:
