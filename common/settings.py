@@ -39,6 +39,11 @@ RECOVERY_POLICIES = ("auto", "never")
 SHARED_ALLOCATION_POLICIES = ("distributed", "packed")
 DEFAULT_CDI_SPEC_DIR = "/var/run/cdi"
 ECC_POLICIES = ("fatal", "report")
+# NVIDIA's defaults: where its Helm chart mounts the host's driver root inside the container, and the
+# CLI its CDI hooks run (`nvidia-ctk hook <name>`; a `nvidia-cdi-hook` binary takes `<name>` alone).
+DEFAULT_CONTAINER_DRIVER_ROOT = "/driver-root"
+DEFAULT_CDI_HOOK_PATH = "/usr/bin/nvidia-ctk"
+DEVICE_DISCOVERY_STRATEGIES = ("auto", "nvml", "tegra")
 
 # Config file input bounds: NVIDIA's v1 files are a few hundred bytes and five levels deep.
 MAX_CONFIG_BYTES = 1 << 20
@@ -165,6 +170,55 @@ def _str(value: Any, where: str) -> str:
     return str(value)
 
 
+def _abs_path(value: Any, where: str) -> str:
+    text = _str(value, where)
+    if not text.startswith("/"):
+        raise SettingsError(f"{where}: {text!r} is not an absolute path")
+    return text
+
+
+def _imex_channel_ids(value: Any, where: str) -> tuple[int, ...]:
+    """NVIDIA's rule (AssertChannelIDsValid): [] or [0], the only channel a node-local plugin can hand out."""
+    items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v.strip()]
+    try:
+        ids = tuple(int(str(v).strip()) for v in items if not isinstance(v, bool))
+    except ValueError:
+        raise SettingsError(f"{where}: {value!r} is not a list of IMEX channel IDs (integers)") from None
+    if len(ids) != len(items) or ids not in ((), (0,)):
+        raise SettingsError(f"{where}: invalid IMEX channel IDs {value!r}: channelIDs must be [] or [0]")
+    return ids
+
+
+def _discovery_strategy(value: Any, where: str) -> str:
+    strategy = _choice(DEVICE_DISCOVERY_STRATEGIES)(value, where)
+    if strategy == "tegra":
+        # Tegra (CSV-described iGPUs) has no NVML device list: serving it is a different plugin.
+        raise SettingsError(f"{where}: tegra is not served: this plugin discovers GPUs through NVML only "
+                            "(allowed: auto, nvml)")
+    return strategy
+
+
+def _refused_list(what: str) -> Callable[[Any, str], tuple[str, ...]]:
+    """A list setting of NVIDIA's we do not serve: empty is fine, anything else stops the start."""
+    def parse(value: Any, where: str) -> tuple[str, ...]:
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        out = tuple(str(v).strip() for v in items if str(v).strip())
+        if out:
+            raise SettingsError(f"{where}: {', '.join(out)}: {what}")
+        return out
+
+    return parse
+
+
+def _refused_true(what: str) -> Callable[[Any, str], bool]:
+    def parse(value: Any, where: str) -> bool:
+        if _bool(value, where):
+            raise SettingsError(f"{where}: true is not served: {what}")
+        return False
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Spec:
     name: str
@@ -174,6 +228,7 @@ class Spec:
     default: Any
     parse: Callable[[Any, str], Any]
     help: str
+    env_aliases: tuple[str, ...] = ()  # NVIDIA's older names for the same setting, read after `env`
 
 
 SPECS: tuple[Spec, ...] = (
@@ -223,6 +278,31 @@ SPECS: tuple[Spec, ...] = (
          _choice(RECOVERY_POLICIES), "auto: a device whose fault cleared returns to Healthy; never: as NVIDIA's"),
     Spec("quiet_period", ("--health-quiet-period",), "HEALTH_QUIET_PERIOD", ("health", "recovery", "quietPeriod"),
          60.0, _duration_parser(1.0), "clean probes needed before recovery where the driver gives no recovery advice"),
+    # NVIDIA's settings for CDI, the containerized driver and fabric/storage devices.
+    Spec("container_driver_root", ("--container-driver-root", "--driver-root-ctr-path"), "DRIVER_ROOT_CTR_PATH",
+         ("flags", "plugin", "containerDriverRoot"), DEFAULT_CONTAINER_DRIVER_ROOT, _abs_path,
+         "where the host's driver root is mounted in this container (NVML and the CDI spec are read from it; "
+         "when absent, the driver root itself)", ("CONTAINER_DRIVER_ROOT",)),
+    Spec("cdi_hook_path", ("--nvidia-cdi-hook-path", "--nvidia-ctk-path"), "NVIDIA_CDI_HOOK_PATH",
+         ("flags", "plugin", "nvidiaCTKPath"), DEFAULT_CDI_HOOK_PATH, _abs_path,
+         "host path of nvidia-ctk (or nvidia-cdi-hook) run by the CDI spec's hooks", ("NVIDIA_CTK_PATH",)),
+    Spec("gds_enabled", ("--gds-enabled",), "GDS_ENABLED", ("flags", "gdsEnabled"), False, _bool,
+         "give every GPU container GPUDirect Storage (NVIDIA_GDS=enabled; CDI: the nvidia-fs devices)"),
+    Spec("mofed_enabled", ("--mofed-enabled",), "MOFED_ENABLED", ("flags", "mofedEnabled"), False, _bool,
+         "give every GPU container the MOFED devices (NVIDIA_MOFED=enabled; CDI: /dev/infiniband nodes)"),
+    Spec("gdrcopy_enabled", ("--gdrcopy-enabled",), "GDRCOPY_ENABLED", ("flags", "gdrcopyEnabled"), False,
+         _refused_true("GDRCopy injection is not implemented"), "not served (must be false)"),
+    Spec("imex_channel_ids", ("--imex-channel-ids",), "IMEX_CHANNEL_IDS", ("imex", "channelIDs"), (),
+         _imex_channel_ids, "IMEX channels given to every GPU container: [] or [0]"),
+    Spec("imex_required", ("--imex-required",), "IMEX_REQUIRED", ("imex", "required"), False, _bool,
+         "the IMEX channels must exist at start (else they are skipped with a warning)"),
+    Spec("device_discovery_strategy", ("--device-discovery-strategy",), "DEVICE_DISCOVERY_STRATEGY",
+         ("flags", "deviceDiscoveryStrategy"), "auto", _discovery_strategy, "auto or nvml (tegra is refused)"),
+    Spec("cdi_feature_flags", ("--cdi-feature-flags",), "CDI_FEATURE_FLAGS", None, (),
+         _refused_list("nvcdi feature flags are not implemented (leave CDI_FEATURE_FLAGS empty)"),
+         "not served (must be empty)"),
+    Spec("mps_root", ("--mps-root",), "MPS_ROOT", ("flags", "mpsRoot"), None, _abs_path,
+         "host directory for MPS (accepted; MPS is not served yet, said at start)"),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -398,7 +478,8 @@ _KNOWN_FILE_KEYS: dict[str, Any] = {
     "version": None,
     "flags": {
         "migStrategy": None, "failOnInitError": None, "nvidiaDriverRoot": None, "nvidiaDevRoot": None,
-        "gdsEnabled": None, "mofedEnabled": None, "useNodeFeatureAPI": None, "deviceDiscoveryStrategy": None,
+        "gdsEnabled": None, "mofedEnabled": None, "gdrcopyEnabled": None, "mpsRoot": None,
+        "useNodeFeatureAPI": None, "deviceDiscoveryStrategy": None,
         "plugin": {"passDeviceSpecs": None, "deviceListStrategy": None, "deviceIDStrategy": None,
                    "cdiAnnotationPrefix": None, "nvidiaCTKPath": None, "containerDriverRoot": None,
                    "kubeletSocket": None, "sharedDevicesAllocationPolicy": None},
@@ -407,8 +488,15 @@ _KNOWN_FILE_KEYS: dict[str, Any] = {
     "resources": None,
     "sharing": None,  # checked by parse_sharing
     "health": None,  # checked by parse_health
-    "imex": None,
+    "imex": {"channelIDs": None, "required": None},
 }
+
+
+def _refuse_resources(section: Any) -> None:
+    # NVIDIA's plugin drops `resources` with a log line; an operator who set it expects renamed resources.
+    if section:
+        raise SettingsError("resources: custom resource naming is not supported (NVIDIA's plugin ignores it "
+                            "too); remove the key, or rename with sharing.timeSlicing.resources[].rename")
 
 
 def _warn_unknown(tree: Mapping[str, Any], known: Mapping[str, Any], prefix: str = "") -> None:
@@ -446,6 +534,16 @@ class Settings:
     cdi_spec_dir: Path = Path(DEFAULT_CDI_SPEC_DIR)
     shared_devices_allocation_policy: str = "distributed"
     sharing: Sharing = field(default_factory=lambda: Sharing())
+    container_driver_root: str = DEFAULT_CONTAINER_DRIVER_ROOT
+    cdi_hook_path: str = DEFAULT_CDI_HOOK_PATH
+    gds_enabled: bool = False
+    mofed_enabled: bool = False
+    gdrcopy_enabled: bool = False
+    imex_channel_ids: tuple[int, ...] = ()
+    imex_required: bool = False
+    device_discovery_strategy: str = "auto"
+    cdi_feature_flags: tuple[str, ...] = ()
+    mps_root: str | None = None
 
     def bus_path(self, name: str) -> Path:
         return self.run_dir / name
@@ -455,8 +553,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds every setting as a flag whose default is None (= not given)."""
     group = parser.add_argument_group("settings (flag > environment > config file)")
     for spec in SPECS:
-        env = f" [env {spec.env}]" if spec.env else ""
-        group.add_argument(*spec.flags, dest=spec.name, default=None, help=f"{spec.help}{env}")
+        env = f" [env {', '.join((spec.env, *spec.env_aliases))}]" if spec.env else ""
+        # A boolean flag alone means true, as NVIDIA's (--imex-required); a value is still accepted.
+        if spec.default is False:
+            group.add_argument(*spec.flags, dest=spec.name, default=None, help=f"{spec.help}{env}", nargs="?",
+                               const="true")
+        else:
+            group.add_argument(*spec.flags, dest=spec.name, default=None, help=f"{spec.help}{env}")
 
 
 def _lookup(tree: Mapping[str, Any], key: tuple[str, ...]) -> tuple[bool, Any]:
@@ -548,8 +651,9 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
     def raw(spec: Spec, file_data: Mapping[str, Any]) -> tuple[Any, str]:
         if given.get(spec.name) is not None:
             return given[spec.name], f"flag {spec.flags[0]}"
-        if spec.env and spec.env in environ:
-            return environ[spec.env], f"environment {spec.env}"
+        for env in (spec.env, *spec.env_aliases) if spec.env else ():
+            if env in environ:
+                return environ[env], f"environment {env}"
         if spec.file_key is not None:
             found, value = _lookup(file_data, spec.file_key)
             if found and value is not None:  # "key:" with no value means unset, as in NVIDIA's plugin
@@ -575,5 +679,6 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
     values["health"] = parse_health(file_data.get("health"))
     values["sharing"] = parse_sharing(file_data.get("sharing"))
     values["cdi_spec_dir"] = Path(values["cdi_spec_dir"])
+    _refuse_resources(file_data.get("resources"))
     _warn_unknown(file_data, _KNOWN_FILE_KEYS)
     return Settings(**values)

@@ -134,6 +134,7 @@ class HealthState(StateMessage):
     # Optional features that are off, each with why (state dir unusable, metrics port taken):
     # the monitor runs on without them rather than ending the pod.
     degraded: list[str] = field(default_factory=list)
+    nvml_library: str = ""  # the libnvidia-ml file loaded ("simulated:<file>"); "" from older monitors
 
 
 @dataclass(frozen=True)

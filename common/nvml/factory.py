@@ -15,6 +15,8 @@ def make_backend(settings: Settings) -> NvmlBackend:
         return SimulatedNvml(
             fleet_path(settings.simulated_devices), control_socket=settings.run_dir / SIM_CONTROL_SOCKET
         )
-    from common.nvml.real import RealNvml
+    from common.nvml.real import RealNvml, resolve_library
 
-    return RealNvml()
+    # NVIDIA's order: the container's view of the driver root first, then the driver root itself
+    # (visible at the same path when mounted so), then the loader.
+    return RealNvml(library=resolve_library([settings.container_driver_root, settings.driver_root]))

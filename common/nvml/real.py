@@ -8,7 +8,9 @@ as `NvmlError(code)`; the answers are converted to the plain types of `backend`.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,6 +32,57 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 LIBRARY = "libnvidia-ml.so.1"
+# Where NVIDIA's plugin looks for the library under a driver root (cmd/nvidia-device-plugin/root.go,
+# tryResolveLibrary): a containerized driver keeps it there, out of the container loader's reach.
+LIBRARY_SEARCH_DIRS = (
+    "/usr/lib64",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/lib64",
+    "/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/glibc/lib",
+)
+
+
+@dataclass(frozen=True)
+class LibraryChoice:
+    """The libnvidia-ml to load: a resolved path under a driver root, or the bare name for the loader."""
+
+    path: str  # absolute (found under a root) or LIBRARY (the loader decides)
+    searched: tuple[str, ...]  # the candidates tried under the roots, for the error message
+
+
+def resolve_library(roots: Sequence[str]) -> LibraryChoice:
+    """The first libnvidia-ml.so.1 under `roots` (symlinks resolved), else the bare name, as NVIDIA's plugin.
+
+    A root of "/" (or "") is skipped: the library is then the container loader's business. A root that
+    is not a directory is skipped too, so that NVIDIA's default container root (/driver-root) costs
+    nothing where it is not mounted.
+    """
+    searched: list[str] = []
+    for root in dict.fromkeys(roots):
+        if root in ("", "/") or not os.path.isdir(root):
+            continue
+        for directory in LIBRARY_SEARCH_DIRS:
+            candidate = os.path.join(root, directory.lstrip("/"), LIBRARY)
+            searched.append(candidate)
+            if os.path.exists(candidate):
+                return LibraryChoice(os.path.realpath(candidate), tuple(searched))
+    return LibraryChoice(LIBRARY, tuple(searched))
+
+
+def loaded_library_path(proc_root: str | Path = "/proc") -> str:
+    """The file the dynamic loader mapped for libnvidia-ml, from /proc/self/maps ("" if none is mapped)."""
+    try:
+        with open(Path(proc_root) / "self" / "maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.split(maxsplit=5)[5].strip() if line.count(" ") >= 5 else ""
+                if os.path.basename(path).startswith("libnvidia-ml.so"):
+                    return path
+    except (OSError, IndexError):
+        pass
+    return ""
 
 
 def _text(value: Any) -> str:
@@ -56,9 +109,16 @@ def sysfs_pci_address(bus_id: str) -> str:
 class RealNvml:
     """NvmlBackend over the NVIDIA driver."""
 
-    def __init__(self, sysfs_root: str | Path = "/sys", proc_root: str | Path = "/proc") -> None:
+    def __init__(
+        self,
+        sysfs_root: str | Path = "/sys",
+        proc_root: str | Path = "/proc",
+        library: LibraryChoice | None = None,
+    ) -> None:
         self._sysfs_root = Path(sysfs_root)
         self._proc_root = Path(proc_root)
+        self._choice = library or LibraryChoice(LIBRARY, ())
+        self._loaded = ""
         self._uuid_by_handle: dict[int | None, str] = {}
         self._nvml: ModuleType | None = None
 
@@ -88,18 +148,33 @@ class RealNvml:
                 NVML_ERROR_LIBRARY_NOT_FOUND,
                 f"NVML Shared Library Not Found: the Python module pynvml (nvidia-ml-py) is missing: {e}",
             ) from e
+        path = self._choice.path
+        if path != LIBRARY and pynvml.nvmlLib is None:
+            # pynvml loads the bare name unless its module-level handle is already set.
+            try:
+                pynvml.nvmlLib = ctypes.CDLL(path)
+            except OSError as e:
+                raise NvmlError(NVML_ERROR_LIBRARY_NOT_FOUND,
+                                f"NVML Shared Library Not Found: cannot load {path}: {e}") from e
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as e:
             code = int(e.value)
             if code == NVML_ERROR_LIBRARY_NOT_FOUND:
+                looked = f" (searched {', '.join(self._choice.searched)}, then the loader's path)" \
+                    if self._choice.searched else " (the container loader's path)"
                 raise NvmlError(
                     code,
-                    f"NVML Shared Library Not Found: cannot load {LIBRARY}; is the NVIDIA driver "
+                    f"NVML Shared Library Not Found: cannot load {LIBRARY}{looked}; is the NVIDIA driver "
                     "installed and its libraries mounted into the container (driver root)?",
                 ) from e
             raise NvmlError(code) from e
         self._nvml = pynvml
+        self._loaded = loaded_library_path(self._proc_root) or path
+
+    def library(self) -> str:
+        """The libnvidia-ml file in use ("" before a successful init)."""
+        return self._loaded
 
     def shutdown(self) -> None:
         if self._nvml is None:

@@ -150,6 +150,7 @@ class SimulatedNvml:
     """NvmlBackend over a description file; see the module docstring."""
 
     def __init__(self, description: Path, control_socket: Path | None = None) -> None:
+        self._description = description
         self._desc = load_description(description)
         self._control_path = control_socket
         self._lock = threading.Lock()
@@ -172,6 +173,10 @@ class SimulatedNvml:
             self._initialized = True
         if self._control_path is not None and self._listener is None:
             self._start_control_server(self._control_path)
+
+    def library(self) -> str:
+        """No libnvidia-ml: the device description that stands in for it."""
+        return f"simulated:{self._description}" if self._initialized else ""
 
     def shutdown(self) -> None:
         with self._lock:

@@ -186,6 +186,7 @@ class HealthMonitor:
                 devices=devices,
                 links=self._inventory.links,
                 degraded=self._degraded,
+                nvml_library=self._nvml.library(),
             )
         )
 
@@ -225,6 +226,7 @@ class HealthMonitor:
             if not await self._init_nvml(stop):
                 return
             self._driver = self._nvml.system_get_driver_version()
+            log.info("NVML library: %s", self._nvml.library())
             self._inventory = discover(self._nvml, self._clock.time())
             self._model.load_inventory(self._inventory)
             self._nvml_ok, self._error = True, "; ".join(self._inventory.unreadable)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import posixpath
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from common.bus.messages import HEALTHY
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
@@ -30,12 +31,36 @@ from services.plugin_server.device_table import PluginDevice
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 VOLUME_MOUNT_ROOT = "/var/run/nvidia-container-devices"
-CDI_KIND = "k8s.device-plugin.nvidia.com/gpu"
+CDI_VENDOR = "k8s.device-plugin.nvidia.com"
+CDI_KIND = f"{CDI_VENDOR}/gpu"
+IMEX_CHANNELS = "NVIDIA_IMEX_CHANNELS"
+IMEX_CHANNEL_DIR = "/dev/nvidia-caps-imex-channels"
 CDI_ANNOTATION_NAME = "nvidia-device-plugin"
 MAX_REPORTED_IDS = 10
 MAX_ID_CHARS = 128  # keep error messages readable when a request is absurd
 
 _CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What every container with GPUs also gets, decided once at start (NVIDIA's gdsEnabled, mofedEnabled and
+    IMEX channels): kept out of Settings because the IMEX channels depend on device nodes found at start."""
+
+    gds: bool = False
+    mofed: bool = False
+    imex_channels: tuple[str, ...] = ()  # IDs whose device node exists (or is required)
+
+    def cdi_names(self) -> list[str]:
+        names = [f"{CDI_VENDOR}/imex-channel={c}" for c in self.imex_channels]
+        if self.gds:
+            names.append(f"{CDI_VENDOR}/gds=all")
+        if self.mofed:
+            names.append(f"{CDI_VENDOR}/mofed=all")
+        return names
+
+
+NO_EXTRAS = Extras()
 
 
 class AllocationError(ValueError):
@@ -129,13 +154,14 @@ def container_response(
     settings: Settings,
     *,
     annotation_id: Callable[[], str] = new_annotation_id,
+    extras: Extras = NO_EXTRAS,
 ) -> pb.ContainerAllocateResponse:
     validate(resource, ids, devices, settings)
     names = runtime_ids(ids, devices, settings.device_id_strategy)
     resp = pb.ContainerAllocateResponse()
     strategies = settings.device_list_strategy
     if "cdi-annotations" in strategies or "cdi-cri" in strategies:
-        qualified = [f"{CDI_KIND}={name}" for name in names]
+        qualified = [f"{CDI_KIND}={name}" for name in names] + extras.cdi_names()
         if "cdi-annotations" in strategies:
             key = f"{settings.cdi_annotation_prefix}{CDI_ANNOTATION_NAME}_{annotation_id()}"
             resp.annotations[key] = ",".join(qualified)
@@ -143,13 +169,25 @@ def container_response(
             resp.cdi_devices.extend(pb.CDIDevice(name=q) for q in qualified)
     if _CDI_STRATEGIES.issuperset(strategies):
         return resp  # only CDI: the runtime takes everything from the spec
+    if "envvar" in strategies and extras.imex_channels:
+        resp.envs[IMEX_CHANNELS] = ",".join(extras.imex_channels)
     if "volume-mounts" in strategies:
         resp.envs[VISIBLE_DEVICES] = VOLUME_MOUNT_ROOT
         resp.mounts.extend(
             pb.Mount(container_path=f"{VOLUME_MOUNT_ROOT}/{name}", host_path="/dev/null") for name in names
         )
+        resp.mounts.extend(pb.Mount(container_path=f"{VOLUME_MOUNT_ROOT}/imex/{c}", host_path="/dev/null")
+                           for c in extras.imex_channels)
     else:  # envvar
         resp.envs[VISIBLE_DEVICES] = ",".join(names)
     if settings.pass_device_specs:
         resp.devices.extend(device_specs(ids, devices, settings.dev_root))
+        resp.devices.extend(
+            pb.DeviceSpec(container_path=p, host_path=host_path(settings.dev_root, p), permissions="rw")
+            for p in (f"{IMEX_CHANNEL_DIR}/channel{c}" for c in extras.imex_channels))
+    # The legacy runtime hook injects GPUDirect Storage and MOFED from these, as for NVIDIA's plugin.
+    if extras.gds:
+        resp.envs["NVIDIA_GDS"] = "enabled"
+    if extras.mofed:
+        resp.envs["NVIDIA_MOFED"] = "enabled"
     return resp

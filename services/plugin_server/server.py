@@ -29,6 +29,7 @@ from common.lifecycle import run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
 from services.plugin_server import cdi
+from services.plugin_server.allocation import Extras
 from services.plugin_server.device_table import ResourceTable, build_resources, socket_name
 from services.plugin_server.preferred import Topology
 from services.plugin_server.servicer import DevicePluginServicer, plugin_options
@@ -70,7 +71,8 @@ class Endpoint:
             log.info("removing stale socket %s", self.path)
             self.path.unlink()
         self.servicer = DevicePluginServicer(
-            self.table, self._owner.settings, self._owner.streams_changed, self._owner.allocated(self.table.resource)
+            self.table, self._owner.settings, self._owner.streams_changed, self._owner.allocated(self.table.resource),
+            self._owner.extras,
         )
         server = grpc.aio.server()
         pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
@@ -130,6 +132,9 @@ class PluginServer:
         self._topology = Topology([], [])
         self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
         self._cdi_spec: dict[str, Any] | None = None
+        self._cdi_key: tuple[Any, ...] | None = None
+        self._extra_specs: list[str] = []
+        self.extras = Extras(gds=settings.gds_enabled, mofed=settings.mofed_enabled)
 
     # -- bus out ----------------------------------------------------------------------
     def _mark_changed(self) -> None:
@@ -214,12 +219,15 @@ class PluginServer:
         if old is None or old.links != state.links or [d.id for d in old.devices] != [d.id for d in state.devices]:
             # Built when the topology changes, never per request (16 GPUs: ~50 ms).
             self._topology = Topology(gpus, state.links)
-        if self._cdi:
-            spec = cdi.build_spec([d for d in state.devices if d.kind in ("gpu", "mig")], self.settings)
-            if spec != self._cdi_spec:
+        if self._cdi and state.nvml_ok:
+            listed = [d for d in state.devices if d.kind in ("gpu", "mig")]
+            key = cdi.spec_key(listed, state.driver_version)
+            if key != self._cdi_key:  # the driver's files are read only when devices or driver change
+                spec = cdi.build_spec(listed, self.settings, state.driver_version)
                 path = cdi.write_spec(self.settings.cdi_spec_dir, spec)
-                self._cdi_spec = spec
-                log.info("CDI spec written to %s (%d devices)", path, len(spec["devices"]))
+                self._cdi_spec, self._cdi_key = spec, key
+                log.info("CDI spec written to %s (%d devices, driver %s, %d mounts)", path, len(spec["devices"]),
+                         state.driver_version, len(spec["containerEdits"]["mounts"]))
         for name, devices in resources.items():
             ep = self.endpoints.get(name)
             if ep is None:
@@ -260,8 +268,20 @@ class PluginServer:
             log.info("time-slicing %s: %d replicas of %s as %s (NVIDIA's plugin ignores a device selection "
                      "and replicates all; here it is honoured)", res.name, res.replicas, chosen,
                      s.sharing.served_name(res))
+        if s.mps_root:
+            # The GPU Operator always sets it; refusing would stop every Operator-managed node.
+            log.warning("MPS_ROOT / --mps-root is set (%s) but MPS is not served yet: the setting has no effect",
+                        s.mps_root)
+        channels = cdi.imex_channels(s)
+        self.extras = Extras(gds=s.gds_enabled, mofed=s.mofed_enabled, imex_channels=channels)
+        if s.gds_enabled or s.mofed_enabled or channels:
+            log.info("every GPU container also gets:%s%s%s", " GPUDirect Storage" if s.gds_enabled else "",
+                     " MOFED" if s.mofed_enabled else "", f" IMEX channels {','.join(channels)}" if channels else "")
         if self._cdi:
             cdi.check_driver_files(s)
+            for name, spec in cdi.extra_specs(s, channels).items():
+                log.info("CDI spec written to %s", cdi.write_spec(s.cdi_spec_dir, spec, name))
+                self._extra_specs.append(name)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._announce_settings()
@@ -281,5 +301,7 @@ class PluginServer:
                 await ep.stop(grace=0.5)
             if self._cdi_spec is not None:
                 cdi.remove_spec(self.settings.cdi_spec_dir)
+            for name in self._extra_specs:
+                cdi.remove_spec(self.settings.cdi_spec_dir, name)
             log.info("plugin-server stopped; sockets removed")
 

@@ -10,7 +10,7 @@ import grpc
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
-from services.plugin_server.allocation import AllocationError, container_response
+from services.plugin_server.allocation import NO_EXTRAS, AllocationError, Extras, container_response
 from services.plugin_server.device_table import ResourceTable
 from services.plugin_server.preferred import preferred_gpus, preferred_shared
 
@@ -43,7 +43,9 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         settings: Settings,
         on_streams: Callable[[int], None],
         on_allocate: Callable[[list[str]], None],
+        extras: Extras = NO_EXTRAS,
     ) -> None:
+        self._extras = extras
         self._table = table
         self._settings = settings
         self._on_streams = on_streams
@@ -99,7 +101,8 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                 raise AllocationError(f'invalid allocation request for "{self._table.resource}": no container requests')
             for req in request.container_requests:
                 ids = list(req.devices_ids)
-                resp.container_responses.append(container_response(self._table.resource, ids, devices, self._settings))
+                resp.container_responses.append(container_response(self._table.resource, ids, devices, self._settings,
+                                                                  extras=self._extras))
         except AllocationError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         for req in request.container_requests:

@@ -12,6 +12,7 @@ import pytest
 
 from common.bus.messages import HealthState
 from tests.conftest import Procs, wait_until
+from tests.fakedriver import VERSION, make_driver_root
 from tests.integration.busclient import BusWatch
 from tests.integration.node import Node, fleet_copy
 
@@ -108,10 +109,7 @@ def test_mig_single_strategy_rejects_a_mixed_node_with_a_clear_error(procs: Proc
 
 
 def test_cdi_strategies_write_the_spec_and_answer_with_cdi_names(make_node: Any, short_tmp: Path) -> None:
-    dev_root = short_tmp / "driver"
-    (dev_root / "dev").mkdir(parents=True)
-    for name in ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", *(f"nvidia{i}" for i in range(8))):
-        (dev_root / "dev" / name).touch()
+    dev_root = make_driver_root(short_tmp / "driver", range(8))
     cdi_dir = short_tmp / "cdi"
     node = make_node(DEVICE_LIST_STRATEGY="cdi-annotations,cdi-cri", NVIDIA_DRIVER_ROOT=str(dev_root),
                      CDI_SPEC_DIR=str(cdi_dir))
@@ -120,6 +118,8 @@ def test_cdi_strategies_write_the_spec_and_answer_with_cdi_names(make_node: Any,
     spec = json.loads((cdi_dir / "k8s.device-plugin.nvidia.com-gpu.json").read_text())
     assert spec["kind"] == "k8s.device-plugin.nvidia.com/gpu" and spec["cdiVersion"] == "0.5.0"
     assert sorted(d["name"] for d in spec["devices"]) == sorted(g)
+    mounts = [m["containerPath"] for m in spec["containerEdits"]["mounts"]]
+    assert f"/usr/lib/x86_64-linux-gnu/libcuda.so.{VERSION}" in mounts, "the driver's libraries are in the spec"
     resp = node.lt.run(node.sim.allocate(GPU, g[:2]))
     names = [f"k8s.device-plugin.nvidia.com/gpu={u}" for u in g[:2]]
     assert [c.name for c in resp.cdi_devices] == names
@@ -134,7 +134,8 @@ def test_cdi_without_driver_files_fails_at_start(procs: Procs, short_tmp: Path) 
     node = Node(procs, short_tmp, DEVICE_LIST_STRATEGY="cdi-cri", NVIDIA_DRIVER_ROOT=str(short_tmp / "nodriver"))
     try:
         assert node.services["plugin-server"].wait(30) == 1
-        assert "nvidiactl" in procs.log("plugin-server")
+        log = procs.log("plugin-server")
+        assert "nvidiactl" in log and "no libcuda.so.* or libnvidia-ml.so.*" in log
     finally:
         node.close()
 

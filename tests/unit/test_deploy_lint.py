@@ -72,8 +72,26 @@ def validation_errors(docs: list[dict[str, Any]], version: str) -> list[str]:
     return errors
 
 
+def needed_host_paths(pod: dict[str, Any]) -> dict[str, tuple[str, bool, str]]:
+    """host path -> (mount path, read-only, why) for what the container's settings need, and nothing else."""
+    env: dict[str, str] = {}
+    for c in pod.get("containers", []):
+        env.update({e["name"]: str(e.get("value", "")) for e in c.get("env", [])})
+    needed = {DEVICE_PLUGIN_DIR: (DEVICE_PLUGIN_DIR, False, "plugin sockets, kubelet.sock, cordons")}
+    cdi = any(s.strip().startswith("cdi-") for s in env.get("DEVICE_LIST_STRATEGY", "envvar").split(","))
+    driver_root = env.get("NVIDIA_DRIVER_ROOT", "/")
+    if cdi:
+        needed["/var/run/cdi"] = ("/var/run/cdi", False, "the CDI specs the container runtime reads")
+    if cdi or driver_root != "/":
+        # libnvidia-ml (containerized driver) and the driver's files the CDI spec lists are read there
+        needed[driver_root] = (env.get("DRIVER_ROOT_CTR_PATH", "/driver-root"), True,
+                               "the driver root: NVML library and CDI driver files")
+    return needed
+
+
 def posture_problems(ds: dict[str, Any]) -> list[str]:
-    """NVIDIA's security posture: unprivileged root, no escalation, ALL caps dropped, one hostPath."""
+    """NVIDIA's security posture: unprivileged root, no escalation, ALL caps dropped, and exactly the
+    hostPaths the configuration needs (needed_host_paths), each where and how it is needed."""
     problems = []
     if ds.get("kind") != "DaemonSet":
         problems.append(f"kind is {ds.get('kind')!r}, not DaemonSet")
@@ -100,18 +118,33 @@ def posture_problems(ds: dict[str, Any]) -> list[str]:
             problems.append(f"container {name}: capabilities add {caps['add']}")
         if sc.get("privileged"):
             problems.append(f"container {name}: privileged")
+    needed = needed_host_paths(pod)
+    for c in containers:
+        name = c.get("name")
         for mount in c.get("volumeMounts", []):
             vol = next((v for v in pod.get("volumes", []) if v.get("name") == mount.get("name")), {})
             host_path = (vol.get("hostPath") or {}).get("path")
-            if host_path is not None and mount.get("mountPath") != host_path:
-                problems.append(f"container {name}: hostPath {host_path} mounted at {mount.get('mountPath')}")
-    host_paths = [v["hostPath"] for v in pod.get("volumes", []) if "hostPath" in v]
-    if [h.get("path") for h in host_paths] != [DEVICE_PLUGIN_DIR]:
-        problems.append(
-            f"hostPath volumes are {[h.get('path') for h in host_paths]}, not [{DEVICE_PLUGIN_DIR}]"
-        )
-    elif host_paths[0].get("type") != "Directory":
-        problems.append(f"hostPath {DEVICE_PLUGIN_DIR} type is {host_paths[0].get('type')!r}, not Directory")
+            if host_path is None:
+                continue
+            if host_path not in needed:
+                problems.append(f"container {name}: hostPath {host_path} is not needed by this configuration "
+                                f"(needed: {sorted(needed)})")
+                continue
+            at, read_only, _why = needed[host_path]
+            if mount.get("mountPath") != at:
+                problems.append(f"container {name}: hostPath {host_path} mounted at {mount.get('mountPath')}, not {at}")
+            if read_only and not mount.get("readOnly"):
+                problems.append(f"container {name}: hostPath {host_path} is not mounted readOnly")
+    host_paths = {v["hostPath"].get("path"): v["hostPath"] for v in pod.get("volumes", []) if "hostPath" in v}
+    for path, (_at, _ro, why) in needed.items():
+        if path not in host_paths:
+            problems.append(f"this configuration needs hostPath {path} ({why})")
+    for path in host_paths:
+        if path not in needed:
+            problems.append(f"hostPath volume {path} is not needed by this configuration (needed: {sorted(needed)})")
+    if host_paths.get(DEVICE_PLUGIN_DIR, {}).get("type", "Directory") != "Directory":
+        problems.append(f"hostPath {DEVICE_PLUGIN_DIR} type is {host_paths[DEVICE_PLUGIN_DIR].get('type')!r}, "
+                        "not Directory")
     return problems
 
 
@@ -243,14 +276,46 @@ def test_validation_catches_a_broken_manifest(breakage: Callable[[dict[str, Any]
 # --------------------------------------------------------------------------------------------------
 
 
-def the_daemonset() -> dict[str, Any]:
-    docs = [d for d in load_documents(DAEMONSET) if d.get("kind") == "DaemonSet"]
+def the_daemonset(path: Path = DAEMONSET) -> dict[str, Any]:
+    docs = [d for d in load_documents(path) if d.get("kind") == "DaemonSet"]
     assert len(docs) == 1
     return docs[0]
 
 
-def test_daemonset_security_posture() -> None:
-    assert posture_problems(the_daemonset()) == []
+CDI_DAEMONSET = DEPLOY / "daemonset-cdi-operator.yaml"
+
+
+@pytest.mark.parametrize("path", [DAEMONSET, CDI_DAEMONSET], ids=lambda p: p.name)
+def test_daemonset_security_posture(path: Path) -> None:
+    assert posture_problems(the_daemonset(path)) == []
+
+
+def test_cdi_daemonset_mounts_what_cdi_needs() -> None:
+    ds = the_daemonset(CDI_DAEMONSET)
+    assert set(needed_host_paths(_pod(ds))) == {DEVICE_PLUGIN_DIR, "/var/run/cdi", "/run/nvidia/driver"}
+    env = {e["name"]: e.get("value") for e in _container(ds)["env"]}
+    assert env["DEVICE_LIST_STRATEGY"] == "cdi-cri" and env["NVIDIA_DRIVER_ROOT"] == "/run/nvidia/driver"
+
+
+def _drop_volume(ds: dict[str, Any], path: str) -> None:
+    name = next(v["name"] for v in _pod(ds)["volumes"] if v.get("hostPath", {}).get("path") == path)
+    _pod(ds)["volumes"] = [v for v in _pod(ds)["volumes"] if v["name"] != name]
+    _container(ds)["volumeMounts"] = [m for m in _container(ds)["volumeMounts"] if m["name"] != name]
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [
+    (lambda ds: _drop_volume(ds, "/var/run/cdi"), "needs hostPath /var/run/cdi"),
+    (lambda ds: _drop_volume(ds, "/run/nvidia/driver"), "needs hostPath /run/nvidia/driver"),
+    (lambda ds: next(m for m in _container(ds)["volumeMounts"] if m["mountPath"] == "/driver-root").pop("readOnly"),
+     "is not mounted readOnly"),
+    (lambda ds: next(e for e in _container(ds)["env"] if e["name"] == "DEVICE_LIST_STRATEGY").update(value="envvar"),
+     "hostPath volume /var/run/cdi is not needed"),
+], ids=["no-cdi-dir", "no-driver-root", "driver-root-writable", "cdi-dir-without-cdi"])
+def test_cdi_posture_catches_a_broken_copy(breakage: Callable[[dict[str, Any]], object], expected: str) -> None:
+    ds = copy.deepcopy(the_daemonset(CDI_DAEMONSET))
+    breakage(ds)
+    problems = posture_problems(ds)
+    assert any(expected in p for p in problems), problems
 
 
 def test_daemonset_settings() -> None:
