@@ -311,7 +311,8 @@ class HealthMonitor:
             attempt += 1
             log.info("failOnInitError=false: advertising no devices, retrying NVML in %.0f s", delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: it can swallow a cancellation (3.11)
+                    await stop.wait()
         return False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -482,7 +483,8 @@ class HealthMonitor:
     async def _probe_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._probe_now.wait(), self._recovery.probe_interval)
+                async with asyncio.timeout(self._recovery.probe_interval):
+                    await self._probe_now.wait()
             self._probe_now.clear()
             results = await asyncio.to_thread(self._probe_all)
             await self._apply_probes(results)
