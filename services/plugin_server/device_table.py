@@ -18,7 +18,7 @@ built from the same DeviceState on every update. Unlike NVIDIA's plugin, which i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
@@ -162,6 +162,11 @@ class ResourceTable:
             self._changed.notify_all()
         return True
 
-    async def wait_changed(self, seen: int) -> None:
+    async def wait_changed(self, seen: int, give_up: Callable[[], bool] = lambda: False) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self.version != seen)
+            await self._changed.wait_for(lambda: self.version != seen or give_up())
+
+    async def wake(self) -> None:
+        """Wakes every waiter without a change, so that they re-check `give_up`."""
+        async with self._changed:
+            self._changed.notify_all()
