@@ -95,6 +95,13 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         settings = resolve(args)
     except SettingsError as e:
+        if args.command in SERVICES:
+            # A bad setting stays bad however often supervisord restarts the service.
+            from common.lifecycle import EX_CONFIG, record_exit_cause
+
+            print(f"gpu-plugin {args.command}: error: {e}", file=sys.stderr)
+            record_exit_cause(args.command, f"bad setting: {e}")
+            return EX_CONFIG
         return _fail(str(e))
     if args.command in SERVICES:
         return _run_service(args.command, settings)

@@ -40,7 +40,7 @@ from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthEvent, He
 from common.bus.sockets import BusPublisher
 from common.cordons import Cordon, CordonFileError, CordonStore
 from common.fswatch import DirWatcher
-from common.lifecycle import FatalError, run_until_stopped
+from common.lifecycle import PermanentError, run_until_stopped
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
@@ -78,7 +78,7 @@ STICKY = frozenset({"xid", "ecc"})
 PROBED = frozenset({"lost", "probe", "remap", "retired"})
 
 
-class NvmlInitError(FatalError):
+class NvmlInitError(PermanentError):
     """NVML could not be initialised; the message says why and what to check."""
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common.bus.messages import DeviceState
-from common.lifecycle import FatalError
+from common.lifecycle import PermanentError
 from common.settings import Settings
 from services.plugin_server.allocation import CDI_KIND, host_path
 
@@ -38,7 +38,7 @@ CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 REQUIRED_DRIVER_FILES = ("/dev/nvidiactl",)
 
 
-class CdiError(FatalError):
+class CdiError(PermanentError):
     """The CDI spec cannot be made or written: a CDI strategy cannot be served."""
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
-from common.lifecycle import FatalError
+from common.lifecycle import PermanentError
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import Settings, SharedResource
 from services.plugin_server.preferred import Topology
@@ -30,7 +30,7 @@ from services.plugin_server.preferred import Topology
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
-class MigConfigError(FatalError):
+class MigConfigError(PermanentError):
     """The node's MIG layout does not fit the MIG strategy."""
 
 
