@@ -51,7 +51,8 @@ class RunDirError(PermanentError):
 
 
 def record_exit_cause(service: str, cause: str) -> None:
-    """Writes the cause for the entry point, first writer wins (three services may fail alike).
+    """Writes the cause for the entry point, first writer wins (three services may fail alike),
+    and has supervisord stop the container.
 
     O_EXCL never follows a symlink planted at that name, and never overwrites the first cause.
     """
@@ -61,9 +62,16 @@ def record_exit_cause(service: str, cause: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
-        return  # another service recorded its cause first, or the run dir is the problem itself
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{service}: {cause}\n")
+        pass  # another service recorded its cause first, or the run dir is the problem itself
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{service}: {cause}\n")
+    if os.environ.get("SUPERVISOR_ENABLED"):
+        # Our parent is supervisord: tell it to stop before we exit. Its event listener would
+        # too, but only a tick after our exit, by when supervisord may have restarted us in
+        # vain; a SIGTERM that arrives before the exit is handled before any restart.
+        with contextlib.suppress(OSError):
+            os.kill(os.getppid(), signal.SIGTERM)
 
 
 def exit_permanently(service: str, cause: str) -> int:
