@@ -42,6 +42,8 @@ class DevStack:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "GPU_PLUGIN_RUN_DIR": str(self.run_dir),
             "KUBELET_SOCKET": str(self.dp_dir / "kubelet.sock"),
+            # Cordons of this stack only: the default is the node's (/var/lib/kubelet/...).
+            "GPU_PLUGIN_STATE_DIR": str(self.root / "state"),
             "NVML_BACKEND": "simulated",
             "SIMULATED_DEVICES": fleet,
             "PYTHONUNBUFFERED": "1",
