@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# GPU device plugin image: supervisord running health-monitor, plugin-server and registrar.
+# GPU device plugin image: an sh entry point running supervisord, which runs health-monitor,
+# plugin-server and registrar.
 #
 # Stage 1 builds the distribution into a self-contained virtual environment; stage 2 copies only
 # that environment, so no build tooling, sources or pip caches end up in the final image.
@@ -35,6 +36,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 COPY --from=build /opt/venv /opt/venv
 COPY supervisord.conf /etc/gpu-plugin/supervisord.conf
+# PID 1: creates and checks the run dir, runs supervisord, forwards TERM/INT, and exits non-zero
+# with the cause as the last log line when a service fails for good (see the script).
+COPY scripts/entrypoint.sh /usr/local/bin/gpu-plugin-entrypoint
 
 # The bus sockets live here (mode 0700: only the container's own processes may use them).
 RUN install -d -m 0700 /run/gpu-device-plugin
@@ -47,4 +51,4 @@ RUN install -d -m 0700 /run/gpu-device-plugin
 
 WORKDIR /
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["supervisord", "-c", "/etc/gpu-plugin/supervisord.conf"]
+ENTRYPOINT ["/usr/local/bin/gpu-plugin-entrypoint", "-c", "/etc/gpu-plugin/supervisord.conf"]

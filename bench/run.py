@@ -11,6 +11,7 @@ Figures (p50/p99 where repeated):
   Allocate, GetPreferredAllocation  a kubelet-like gRPC client on the plugin socket
   memory                            PSS of supervisord and every child
   idle CPU                          CPU time of each process over an idle window
+  pod termination                   SIGTERM to the entry point (PID 1) until it exited, each stack
 
 Usage: python bench/run.py [--injections 200] [--allocations 2000] [--idle 60]
 """
@@ -68,7 +69,7 @@ def registrations(stack: DevStack) -> int:
 
 def pids(stack: DevStack) -> dict[str, int]:
     assert stack.supervisord is not None
-    out = {"supervisord": stack.supervisord.pid}
+    out = {"entrypoint": stack.supervisord.pid, "supervisord": stack.supervisord_pid()}
     for p in (*PROGRAMS, "watchdog"):
         out[p] = stack.pid(p)
     return out
@@ -84,6 +85,18 @@ def pss_kb(pid: int) -> int:
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def terminate(stack: DevStack) -> float:
+    """Pod termination: SIGTERM to the entry point, as the kubelet sends it, until it exited 0."""
+    assert stack.supervisord is not None
+    t0 = time.perf_counter()
+    stack.supervisord.send_signal(signal.SIGTERM)
+    code = stack.supervisord.wait(60)
+    elapsed = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"the entry point exited {code} after SIGTERM\n{stack.logs()}")
+    return elapsed
 
 
 def bench_faults(stack: DevStack, ids: list[str], n: int) -> list[float]:
@@ -164,6 +177,7 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
     args = ap.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    terminations: list[float] = []
 
     # Recovery after each injected fault waits for a probe: probe fast in this stack only.
     stack = DevStack(fleet="dgx-h100-8", env={"HEALTH_PROBE_INTERVAL": "100ms"})
@@ -206,6 +220,7 @@ def main() -> int:
         results["allocate_s"] = summary(alloc)
         results["noop_rpc_s"] = summary(noop)
         results["preferred_allocation_s"] = {str(k): summary(v) for k, v in preferred.items()}
+        terminations.append(terminate(stack))
     finally:
         stack.stop()
         stack.cleanup()
@@ -222,6 +237,7 @@ def main() -> int:
         alloc, _, shared = bench_rpc(stack.dp_dir / "nvidia-gpu.sock", replicas, args.allocations)
         results["allocate_replicas_8x16_s"] = summary(alloc)
         results["preferred_replicas_8x16_s"] = {str(k): summary(v) for k, v in shared.items()}
+        terminations.append(terminate(stack))
     finally:
         stack.stop()
         stack.cleanup()
@@ -243,10 +259,12 @@ def main() -> int:
             name: 100.0 * (after[name] - before[name]) / CLK_TCK / args.idle for name in procs
         }
         results["idle_cpu_percent_total"] = sum(results["idle_cpu_percent"].values())
+        terminations.append(terminate(stack))
     finally:
         stack.stop()
         stack.cleanup()
 
+    results["pod_termination_s"] = summary(terminations)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1))
     ms = 1000.0
@@ -258,7 +276,8 @@ def main() -> int:
                        ("kill9_plugin_server_to_back_s", "kill -9 plugin-server -> back (ms)"),
                        ("allocate_s", "Allocate (ms)"),
                        ("allocate_replicas_8x16_s", "Allocate, 8 GPUs x 16 replicas (ms)"),
-                       ("noop_rpc_s", "PreStartContainer, a no-op: the floor (ms)")):
+                       ("noop_rpc_s", "PreStartContainer, a no-op: the floor (ms)"),
+                       ("pod_termination_s", "SIGTERM -> entry point exited (ms)")):
         r = results[key]
         print(f"{label:44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}   (n={r['n']})")
     for size, r in results["preferred_allocation_s"].items():

@@ -72,7 +72,9 @@ class DirWatcher:
         if self._wd is None and self._add_watch():
             return {""}
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            # Not wait_for: on 3.11 it can swallow a cancellation that races the result.
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
         except TimeoutError:
             return set()
 

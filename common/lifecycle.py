@@ -4,11 +4,21 @@ A service is an `async def main(settings, stop)` that returns when `stop` is set
 and SIGINT set it; a second signal exits at once. A service that fails raises, the
 process exits non-zero and supervisord restarts it: no component tries to limp on with
 state it cannot trust.
+
+A failure that a restart cannot fix (`PermanentError`: a bad setting, no driver with
+failOnInitError, a MIG layout the strategy cannot serve, missing driver files, an untrusted
+run dir) exits with EX_CONFIG (78) and records its cause in the file named by
+GPU_PLUGIN_EXIT_CAUSE. The container's entry point (scripts/entrypoint.sh) sets that variable;
+supervisord's event listener ends supervisord as soon as the file exists, and the entry point
+exits non-zero with the cause as its last line, as NVIDIA's plugin does, instead of supervisord
+restarting the service in vain and then exiting 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import signal
@@ -24,8 +34,51 @@ log = logging.getLogger(__name__)
 ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
 
 
+EX_CONFIG = 78  # sysexits.h: a configuration error; restarting the same process cannot help
+EXIT_CAUSE_ENV = "GPU_PLUGIN_EXIT_CAUSE"
+
+
 class FatalError(RuntimeError):
     """A failure whose message says everything: logged without a traceback, exit status 1."""
+
+
+class PermanentError(FatalError):
+    """A FatalError that a restart cannot fix: exit status EX_CONFIG, cause recorded, container ends."""
+
+
+class RunDirError(PermanentError):
+    """The run directory cannot be trusted (a symlink, another owner, not a directory)."""
+
+
+def record_exit_cause(service: str, cause: str) -> None:
+    """Writes the cause for the entry point, first writer wins (three services may fail alike),
+    and has supervisord stop the container.
+
+    O_EXCL never follows a symlink planted at that name, and never overwrites the first cause.
+    """
+    path = os.environ.get(EXIT_CAUSE_ENV)
+    if not path:
+        return  # not under the entry point (by hand, tests of one service): the log says it
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        pass  # another service recorded its cause first, or the run dir is the problem itself
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{service}: {cause}\n")
+    if os.environ.get("SUPERVISOR_ENABLED"):
+        # Our parent is supervisord: tell it to stop before we exit. Its event listener would
+        # too, but only a tick after our exit, by when supervisord may have restarted us in
+        # vain; a SIGTERM that arrives before the exit is handled before any restart.
+        with contextlib.suppress(OSError):
+            os.kill(os.getppid(), signal.SIGTERM)
+
+
+def exit_permanently(service: str, cause: str) -> int:
+    """Logs and records a permanent failure; returns the exit status for it."""
+    log.error("%s cannot continue (a restart will not help): %s", service, cause)
+    record_exit_cause(service, cause)
+    return EX_CONFIG
 
 
 def configure_logging(service: str, level: str) -> None:
@@ -38,10 +91,34 @@ def configure_logging(service: str, level: str) -> None:
 
 
 def ensure_private_dir(path: Path) -> None:
-    """Creates `path` (and parents) owner-only; tightens it if it already exists."""
-    path.mkdir(parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != 0o700:
-        os.chmod(path, 0o700)
+    """Creates `path` (and parents) owner-only; tightens it if it already exists.
+
+    Refuses (RunDirError) a symlink, a non-directory, or a directory of another user: our
+    sockets and locks would be somewhere an attacker chose, and a chmod through a symlink
+    would change the mode of whatever it points at. The check and the chmod use one
+    O_NOFOLLOW descriptor, so the path cannot be swapped between them.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if os.path.islink(path):
+            raise RunDirError(f"run dir {path} is a symlink (to {os.readlink(path)}): refusing to follow it; "
+                              "make it a directory of its own") from None
+        if e.errno == errno.ENOTDIR:
+            raise RunDirError(f"run dir {path} is not a directory") from None
+        raise RunDirError(f"run dir {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise RunDirError(f"run dir {path} is owned by uid {st.st_uid}, not by this process (uid "
+                              f"{os.geteuid()}): refusing it; remove it or give it to uid {os.geteuid()}")
+        if st.st_mode & 0o777 != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 async def run_until_stopped(stop: asyncio.Event, *tasks: asyncio.Task[Any]) -> None:
@@ -89,6 +166,8 @@ def run_service(name: str, main: ServiceMain, settings: Settings) -> int:
 
     try:
         asyncio.run(runner())
+    except PermanentError as e:
+        return exit_permanently(name, str(e))
     except FatalError as e:
         log.error("%s cannot continue: %s", name, e)
         return 1

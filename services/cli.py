@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -75,12 +77,31 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `gpu-plugin status | head -1`: the reader is gone, which is not an error of ours. Point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE  # what a shell shows for a tool ended by SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "kubelet-sim":
         return _kubelet_sim(args)
     try:
         settings = resolve(args)
     except SettingsError as e:
+        if args.command in SERVICES:
+            # A bad setting stays bad however often supervisord restarts the service.
+            from common.lifecycle import EX_CONFIG, record_exit_cause
+
+            print(f"gpu-plugin {args.command}: error: {e}", file=sys.stderr)
+            record_exit_cause(args.command, f"bad setting: {e}")
+            return EX_CONFIG
         return _fail(str(e))
     if args.command in SERVICES:
         return _run_service(args.command, settings)

@@ -22,6 +22,8 @@ from services.kubelet_simulator.control import KubeletSimClient
 
 REPO = Path(__file__).resolve().parents[1]
 SUPERVISORD_CONF = REPO / "supervisord.conf"
+ENTRYPOINT = REPO / "scripts" / "entrypoint.sh"  # the container's PID 1, as in the image
+GROUP = "gpu-plugin"  # supervisord.conf's [group:] of the three programs
 BIN = Path(sys.executable).parent
 PROGRAMS = ("health-monitor", "plugin-server", "registrar")
 RESOURCE = "nvidia.com/gpu"
@@ -40,11 +42,14 @@ class DevStack:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "GPU_PLUGIN_RUN_DIR": str(self.run_dir),
             "KUBELET_SOCKET": str(self.dp_dir / "kubelet.sock"),
+            # Cordons of this stack only: the default is the node's (/var/lib/kubelet/...).
+            "GPU_PLUGIN_STATE_DIR": str(self.root / "state"),
             "NVML_BACKEND": "simulated",
             "SIMULATED_DEVICES": fleet,
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
+        # The entry point, which runs supervisord: what the container runtime signals and waits for.
         self.supervisord: subprocess.Popen[bytes] | None = None
         self.kubelet_proc: subprocess.Popen[bytes] | None = None
         self._kubelet: KubeletSimClient | None = None
@@ -61,11 +66,10 @@ class DevStack:
         log.close()
 
     def start_supervisor(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run_dir, 0o700)
+        # The entry point creates the run dir (and refuses one it cannot trust), as in the image.
         log = open(self.root / "supervisord.log", "ab")  # noqa: SIM115 - owned by the child
         self.supervisord = subprocess.Popen(
-            [str(BIN / "supervisord"), "-c", str(SUPERVISORD_CONF)],
+            ["/bin/sh", str(ENTRYPOINT), "-c", str(SUPERVISORD_CONF)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
         )
         log.close()
@@ -82,6 +86,8 @@ class DevStack:
         return self._kubelet
 
     def ctl(self, *args: str, check: bool = True) -> str:
+        """supervisorctl; a bare program name stands for its name in the group."""
+        args = tuple(f"{GROUP}:{a}" if a in PROGRAMS else a for a in args)
         out = subprocess.run(
             [str(BIN / "supervisorctl"), "-c", str(SUPERVISORD_CONF), *args],
             env=self.env, capture_output=True, text=True, timeout=60,
@@ -106,12 +112,19 @@ class DevStack:
             time.sleep(0.05)
         raise TimeoutError(f"stack not RUNNING within {timeout} s: {self.ctl('status', check=False)}")
 
+    def supervisord_pid(self) -> int:
+        """supervisord itself (a child of the entry point), from its pidfile; 0 when not running."""
+        try:
+            return int((self.run_dir / "supervisord.pid").read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
     def inject(self, *args: str) -> None:
         subprocess.run([str(BIN / "gpu-plugin"), "inject", *args], env=self.env, check=True, timeout=30,
                        capture_output=True)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM to supervisord (as Kubernetes does); returns its exit code."""
+        """SIGTERM to the entry point (as Kubernetes does); returns its exit code."""
         code = None
         if self._kubelet is not None:
             self._kubelet.close()

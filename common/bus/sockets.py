@@ -285,7 +285,8 @@ class BusSubscriber:
 
     async def recv_timeout(self, timeout_s: float) -> Message | None:
         try:
-            return await asyncio.wait_for(self.recv(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancellation (3.11)
+                return await self.recv()
         except TimeoutError:
             return None
 

@@ -27,7 +27,7 @@ from common.bus.messages import HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
 from common.cordons import CordonFileError, CordonStateError, CordonStore
 from common.fswatch import DirWatcher
-from common.lifecycle import FatalError, run_until_stopped
+from common.lifecycle import PermanentError, run_until_stopped
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
@@ -60,7 +60,7 @@ MAX_PENDING_EVENTS = 1000  # events handed to the loop and not yet applied
 EVENT_SET_BACKOFF_S = (0.1, 1.0, 5.0, 30.0)
 
 
-class NvmlInitError(FatalError):
+class NvmlInitError(PermanentError):
     """NVML could not be initialised; the message says why and what to check."""
 
 
@@ -216,7 +216,8 @@ class HealthMonitor:
             attempt += 1
             log.info("failOnInitError=false: advertising no devices, retrying NVML in %.0f s", delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: it can swallow a cancellation (3.11)
+                    await stop.wait()
         return False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -332,7 +333,8 @@ class HealthMonitor:
     async def _probe_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._probe_now.wait(), self._recovery.probe_interval)
+                async with asyncio.timeout(self._recovery.probe_interval):
+                    await self._probe_now.wait()
             self._probe_now.clear()
             results = await asyncio.to_thread(self._probe_all)
             await self._apply_probes(results)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from common.bus.messages import DeviceState
-from common.lifecycle import FatalError
+from common.lifecycle import PermanentError
 from common.settings import Settings
 from services.plugin_server.allocation import CDI_KIND, CDI_VENDOR, host_path
 
@@ -69,7 +69,7 @@ FIRMWARE_DIRS = ("/lib/firmware/updates/{release}", "/lib/firmware/updates", "/l
 IMEX_CHANNEL_DIR = "/dev/nvidia-caps-imex-channels"
 
 
-class CdiError(FatalError):
+class CdiError(PermanentError):
     """The CDI spec cannot be made or written: a CDI strategy cannot be served."""
 
 

@@ -18,11 +18,11 @@ built from the same DeviceState on every update. Unlike NVIDIA's plugin, which i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
-from common.lifecycle import FatalError
+from common.lifecycle import PermanentError
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import DEVICE_ENTRY_BYTES, GRPC_MAX_MESSAGE_BYTES, Settings, SharedResource
 from services.plugin_server.preferred import Topology
@@ -30,7 +30,7 @@ from services.plugin_server.preferred import Topology
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
-class MigConfigError(FatalError):
+class MigConfigError(PermanentError):
     """The node's MIG layout does not fit the MIG strategy."""
 
 
@@ -175,6 +175,11 @@ class ResourceTable:
             self._changed.notify_all()
         return True
 
-    async def wait_changed(self, seen: int) -> None:
+    async def wait_changed(self, seen: int, give_up: Callable[[], bool] = lambda: False) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self.version != seen)
+            await self._changed.wait_for(lambda: self.version != seen or give_up())
+
+    async def wake(self) -> None:
+        """Wakes every waiter without a change, so that they re-check `give_up`."""
+        async with self._changed:
+            self._changed.notify_all()

@@ -94,6 +94,8 @@ class Endpoint:
             await self._stop(grace)
 
     async def _stop(self, grace: float | None) -> None:
+        if self.servicer is not None:
+            await self.servicer.close()
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None

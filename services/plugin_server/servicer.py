@@ -51,6 +51,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self._on_streams = on_streams
         self._on_allocate = on_allocate
         self.streams = 0
+        self._closing = False
 
     async def GetDevicePluginOptions(
         self, request: pb.Empty, context: grpc.aio.ServicerContext
@@ -64,14 +65,23 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self._on_streams(self.streams)
         try:
             seen = -1
-            while True:
+            while not self._closing:
                 if seen != self._table.version:
                     seen = self._table.version
                     yield self._table.response
-                await self._table.wait_changed(seen)
+                await self._table.wait_changed(seen, lambda: self._closing)
         finally:
             self.streams -= 1
             self._on_streams(self.streams)
+
+    async def close(self) -> None:
+        """Ends every ListAndWatch stream with OK, before the server stops.
+
+        Why: a stream still open when the server stops is cancelled under gRPC, which logs an
+        ERROR with a CancelledError traceback on every normal stop.
+        """
+        self._closing = True
+        await self._table.wake()
 
     async def GetPreferredAllocation(
         self, request: pb.PreferredAllocationRequest, context: grpc.aio.ServicerContext

@@ -120,7 +120,10 @@ class Registrar:
         while True:
             delay = await self._reconcile()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+                # arrives as the wake-up does (SIGTERM as kubelet.sock vanishes), and the loop ran on.
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             self._wake.clear()
 
     def _set_kubelet(self, state: KubeletPresence) -> None:

@@ -153,6 +153,29 @@ def test_sigterm_removes_the_socket_and_exits_zero(env: Env) -> None:
     wait_until(lambda: not (env.run / "plugin.sock").exists(), 5, "the bus socket removed")
 
 
+def test_sigterm_with_open_streams_ends_them_cleanly(env: Env) -> None:
+    # A normal stop must not look like a failure in the log: the streams end, they are not
+    # cancelled under gRPC (which logged an ERROR and a CancelledError traceback).
+    env.endpoint()
+    clients = [PluginClient(env.sock) for _ in range(2)]
+    try:
+        for c in clients:
+            c.watch()
+            c.next_update()
+        env.endpoint(lambda e: e.streams == 2)
+        _, proc = env.procs.procs[-1]
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(10) == 0
+        for c in clients:  # each stream ends with an OK status, as at the end of a stream
+            wait_until(lambda c=c: c._stream is not None and c._stream.done(), 10, "the stream ended")
+            assert c._stream.code() == grpc.StatusCode.OK
+    finally:
+        for c in clients:
+            c.close()
+    log = env.procs.log("ps")
+    assert "ERROR" not in log and "Traceback" not in log, log
+
+
 def test_nvml_lost_after_discovery_keeps_devices_listed_unhealthy(env: Env) -> None:
     env.endpoint()
     client = PluginClient(env.sock)

@@ -149,3 +149,19 @@ def test_a_kubelet_that_drops_the_stream_gets_a_new_registration(env: Env) -> No
     assert not env.held()
     wait_until(lambda: env.held() and env.ok_registrations() == 2, 15, "a new registration after the drop")
     assert "stopped streaming" in env.procs.log("rg")
+
+
+def test_sigterm_while_kubelet_sock_vanishes_always_stops_the_registrar(env: Env) -> None:
+    # The kubelet going away wakes the reconcile loop at the very moment SIGTERM cancels it; a
+    # wait that swallows that cancellation (asyncio.wait_for on 3.11) left the registrar running.
+    env.start_kubelet()
+    kubelet_sock = env.dp / "kubelet.sock"
+    for trial in range(20):
+        name = f"rg{trial}"
+        rg = env.start_registrar(name)
+        wait_until(lambda name=name: "absent -> present" in env.procs.log(name), 30, f"{name} seeing the kubelet")
+        kubelet_sock.unlink()
+        rg.send_signal(signal.SIGTERM)
+        wait_until(lambda rg=rg: rg.poll() is not None, 30, f"{name} exiting after SIGTERM (trial {trial})")
+        assert rg.returncode == 0, env.procs.log(name)
+        env.lt.run(env.sim.restart())

@@ -31,6 +31,9 @@ HADOLINT = Path(sys.executable).parent / "hadolint"
 
 DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 SUPERVISORD_CONF = "/etc/gpu-plugin/supervisord.conf"
+# The container's PID 1 (scripts/entrypoint.sh): supervisord alone exits 0 after any failure.
+ENTRYPOINT = "/usr/local/bin/gpu-plugin-entrypoint"
+ENTRYPOINT_SOURCE = "scripts/entrypoint.sh"
 # Schemas shipped inside the kubernetes-validate wheel; a recent release plus the newest it knows.
 K8S_VERSIONS = ("1.33", kubernetes_validate.utils.latest_version())
 
@@ -167,7 +170,7 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 
 
 def dockerfile_problems(text: str) -> list[str]:
-    """The final stage must run supervisord on the shipped conf and copy supervisord.conf there."""
+    """The final stage must run the entry point on the shipped conf and copy both there."""
     instructions = dockerfile_instructions(text)
     froms = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]
     if not froms:
@@ -188,23 +191,27 @@ def dockerfile_problems(text: str) -> list[str]:
                 f"ENTRYPOINT is not exec form (signals would not reach supervisord): {entrypoints[-1]}"
             )
         else:
-            if not argv or Path(argv[0]).name != "supervisord":
-                problems.append(f"ENTRYPOINT does not run supervisord: {argv}")
+            if not argv or argv[0] != ENTRYPOINT:
+                problems.append(f"ENTRYPOINT does not run the entry point {ENTRYPOINT}: {argv}")
             conf_args = set(itertools.pairwise(argv))
             if not conf_args & {("-c", SUPERVISORD_CONF), ("--configuration", SUPERVISORD_CONF)}:
                 problems.append(f"ENTRYPOINT does not pass -c {SUPERVISORD_CONF}: {argv}")
 
-    copies_conf = False
+    copies_conf = copies_entrypoint = False
     for kw, args in final:
         if kw not in ("COPY", "ADD"):
             continue
         words = [w for w in shlex.split(args) if not w.startswith("--")]
+        if words[:-1] == [ENTRYPOINT_SOURCE] and words[-1] == ENTRYPOINT:
+            copies_entrypoint = True
         if len(words) >= 2 and "supervisord.conf" in [Path(w).name for w in words[:-1]]:
             dest = words[-1]
             if dest == SUPERVISORD_CONF or dest.rstrip("/") == str(Path(SUPERVISORD_CONF).parent):
                 copies_conf = True
     if not copies_conf:
         problems.append(f"final stage does not copy supervisord.conf to {SUPERVISORD_CONF}")
+    if not copies_entrypoint:
+        problems.append(f"final stage does not copy {ENTRYPOINT_SOURCE} to {ENTRYPOINT}")
     return problems
 
 
@@ -421,16 +428,16 @@ def test_dockerfile_runs_supervisord_with_shipped_conf() -> None:
     ("old", "new", "expected"),
     [
         pytest.param(
-            'ENTRYPOINT ["supervisord", "-c", "/etc/gpu-plugin/supervisord.conf"]',
-            "ENTRYPOINT supervisord -c /etc/gpu-plugin/supervisord.conf",
+            'ENTRYPOINT ["/usr/local/bin/gpu-plugin-entrypoint", "-c", "/etc/gpu-plugin/supervisord.conf"]',
+            "ENTRYPOINT /usr/local/bin/gpu-plugin-entrypoint -c /etc/gpu-plugin/supervisord.conf",
             "exec form",
             id="shell-form",
         ),
         pytest.param(
+            'ENTRYPOINT ["/usr/local/bin/gpu-plugin-entrypoint", "-c", "/etc/gpu-plugin/supervisord.conf"]',
             'ENTRYPOINT ["supervisord", "-c", "/etc/gpu-plugin/supervisord.conf"]',
-            'ENTRYPOINT ["gpu-plugin", "-c", "/etc/gpu-plugin/supervisord.conf"]',
-            "supervisord",
-            id="not-supervisord",
+            "entry point",
+            id="supervisord-without-the-entry-point",
         ),
         pytest.param(
             '"-c", "/etc/gpu-plugin/supervisord.conf"', '"-c", "/etc/supervisord.conf"', "-c", id="other-conf"
@@ -441,9 +448,51 @@ def test_dockerfile_runs_supervisord_with_shipped_conf() -> None:
             "copy supervisord.conf",
             id="conf-not-copied",
         ),
+        pytest.param(
+            "COPY scripts/entrypoint.sh /usr/local/bin/gpu-plugin-entrypoint",
+            "",
+            "copy scripts/entrypoint.sh",
+            id="entry-point-not-copied",
+        ),
     ],
 )
 def test_dockerfile_check_catches_a_broken_copy(old: str, new: str, expected: str) -> None:
     text = DOCKERFILE.read_text()
     assert old in text
     assert any(expected in p for p in dockerfile_problems(text.replace(old, new)))
+
+
+# --------------------------------------------------------------------------------------------------
+# (e) the DaemonSet runs the image's entry point, which is the repository's executable script
+# --------------------------------------------------------------------------------------------------
+
+
+def command_problems(ds: dict[str, Any], dockerfile: str) -> list[str]:
+    """The container must not bypass the entry point: its command is the ENTRYPOINT, no args."""
+    final = dockerfile_instructions(dockerfile)
+    entrypoint = json.loads([a for kw, a in final if kw == "ENTRYPOINT"][-1])
+    problems = []
+    for c in _pod(ds)["containers"]:
+        if c.get("command", entrypoint) != entrypoint:
+            problems.append(f"container {c.get('name')}: command {c.get('command')} is not the image's {entrypoint}")
+        if c.get("args"):
+            problems.append(f"container {c.get('name')}: args {c['args']} change the entry point's arguments")
+    return problems
+
+
+def test_daemonset_runs_the_images_entry_point() -> None:
+    assert command_problems(the_daemonset(), DOCKERFILE.read_text()) == []
+    assert (REPO / ENTRYPOINT_SOURCE).stat().st_mode & 0o111, "the entry point must be executable (COPY keeps it)"
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        pytest.param(lambda c: c.update(command=["supervisord", "-c", SUPERVISORD_CONF]), id="bypassed"),
+        pytest.param(lambda c: c.update(args=["-n"]), id="args"),
+    ],
+)
+def test_command_check_catches_a_broken_copy(breakage: Callable[[dict[str, Any]], object]) -> None:
+    ds = copy.deepcopy(the_daemonset())
+    breakage(_container(ds))
+    assert command_problems(ds, DOCKERFILE.read_text()) != []
