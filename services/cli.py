@@ -4,7 +4,7 @@
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
-    gpu-plugin inject xid|ecc|lost|remap|recover <uuid> ...    faults for the simulated backend
+    gpu-plugin inject xid|ecc|lost|remap|hang|recover <uuid>   faults for the simulated backend
     gpu-plugin kubelet-sim --dir D --control C                 the kubelet simulator
 
 Settings come from flags, then the environment, then the config file (see common.settings).
@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
     inject = sub.add_parser("inject", help="inject a fault into the simulated NVML backend")
     inject.add_argument("fault", choices=("xid", "ecc", "lost", "remap", "retired_pending", "event_error",
-                                          "recover"))
+                                          "hang", "recover"),
+                        help="hang: calls on the GPU block until recover")
     inject.add_argument("uuid", help="GPU or MIG device UUID")
     inject.add_argument("value", nargs="?", help="xid: the XID number; ecc: sbe or dbe")
     inject.add_argument("--count", type=int, default=1, help="ecc: how many errors")
