@@ -174,3 +174,33 @@ def test_metrics_when_a_port_is_configured(procs: Procs, short_tmp: Path) -> Non
     assert f'gpu_plugin_device_healthy{{device="{other}",index="2",kind="gpu"}} 1.0' in text
     assert f'gpu_plugin_xid_errors_total{{device="{victim}",verdict="fatal",xid="79"}} 1.0' in text
     assert f'gpu_plugin_xid_errors_total{{device="{other}",verdict="ignored",xid="13"}} 1.0' in text
+
+
+def test_a_hung_nvml_call_marks_its_gpu_and_names_the_call_while_the_others_are_watched(
+    procs: Procs, short_tmp: Path
+) -> None:
+    run = start_monitor(procs, short_tmp, "dgx-h100-8", HEALTH_PROBE_INTERVAL="0.5s")
+    ids = [d.id for d in state(run).devices]
+    stuck, xid_victim, remap_victim = ids[2], ids[5], ids[6]
+
+    def reason(s: HealthState, dev: str) -> str:
+        return next(d.reason for d in s.devices if d.id == dev)
+
+    inject(procs, run, "hang", stuck)
+    s = state(run, lambda s: health(s)[stuck] == UNHEALTHY, timeout=60)
+    assert reason(s, stuck).startswith("NVML nvmlDeviceGetPciInfo hung for "), reason(s, stuck)
+    assert [d for d in ids if health(s)[d] == UNHEALTHY] == [stuck]
+    # The other GPUs are still watched: events arrive, and probes (a pending row remap is seen only by one) run.
+    inject(procs, run, "xid", xid_victim, "48")
+    inject(procs, run, "remap", remap_victim, "pending")
+    s = state(run, lambda s: health(s)[xid_victim] == UNHEALTHY and health(s)[remap_victim] == UNHEALTHY,
+              timeout=60)
+    assert reason(s, xid_victim).startswith("XID 48")
+    assert reason(s, remap_victim) == "row remap pending (GPU reset needed)"
+    assert "hung for" in reason(s, stuck)
+    assert sorted(d for d in ids if health(s)[d] == UNHEALTHY) == sorted([stuck, xid_victim, remap_victim])
+    # Released (a GPU reset), the GPU answers again and recovers; it was never restarted.
+    inject(procs, run, "recover", stuck)
+    s = state(run, lambda s: health(s)[stuck] == HEALTHY, timeout=60)
+    assert reason(s, stuck) == "recovered"
+    assert procs.procs[0][1].poll() is None
