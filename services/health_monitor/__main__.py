@@ -14,6 +14,7 @@ from common.lifecycle import ensure_private_dir, run_service
 from common.nvml.backend import NvmlError
 from common.nvml.factory import make_backend
 from common.settings import Settings
+from common.watchdog import Watchdog
 from services.health_monitor.metrics import HealthMetrics
 from services.health_monitor.monitor import HealthMonitor, RecoveryPolicy
 from services.health_monitor.xid_policy import policy_from_env
@@ -34,7 +35,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             cordons=CordonStore(settings.state_dir),
             metrics=HealthMetrics(settings.metrics_port) if settings.metrics_port else None,
         )
-        await monitor.run(stop)
+        with Watchdog("health-monitor", settings.run_dir, stuck=monitor.stuck_calls, describe=monitor.hung_probes):
+            await monitor.run(stop)
     finally:
         with contextlib.suppress(NvmlError):
             backend.shutdown()

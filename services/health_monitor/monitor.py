@@ -254,6 +254,7 @@ class HealthMonitor:
         self._flush: asyncio.Task[None] | None = None
         self._outbox: deque[HealthEvent] = deque(maxlen=10000)  # events for humans, sent after the state
         self._event_thread: threading.Thread | None = None
+        self._event_call: tuple[str, float] | None = None  # the event thread's NVML call in progress
 
     # -- state ------------------------------------------------------------------------
     async def _publish_state(self) -> None:
@@ -399,6 +400,7 @@ class HealthMonitor:
         assert loop is not None
         failures = 0
         while not self._stopping.is_set():
+            self._event_call = ("NVML nvmlEventSetWait on the event thread", time.monotonic())
             try:
                 event = self._nvml.event_set_wait(event_set, WAIT_SLICE_MS)
             except NvmlError as e:
@@ -414,6 +416,8 @@ class HealthMonitor:
                 event_set = self._recreate_event_set(event_set, NvmlError(NVML_ERROR_UNKNOWN, repr(e)), failures)
                 failures += 1
                 continue
+            finally:
+                self._event_call = None
             failures = 0
             # Backpressure: an XID storm waits here (NVML keeps queueing in the driver) instead
             # of piling up unbounded work on the loop.
@@ -431,6 +435,7 @@ class HealthMonitor:
     def _recreate_event_set(self, old: Handle, error: NvmlError, failures: int) -> Handle:
         loop = self._loop
         assert loop is not None
+        self._event_call = None  # the failed call is over; the backoff below is no hang
         reason = f"NVML event wait failed ({error}); event set re-created, all GPUs probed"
         log.error("%s", reason)
         asyncio.run_coroutine_threadsafe(self._on_wait_failure(reason), loop)
@@ -438,11 +443,14 @@ class HealthMonitor:
         with contextlib.suppress(NvmlError):
             self._nvml.event_set_free(old)
         while not self._stopping.is_set():
+            self._event_call = ("NVML event registration on the event thread", time.monotonic())
             try:
                 return self._register_events()
             except NvmlError as e:
                 log.error("re-creating the NVML event set failed (%s); retrying", e)
-                self._stopping.wait(EVENT_SET_BACKOFF_S[-1])
+            finally:
+                self._event_call = None
+            self._stopping.wait(EVENT_SET_BACKOFF_S[-1])
         return old
 
     async def _on_wait_failure(self, reason: str) -> None:
@@ -571,6 +579,12 @@ class HealthMonitor:
         # would hold an executor worker for good, and enough of them would starve every to_thread.
         threading.Thread(target=work, name=f"nvml-probe-{gpu[:12]}", daemon=True).start()
         return running
+
+    def stuck_calls(self) -> list[tuple[str, float]]:
+        """NVML calls in progress that must not block for long: the event thread's (its wait returns
+        every second). Stuck there, no GPU's events are seen: the watchdog restarts the monitor."""
+        call = self._event_call
+        return [call] if call is not None else []
 
     def hung_probes(self) -> list[str]:
         """What the probe threads past their deadline are stuck in (for the watchdog's report).
