@@ -216,6 +216,16 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 async def _status(settings: Settings, timeout: float) -> int:
     msg = await _health_state(settings, timeout)
     if msg is None:
+        from common.watchdog import process_lives, read_alive
+
+        # A frozen publisher replays nothing: tell "none there" from "there but silent" by its
+        # watchdog's file (the pid, and the time its loop last answered).
+        alive = read_alive(settings.run_dir, "health-monitor")
+        if alive is not None and process_lives(alive[0], "health-monitor"):
+            pid, answered = alive
+            print(f"health-monitor STALE: process {pid} lives but sent no state within {timeout:.0f} s; its loop "
+                  f"last answered {time.time() - answered:.0f} s ago (hung? its watchdog restarts it)")
+            return 1
         return _fail(f"no health state on {settings.run_dir}/health.sock within {timeout:.0f} s "
                      "(is the health-monitor running?)")
     age = time.time() - msg.sent_at

@@ -204,3 +204,28 @@ def test_a_hung_nvml_call_marks_its_gpu_and_names_the_call_while_the_others_are_
     s = state(run, lambda s: health(s)[stuck] == HEALTHY, timeout=60)
     assert reason(s, stuck) == "recovered"
     assert procs.procs[0][1].poll() is None
+
+
+def test_status_says_stale_with_the_age_when_the_monitor_lives_but_is_silent(procs: Procs, short_tmp: Path) -> None:
+    from common.nvml.factory import SIM_CONTROL_SOCKET
+    from common.nvml.simulated import FaultClient
+
+    run = start_monitor(procs, short_tmp, "dgx-h100-8", GPU_PLUGIN_WATCHDOG_TIMEOUT="600")
+    state(run)
+    wait_until(lambda: (run / "health-monitor.alive").exists(), 30, "the monitor's first answered watchdog check")
+    FaultClient(run / SIM_CONTROL_SOCKET).send({"op": "freeze_loop"})
+
+    def status() -> tuple[int, str]:
+        p = procs.start("status", "status", "--timeout", "2", env={"GPU_PLUGIN_RUN_DIR": str(run)})
+        code = p.wait(60)
+        return code, procs.log("status")
+
+    code, out = status()
+    assert code == 1 and "STALE" in out and "no health state" not in out, out
+    assert "health-monitor" in out and "s ago" in out, out
+    # With no publisher at all, status says so (not STALE).
+    procs.procs[0][1].kill()
+    procs.procs[0][1].wait()
+    (procs.root / "status.log").unlink()
+    code, out = status()
+    assert code == 2 and "no health state" in out and "STALE" not in out, out
