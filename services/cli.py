@@ -4,7 +4,7 @@
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
-    gpu-plugin inject xid|ecc|lost|remap|recover <uuid> ...    faults for the simulated backend
+    gpu-plugin inject xid|ecc|lost|remap|hang|recover <uuid>   faults for the simulated backend
     gpu-plugin kubelet-sim --dir D --control C                 the kubelet simulator
 
 Settings come from flags, then the environment, then the config file (see common.settings).
@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
     inject = sub.add_parser("inject", help="inject a fault into the simulated NVML backend")
     inject.add_argument("fault", choices=("xid", "ecc", "lost", "remap", "retired_pending", "event_error",
-                                          "recover"))
+                                          "hang", "recover"),
+                        help="hang: calls on the GPU block until recover")
     inject.add_argument("uuid", help="GPU or MIG device UUID")
     inject.add_argument("value", nargs="?", help="xid: the XID number; ecc: sbe or dbe")
     inject.add_argument("--count", type=int, default=1, help="ecc: how many errors")
@@ -236,6 +237,16 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 async def _status(settings: Settings, timeout: float) -> int:
     msg = await _health_state(settings, timeout)
     if msg is None:
+        from common.watchdog import process_lives, read_alive
+
+        # A frozen publisher replays nothing: tell "none there" from "there but silent" by its
+        # watchdog's file (the pid, and the time its loop last answered).
+        alive = read_alive(settings.run_dir, "health-monitor")
+        if alive is not None and process_lives(alive[0], "health-monitor"):
+            pid, answered = alive
+            print(f"health-monitor STALE: process {pid} lives but sent no state within {timeout:.0f} s; its loop "
+                  f"last answered {time.time() - answered:.0f} s ago (hung? its watchdog restarts it)")
+            return 1
         return _fail(f"no health state on {settings.run_dir}/health.sock within {timeout:.0f} s "
                      "(is the health-monitor running?)")
     age = time.time() - msg.sent_at

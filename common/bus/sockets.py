@@ -36,7 +36,7 @@ import zmq.asyncio
 from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode
 from common.bus.messages import Message, StateMessage
 from common.fswatch import file_id
-from common.lifecycle import FatalError, ensure_private_dir
+from common.lifecycle import FatalError, PermanentError, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class BusInUseError(FatalError):
     """Another live process already publishes on this endpoint."""
 
 
-class BusLockError(FatalError):
+class BusLockError(PermanentError):
     """The lock path is not a plain file of ours."""
 
 

@@ -41,14 +41,20 @@ by a thread of the backend: {"op": "xid", "uuid": U, "xid": 79, "gi": .., "ci": 
 {"op": "ecc", "uuid": U, "kind": "dbe"|"sbe", "count": n}, {"op": "lost", "uuid": U},
 {"op": "remap", "uuid": U, "failed": true} (a pending row remap, failed or not),
 {"op": "retired_pending", "uuid": U}, {"op": "event_error", "uuid": U, "code": 999} (the
-next event wait fails), {"op": "recover", "uuid": U}. XID 79 and "lost" make every later
-call on that GPU raise GPU_IS_LOST, as a fallen-off-the-bus GPU does, until "recover".
+next event wait fails), {"op": "hang", "uuid": U} (every later call on that GPU blocks inside the call, as a
+real driver's call on a wedged GPU does, until "recover" releases it), {"op": "recover", "uuid": U}.
+XID 79 and "lost" make every later call on that GPU raise GPU_IS_LOST, as a fallen-off-the-bus
+GPU does, until "recover". Debug only, no driver does this: {"op": "freeze_loop"} blocks the
+asyncio loop that called init() (the health-monitor's) until {"op": "thaw_loop"}, so that tests
+can freeze a component's loop while its other threads live.
 Where the description has "recovery_action", fatal XIDs and DBEs set it to GPU reset and
 "recover" back to none, as recent drivers advise.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -125,6 +131,7 @@ class _SimGpu:
         default_factory=lambda: {MEMORY_ERROR_CORRECTED: 0, MEMORY_ERROR_UNCORRECTED: 0}
     )
     registered: int = 0  # event mask registered on the (single) event set
+    hang: threading.Event | None = None  # set: calls on this GPU block until it is released
     migs: list[_SimMig] = field(default_factory=list)
 
     @property
@@ -159,6 +166,8 @@ class SimulatedNvml:
         self._events: queue.Queue[EventData] = queue.Queue()
         self._listener: socket.socket | None = None
         self._wait_error: int | None = None  # the next event_set_wait fails with this code
+        self._init_loop: asyncio.AbstractEventLoop | None = None  # freeze_loop's target
+        self._thaw = threading.Event()
 
     # -- lifecycle --------------------------------------------------------------------
     def init(self) -> None:
@@ -171,6 +180,8 @@ class SimulatedNvml:
                     gpu.migs = [_SimMig(parent=gpu, desc=m) for m in d.get("mig_devices", [])]
                     self._gpus.append(gpu)
             self._initialized = True
+        with contextlib.suppress(RuntimeError):  # not called from a loop: freeze_loop has no target
+            self._init_loop = asyncio.get_running_loop()
         if self._control_path is not None and self._listener is None:
             self._start_control_server(self._control_path)
 
@@ -198,6 +209,9 @@ class SimulatedNvml:
         gpu = handle.parent if isinstance(handle, _SimMig) else handle
         if not isinstance(gpu, _SimGpu):
             raise NvmlError(NVML_ERROR_INVALID_ARGUMENT)
+        hang = gpu.hang
+        if hang is not None:
+            hang.wait()  # outside the lock, as a real hung call holds no lock of ours
         if gpu.lost:
             raise NvmlError(NVML_ERROR_GPU_IS_LOST)
         return gpu
@@ -369,6 +383,9 @@ class SimulatedNvml:
         """Applies one fault command; raises ValueError with a readable reason."""
         op = cmd.get("op")
         uuid = cmd.get("uuid")
+        if op in ("freeze_loop", "thaw_loop"):
+            self._freeze_loop(op == "freeze_loop")
+            return
         with self._lock:
             gpu, mig = self._find(uuid)
             if op == "xid":
@@ -406,8 +423,14 @@ class SimulatedNvml:
                 self._set_field(gpu, "retired_pages_pending", lambda v: 1)
             elif op == "event_error":
                 self._wait_error = int(cmd.get("code", NVML_ERROR_UNKNOWN))
+            elif op == "hang":
+                if gpu.hang is None:
+                    gpu.hang = threading.Event()
             elif op == "recover":
                 # What a GPU reset gives back: a GPU that answers, clean counters, no advice.
+                if gpu.hang is not None:
+                    gpu.hang.set()  # releases the calls blocked in it
+                    gpu.hang = None
                 gpu.lost = False
                 gpu.ecc = {MEMORY_ERROR_CORRECTED: 0, MEMORY_ERROR_UNCORRECTED: 0}
                 self._advise(gpu, GPU_RECOVERY_ACTION_NONE)
@@ -415,8 +438,22 @@ class SimulatedNvml:
                 self._set_field(gpu, "retired_pages_pending", lambda v: 0)
             else:
                 raise ValueError(
-                    f"unknown fault op {op!r}; expected xid, ecc, lost, remap, retired_pending, event_error or recover"
+                    f"unknown fault op {op!r}; expected xid, ecc, lost, remap, retired_pending, event_error, hang, "
+                    "recover, freeze_loop or thaw_loop"
                 )
+
+    def _freeze_loop(self, freeze: bool) -> None:
+        loop = self._init_loop
+        if loop is None:
+            raise ValueError("freeze_loop: init() was not called from an asyncio loop")
+        if not freeze:
+            self._thaw.set()
+            return
+        self._thaw.clear()
+        try:
+            loop.call_soon_threadsafe(self._thaw.wait)
+        except RuntimeError as e:  # the loop is closed
+            raise ValueError(f"freeze_loop: {e}") from e
 
     @staticmethod
     def _set_field(gpu: _SimGpu, key: str, change: Callable[[Any], Any]) -> None:

@@ -14,6 +14,7 @@ from common.lifecycle import ensure_private_dir, run_service
 from common.nvml.backend import NvmlError
 from common.nvml.factory import make_backend
 from common.settings import Settings
+from common.watchdog import Watchdog
 from services.health_monitor.metrics import start_metrics
 from services.health_monitor.model import RecoveryPolicy
 from services.health_monitor.monitor import HealthMonitor
@@ -37,7 +38,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             metrics=start_metrics(settings.metrics_port, degraded),
             degraded=degraded,
         )
-        await monitor.run(stop)
+        with Watchdog("health-monitor", settings.run_dir, stuck=monitor.stuck_calls, describe=monitor.hung_probes):
+            await monitor.run(stop)
     finally:
         with contextlib.suppress(NvmlError):
             backend.shutdown()

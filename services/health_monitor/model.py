@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # Fault kinds. Sticky ones are seen only as events and clear by recovery; the others are
 # what a probe sees, and clear when it stops seeing them.
 STICKY = frozenset({"xid", "ecc"})
-PROBED = frozenset({"lost", "probe", "remap", "retired"})
+PROBED = frozenset({"lost", "probe", "remap", "retired", "hung"})
 MAX_OUTBOX = 10000  # events for humans not yet published; the oldest go first in a storm
 
 
@@ -91,6 +91,7 @@ class Probe:
     faults: dict[str, str] = field(default_factory=dict)  # PROBED kind -> reason
     recovery_action: int | None = None  # None: the driver gives no advice
     dbe_total: int | None = None
+    call: str = ""  # the NVML call in progress, for naming a hung one
 
 
 @dataclass

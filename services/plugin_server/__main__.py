@@ -9,6 +9,7 @@ from common.bus.messages import HEALTH_SOCKET, PLUGIN_SOCKET
 from common.bus.sockets import BusPublisher
 from common.lifecycle import ensure_private_dir, run_service
 from common.settings import Settings
+from common.watchdog import watched
 from services.plugin_server.server import PluginServer
 
 
@@ -22,7 +23,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def run(settings: Settings) -> int:
-    return run_service("plugin-server", main, settings)
+    return run_service("plugin-server", watched("plugin-server", main), settings)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class MigConfigError(PermanentError):
     """The node's MIG layout does not fit the MIG strategy."""
 
 
-class ResourceTooLargeError(FatalError):
+class ResourceTooLargeError(PermanentError):
     """A resource has more device IDs than one ListAndWatch response can carry to the kubelet."""
 
 

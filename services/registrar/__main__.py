@@ -11,6 +11,7 @@ from common.bus.messages import PLUGIN_SOCKET, REGISTRAR_SOCKET
 from common.bus.sockets import BusPublisher
 from common.lifecycle import ensure_private_dir, run_service
 from common.settings import Settings
+from common.watchdog import watched
 from services.registrar.registrar import Registrar
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def run(settings: Settings) -> int:
-    return run_service("registrar", main, settings)
+    return run_service("registrar", watched("registrar", main), settings)
 
 
 if __name__ == "__main__":

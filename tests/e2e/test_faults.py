@@ -182,3 +182,28 @@ def test_security_posture(stack: DevStack) -> None:
             target = os.readlink(f"/proc/{pid}/fd/{fd}") if os.path.islink(f"/proc/{pid}/fd/{fd}") else ""
             if target.startswith("socket:["):
                 assert target[8:-1] not in listening, f"pid {pid} listens on TCP"
+
+
+def test_a_frozen_loop_is_restarted_by_its_own_watchdog_and_the_others_keep_running() -> None:
+    from common.nvml.factory import SIM_CONTROL_SOCKET
+    from common.nvml.simulated import FaultClient
+
+    s = DevStack(fleet="dgx-h100-8", env={"GPU_PLUGIN_WATCHDOG_TIMEOUT": "5"})
+    try:
+        s.start()
+        held(s)
+        pids = {p: s.pid(p) for p in PROGRAMS}
+        # The loop blocks while the process and its threads live: supervisord alone sees nothing.
+        FaultClient(s.run_dir / SIM_CONTROL_SOCKET).send({"op": "freeze_loop"})
+        wait_until(lambda: s.pid("health-monitor") not in (0, pids["health-monitor"]), 90,
+                   "the frozen health-monitor to be restarted")
+        assert {p: s.pid(p) for p in PROGRAMS if p != "health-monitor"} == {
+            p: pid for p, pid in pids.items() if p != "health-monitor"}, "only the frozen component restarts"
+        log = s.logs()
+        assert f"health-monitor[{pids['health-monitor']}] CRITICAL" in log and "event loop unresponsive" in log, log
+        assert "threading.py" in log and "wait" in log, "the report names where the loop is stuck"
+        held(s)
+        allocate_ok(s)
+    finally:
+        s.stop()
+        s.cleanup()

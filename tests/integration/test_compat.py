@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from common.bus.messages import HealthState
+from common.lifecycle import EX_CONFIG
 from tests.conftest import Procs, wait_until
 from tests.fakedriver import VERSION, make_driver_root
 from tests.integration.busclient import BusWatch
@@ -102,7 +103,7 @@ def test_mig_single_strategy(make_node: Any, short_tmp: Path) -> None:
 def test_mig_single_strategy_rejects_a_mixed_node_with_a_clear_error(procs: Procs, short_tmp: Path) -> None:
     node = Node(procs, short_tmp, "dgx-h100-8-mig", MIG_STRATEGY="single")
     try:
-        assert node.services["plugin-server"].wait(30) == 1
+        assert node.services["plugin-server"].wait(30) == EX_CONFIG
         assert "MIG strategy single: all GPUs must have MIG enabled" in procs.log("plugin-server")
     finally:
         node.close()
@@ -133,7 +134,7 @@ def test_cdi_strategies_write_the_spec_and_answer_with_cdi_names(make_node: Any,
 def test_cdi_without_driver_files_fails_at_start(procs: Procs, short_tmp: Path) -> None:
     node = Node(procs, short_tmp, DEVICE_LIST_STRATEGY="cdi-cri", NVIDIA_DRIVER_ROOT=str(short_tmp / "nodriver"))
     try:
-        assert node.services["plugin-server"].wait(30) == 1
+        assert node.services["plugin-server"].wait(30) == EX_CONFIG
         log = procs.log("plugin-server")
         assert "nvidiactl" in log and "no libcuda.so.* or libnvidia-ml.so.*" in log
     finally:
@@ -158,7 +159,7 @@ def test_a_bad_config_file_stops_every_service_naming_the_key(
     path.write_text(config)
     for service in ("health-monitor", "plugin-server", "registrar"):
         p = procs.start(service, service, env={"CONFIG_FILE": str(path), "GPU_PLUGIN_RUN_DIR": str(short_tmp / "r")})
-        assert p.wait(30) == 2
+        assert p.wait(30) == EX_CONFIG, "a bad setting is permanent: supervisord must not restart the service"
         assert message in procs.log(service), procs.log(service)
 
 

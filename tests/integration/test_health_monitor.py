@@ -174,3 +174,58 @@ def test_metrics_when_a_port_is_configured(procs: Procs, short_tmp: Path) -> Non
     assert f'gpu_plugin_device_healthy{{device="{other}",index="2",kind="gpu"}} 1.0' in text
     assert f'gpu_plugin_xid_errors_total{{device="{victim}",verdict="fatal",xid="79"}} 1.0' in text
     assert f'gpu_plugin_xid_errors_total{{device="{other}",verdict="ignored",xid="13"}} 1.0' in text
+
+
+def test_a_hung_nvml_call_marks_its_gpu_and_names_the_call_while_the_others_are_watched(
+    procs: Procs, short_tmp: Path
+) -> None:
+    run = start_monitor(procs, short_tmp, "dgx-h100-8", HEALTH_PROBE_INTERVAL="0.5s")
+    ids = [d.id for d in state(run).devices]
+    stuck, xid_victim, remap_victim = ids[2], ids[5], ids[6]
+
+    def reason(s: HealthState, dev: str) -> str:
+        return next(d.reason for d in s.devices if d.id == dev)
+
+    inject(procs, run, "hang", stuck)
+    s = state(run, lambda s: health(s)[stuck] == UNHEALTHY, timeout=60)
+    assert reason(s, stuck).startswith("NVML nvmlDeviceGetPciInfo hung for "), reason(s, stuck)
+    assert [d for d in ids if health(s)[d] == UNHEALTHY] == [stuck]
+    # The other GPUs are still watched: events arrive, and probes (a pending row remap is seen only by one) run.
+    inject(procs, run, "xid", xid_victim, "48")
+    inject(procs, run, "remap", remap_victim, "pending")
+    s = state(run, lambda s: health(s)[xid_victim] == UNHEALTHY and health(s)[remap_victim] == UNHEALTHY,
+              timeout=60)
+    assert reason(s, xid_victim).startswith("XID 48")
+    assert reason(s, remap_victim) == "row remap pending (GPU reset needed)"
+    assert "hung for" in reason(s, stuck)
+    assert sorted(d for d in ids if health(s)[d] == UNHEALTHY) == sorted([stuck, xid_victim, remap_victim])
+    # Released (a GPU reset), the GPU answers again and recovers; it was never restarted.
+    inject(procs, run, "recover", stuck)
+    s = state(run, lambda s: health(s)[stuck] == HEALTHY, timeout=60)
+    assert reason(s, stuck) == "recovered"
+    assert procs.procs[0][1].poll() is None
+
+
+def test_status_says_stale_with_the_age_when_the_monitor_lives_but_is_silent(procs: Procs, short_tmp: Path) -> None:
+    from common.nvml.factory import SIM_CONTROL_SOCKET
+    from common.nvml.simulated import FaultClient
+
+    run = start_monitor(procs, short_tmp, "dgx-h100-8", GPU_PLUGIN_WATCHDOG_TIMEOUT="600")
+    state(run)
+    wait_until(lambda: (run / "health-monitor.alive").exists(), 30, "the monitor's first answered watchdog check")
+    FaultClient(run / SIM_CONTROL_SOCKET).send({"op": "freeze_loop"})
+
+    def status() -> tuple[int, str]:
+        p = procs.start("status", "status", "--timeout", "2", env={"GPU_PLUGIN_RUN_DIR": str(run)})
+        code = p.wait(60)
+        return code, procs.log("status")
+
+    code, out = status()
+    assert code == 1 and "STALE" in out and "no health state" not in out, out
+    assert "health-monitor" in out and "s ago" in out, out
+    # With no publisher at all, status says so (not STALE).
+    procs.procs[0][1].kill()
+    procs.procs[0][1].wait()
+    (procs.root / "status.log").unlink()
+    code, out = status()
+    assert code == 2 and "no health state" in out and "STALE" not in out, out

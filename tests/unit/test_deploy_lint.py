@@ -496,3 +496,58 @@ def test_command_check_catches_a_broken_copy(breakage: Callable[[dict[str, Any]]
     ds = copy.deepcopy(the_daemonset())
     breakage(_container(ds))
     assert command_problems(ds, DOCKERFILE.read_text()) != []
+
+
+# --------------------------------------------------------------------------------------------------
+# (f) the liveness probe: run for real by /bin/sh against alive files of chosen ages
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_RUN_DIR = "/run/gpu-device-plugin"
+
+
+def liveness_probe() -> dict[str, Any]:
+    container = the_daemonset()["spec"]["template"]["spec"]["containers"][0]
+    assert "livenessProbe" in container, "a hung container must be restarted by the kubelet"
+    probe: dict[str, Any] = container["livenessProbe"]
+    return probe
+
+
+def run_probe(run_dir: Path, ages: dict[str, float | None]) -> subprocess.CompletedProcess[str]:
+    """The probe's command with the image's run dir moved to `run_dir`; None: no alive file."""
+    import os
+    import time
+
+    from common.watchdog import alive_path
+
+    now = time.time()
+    for service, age in ages.items():
+        path = alive_path(run_dir, service)
+        path.unlink(missing_ok=True)
+        if age is not None:
+            path.write_text("1\n")
+            os.utime(path, (now - age, now - age))
+    command = [part.replace(IMAGE_RUN_DIR, str(run_dir)) for part in liveness_probe()["exec"]["command"]]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_liveness_probe_is_a_cheap_exec_with_room_for_the_in_process_watchdog() -> None:
+    probe = liveness_probe()
+    command = probe["exec"]["command"]
+    assert command[0] == "/bin/sh" and IMAGE_RUN_DIR in command[-1], "sh, no Python start per probe"
+    assert probe["periodSeconds"] >= 10 and probe["failureThreshold"] >= 2 and probe["timeoutSeconds"] >= 2
+
+
+def test_liveness_probe_passes_fresh_and_fails_stale_or_missing(tmp_path: Path) -> None:
+    from common.watchdog import CHECK_S, DEFAULT_LIMIT_S
+
+    services = ("health-monitor", "plugin-server", "registrar")
+    fresh = dict.fromkeys(services, 1.0)
+    assert run_probe(tmp_path, fresh).returncode == 0
+    # A component being restarted by its own watchdog (stuck for the limit, then a restart) must not
+    # make the kubelet restart the whole container on top.
+    restarting = fresh | {"plugin-server": DEFAULT_LIMIT_S + CHECK_S + 10}
+    assert run_probe(tmp_path, restarting).returncode == 0
+    stale = run_probe(tmp_path, fresh | {"registrar": 600.0})
+    assert stale.returncode != 0 and "registrar" in stale.stdout + stale.stderr
+    missing = run_probe(tmp_path, fresh | {"health-monitor": None})
+    assert missing.returncode != 0 and "health-monitor" in missing.stdout + missing.stderr

@@ -6,6 +6,8 @@ The expected values below are copied from the recording of a real H200 on driver
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -290,6 +292,68 @@ def test_lost_op_loses_the_gpu(injected: tuple[SimulatedNvml, FaultClient]) -> N
     handle = nvml.device_get_handle_by_index(0)
     client.send({"op": "lost", "uuid": REC_UUID})
     assert code_of(lambda: nvml.device_get_memory_total(handle)) == NVML_ERROR_GPU_IS_LOST
+
+
+def test_hang_blocks_calls_on_that_gpu_until_recover(tmp_path: Path) -> None:
+    sock = tmp_path / "sim.sock"
+    nvml = SimulatedNvml(fleet_path("dgx-h100-8"), control_socket=sock)
+    nvml.init()
+    try:
+        client = FaultClient(sock, timeout=5.0)
+        stuck, other = nvml.device_get_handle_by_index(2), nvml.device_get_handle_by_index(3)
+        client.send({"op": "hang", "uuid": nvml.device_get_uuid(stuck)})
+        answers: list[object] = []
+        worker = threading.Thread(target=lambda: answers.append(nvml.device_get_pci_info(stuck)), daemon=True)
+        worker.start()
+        # Another GPU still answers while the hung call blocks: a hang is per GPU, and holds no lock of ours.
+        assert nvml.device_get_pci_info(other).bus_id
+        worker.join(0.5)
+        assert worker.is_alive() and answers == [], "a call on a hung GPU must block"
+        client.send({"op": "recover", "uuid": nvml.device_get_uuid(other)})  # another GPU's reset releases nothing
+        worker.join(0.5)
+        assert worker.is_alive()
+        uuid = nvml._gpus[2].uuid  # device_get_uuid(stuck) would block too
+        client.send({"op": "recover", "uuid": uuid})
+        worker.join(10)
+        assert not worker.is_alive() and len(answers) == 1
+        assert nvml.device_get_uuid(stuck) == uuid
+    finally:
+        nvml.shutdown()
+
+
+def test_freeze_loop_blocks_the_loop_that_initialised_nvml_until_thaw(tmp_path: Path) -> None:
+    sock = tmp_path / "sim.sock"
+    nvml = SimulatedNvml(fleet_path("h200"), control_socket=sock)
+    client = FaultClient(sock, timeout=5.0)
+    order: list[str] = []
+
+    def operator(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
+        client.send({"op": "freeze_loop"})
+        # Callbacks run in order: this one runs only once the freeze callback has returned.
+        loop.call_soon_threadsafe(order.append, "loop ran")
+        time.sleep(0.3)  # room for a loop that is not frozen to run it
+        order.append("thawing")
+        client.send({"op": "thaw_loop"})
+        loop.call_soon_threadsafe(done.set_result, None)
+
+    async def scenario() -> None:
+        nvml.init()  # on the loop, as the health-monitor calls it
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        threading.Thread(target=operator, args=(loop, done), daemon=True).start()
+        await asyncio.wait_for(done, 30)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        nvml.shutdown()
+    assert order == ["thawing", "loop ran"], "the loop ran while frozen"
+
+
+def test_freeze_loop_without_a_loop_is_a_clear_error(injected: tuple[SimulatedNvml, FaultClient]) -> None:
+    _, client = injected
+    with pytest.raises(ValueError, match="not called from an asyncio loop"):
+        client.send({"op": "freeze_loop"})
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from common.lifecycle import EX_CONFIG
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import (
     DEVICE_ENTRY_BYTES,
@@ -53,11 +54,11 @@ def gpu_plugin(tmp_path: Path, body: bytes) -> subprocess.CompletedProcess[str]:
     ],
     ids=["alias-bomb", "not-utf8", "3000-deep", "oversized"],
 )
-def test_hostile_config_files_end_the_real_command_with_exit_2_and_a_short_message(
+def test_hostile_config_files_end_the_real_command_with_ex_config_and_a_short_message(
     tmp_path: Path, body: bytes, words: list[str]
 ) -> None:
     out = gpu_plugin(tmp_path, body)
-    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.returncode == EX_CONFIG, out.stderr[-2000:]  # permanent: the container ends, no restarts
     assert "Traceback" not in out.stderr and len(out.stderr) < 1000, out.stderr[:2000]
     assert str(tmp_path / "config.yaml") in out.stderr
     for word in words:

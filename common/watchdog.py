@@ -1,0 +1,184 @@
+"""The in-process liveness watchdog: a component whose loop stopped (hung, not dead) exits.
+
+Why: supervisord restarts a component that dies, but one that hangs (an NVML call that never
+returns on a fallen GPU, a blocking call on the loop) keeps its process and stops its bus
+heartbeat for good. A separate watchdog process would cost ~15 MB on every node; a thread in
+each process costs next to nothing and knows where its loop is stuck.
+
+How: every CHECK_S the thread hands the asyncio loop a callback and checks that the previous
+one ran. When one has waited `limit` seconds (GPU_PLUGIN_WATCHDOG_TIMEOUT, default 30 s) the
+loop is stuck: the thread writes one line naming the task and code the loop is stuck in (and
+whatever the service adds, e.g. NVML calls in flight), then exits with EXIT_HUNG so that
+supervisord restarts this component alone. Extra `stuck` sources name operations of other
+threads that must not block for that long (the monitor's event thread). The heartbeat ping
+wakes the loop once per CHECK_S, beside the bus's 1 s heartbeat.
+
+Every answered check also sets the mtime of `<run dir>/<service>.alive` (content: the pid) to
+the time the loop last answered: the DaemonSet's liveness probe (sh, no Python) and
+`gpu-plugin status` read it. A Python thread cannot help if something holds the GIL for good;
+faulthandler's C thread, re-armed at every check, then dumps every thread and exits.
+
+30 s: everything the services run on their loops takes milliseconds, except NVML init and
+discovery at the health-monitor's start, which take a few seconds on an 8-GPU node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from common.lifecycle import FatalError, ServiceMain
+from common.settings import Settings
+
+ENV_TIMEOUT = "GPU_PLUGIN_WATCHDOG_TIMEOUT"
+DEFAULT_LIMIT_S = 30.0
+CHECK_S = 5.0
+EXIT_HUNG = 3  # distinct from 1 (a failure) and 2 (bad settings) in the container log
+
+Stuck = Callable[[], list[tuple[str, float]]]  # (what, monotonic start) of operations in progress
+
+
+def alive_path(run_dir: Path, service: str) -> Path:
+    return run_dir / f"{service}.alive"
+
+
+def read_alive(run_dir: Path, service: str) -> tuple[int, float] | None:
+    """(pid, unix time the service's loop last answered), or None if there is no such file."""
+    path = alive_path(run_dir, service)
+    try:
+        pid = int(path.read_text().strip() or 0)
+        return pid, path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+
+
+def process_lives(pid: int, service: str) -> bool:
+    """Whether `pid` is a live process of `service` (a recycled pid running something else is not)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return service.encode() in cmdline
+
+
+def limit_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
+    raw = environ.get(ENV_TIMEOUT, "")
+    if not raw:
+        return DEFAULT_LIMIT_S
+    try:
+        value = float(raw.removesuffix("s"))
+    except ValueError:
+        value = 0.0
+    if not 1.0 <= value <= 3600.0:
+        raise FatalError(f"{ENV_TIMEOUT}={raw!r}: expected seconds between 1 and 3600, e.g. 30 or 30s")
+    return value
+
+
+class Watchdog:
+    def __init__(self, service: str, run_dir: Path, limit: float | None = None,
+                 stuck: Stuck | None = None, describe: Callable[[], list[str]] | None = None) -> None:
+        self._service = service
+        self._alive = alive_path(run_dir, service)
+        self._limit = limit_from_env() if limit is None else limit
+        self._check = min(CHECK_S, self._limit / 3)
+        self._stuck = stuck
+        self._describe = describe
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._sent: float | None = None  # monotonic time of the ping not yet answered
+        self._answered = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(1.0)  # wakes at once; after it, nothing re-arms the backstop
+        faulthandler.cancel_dump_traceback_later()
+        self._alive.unlink(missing_ok=True)
+
+    def _pong(self) -> None:
+        self._answered = time.monotonic()
+        self._sent = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._check):
+            now = time.monotonic()
+            # The GIL-proof backstop, a little later than our own verdict.
+            faulthandler.dump_traceback_later(self._limit + 2 * self._check, exit=True)
+            problems = []
+            if self._sent is None:
+                self._touch(time.time() - (now - self._answered))
+                self._sent = now
+                try:
+                    self._loop.call_soon_threadsafe(self._pong)
+                except RuntimeError:
+                    return  # the loop is closed: the service is ending
+            elif now - self._sent >= self._limit:
+                problems.append(f"event loop unresponsive for {now - self._sent:.0f} s ({self._where()})")
+            if self._stuck is not None:
+                with contextlib.suppress(Exception):
+                    problems += [f"{what} blocked for {now - since:.0f} s" for what, since in self._stuck()
+                                 if now - since >= self._limit]
+            if problems:
+                self._fire(problems)
+
+    def _where(self) -> str:
+        """The task and the innermost frames the loop thread is in."""
+        task = None
+        with contextlib.suppress(Exception):
+            task = asyncio.current_task(self._loop)
+        frame = sys._current_frames().get(self._loop_thread)
+        frames = traceback.extract_stack(frame)[-4:] if frame is not None else []
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        return f"task {task.get_name() if task else 'none'}, in {where or 'unknown code'}"
+
+    def _fire(self, problems: list[str]) -> None:
+        extra: list[str] = []
+        if self._describe is not None:
+            with contextlib.suppress(Exception):
+                extra = self._describe()
+        message = "; ".join(problems + extra)
+        # os.write, not logging: the stuck thread may hold the logging lock (a full stderr pipe).
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        line = (f"{stamp},000 {self._service}[{os.getpid()}] CRITICAL {__name__}: hung: {message}; "
+                f"exiting {EXIT_HUNG} so that supervisord restarts {self._service}\n")
+        with contextlib.suppress(OSError):
+            os.write(2, line.encode(errors="replace"))
+        os._exit(EXIT_HUNG)
+
+    def _touch(self, when: float) -> None:
+        try:
+            os.utime(self._alive, (when, when))
+        except FileNotFoundError:
+            try:
+                fd = os.open(self._alive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+                os.utime(self._alive, (when, when))
+            except OSError:
+                pass  # the run dir is gone for now; the publisher re-creates it, the next check retries
+        except OSError:
+            pass
+
+
+def watched(service: str, main: ServiceMain) -> ServiceMain:
+    """A service's main run under a Watchdog (for services with nothing to add to its report)."""
+
+    async def run(settings: Settings, stop: asyncio.Event) -> None:
+        with Watchdog(service, settings.run_dir):
+            await main(settings, stop)
+
+    return run
