@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench protos clean
 
-$(STAMP): pyproject.toml
+# The product and, beside it, the development tools (kubelet simulator, simulated driver,
+# dev stack): a distribution of their own that never goes into the image.
+$(STAMP): pyproject.toml devtools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet -e '.[test,lint]' -e ./devtools
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -36,11 +36,10 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.bus.messages import HEALTH_SOCKET
-from common.nvml.factory import SIM_CONTROL_SOCKET
-from common.nvml.simulated import FaultClient
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
-from services.devstack import PROGRAMS, RESOURCE, DevStack
+from devtools.devstack import PROGRAMS, RESOURCE, DevStack
+from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

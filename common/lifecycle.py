@@ -16,6 +16,7 @@ restarting the service in vain and then exiting 0.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import errno
@@ -23,11 +24,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.settings import Settings
+from common.settings import Settings, SettingsError, add_arguments, resolve
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,25 @@ def record_exit_cause(service: str, cause: str) -> None:
         # vain; a SIGTERM that arrives before the exit is handled before any restart.
         with contextlib.suppress(OSError):
             os.kill(os.getppid(), signal.SIGTERM)
+
+
+def bad_setting(service: str, error: SettingsError) -> int:
+    """A setting a service cannot run with: said on stderr, recorded; the exit status for it.
+    Permanent: it stays bad however often supervisord would restart the service."""
+    print(f"gpu-plugin {service}: error: {error}", file=sys.stderr)
+    record_exit_cause(service, f"bad setting: {error}")
+    return EX_CONFIG
+
+
+def service_entry(service: str, run: Callable[[Settings], int], argv: Sequence[str]) -> int:
+    """`python -m services.<name> [flags]`: the service's own flags, then the service."""
+    parser = argparse.ArgumentParser(prog=f"gpu-plugin {service}")
+    add_arguments(parser)
+    try:
+        settings = resolve(parser.parse_args(argv))
+    except SettingsError as e:
+        return bad_setting(service, e)
+    return run(settings)
 
 
 def exit_permanently(service: str, cause: str) -> int:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from services.devstack import RESOURCE, DevStack
+from devtools.devstack import RESOURCE, DevStack
 
 
 def say(text: str) -> None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.nvml.backend import NVML_ERROR_TIMEOUT, RECOVERY_ACTION_NAMES, NvmlError
 from common.nvml.real import RealNvml
-from common.nvml.simulated import SimulatedNvml, fleet_path
+from devtools.nvml_sim import SimulatedNvml, fleet_path
 from services.health_monitor.discovery import discover
 from services.health_monitor.monitor import probe_gpu, register_events
 from services.health_monitor.xid_policy import policy_from_env

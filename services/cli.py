@@ -1,12 +1,11 @@
-"""`gpu-plugin`: one command for the services, the operator tools and the simulators.
+"""`gpu-plugin`: one command for the services and the operator's tools on a node.
 
     gpu-plugin health-monitor | plugin-server | registrar     the three supervised services
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
-    gpu-plugin inject xid|ecc|lost|remap|hang|recover <uuid>   faults for the simulated backend
-    gpu-plugin kubelet-sim --dir D --control C                 the kubelet simulator
 
+The simulators and fault injection are development tools (`gpu-plugin-dev`, devtools/).
 Settings come from flags, then the environment, then the config file (see common.settings).
 """
 
@@ -20,7 +19,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from common.bus.messages import HealthState
 from common.settings import Settings, SettingsError, add_arguments, resolve
@@ -55,20 +53,6 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--force", action="store_true", help="do not check the device against the health bus")
         add_arguments(c)
 
-    inject = sub.add_parser("inject", help="inject a fault into the simulated NVML backend")
-    inject.add_argument("fault", choices=("xid", "ecc", "lost", "remap", "retired_pending", "event_error",
-                                          "hang", "recover"),
-                        help="hang: calls on the GPU block until recover")
-    inject.add_argument("uuid", help="GPU or MIG device UUID")
-    inject.add_argument("value", nargs="?", help="xid: the XID number; ecc: sbe or dbe")
-    inject.add_argument("--count", type=int, default=1, help="ecc: how many errors")
-    add_arguments(inject)
-
-    ks = sub.add_parser("kubelet-sim", help="run the kubelet simulator")
-    ks.add_argument("--dir", required=True, type=Path, help="device-plugin directory (kubelet.sock goes here)")
-    ks.add_argument("--control", required=True, type=Path, help="control socket path")
-    ks.add_argument("--log-level", default="info")
-
     return p
 
 
@@ -91,18 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "kubelet-sim":
-        return _kubelet_sim(args)
     try:
         settings = resolve(args)
     except SettingsError as e:
         if args.command in SERVICES:
-            # A bad setting stays bad however often supervisord restarts the service.
-            from common.lifecycle import EX_CONFIG, record_exit_cause
+            from common.lifecycle import bad_setting
 
-            print(f"gpu-plugin {args.command}: error: {e}", file=sys.stderr)
-            record_exit_cause(args.command, f"bad setting: {e}")
-            return EX_CONFIG
+            return bad_setting(args.command, e)
         return _fail(str(e))
     if args.command in SERVICES:
         return _run_service(args.command, settings)
@@ -110,8 +89,6 @@ def _main(argv: Sequence[str] | None) -> int:
         return asyncio.run(_tail(settings, args))
     if args.command == "status":
         return asyncio.run(_status(settings, args.timeout))
-    if args.command == "inject":
-        return _inject(settings, args)
     if args.command in ("cordon", "uncordon"):
         return asyncio.run(_cordon(settings, args))
     return _fail(f"unknown command {args.command}")
@@ -125,48 +102,6 @@ def _run_service(name: str, settings: Settings) -> int:
     else:
         from services.registrar.__main__ import run
     return run(settings)
-
-
-def _kubelet_sim(args: argparse.Namespace) -> int:
-    from common.lifecycle import configure_logging
-    from services.kubelet_simulator.control import serve
-
-    configure_logging("kubelet-sim", args.log_level)
-
-    async def runner() -> None:
-        import signal
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(s, stop.set)
-        await serve(args.dir, args.control, stop)
-
-    asyncio.run(runner())
-    return 0
-
-
-def _inject(settings: Settings, args: argparse.Namespace) -> int:
-    from common.nvml.factory import SIM_CONTROL_SOCKET
-    from common.nvml.simulated import FaultClient
-
-    cmd: dict[str, object] = {"op": args.fault, "uuid": args.uuid}
-    if args.fault == "xid":
-        if args.value is None or not args.value.isdigit():
-            return _fail("inject xid needs the XID number, e.g. gpu-plugin inject xid GPU-... 79")
-        cmd["xid"] = int(args.value)
-    elif args.fault == "remap":
-        cmd["failed"] = args.value != "pending"
-    elif args.fault == "ecc":
-        if args.value not in ("sbe", "dbe"):
-            return _fail("inject ecc needs sbe or dbe, e.g. gpu-plugin inject ecc GPU-... dbe")
-        cmd["kind"], cmd["count"] = args.value, args.count
-    try:
-        FaultClient(settings.run_dir / SIM_CONTROL_SOCKET).send(cmd)
-    except (ConnectionError, ValueError) as e:
-        return _fail(str(e))
-    print(f"injected {args.fault} into {args.uuid}")
-    return 0
 
 
 async def _health_state(settings: Settings, timeout: float) -> HealthState | None:

@@ -47,10 +47,12 @@ class Procs:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
 
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None,
+              command: str = "services.cli") -> subprocess.Popen[bytes]:
+        """`gpu-plugin <args>` (or, with command="devtools.cli", `gpu-plugin-dev <args>`)."""
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         p = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
+            [sys.executable, "-m", command, *args],
             env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
         log.close()

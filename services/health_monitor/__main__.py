@@ -10,7 +10,7 @@ import sys
 from common.bus.messages import HEALTH_SOCKET
 from common.bus.sockets import BusPublisher
 from common.cordons import CordonStore
-from common.lifecycle import ensure_private_dir, run_service
+from common.lifecycle import ensure_private_dir, run_service, service_entry
 from common.nvml.backend import NvmlError
 from common.nvml.factory import make_backend
 from common.settings import Settings
@@ -51,6 +51,4 @@ def run(settings: Settings) -> int:
 
 
 if __name__ == "__main__":
-    from services.cli import main as cli_main
-
-    sys.exit(cli_main(["health-monitor", *sys.argv[1:]]))
+    sys.exit(service_entry("health-monitor", run, sys.argv[1:]))

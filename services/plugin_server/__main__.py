@@ -7,7 +7,7 @@ import sys
 
 from common.bus.messages import HEALTH_SOCKET, PLUGIN_SOCKET
 from common.bus.sockets import BusPublisher
-from common.lifecycle import ensure_private_dir, run_service
+from common.lifecycle import ensure_private_dir, run_service, service_entry
 from common.settings import Settings
 from common.watchdog import watched
 from services.plugin_server.server import PluginServer
@@ -27,6 +27,4 @@ def run(settings: Settings) -> int:
 
 
 if __name__ == "__main__":
-    from services.cli import main as cli_main
-
-    sys.exit(cli_main(["plugin-server", *sys.argv[1:]]))
+    sys.exit(service_entry("plugin-server", run, sys.argv[1:]))

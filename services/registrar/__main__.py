@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.bus.messages import PLUGIN_SOCKET, REGISTRAR_SOCKET
 from common.bus.sockets import BusPublisher
-from common.lifecycle import ensure_private_dir, run_service
+from common.lifecycle import ensure_private_dir, run_service, service_entry
 from common.settings import Settings
 from common.watchdog import watched
 from services.registrar.registrar import Registrar
@@ -35,6 +35,4 @@ def run(settings: Settings) -> int:
 
 
 if __name__ == "__main__":
-    from services.cli import main as cli_main
-
-    sys.exit(cli_main(["registrar", *sys.argv[1:]]))
+    sys.exit(service_entry("registrar", run, sys.argv[1:]))

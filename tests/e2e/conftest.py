@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.devstack import RESOURCE, DevStack
+from devtools.devstack import RESOURCE, DevStack
 
 
 @pytest.fixture

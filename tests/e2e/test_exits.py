@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.devstack import PROGRAMS, DevStack
+from devtools.devstack import PROGRAMS, DevStack
 from tests.conftest import wait_until
 from tests.e2e.conftest import held
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.devstack import BIN, PROGRAMS, RESOURCE, DevStack
+from devtools.devstack import BIN, PROGRAMS, RESOURCE, DevStack
 from tests.conftest import wait_until
 from tests.e2e.conftest import held, registrations
 
@@ -185,8 +185,7 @@ def test_security_posture(stack: DevStack) -> None:
 
 
 def test_a_frozen_loop_is_restarted_by_its_own_watchdog_and_the_others_keep_running() -> None:
-    from common.nvml.factory import SIM_CONTROL_SOCKET
-    from common.nvml.simulated import FaultClient
+    from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient
 
     s = DevStack(fleet="dgx-h100-8", env={"GPU_PLUGIN_WATCHDOG_TIMEOUT": "5"})
     try:

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from common.nvml.simulated import fleet_path
-from services.kubelet_simulator.simulator import KubeletSimulator
+from devtools.kubelet_simulator.simulator import KubeletSimulator
+from devtools.nvml_sim import fleet_path
 from tests.conftest import Procs, wait_until
 from tests.integration.fakes import LoopThread
 
@@ -50,14 +50,14 @@ class Node:
     def start(self, service: str) -> None:
         self.services[service] = self.procs.start(service, service, env=self.env)
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, command: str = "gpu-plugin") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(Path(self.procs.env["PATH"].split(":")[0]) / "gpu-plugin"), *args],
+            [str(Path(self.procs.env["PATH"].split(":")[0]) / command), *args],
             env={**self.procs.env, **self.env}, capture_output=True, text=True, timeout=60,
         )
 
     def inject(self, *args: str) -> None:
-        out = self.cli("inject", *args)
+        out = self.cli("inject", *args, command="gpu-plugin-dev")
         assert out.returncode == 0, out.stderr
 
     def devices(self, resource: str = "nvidia.com/gpu") -> dict[str, str]:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from common.bus.codec import MAX_PAYLOAD, encode
 from common.bus.messages import UNHEALTHY, HealthState, PluginState
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
-from services.devstack import RESOURCE, DevStack
+from devtools.devstack import RESOURCE, DevStack
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.conftest import MakeNode

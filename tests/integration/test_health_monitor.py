@@ -33,7 +33,7 @@ def health(s: HealthState) -> dict[str, str]:
 
 
 def inject(procs: Procs, run: Path, *args: str) -> None:
-    p = procs.start("inject", "inject", *args, env={"GPU_PLUGIN_RUN_DIR": str(run)})
+    p = procs.start("inject", "inject", *args, env={"GPU_PLUGIN_RUN_DIR": str(run)}, command="devtools.cli")
     assert p.wait(30) == 0, procs.log("inject")
 
 
@@ -207,8 +207,7 @@ def test_a_hung_nvml_call_marks_its_gpu_and_names_the_call_while_the_others_are_
 
 
 def test_status_says_stale_with_the_age_when_the_monitor_lives_but_is_silent(procs: Procs, short_tmp: Path) -> None:
-    from common.nvml.factory import SIM_CONTROL_SOCKET
-    from common.nvml.simulated import FaultClient
+    from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient
 
     run = start_monitor(procs, short_tmp, "dgx-h100-8", GPU_PLUGIN_WATCHDOG_TIMEOUT="600")
     state(run)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from common.bus.messages import RegistrarEvent, RegistrarState
-from services.kubelet_simulator.simulator import KubeletSimulator
+from devtools.kubelet_simulator.simulator import KubeletSimulator
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus

@@ -20,8 +20,8 @@ from common.nvml.backend import (
     WHOLE_GPU_INSTANCE,
     EventData,
 )
-from common.nvml.simulated import SimulatedNvml, fleet_path
 from common.settings import HealthConfig
+from devtools.nvml_sim import SimulatedNvml, fleet_path
 from services.health_monitor.discovery import Inventory, discover
 from services.health_monitor.model import HealthModel, Probe, RecoveryPolicy
 from services.health_monitor.xid_policy import XidPolicy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.kubelet_simulator.simulator import is_extended_resource_name
+from devtools.kubelet_simulator.simulator import is_extended_resource_name
 
 NAMES: list[tuple[str, bool]] = [
     ("nvidia.com/gpu", True),

@@ -40,7 +40,7 @@ from common.nvml.backend import (
     NvmlError,
     PciInfo,
 )
-from common.nvml.simulated import FLEETS, FaultClient, SimulatedNvml, fleet_path, load_description
+from devtools.nvml_sim import FLEETS, FaultClient, SimulatedNvml, fleet_path, load_description
 
 # --- the recording (h200-probe.json, h200-nvidia-smi-q.txt) ----------------------------------
 REC_DRIVER = "580.159.04"

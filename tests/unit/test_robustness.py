@@ -12,8 +12,8 @@ from common.bus.codec import decode, encode
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
 from common.cordons import CordonFileError, CordonStateError, CordonStore
 from common.nvml.backend import NVML_ERROR_UNKNOWN
-from common.nvml.simulated import SimulatedNvml, fleet_path
 from common.settings import resolve
+from devtools.nvml_sim import SimulatedNvml, fleet_path
 from services.health_monitor.discovery import discover
 from services.health_monitor.monitor import probe_gpu
 from services.plugin_server.device_table import build_resources

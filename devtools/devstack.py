@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from services.kubelet_simulator.control import KubeletSimClient
+from devtools.kubelet_simulator.control import KubeletSimClient
 
 REPO = Path(__file__).resolve().parents[1]
 SUPERVISORD_CONF = REPO / "supervisord.conf"
@@ -59,7 +59,7 @@ class DevStack:
         self.dp_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "kubelet.log", "ab")  # noqa: SIM115 - owned by the child
         self.kubelet_proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "kubelet-sim", "--dir", str(self.dp_dir),
+            [sys.executable, "-m", "devtools.cli", "kubelet-sim", "--dir", str(self.dp_dir),
              "--control", str(self.control)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
@@ -120,7 +120,7 @@ class DevStack:
             return 0
 
     def inject(self, *args: str) -> None:
-        subprocess.run([str(BIN / "gpu-plugin"), "inject", *args], env=self.env, check=True, timeout=30,
+        subprocess.run([str(BIN / "gpu-plugin-dev"), "inject", *args], env=self.env, check=True, timeout=30,
                        capture_output=True)
 
     def stop(self, timeout: float = 30.0) -> int | None:

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from services.kubelet_simulator.simulator import KubeletSimulator
+from devtools.kubelet_simulator.simulator import KubeletSimulator
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
@@ -91,6 +91,9 @@ from common.nvml.backend import (
     PciInfo,
 )
 
+if TYPE_CHECKING:  # the settings (and YAML) stay out of scripts that only replay a fleet
+    from common.settings import Settings
+
 log = logging.getLogger(__name__)
 
 XID_GPU_LOST = 79  # "GPU has fallen off the bus"
@@ -106,7 +109,7 @@ class DescriptionError(ValueError):
 def fleet_path(name_or_path: str) -> Path:
     """A shipped fleet name (one of FLEETS) or a path to a description file."""
     if name_or_path in FLEETS:
-        return Path(str(resources.files("common.nvml") / "fleets" / f"{name_or_path}.json"))
+        return Path(str(resources.files("devtools") / "fleets" / f"{name_or_path}.json"))
     return Path(name_or_path)
 
 
@@ -532,3 +535,11 @@ class FaultClient:
             reply = json.loads(s.makefile("rb").readline(65536) or b"{}")
         if not reply.get("ok"):
             raise ValueError(reply.get("error", "no answer from the simulated backend"))
+
+
+SIM_CONTROL_SOCKET = "nvml-sim.sock"  # in the run dir: where FaultClient reaches the simulated driver
+
+
+def make_backend(settings: Settings) -> SimulatedNvml:
+    """The "simulated" NVML backend, as the product's factory asks for it (an entry point)."""
+    return SimulatedNvml(fleet_path(settings.simulated_devices), control_socket=settings.run_dir / SIM_CONTROL_SOCKET)
