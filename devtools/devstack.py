@@ -29,6 +29,41 @@ PROGRAMS = ("health-monitor", "plugin-server", "registrar")
 RESOURCE = "nvidia.com/gpu"
 
 
+def stack_env(root: Path, fleet: str = "dgx-h100-8", **overrides: str) -> dict[str, str]:
+    """The settings a stack in `root` runs with: run dir, kubelet socket, state dir and the
+    simulated fleet, all under `root` (never the node's real paths), on top of `os.environ`."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GPU_PLUGIN_RUN_DIR": str(root / "run"),
+        "KUBELET_SOCKET": str(root / "dp" / "kubelet.sock"),
+        # Cordons of this stack only: the default is the node's (/var/lib/kubelet/...).
+        "GPU_PLUGIN_STATE_DIR": str(root / "state"),
+        "NVML_BACKEND": "simulated",
+        "SIMULATED_DEVICES": fleet,
+        "PYTHONUNBUFFERED": "1",
+        **overrides,
+    }
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen[bytes]:
+    """A child process whose stdout and stderr go to `log` (appended)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+
+
+def terminate(p: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM, as Kubernetes and supervisord stop things; SIGKILL after `timeout`. The exit status."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return p.returncode
+
+
 class DevStack:
     def __init__(self, fleet: str = "dgx-h100-8", env: dict[str, str] | None = None, keep: bool = False) -> None:
         # Short paths: AF_UNIX socket paths are limited to 107 bytes.
@@ -37,18 +72,7 @@ class DevStack:
         self.dp_dir = self.root / "dp"
         self.control = self.root / "kubelet.ctl"
         self.keep = keep
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "GPU_PLUGIN_RUN_DIR": str(self.run_dir),
-            "KUBELET_SOCKET": str(self.dp_dir / "kubelet.sock"),
-            # Cordons of this stack only: the default is the node's (/var/lib/kubelet/...).
-            "GPU_PLUGIN_STATE_DIR": str(self.root / "state"),
-            "NVML_BACKEND": "simulated",
-            "SIMULATED_DEVICES": fleet,
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
+        self.env = stack_env(self.root, fleet, **(env or {}))
         # The entry point, which runs supervisord: what the container runtime signals and waits for.
         self.supervisord: subprocess.Popen[bytes] | None = None
         self.kubelet_proc: subprocess.Popen[bytes] | None = None
@@ -57,22 +81,14 @@ class DevStack:
     # -- processes --------------------------------------------------------------------
     def start_kubelet(self) -> None:
         self.dp_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / "kubelet.log", "ab")  # noqa: SIM115 - owned by the child
-        self.kubelet_proc = subprocess.Popen(
-            [sys.executable, "-m", "devtools.cli", "kubelet-sim", "--dir", str(self.dp_dir),
-             "--control", str(self.control)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )
-        log.close()
+        self.kubelet_proc = spawn(
+            [sys.executable, "-m", "devtools.cli", "kubelet-sim", "--dir", str(self.dp_dir), "--control",
+             str(self.control)], self.env, self.root / "kubelet.log")
 
     def start_supervisor(self) -> None:
         # The entry point creates the run dir (and refuses one it cannot trust), as in the image.
-        log = open(self.root / "supervisord.log", "ab")  # noqa: SIM115 - owned by the child
-        self.supervisord = subprocess.Popen(
-            ["/bin/sh", str(ENTRYPOINT), "-c", str(SUPERVISORD_CONF)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-        )
-        log.close()
+        self.supervisord = spawn(["/bin/sh", str(ENTRYPOINT), "-c", str(SUPERVISORD_CONF)], self.env,
+                                 self.root / "supervisord.log", cwd=self.root)
 
     def start(self) -> DevStack:
         self.start_kubelet()
@@ -125,25 +141,11 @@ class DevStack:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM to the entry point (as Kubernetes does); returns its exit code."""
-        code = None
         if self._kubelet is not None:
             self._kubelet.close()
-        if self.supervisord is not None and self.supervisord.poll() is None:
-            self.supervisord.send_signal(signal.SIGTERM)
-            try:
-                code = self.supervisord.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.supervisord.kill()
-                code = self.supervisord.wait()
-        elif self.supervisord is not None:
-            code = self.supervisord.returncode
-        if self.kubelet_proc is not None and self.kubelet_proc.poll() is None:
-            self.kubelet_proc.send_signal(signal.SIGTERM)
-            try:
-                self.kubelet_proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kubelet_proc.kill()
-                self.kubelet_proc.wait()
+        code = terminate(self.supervisord, timeout) if self.supervisord is not None else None
+        if self.kubelet_proc is not None:
+            terminate(self.kubelet_proc, timeout)
         return code
 
     def logs(self) -> str:

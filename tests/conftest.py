@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from devtools.devstack import spawn, terminate
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -50,12 +51,7 @@ class Procs:
     def start(self, name: str, *args: str, env: dict[str, str] | None = None,
               command: str = "services.cli") -> subprocess.Popen[bytes]:
         """`gpu-plugin <args>` (or, with command="devtools.cli", `gpu-plugin-dev <args>`)."""
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        p = subprocess.Popen(
-            [sys.executable, "-m", command, *args],
-            env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )
-        log.close()
+        p = spawn([sys.executable, "-m", command, *args], {**self.env, **(env or {})}, self.root / f"{name}.log")
         self.procs.append((name, p))
         return p
 
@@ -64,14 +60,7 @@ class Procs:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self, p: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return p.returncode
+        return terminate(p, timeout)
 
     def close(self) -> None:
         for _, p in self.procs:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from devtools.devstack import stack_env
 from devtools.kubelet_simulator.simulator import KubeletSimulator
 from devtools.nvml_sim import fleet_path
 from tests.conftest import Procs, wait_until
@@ -30,16 +31,7 @@ class Node:
         self.run = root / "run"
         self.dp = root / "dp"
         self.dp.mkdir(parents=True, exist_ok=True)
-        self.env = {
-            "GPU_PLUGIN_RUN_DIR": str(self.run),
-            "KUBELET_SOCKET": str(self.dp / "kubelet.sock"),
-            "GPU_PLUGIN_STATE_DIR": str(root / "state"),
-            "NVML_BACKEND": "simulated",
-            "SIMULATED_DEVICES": fleet,
-            "HEALTH_PROBE_INTERVAL": "0.2s",
-            "HEALTH_QUIET_PERIOD": "1s",
-            **env,
-        }
+        self.env = stack_env(root, fleet, HEALTH_PROBE_INTERVAL="0.2s", HEALTH_QUIET_PERIOD="1s", **env)
         self.lt = LoopThread()
         self.sim = KubeletSimulator(self.dp)
         self.lt.run(self.sim.start())
