@@ -25,7 +25,7 @@ from common.nvml.real import RealNvml
 from devtools.nvml_sim import SimulatedNvml, fleet_path
 from services.health_monitor.discovery import discover
 from services.health_monitor.monitor import probe_gpu, register_events
-from services.health_monitor.xid_policy import policy_from_env
+from services.health_monitor.xid_policy import xid_policy
 
 
 def timed(record: dict[str, Any], key: str, call: Any) -> Any:
@@ -64,7 +64,7 @@ def main() -> int:
     probes = [probe_gpu(nvml, u, h) for u, h in inv.handles.items()]
     rec["probes"] = [dataclasses.asdict(p) for p in probes]
 
-    policy = policy_from_env({})
+    policy = xid_policy()
     events: list[dict[str, Any]] = []
     deadline = time.monotonic() + args.seconds
     while (left := deadline - time.monotonic()) > 0:

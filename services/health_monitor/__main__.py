@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 
 from common.bus.messages import HEALTH_SOCKET
@@ -18,7 +17,7 @@ from common.watchdog import Watchdog
 from services.health_monitor.metrics import start_metrics
 from services.health_monitor.model import RecoveryPolicy
 from services.health_monitor.monitor import HealthMonitor
-from services.health_monitor.xid_policy import policy_from_env
+from services.health_monitor.xid_policy import policy_for
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
@@ -30,7 +29,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         monitor = HealthMonitor(
             backend,
             publisher,
-            policy_from_env(os.environ, settings.health),
+            policy_for(settings),
             fail_on_init_error=settings.fail_on_init_error,
             recovery=RecoveryPolicy(settings.recovery_policy, settings.probe_interval, settings.quiet_period),
             health=settings.health,

@@ -16,10 +16,9 @@ enable, monitor-only, the file's fatal list, a disable of all XIDs, the ignore l
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.settings import HealthConfig
+from common.settings import HealthConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +78,11 @@ def _parse(value: str, env: str) -> tuple[set[str], set[int]]:
     return words, xids
 
 
-def policy_from_env(environ: Mapping[str, str], config: HealthConfig | None = None) -> XidPolicy:
+def xid_policy(disable: str = "", enable: str = "", config: HealthConfig | None = None) -> XidPolicy:
+    """The policy from DP_DISABLE_HEALTHCHECKS, DP_ENABLE_HEALTHCHECKS and the health settings."""
     config = config or HealthConfig()
-    dis_words, dis_xids = _parse(environ.get(ENV_DISABLE, ""), ENV_DISABLE)
-    en_words, en_xids = _parse(environ.get(ENV_ENABLE, ""), ENV_ENABLE)
+    dis_words, dis_xids = _parse(disable, ENV_DISABLE)
+    en_words, en_xids = _parse(enable, ENV_ENABLE)
     return XidPolicy(
         checks_enabled="all" not in dis_words,
         all_xids_disabled="xids" in dis_words,
@@ -92,3 +92,7 @@ def policy_from_env(environ: Mapping[str, str], config: HealthConfig | None = No
         monitor_only=config.monitor_only_xids,
         config_fatal=config.fatal_xids,
     )
+
+
+def policy_for(settings: Settings) -> XidPolicy:
+    return xid_policy(settings.disable_healthchecks, settings.enable_healthchecks, settings.health)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+from collections.abc import Mapping
 
 import pytest
 
-from common.settings import HealthConfig
+from common.settings import HealthConfig, add_arguments, resolve
 from services.health_monitor.xid_policy import (
     DEFAULT_IGNORED_XIDS,
     ENV_DISABLE,
@@ -15,8 +17,17 @@ from services.health_monitor.xid_policy import (
     IGNORED,
     MONITOR_ONLY,
     XidPolicy,
-    policy_from_env,
+    policy_for,
+    xid_policy,
 )
+
+
+def policy_from_env(environ: Mapping[str, str], config: HealthConfig | None = None) -> XidPolicy:
+    """The policy as the health monitor builds it: DP_* read through the settings."""
+    settings = resolve(environ=environ)
+    if config is None:
+        return policy_for(settings)
+    return xid_policy(settings.disable_healthchecks, settings.enable_healthchecks, config)
 
 APP_ERRORS = (13, 31, 43, 45, 68, 109)
 # 79 fallen off the bus, 48 double-bit ECC, 94 contained ECC, 63/64 row remapping, 119 GSP timeout.
@@ -133,3 +144,19 @@ def test_unicode_digit_lookalikes_are_malformed_not_fatal(value: str) -> None:
     policy = policy_from_env({ENV_DISABLE: value})
     assert policy.checks_enabled is True
     assert policy.is_fatal(94) is True
+
+
+def test_dp_variables_are_settings_with_flags_and_precedence() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    help_text = parser.format_help()
+    assert "DP_DISABLE_HEALTHCHECKS" in help_text and "DP_ENABLE_HEALTHCHECKS" in help_text
+    args = parser.parse_args(["--disable-healthchecks", "all"])
+    settings = resolve(args, environ={ENV_DISABLE: "79"})
+    assert settings.disable_healthchecks == "all", "the flag beats the environment"
+    assert policy_for(settings).checks_enabled is False
+
+
+def test_health_lists_from_the_environment_reach_the_policy() -> None:
+    policy = policy_for(resolve(environ={"HEALTH_FATAL_XIDS": "13", "HEALTH_MONITOR_ONLY_XIDS": "94,95"}))
+    assert (policy.classify(13), policy.classify(94), policy.classify(95)) == (FATAL, MONITOR_ONLY, MONITOR_ONLY)
