@@ -36,10 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from common.lifecycle import FatalError, ServiceMain
+from common.lifecycle import ServiceMain
 from common.settings import Settings
 
-ENV_TIMEOUT = "GPU_PLUGIN_WATCHDOG_TIMEOUT"
 DEFAULT_LIMIT_S = 30.0
 CHECK_S = 5.0
 EXIT_HUNG = 3  # distinct from 1 (a failure) and 2 (bad settings) in the container log
@@ -70,25 +69,12 @@ def process_lives(pid: int, service: str) -> bool:
     return service.encode() in cmdline
 
 
-def limit_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
-    raw = environ.get(ENV_TIMEOUT, "")
-    if not raw:
-        return DEFAULT_LIMIT_S
-    try:
-        value = float(raw.removesuffix("s"))
-    except ValueError:
-        value = 0.0
-    if not 1.0 <= value <= 3600.0:
-        raise FatalError(f"{ENV_TIMEOUT}={raw!r}: expected seconds between 1 and 3600, e.g. 30 or 30s")
-    return value
-
-
 class Watchdog:
-    def __init__(self, service: str, run_dir: Path, limit: float | None = None,
+    def __init__(self, service: str, run_dir: Path, limit: float = DEFAULT_LIMIT_S,
                  stuck: Stuck | None = None, describe: Callable[[], list[str]] | None = None) -> None:
         self._service = service
         self._alive = alive_path(run_dir, service)
-        self._limit = limit_from_env() if limit is None else limit
+        self._limit = limit
         self._check = min(CHECK_S, self._limit / 3)
         self._stuck = stuck
         self._describe = describe
@@ -178,7 +164,7 @@ def watched(service: str, main: ServiceMain) -> ServiceMain:
     """A service's main run under a Watchdog (for services with nothing to add to its report)."""
 
     async def run(settings: Settings, stop: asyncio.Event) -> None:
-        with Watchdog(service, settings.run_dir):
+        with Watchdog(service, settings.run_dir, settings.watchdog_timeout):
             await main(settings, stop)
 
     return run

@@ -191,6 +191,19 @@ class Settings:
     enable_healthchecks: str = setting(
         ("--enable-healthchecks",), "DP_ENABLE_HEALTHCHECKS", None, "", healthchecks,
         'NVIDIA\'s: "all" (every XID is fatal) or XIDs that count even if ignored by default')
+    # -- timings of ours (tests shorten them; the defaults are for nodes) -------------------------
+    probe_deadline: float = setting(
+        ("--health-probe-deadline",), "HEALTH_PROBE_DEADLINE", None, "5s", duration(0.1),
+        "a GPU whose probe has not answered this long is Unhealthy, the hung NVML call named")
+    stale_after: float = setting(
+        ("--stale-after",), "GPU_PLUGIN_STALE_AFTER", None, "3s", duration(0.1),
+        "plugin-server: a health bus silent this long (three heartbeats) is reported stale; the last state is kept")
+    stream_lost_grace: float = setting(
+        ("--stream-lost-grace",), "GPU_PLUGIN_STREAM_LOST_GRACE", None, "2s", duration(0.1),
+        "registrar: an endpoint the kubelet stops streaming from this long is registered again")
+    watchdog_timeout: float = setting(
+        ("--watchdog-timeout",), "GPU_PLUGIN_WATCHDOG_TIMEOUT", None, "30s", duration(1.0),
+        "a service whose event loop has not answered this long exits (supervisord restarts it alone)")
     # -- NVIDIA's settings for CDI, the containerized driver and fabric/storage devices ----------
     container_driver_root: str = setting(
         ("--container-driver-root", "--driver-root-ctr-path"), "DRIVER_ROOT_CTR_PATH",

@@ -36,8 +36,10 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             cordons=CordonStore(settings.state_dir),
             metrics=start_metrics(settings.metrics_port, degraded),
             degraded=degraded,
+            probe_deadline=settings.probe_deadline,
         )
-        with Watchdog("health-monitor", settings.run_dir, stuck=monitor.stuck_calls, describe=monitor.hung_probes):
+        with Watchdog("health-monitor", settings.run_dir, settings.watchdog_timeout, stuck=monitor.stuck_calls,
+                      describe=monitor.hung_probes):
             await monitor.run(stop)
     finally:
         with contextlib.suppress(NvmlError):

@@ -13,7 +13,7 @@ thread; each GPU's probe runs in a thread of its own. Both hand their findings t
 loop, which owns the model and the bus socket.
 
 Hangs: an NVML call on a wedged GPU can block for good instead of failing. A GPU whose probe
-has not answered within PROBE_DEADLINE_S is Unhealthy, with the call named ("NVML
+has not answered within the probe deadline (a setting, 5 s) is Unhealthy, with the call named ("NVML
 nvmlDeviceGetPciInfo hung for 12 s"), while the other GPUs keep being probed and their events
 applied; no second probe is started on it while the first is stuck (one stuck thread per
 GPU at most), and when the call returns the GPU is probed again at once. The monitor does

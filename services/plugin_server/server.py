@@ -36,7 +36,6 @@ from services.plugin_server.servicer import DevicePluginServicer, plugin_options
 
 log = logging.getLogger(__name__)
 
-STALE_AFTER_S = 3.0  # three missed heartbeats
 RECHECK_S = 5.0  # backstop for filesystem changes inotify cannot see (e.g. a new mount)
 
 
@@ -194,9 +193,10 @@ class PluginServer:
 
     async def _watch_staleness(self) -> None:
         while True:
-            await asyncio.sleep(1.0)  # a periodic check, not a wait for a condition
+            stale_after = self.settings.stale_after
+            await asyncio.sleep(min(1.0, stale_after / 3))  # a periodic check, not a wait for a condition
             silent = time.monotonic() - self._health_seen_at
-            if self._health is not None and not self._stale and silent > STALE_AFTER_S:
+            if self._health is not None and not self._stale and silent > stale_after:
                 # Missing data is not a fault: keep serving the last known state.
                 log.warning("health state is stale (no heartbeat for %.0f s); keeping last known state", silent)
                 self._stale = True
