@@ -192,6 +192,9 @@ class Settings:
         ("--enable-healthchecks",), "DP_ENABLE_HEALTHCHECKS", None, "", healthchecks,
         'NVIDIA\'s: "all" (every XID is fatal) or XIDs that count even if ignored by default')
     # -- timings of ours (tests shorten them; the defaults are for nodes) -------------------------
+    # A probe is five NVML queries that answer in milliseconds (tens of ms on a busy driver); one
+    # that has not answered in 5 s is stuck, not slow. Short enough that a GPU wedging under a
+    # running job is out of the kubelet's allocatable within one probe interval and a few seconds.
     probe_deadline: float = setting(
         ("--health-probe-deadline",), "HEALTH_PROBE_DEADLINE", None, "5s", duration(0.1),
         "a GPU whose probe has not answered this long is Unhealthy, the hung NVML call named")

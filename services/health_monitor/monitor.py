@@ -12,14 +12,10 @@ Threads: NVML's event wait blocks in C (ctypes releases the GIL), so it runs in 
 thread; each GPU's probe runs in a thread of its own. Both hand their findings to the asyncio
 loop, which owns the model and the bus socket.
 
-Hangs: an NVML call on a wedged GPU can block for good instead of failing. A GPU whose probe
-has not answered within the probe deadline (a setting, 5 s) is Unhealthy, with the call named ("NVML
-nvmlDeviceGetPciInfo hung for 12 s"), while the other GPUs keep being probed and their events
-applied; no second probe is started on it while the first is stuck (one stuck thread per
-GPU at most), and when the call returns the GPU is probed again at once. The monitor does
-not restart itself for a hung GPU: a restart would re-discover the same GPU and hang there,
-taking every GPU's state with it. It does exit (common.watchdog) when its loop or its
-event thread is stuck, since then no GPU is watched.
+Hangs: a GPU whose probe hangs is Unhealthy with the call named while the others are served
+(probes.py). The monitor does not restart itself for a hung GPU: a restart would re-discover
+the same GPU and hang there, taking every GPU's state with it. It does exit (common.watchdog)
+when its loop or its event thread is stuck, since then no GPU is watched.
 """
 
 from __future__ import annotations
@@ -30,8 +26,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from common.bus.messages import HealthEvent, HealthState
@@ -43,9 +37,7 @@ from common.nvml.backend import (
     EVENT_DOUBLE_BIT_ECC,
     EVENT_SINGLE_BIT_ECC,
     EVENT_XID_CRITICAL,
-    MEMORY_ERROR_UNCORRECTED,
     NVML_ERROR_DRIVER_NOT_LOADED,
-    NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_LIBRARY_NOT_FOUND,
     NVML_ERROR_TIMEOUT,
     NVML_ERROR_UNKNOWN,
@@ -54,13 +46,14 @@ from common.nvml.backend import (
     NvmlBackend,
     NvmlError,
 )
-from common.settings import HealthConfig
+from common.settings import HealthConfig, Settings
 from services.health_monitor.discovery import Inventory, discover
 from services.health_monitor.metrics import HealthMetrics
 from services.health_monitor.model import Clock, HealthModel, Probe, RecoveryPolicy, SystemClock
+from services.health_monitor.probes import Prober
 from services.health_monitor.xid_policy import XidPolicy
 
-__all__ = ["HealthMonitor", "NvmlInitError", "Probe", "RecoveryPolicy", "probe_gpu", "register_events"]
+__all__ = ["HealthMonitor", "NvmlInitError", "RecoveryPolicy", "register_events"]
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +62,6 @@ WAIT_SLICE_MS = 1000  # bounds how long the event thread takes to notice shutdow
 INIT_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_PENDING_EVENTS = 1000  # events handed to the loop and not yet applied
 EVENT_SET_BACKOFF_S = (0.1, 1.0, 5.0, 30.0)
-# A probe is five NVML queries that answer in milliseconds (tens of ms on a busy driver); one
-# that has not answered in 5 s is stuck, not slow. Short enough that a GPU wedging under a
-# running job is out of the kubelet's allocatable within one probe interval and a few seconds.
-PROBE_DEADLINE_S = 5.0
 
 
 class NvmlInitError(PermanentError):
@@ -91,15 +80,6 @@ def explain_init_error(e: NvmlError) -> str:
     else:
         hint = "check the driver installation (nvidia-smi on the host) and the container runtime"
     return f"nvml init failed: {e}: {hint}"
-
-
-@dataclass
-class RunningProbe:
-    """A probe thread not yet done: `probe.call` says where it is."""
-
-    probe: Probe
-    started: float  # monotonic
-    future: asyncio.Future[Probe]
 
 
 def register_events(nvml: NvmlBackend, handles: dict[str, Handle]) -> tuple[Handle, dict[str, str]]:
@@ -124,52 +104,6 @@ def register_events(nvml: NvmlBackend, handles: dict[str, Handle]) -> tuple[Hand
     return event_set, outcome
 
 
-def probe_gpu(nvml: NvmlBackend, gpu: str, handle: Handle, result: Probe | None = None) -> Probe:
-    """One probe of one GPU: does it answer, and does it need a reset? Blocking NVML calls.
-
-    `result.call` names each call while it runs, so that a caller can say which one hangs."""
-    result = result or Probe(gpu)
-
-    def call(name: str, fn: Callable[[], object]) -> object:
-        result.call = name
-        return fn()
-
-    def optional(name: str, fn: Callable[[], object]) -> object | None:
-        """A query the GPU or driver may not answer (NOT_SUPPORTED, an older driver's INVALID_ARGUMENT
-        for a newer field, NO_PERMISSION in a vGPU guest): unknown then. Only GPU_IS_LOST counts."""
-        try:
-            return call(name, fn)
-        except NvmlError as e:
-            if e.code == NVML_ERROR_GPU_IS_LOST:
-                raise
-            return None
-
-    try:
-        call("nvmlDeviceGetPciInfo", lambda: nvml.device_get_pci_info(handle))  # does the GPU still answer?
-        rows = optional("nvmlDeviceGetRemappedRows", lambda: nvml.device_get_remapped_rows(handle))
-        if isinstance(rows, tuple):
-            _corr, _unc, pending, failed = rows
-            if failed:
-                result.faults["remap"] = "row-remap failure"
-            elif pending:
-                result.faults["remap"] = "row remap pending (GPU reset needed)"
-        if optional("nvmlDeviceGetRetiredPagesPendingStatus",
-                    lambda: nvml.device_get_retired_pages_pending_status(handle)):
-            result.faults["retired"] = "retired pages pending (GPU reset needed)"
-        action = optional("nvmlDeviceGetFieldValues", lambda: nvml.device_get_recovery_action(handle))
-        result.recovery_action = action if isinstance(action, int) else None
-        dbe = optional("nvmlDeviceGetTotalEccErrors",
-                       lambda: nvml.device_get_total_ecc_errors(handle, MEMORY_ERROR_UNCORRECTED))
-        result.dbe_total = dbe if isinstance(dbe, int) else None
-    except NvmlError as e:
-        if e.code == NVML_ERROR_GPU_IS_LOST:
-            result.faults["lost"] = "GPU lost"
-        else:
-            result.faults["probe"] = f"probe failed: {e}"
-    result.call = ""
-    return result
-
-
 class HealthMonitor:
     def __init__(
         self,
@@ -183,10 +117,8 @@ class HealthMonitor:
         metrics: HealthMetrics | None = None,
         clock: Clock | None = None,
         degraded: list[str] | None = None,
-        probe_deadline: float = PROBE_DEADLINE_S,
+        probe_deadline: float = Settings.probe_deadline,
     ) -> None:
-        self._probe_deadline = probe_deadline
-        self._probing: dict[str, RunningProbe] = {}  # GPU -> its probe thread, until it answers
         self._metrics = metrics
         self._degraded = list(degraded or ())  # optional features that are off, and why
         self._nvml = backend
@@ -204,6 +136,7 @@ class HealthMonitor:
         self._driver = ""
         self._stopping = threading.Event()
         self._probe_now = asyncio.Event()
+        self._prober = Prober(backend, probe_deadline, self._probe_now.set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = threading.BoundedSemaphore(MAX_PENDING_EVENTS)
         self._flush: asyncio.Task[None] | None = None
@@ -279,7 +212,7 @@ class HealthMonitor:
             self._load_cordons()
             # A first probe before the first state: it finds GPUs that are already broken and
             # sets the ECC baseline that later probes compare against.
-            await self._apply_probes(await self._probe_all())
+            await self._apply_probes(await self._prober.probe_all(self._inventory.handles))
             await self._refresh(force=True)
             event_set = await asyncio.to_thread(self._register_events)
             self._event_thread = threading.Thread(target=self._wait_events, args=(event_set,), name="nvml-events",
@@ -380,58 +313,7 @@ class HealthMonitor:
                 async with asyncio.timeout(self._recovery.probe_interval):
                     await self._probe_now.wait()
             self._probe_now.clear()
-            await self._apply_probes(await self._probe_all())
-
-    async def _probe_all(self) -> list[Probe]:
-        """Probes every GPU, each in its own thread, waiting at most the deadline for any of them.
-
-        A GPU whose probe is still running past the deadline gets a "hung" finding naming the
-        call; its thread is left to finish (nothing can interrupt a call blocked in the driver)
-        and no other probe of that GPU starts meanwhile."""
-        for gpu, handle in self._inventory.handles.items():
-            if gpu not in self._probing:
-                self._probing[gpu] = self._start_probe(gpu, handle)
-        now = time.monotonic()
-        fresh = [r for r in self._probing.values() if now - r.started < self._probe_deadline]
-        if fresh:
-            wait = max(r.started for r in fresh) + self._probe_deadline - now
-            await asyncio.wait([r.future for r in fresh], timeout=wait)
-        now = time.monotonic()
-        results = []
-        for gpu, running in list(self._probing.items()):
-            if running.future.done():
-                del self._probing[gpu]
-                results.append(running.future.result())
-            else:
-                call = running.probe.call or "call"
-                hung = f"NVML {call} hung for {now - running.started:.0f} s"
-                results.append(Probe(gpu, faults={"hung": hung}))
-        return results
-
-    def _start_probe(self, gpu: str, handle: Handle) -> RunningProbe:
-        loop = asyncio.get_running_loop()
-        running = RunningProbe(Probe(gpu), time.monotonic(), loop.create_future())
-
-        def deliver(result: Probe) -> None:
-            if not running.future.done():
-                running.future.set_result(result)
-            # A probe that outlived the deadline answered at last: look at that GPU again now.
-            if time.monotonic() - running.started >= self._probe_deadline:
-                self._probe_now.set()
-
-        def work() -> None:
-            try:
-                result = probe_gpu(self._nvml, gpu, handle, running.probe)
-            except Exception as e:  # a bug must not leave the GPU looking hung forever
-                log.exception("probe of %s", gpu)
-                result = Probe(gpu, faults={"probe": f"probe failed: {e!r}"})
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the monitor is stopping
-                loop.call_soon_threadsafe(deliver, result)
-
-        # A thread per probe rather than the loop's default executor: a call that never returns
-        # would hold an executor worker for good, and enough of them would starve every to_thread.
-        threading.Thread(target=work, name=f"nvml-probe-{gpu[:12]}", daemon=True).start()
-        return running
+            await self._apply_probes(await self._prober.probe_all(self._inventory.handles))
 
     def stuck_calls(self) -> list[tuple[str, float]]:
         """NVML calls in progress that must not block for long: the event thread's (its wait returns
@@ -440,15 +322,8 @@ class HealthMonitor:
         return [call] if call is not None else []
 
     def hung_probes(self) -> list[str]:
-        """What the probe threads past their deadline are stuck in (for the watchdog's report).
-        Read from another thread: a snapshot, tolerant of the loop changing the dict meanwhile."""
-        now = time.monotonic()
-        try:
-            running = list(self._probing.items())
-        except RuntimeError:
-            return []
-        return [f"NVML {r.probe.call or 'call'} on {gpu} for {now - r.started:.0f} s"
-                for gpu, r in running if now - r.started >= self._probe_deadline]
+        """What probe threads past their deadline are stuck in (for the watchdog's report)."""
+        return self._prober.hung_probes()
 
     async def _apply_probes(self, results: list[Probe]) -> None:
         self._model.apply_probes(results)

@@ -58,9 +58,6 @@ class XidPolicy:
             return IGNORED
         return FATAL
 
-    def is_fatal(self, xid: int) -> bool:
-        return self.classify(xid) == FATAL
-
 
 def _parse(value: str, env: str) -> tuple[set[str], set[int]]:
     words: set[str] = set()

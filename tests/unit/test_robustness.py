@@ -15,7 +15,7 @@ from common.nvml.backend import NVML_ERROR_UNKNOWN
 from common.settings import resolve
 from devtools.nvml_sim import SimulatedNvml, fleet_path
 from services.health_monitor.discovery import discover
-from services.health_monitor.monitor import probe_gpu
+from services.health_monitor.probes import probe_gpu
 from services.plugin_server.device_table import build_resources
 
 

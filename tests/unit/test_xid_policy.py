@@ -74,7 +74,7 @@ def test_policy_from_env(disable: str | None, enable: str | None, checks_enabled
         environ[ENV_ENABLE] = enable
     policy = policy_from_env(environ)
     assert policy.checks_enabled is checks_enabled
-    assert {x for x in PROBED if policy.is_fatal(x)} == fatal
+    assert {x for x in PROBED if policy.classify(x) == FATAL} == fatal
 
 
 def test_default_policy_matches_unset_environment() -> None:
@@ -89,11 +89,11 @@ def test_default_policy_matches_unset_environment() -> None:
 )
 def test_config_ignored(extra: tuple[int, ...], xid: int, fatal: bool) -> None:
     config = HealthConfig(ignored_xids=frozenset(extra))
-    assert policy_from_env({}, config).is_fatal(xid) is fatal
+    assert (policy_from_env({}, config).classify(xid) == FATAL) is fatal
 
 
 def test_config_ignored_loses_to_enable() -> None:
-    assert policy_from_env({ENV_ENABLE: "94"}, HealthConfig(ignored_xids=frozenset({94}))).is_fatal(94) is True
+    assert policy_from_env({ENV_ENABLE: "94"}, HealthConfig(ignored_xids=frozenset({94}))).classify(94) == FATAL
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_unicode_digit_lookalikes_are_malformed_not_fatal(value: str) -> None:
     # warning like any other malformed entry, not crash the health-monitor at start.
     policy = policy_from_env({ENV_DISABLE: value})
     assert policy.checks_enabled is True
-    assert policy.is_fatal(94) is True
+    assert policy.classify(94) == FATAL
 
 
 def test_dp_variables_are_settings_with_flags_and_precedence() -> None:
