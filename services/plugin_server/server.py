@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 3.0  # three missed heartbeats
 RECHECK_S = 5.0  # backstop for filesystem changes inotify cannot see (e.g. a new mount)
+START_ATTEMPTS = 5  # starts in a row per change; a removal after the last one is a new change
 
 
 class Endpoint:
@@ -59,11 +60,17 @@ class Endpoint:
         async with self._lock:
             if self.alive():
                 return False
-            if self.socket_id:
+            if self._grpc is not None:
                 log.warning("socket %s was removed or replaced: re-creating it", self.path)
-            await self._stop(grace=0)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            await self._start()
+            for _ in range(START_ATTEMPTS):
+                await self._stop(grace=0)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                await self._start()
+                if self.socket_id:
+                    break
+                # A restarting kubelet removed the file between our bind and our stat: this
+                # server is unreachable, and an empty identity must never pass for a live one.
+                log.warning("socket %s was removed as soon as it was created: creating it again", self.path)
             return True
 
     async def _start(self) -> None:
@@ -82,11 +89,14 @@ class Endpoint:
         finally:
             os.umask(old_umask)
         self._grpc = server
+        # Read after the bind, so it is the identity of the file this server listens on: only
+        # we create this name, and anyone else only removes it (which the watcher then sees).
         self.socket_id = file_id(self.path)
-        log.info("serving %s on %s", self.table.resource, self.path)
+        if self.socket_id:
+            log.info("serving %s on %s", self.table.resource, self.path)
 
     def alive(self) -> bool:
-        return self._grpc is not None and file_id(self.path) == self.socket_id
+        return self._grpc is not None and bool(self.socket_id) and file_id(self.path) == self.socket_id
 
     async def stop(self, grace: float | None = None) -> None:
         async with self._lock:
@@ -249,8 +259,10 @@ class PluginServer:
                 wanted = {ep.path.name for ep in self.endpoints.values()}
                 if names and "" not in names and not names & wanted:
                     continue
+                # Every endpoint, not only those with an identity: one whose socket vanished
+                # while it started has none, and skipping it would lose it for good.
                 for ep in list(self.endpoints.values()):
-                    if ep.socket_id and await ep.ensure_serving():
+                    if await ep.ensure_serving():
                         self._mark_changed()
         finally:
             watcher.close()

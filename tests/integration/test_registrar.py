@@ -149,3 +149,29 @@ def test_a_kubelet_that_drops_the_stream_gets_a_new_registration(env: Env) -> No
     assert not env.held()
     wait_until(lambda: env.held() and env.ok_registrations() == 2, 15, "a new registration after the drop")
     assert "stopped streaming" in env.procs.log("rg")
+
+
+def _endpoint_on_disk(env: Env) -> bool:
+    """plugin.state announces the endpoint with the identity of the socket file really there."""
+    from common.bus.messages import PluginState
+    from common.fswatch import file_id
+
+    with BusWatch(env.run / "plugin.sock", ("plugin.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, PluginState))
+    assert isinstance(msg, PluginState)
+    on_disk = file_id(env.dp / "nvidia-gpu.sock")
+    return bool(on_disk) and [e.socket_id for e in msg.endpoints] == [on_disk]
+
+
+def test_a_burst_of_kubelet_restarts_leaves_the_endpoint_served(env: Env) -> None:
+    env.start_kubelet()
+    env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+
+    async def burst() -> None:
+        for _ in range(300):  # a crash-looping kubelet: hundreds of restarts within about a second
+            await env.sim.restart()
+
+    env.lt.run(burst(), timeout=120)
+    wait_until(env.held, 30, "the kubelet holding the resource again after the burst")
+    wait_until(lambda: _endpoint_on_disk(env), 30, "plugin.state naming the socket file on disk")
