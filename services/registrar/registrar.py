@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -22,7 +23,7 @@ import grpc
 
 from common.bus.messages import EndpointState, PluginState, RegistrarEvent, RegistrarState, Registration
 from common.bus.sockets import BusPublisher, BusSubscriber
-from common.fswatch import DirWatcher, file_id
+from common.fswatch import DirWatcher, file_id, stat_id
 from common.lifecycle import run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
@@ -35,6 +36,9 @@ REGISTER_TIMEOUT_S = 12.0
 BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 # A stream that stays closed this long (no socket changed) means the kubelet let go of us.
 STREAM_LOST_GRACE_S = 2.0
+# While a Register is in flight, kubelet.sock's identity is re-read at least this often, in
+# case inotify misses a change (it does not while the directory exists; this is a backstop).
+KUBELET_RECHECK_S = 1.0
 
 
 class Registrar:
@@ -54,6 +58,7 @@ class Registrar:
         self._wake = asyncio.Event()
         self._published: tuple[object, ...] = ()
         self._stream_lost_at: dict[str, float] = {}
+        self._kubelet_changed = asyncio.Event()  # kubelet.sock may have been removed or replaced
 
     # -- inputs -----------------------------------------------------------------------
     async def _consume_plugin(self) -> None:
@@ -74,6 +79,8 @@ class Registrar:
         try:
             while True:
                 names = await watcher.next(timeout=5.0)
+                if self._kubelet_socket.name in names or "" in names:
+                    self._kubelet_changed.set()
                 if self._kubelet_socket.name in names or "" in names or any(
                     e.endpoint in names for e in self._endpoints.values()
                 ):
@@ -153,13 +160,20 @@ class Registrar:
             if self._retry_at.get(resource, 0.0) > now:
                 next_s = min(next_s, self._retry_at[resource] - now)
                 continue
-            await self._register(resource, ep, kubelet_id)
+            if not await self._register(resource, ep, kubelet_id):
+                return 0.0  # kubelet.sock was replaced meanwhile: start over with the new kubelet
             if resource in self._retry_at:
                 next_s = min(next_s, self._retry_at[resource] - time.monotonic())
         await self._publish_state(kubelet_id)
         return max(next_s, 0.0)
 
-    async def _register(self, resource: str, ep: EndpointState, kubelet_id: str) -> None:
+    async def _register(self, resource: str, ep: EndpointState, kubelet_id: str) -> bool:
+        """One Register, to the kubelet.sock whose identity is `kubelet_id` and to no other.
+
+        False when that kubelet.sock was removed or replaced before the answer came: the
+        Register is then abandoned at once, not left to wait out its timeout (a kubelet that
+        has gone may never answer), and it is no failure of the new kubelet's.
+        """
         request = pb.RegisterRequest(
             version=API_VERSION,
             endpoint=ep.endpoint,
@@ -170,20 +184,44 @@ class Registrar:
             ),
         )
         try:
-            async with grpc.aio.insecure_channel(f"unix:{self._kubelet_socket}") as channel:
-                await pb_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            failures = self._failures.get(resource, 0)
-            delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
-            self._failures[resource] = failures + 1
-            self._retry_at[resource] = time.monotonic() + delay
-            error = f"{e.code().name}: {e.details()}"
-            self._set_kubelet("refusing")
-            if self._errors.get(resource) != error:  # log once per state change, not per retry
-                self._errors[resource] = error
-                log.warning("registering %s failed (%s); retrying with backoff", resource, error)
-                await self._pub.publish(RegistrarEvent(time.time(), "failed", resource, error))
-            return
+            # Dialled through a descriptor of the file we identified: a kubelet.sock re-created
+            # after the identity was read cannot receive a registration recorded as the old one's.
+            fd = os.open(self._kubelet_socket, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if stat_id(os.fstat(fd)) != kubelet_id:
+                return False
+            self._kubelet_changed.clear()
+            # A private subchannel pool: the same target string (a reused descriptor number)
+            # must never reuse a connection made to an earlier kubelet.
+            async with grpc.aio.insecure_channel(f"unix:/proc/self/fd/{fd}",
+                                                 options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                call = pb_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_S)
+                answer = asyncio.ensure_future(call)
+                replaced = asyncio.ensure_future(self._until_kubelet_replaced(kubelet_id))
+                try:
+                    await asyncio.wait((answer, replaced), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    replaced.cancel()
+                    if not answer.done():
+                        call.cancel()
+                        await asyncio.wait((answer,))
+                if not answer.cancelled() and answer.exception() is None:
+                    error = None
+                elif not answer.cancelled() and isinstance(exc := answer.exception(), grpc.aio.AioRpcError):
+                    error = exc
+                else:
+                    log.info("kubelet.sock was replaced while registering %s: registering with the new kubelet",
+                             resource)
+                    return False
+        finally:
+            os.close(fd)
+        if error is not None:
+            if file_id(self._kubelet_socket) != kubelet_id:
+                return False  # the kubelet that failed us has gone: no backoff against its successor
+            await self._failed(resource, error)
+            return True
         self._set_kubelet("present")
         self._failures.pop(resource, None)
         self._retry_at.pop(resource, None)
@@ -192,6 +230,25 @@ class Registrar:
                                                  adopted=False)
         log.info("registered %s (endpoint %s) with the kubelet", resource, ep.endpoint)
         await self._pub.publish(RegistrarEvent(time.time(), "registered", resource, ep.endpoint))
+        return True
+
+    async def _until_kubelet_replaced(self, kubelet_id: str) -> None:
+        while file_id(self._kubelet_socket) == kubelet_id:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kubelet_changed.wait(), KUBELET_RECHECK_S)
+            self._kubelet_changed.clear()
+
+    async def _failed(self, resource: str, e: grpc.aio.AioRpcError) -> None:
+        failures = self._failures.get(resource, 0)
+        delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+        self._failures[resource] = failures + 1
+        self._retry_at[resource] = time.monotonic() + delay
+        error = f"{e.code().name}: {e.details()}"
+        self._set_kubelet("refusing")
+        if self._errors.get(resource) != error:  # log once per state change, not per retry
+            self._errors[resource] = error
+            log.warning("registering %s failed (%s); retrying with backoff", resource, error)
+            await self._pub.publish(RegistrarEvent(time.time(), "failed", resource, error))
 
     async def _publish_state(self, kubelet_id: str) -> None:
         """Publishes the state when it changed; the publisher's heartbeat repeats it meanwhile."""
