@@ -119,6 +119,7 @@ class Endpoint:
             pre_start_required=opts.pre_start_required,
             get_preferred_allocation_available=opts.get_preferred_allocation_available,
             streams=self.servicer.streams if self.servicer else 0,
+            stream_opened=list(self.servicer.stream_opened) if self.servicer else [],
             healthy=self.table.healthy,
             total=len(self.table.devices),
         )

@@ -59,6 +59,13 @@ class Registrar:
         self._published: tuple[object, ...] = ()
         self._stream_lost_at: dict[str, float] = {}
         self._kubelet_changed = asyncio.Event()  # kubelet.sock may have been removed or replaced
+        # Which ListAndWatch stream is the kubelet's (any other client may stream too). Times are
+        # CLOCK_MONOTONIC, which the plugin-server's stream_opened share.
+        self._started = time.monotonic()
+        self._register_began: dict[str, float] = {}  # our last successful Register was sent then
+        self._kubelet_stream: dict[str, float] = {}  # the first stream that began after it
+        self._adopted_streams: dict[str, frozenset[float]] = {}  # held at adoption: the kubelet's among them
+        self._decided: set[str] = set()  # adopted or registered once: never adopted (again) later
 
     # -- inputs -----------------------------------------------------------------------
     async def _consume_plugin(self) -> None:
@@ -101,10 +108,49 @@ class Registrar:
             reg = self.registered.get(resource)
             if reg is None or reg.socket_id != ep.socket_id:
                 continue
-            if ep.streams > 0:
+            if self._kubelet_streaming(resource, ep):
                 self._stream_lost_at.pop(resource, None)
             else:
                 self._stream_lost_at.setdefault(resource, now)
+
+    def _kubelet_streaming(self, resource: str, ep: EndpointState) -> bool:
+        """Whether the kubelet's own stream is open: another client's stream must not hide a drop."""
+        if not ep.stream_opened:
+            return ep.streams > 0  # none open, or a plugin-server that does not say when they began
+        open_now = set(ep.stream_opened)
+        adopted = self._adopted_streams.get(resource)
+        if adopted is not None:
+            # We cannot know which of them is the kubelet's: once any has ended, register again
+            # (a needless registration costs less than a resource the kubelet dropped for good).
+            return adopted <= open_now
+        began = self._register_began.get(resource)
+        if began is None:
+            return False
+        kubelet = self._kubelet_stream.get(resource)
+        if kubelet is None:
+            # The kubelet dials the endpoint inside Register and streams right after: the first
+            # stream to begin after our Register was sent is its own.
+            after = [t for t in ep.stream_opened if t >= began]
+            if not after:
+                return False
+            kubelet = self._kubelet_stream[resource] = min(after)
+        return kubelet in open_now
+
+    def _forget_streams(self, resource: str) -> None:
+        self._register_began.pop(resource, None)
+        self._kubelet_stream.pop(resource, None)
+        self._adopted_streams.pop(resource, None)
+
+    def _streams_before_us(self, ep: EndpointState) -> frozenset[float] | None:
+        """The streams a kubelet may hold from an earlier registrar's registration; None: none.
+
+        Only a stream that began before this registrar did can be the kubelet's without our
+        Register; one that began since is another client's.
+        """
+        if not ep.stream_opened:
+            return frozenset() if ep.streams > 0 else None  # a plugin-server that does not say when
+        held = frozenset(t for t in ep.stream_opened if t < self._started)
+        return held or None
 
     def _stream_lost(self, resource: str, now: float) -> bool:
         lost = self._stream_lost_at.get(resource)
@@ -116,6 +162,7 @@ class Registrar:
                     self._endpoints[resource].endpoint)
         self._stream_lost_at.pop(resource, None)
         self.registered.pop(resource, None)
+        self._forget_streams(resource)
         return True
 
     # -- reconcile --------------------------------------------------------------------
@@ -152,10 +199,13 @@ class Registrar:
                 reg = None  # the kubelet let go of it: register again below
             if not ep.socket_id or file_id(self._dir / ep.endpoint) != ep.socket_id:
                 continue  # being re-created: the plugin-server will announce the new socket
-            if reg is None and ep.streams > 0:
+            if reg is None and resource not in self._decided and (held := self._streams_before_us(ep)) is not None:
                 log.info("%s: kubelet already streams from %s; adopting, not re-registering", resource, ep.endpoint)
                 self.registered[resource] = Registration(resource, ep.endpoint, ep.socket_id, kubelet_id,
                                                          time.time(), adopted=True)
+                self._forget_streams(resource)
+                self._adopted_streams[resource] = held
+                self._decided.add(resource)
                 continue
             if self._retry_at.get(resource, 0.0) > now:
                 next_s = min(next_s, self._retry_at[resource] - now)
@@ -193,6 +243,7 @@ class Registrar:
             if stat_id(os.fstat(fd)) != kubelet_id:
                 return False
             self._kubelet_changed.clear()
+            began = time.monotonic()
             # A private subchannel pool: the same target string (a reused descriptor number)
             # must never reuse a connection made to an earlier kubelet.
             async with grpc.aio.insecure_channel(f"unix:/proc/self/fd/{fd}",
@@ -228,6 +279,9 @@ class Registrar:
         self._errors.pop(resource, None)
         self.registered[resource] = Registration(resource, ep.endpoint, ep.socket_id, kubelet_id, time.time(),
                                                  adopted=False)
+        self._forget_streams(resource)
+        self._register_began[resource] = began
+        self._decided.add(resource)
         log.info("registered %s (endpoint %s) with the kubelet", resource, ep.endpoint)
         await self._pub.publish(RegistrarEvent(time.time(), "registered", resource, ep.endpoint))
         return True

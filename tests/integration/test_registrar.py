@@ -17,7 +17,7 @@ from common.bus.messages import RegistrarEvent, RegistrarState
 from services.kubelet_simulator.simulator import KubeletSimulator
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
-from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+from tests.integration.fakes import FakeHealthMonitor, LoopThread, PluginClient, gpus
 
 RESOURCE = "nvidia.com/gpu"
 
@@ -195,3 +195,42 @@ def test_kubelet_restarts_5_ms_apart_never_leave_a_register_waiting_out_its_time
     # A Register sent to a kubelet that then went away is abandoned when kubelet.sock is
     # replaced; none may sit until its deadline (that was a 12 s outage).
     assert "DEADLINE_EXCEEDED" not in env.procs.log("rg")
+
+
+def test_a_stray_stream_does_not_hide_a_kubelet_drop(env: Env) -> None:
+    env.start_kubelet()
+    env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+    wait_until(lambda: env.sim.clients.get(RESOURCE) is not None and env.sim.clients[RESOURCE].updates > 0, 10,
+               "the kubelet's stream running")
+    stray = PluginClient(env.dp / "nvidia-gpu.sock")  # e.g. an operator's debugging client
+    try:
+        stray.watch()
+        stray.next_update()
+        env.lt.run(env.sim.drop(RESOURCE))
+        wait_until(lambda: env.held() and env.ok_registrations() == 2, 30, "a new registration after the drop")
+        assert stray.updates.empty(), "the stray client was left alone"
+    finally:
+        stray.close()
+    assert "stopped streaming" in env.procs.log("rg")
+
+
+def test_after_adoption_a_stray_stream_does_not_hide_a_kubelet_drop(env: Env) -> None:
+    env.start_kubelet()
+    first = env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    env.start_registrar("rg2")
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, RegistrarState) and m.registrations != [])
+    assert isinstance(msg, RegistrarState) and msg.registrations[0].adopted
+    stray = PluginClient(env.dp / "nvidia-gpu.sock")
+    try:
+        stray.watch()
+        stray.next_update()
+        env.lt.run(env.sim.drop(RESOURCE))
+        wait_until(lambda: env.held() and env.ok_registrations() == 2, 30, "a new registration after the drop")
+    finally:
+        stray.close()
+    assert "stopped streaming" in env.procs.log("rg2")
