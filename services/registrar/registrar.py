@@ -271,7 +271,7 @@ class Registrar:
         if error is not None:
             if file_id(self._kubelet_socket) != kubelet_id:
                 return False  # the kubelet that failed us has gone: no backoff against its successor
-            await self._failed(resource, error)
+            await self._failed(resource, error, f"/proc/self/fd/{fd}")
             return True
         self._set_kubelet("present")
         self._failures.pop(resource, None)
@@ -292,12 +292,13 @@ class Registrar:
                 await asyncio.wait_for(self._kubelet_changed.wait(), KUBELET_RECHECK_S)
             self._kubelet_changed.clear()
 
-    async def _failed(self, resource: str, e: grpc.aio.AioRpcError) -> None:
+    async def _failed(self, resource: str, e: grpc.aio.AioRpcError, dialled: str) -> None:
         failures = self._failures.get(resource, 0)
         delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
         self._failures[resource] = failures + 1
         self._retry_at[resource] = time.monotonic() + delay
-        error = f"{e.code().name}: {e.details()}"
+        # An operator knows kubelet.sock, not the descriptor we dialled it through.
+        error = f"{e.code().name}: {(e.details() or '').replace(dialled, str(self._kubelet_socket))}"
         self._set_kubelet("refusing")
         if self._errors.get(resource) != error:  # log once per state change, not per retry
             self._errors[resource] = error

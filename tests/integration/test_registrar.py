@@ -7,13 +7,15 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from common.bus.messages import RegistrarEvent, RegistrarState
+from common.bus.messages import PluginState, RegistrarEvent, RegistrarState
+from common.fswatch import file_id
 from services.kubelet_simulator.simulator import KubeletSimulator
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
@@ -154,9 +156,6 @@ def test_a_kubelet_that_drops_the_stream_gets_a_new_registration(env: Env) -> No
 
 def _endpoint_on_disk(env: Env) -> bool:
     """plugin.state announces the endpoint with the identity of the socket file really there."""
-    from common.bus.messages import PluginState
-    from common.fswatch import file_id
-
     with BusWatch(env.run / "plugin.sock", ("plugin.state",)) as w:
         msg = w.wait(lambda m: isinstance(m, PluginState))
     assert isinstance(msg, PluginState)
@@ -234,3 +233,16 @@ def test_after_adoption_a_stray_stream_does_not_hide_a_kubelet_drop(env: Env) ->
     finally:
         stray.close()
     assert "stopped streaming" in env.procs.log("rg2")
+
+
+def test_a_kubelet_sock_nobody_listens_on_is_named_in_the_error(env: Env) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(env.dp / "kubelet.sock"))  # a kubelet that died without removing its socket
+    dead.close()
+    env.start_registrar()
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, RegistrarState) and m.kubelet == "refusing")
+    assert isinstance(msg, RegistrarState)
+    assert str(env.dp / "kubelet.sock") in msg.last_error and "/proc/self/fd" not in msg.last_error
+    env.start_kubelet()  # replaces the dead socket file
+    wait_until(env.held, 30, "registration with the kubelet that came up")
