@@ -4,7 +4,7 @@ It holds no state of its own worth keeping: everything it serves is rebuilt from
 next health state (replayed to it at once on subscribe), so a restart costs one round
 trip. It re-creates an endpoint whose socket file vanished (a kubelet restart removes
 every socket in the directory) and announces each endpoint, with the identity of its
-socket file and the number of open ListAndWatch streams, on its own bus socket for the
+socket file and when each open ListAndWatch stream began, on its own bus socket for the
 registrar.
 """
 

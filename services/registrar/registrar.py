@@ -6,7 +6,8 @@ for the resource, and when the replaced client's stream ends it disconnects whic
 client is current, marking every device of the resource unhealthy. So an endpoint is
 registered once per (kubelet.sock identity, endpoint socket identity), and a registrar
 restarting alone adopts endpoints that a kubelet already streams from (the plugin-server
-reports open ListAndWatch streams per socket) instead of registering them again.
+reports when each open ListAndWatch stream began) instead of registering them again. Only the
+kubelet's own stream says that the kubelet holds an endpoint: any client may open one.
 """
 
 from __future__ import annotations
