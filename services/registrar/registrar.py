@@ -238,8 +238,11 @@ class Registrar:
             # Dialled through a descriptor of the file we identified: a kubelet.sock re-created
             # after the identity was read cannot receive a registration recorded as the old one's.
             fd = os.open(self._kubelet_socket, os.O_PATH | os.O_CLOEXEC)
-        except OSError:
-            return False
+        except OSError as e:
+            if file_id(self._kubelet_socket) != kubelet_id:
+                return False  # gone since we looked: the next pass sees what is there now
+            await self._failed(resource, f"cannot open {self._kubelet_socket}: {e.strerror}")
+            return True
         try:
             if stat_id(os.fstat(fd)) != kubelet_id:
                 return False
@@ -259,20 +262,21 @@ class Registrar:
                     if not answer.done():
                         call.cancel()
                         await asyncio.wait((answer,))
-                if not answer.cancelled() and answer.exception() is None:
-                    error = None
-                elif not answer.cancelled() and isinstance(exc := answer.exception(), grpc.aio.AioRpcError):
-                    error = exc
-                else:
+                if answer.cancelled():  # only by us, and only because kubelet.sock was replaced
                     log.info("kubelet.sock was replaced while registering %s: registering with the new kubelet",
                              resource)
                     return False
+                error = answer.exception()
+                if error is not None and not isinstance(error, grpc.aio.AioRpcError):
+                    raise error
         finally:
             os.close(fd)
         if error is not None:
             if file_id(self._kubelet_socket) != kubelet_id:
                 return False  # the kubelet that failed us has gone: no backoff against its successor
-            await self._failed(resource, error, f"/proc/self/fd/{fd}")
+            # An operator knows kubelet.sock, not the descriptor we dialled it through.
+            details = (error.details() or "").replace(f"/proc/self/fd/{fd}", str(self._kubelet_socket))
+            await self._failed(resource, f"{error.code().name}: {details}")
             return True
         self._set_kubelet("present")
         self._failures.pop(resource, None)
@@ -293,13 +297,11 @@ class Registrar:
                 await asyncio.wait_for(self._kubelet_changed.wait(), KUBELET_RECHECK_S)
             self._kubelet_changed.clear()
 
-    async def _failed(self, resource: str, e: grpc.aio.AioRpcError, dialled: str) -> None:
+    async def _failed(self, resource: str, error: str) -> None:
         failures = self._failures.get(resource, 0)
         delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
         self._failures[resource] = failures + 1
         self._retry_at[resource] = time.monotonic() + delay
-        # An operator knows kubelet.sock, not the descriptor we dialled it through.
-        error = f"{e.code().name}: {(e.details() or '').replace(dialled, str(self._kubelet_socket))}"
         self._set_kubelet("refusing")
         if self._errors.get(resource) != error:  # log once per state change, not per retry
             self._errors[resource] = error
