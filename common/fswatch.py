@@ -90,4 +90,9 @@ def file_id(path: Path) -> str:
         st = os.stat(path)
     except OSError:
         return ""
+    return stat_id(st)
+
+
+def stat_id(st: os.stat_result) -> str:
+    """file_id of what `st` describes (e.g. an fstat of an O_PATH descriptor)."""
     return f"{st.st_ino}:{st.st_ctime_ns}"

@@ -160,9 +160,12 @@ class EndpointState:
     socket_id: str  # identity of the socket file (inode:ctime); changes when re-created
     pre_start_required: bool
     get_preferred_allocation_available: bool
-    streams: int  # open ListAndWatch streams: >0 means a kubelet holds the endpoint
+    streams: int  # open ListAndWatch streams (the kubelet's and any other client's)
     healthy: int
     total: int
+    # When each open stream began, CLOCK_MONOTONIC (one clock for the whole node): the kubelet's
+    # is the first to begin after a Register. [] from a publisher that predates the field.
+    stream_opened: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,11 @@ async def handle(sim: KubeletSimulator, cmd: dict[str, Any]) -> dict[str, Any]:
         await sim.drop(cmd["resource"])
         return {"ok": True}
     if op == "restart":
-        await sim.restart()
+        # count > 1: a crash-looping kubelet, `interval` seconds between restarts
+        for n in range(int(cmd.get("count", 1))):
+            if n:
+                await asyncio.sleep(float(cmd.get("interval", 0.0)))
+            await sim.restart()
         return {"ok": True}
     try:
         if op == "allocate":
@@ -150,8 +154,8 @@ class KubeletSimClient:
     def preferred(self, resource: str, available: list[str], must: list[str], size: int) -> dict[str, Any]:
         return self.call(op="preferred", resource=resource, available=available, must=must, size=size)
 
-    def restart(self) -> None:
-        self.call(op="restart")
+    def restart(self, count: int = 1, interval: float = 0.0) -> None:
+        self.call(op="restart", count=count, interval=interval)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -4,7 +4,7 @@ It holds no state of its own worth keeping: everything it serves is rebuilt from
 next health state (replayed to it at once on subscribe), so a restart costs one round
 trip. It re-creates an endpoint whose socket file vanished (a kubelet restart removes
 every socket in the directory) and announces each endpoint, with the identity of its
-socket file and the number of open ListAndWatch streams, on its own bus socket for the
+socket file and when each open ListAndWatch stream began, on its own bus socket for the
 registrar.
 """
 
@@ -37,6 +37,7 @@ from services.plugin_server.servicer import DevicePluginServicer, plugin_options
 log = logging.getLogger(__name__)
 
 RECHECK_S = 5.0  # backstop for filesystem changes inotify cannot see (e.g. a new mount)
+START_ATTEMPTS = 5  # starts in a row per change; a removal after the last one is a new change
 
 
 class Endpoint:
@@ -58,11 +59,17 @@ class Endpoint:
         async with self._lock:
             if self.alive():
                 return False
-            if self.socket_id:
+            if self._grpc is not None:
                 log.warning("socket %s was removed or replaced: re-creating it", self.path)
-            await self._stop(grace=0)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            await self._start()
+            for _ in range(START_ATTEMPTS):
+                await self._stop(grace=0)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                await self._start()
+                if self.socket_id:
+                    break
+                # A restarting kubelet removed the file between our bind and our stat: this
+                # server is unreachable, and an empty identity must never pass for a live one.
+                log.warning("socket %s was removed as soon as it was created: creating it again", self.path)
             return True
 
     async def _start(self) -> None:
@@ -82,11 +89,14 @@ class Endpoint:
         finally:
             os.umask(old_umask)
         self._grpc = server
+        # Read after the bind, so it is the identity of the file this server listens on: only
+        # we create this name, and anyone else only removes it (which the watcher then sees).
         self.socket_id = file_id(self.path)
-        log.info("serving %s on %s", self.table.resource, self.path)
+        if self.socket_id:
+            log.info("serving %s on %s", self.table.resource, self.path)
 
     def alive(self) -> bool:
-        return self._grpc is not None and file_id(self.path) == self.socket_id
+        return self._grpc is not None and bool(self.socket_id) and file_id(self.path) == self.socket_id
 
     async def stop(self, grace: float | None = None) -> None:
         async with self._lock:
@@ -111,6 +121,7 @@ class Endpoint:
             pre_start_required=opts.pre_start_required,
             get_preferred_allocation_available=opts.get_preferred_allocation_available,
             streams=self.servicer.streams if self.servicer else 0,
+            stream_opened=list(self.servicer.stream_opened) if self.servicer else [],
             healthy=self.table.healthy,
             total=len(self.table.devices),
         )
@@ -252,8 +263,10 @@ class PluginServer:
                 wanted = {ep.path.name for ep in self.endpoints.values()}
                 if names and "" not in names and not names & wanted:
                     continue
+                # Every endpoint, not only those with an identity: one whose socket vanished
+                # while it started has none, and skipping it would lose it for good.
                 for ep in list(self.endpoints.values()):
-                    if ep.socket_id and await ep.ensure_serving():
+                    if await ep.ensure_serving():
                         self._mark_changed()
         finally:
             watcher.close()

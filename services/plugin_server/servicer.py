@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -50,8 +51,14 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self._settings = settings
         self._on_streams = on_streams
         self._on_allocate = on_allocate
-        self.streams = 0
+        # When each open ListAndWatch stream began (CLOCK_MONOTONIC, the same clock in every
+        # process of the node): the registrar tells the kubelet's stream from others by it.
+        self.stream_opened: list[float] = []
         self._closing = False
+
+    @property
+    def streams(self) -> int:
+        return len(self.stream_opened)
 
     async def GetDevicePluginOptions(
         self, request: pb.Empty, context: grpc.aio.ServicerContext
@@ -61,7 +68,8 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
     async def ListAndWatch(
         self, request: pb.Empty, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ListAndWatchResponse]:
-        self.streams += 1
+        opened = time.monotonic()
+        self.stream_opened.append(opened)
         self._on_streams(self.streams)
         try:
             seen = -1
@@ -71,7 +79,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                     yield self._table.response
                 await self._table.wait_changed(seen, lambda: self._closing)
         finally:
-            self.streams -= 1
+            self.stream_opened.remove(opened)
             self._on_streams(self.streams)
 
     async def close(self) -> None:

@@ -25,7 +25,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         return
     publisher = BusPublisher(settings.bus_path(REGISTRAR_SOCKET))
     try:
-        await Registrar(Path(settings.kubelet_socket), publisher, settings.bus_path(PLUGIN_SOCKET)).run(stop)
+        await Registrar(Path(settings.kubelet_socket), publisher, settings.bus_path(PLUGIN_SOCKET),
+                        settings.stream_lost_grace).run(stop)
     finally:
         publisher.close()
 

@@ -50,6 +50,24 @@ def test_fifty_kubelet_restarts_in_a_row(stack: DevStack) -> None:
     allocate_ok(stack)
 
 
+def test_a_crash_looping_kubelet_burst_and_restarts_5_ms_apart(stack: DevStack) -> None:
+    held(stack)
+    pids = {p: stack.pid(p) for p in PROGRAMS}
+    before = registrations(stack)
+    stack.kubelet.restart(count=300)  # hundreds of restarts within about a second
+    held(stack, timeout=30, registrations=before + 1)
+    for _ in range(20):
+        before = registrations(stack)
+        stack.kubelet.restart(count=4, interval=0.005)
+        held(stack, timeout=30, registrations=before + 1)
+    state = stack.kubelet.state()["resources"][RESOURCE]
+    assert state["endpoint"] == "nvidia-gpu.sock" and (stack.dp_dir / "nvidia-gpu.sock").exists()
+    log = (stack.root / "supervisord.log").read_text()
+    assert "DEADLINE_EXCEEDED" not in log, "a Register to a kubelet that had gone waited out its timeout"
+    assert {p: stack.pid(p) for p in PROGRAMS} == pids, "recovered without any component restarting"
+    allocate_ok(stack)
+
+
 def test_kubelet_absent_at_start_then_appearing() -> None:
     s = DevStack(fleet="dgx-h100-8")
     try:

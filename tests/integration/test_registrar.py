@@ -3,20 +3,23 @@ the kubelet simulator, in-process here so the test can look inside it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from common.bus.messages import RegistrarEvent, RegistrarState
+from common.bus.messages import PluginState, RegistrarEvent, RegistrarState
+from common.fswatch import file_id
 from devtools.kubelet_simulator.simulator import KubeletSimulator
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
-from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+from tests.integration.fakes import FakeHealthMonitor, LoopThread, PluginClient, gpus
 
 RESOURCE = "nvidia.com/gpu"
 
@@ -165,3 +168,97 @@ def test_sigterm_while_kubelet_sock_vanishes_always_stops_the_registrar(env: Env
         wait_until(lambda rg=rg: rg.poll() is not None, 30, f"{name} exiting after SIGTERM (trial {trial})")
         assert rg.returncode == 0, env.procs.log(name)
         env.lt.run(env.sim.restart())
+
+
+def _endpoint_on_disk(env: Env) -> bool:
+    """plugin.state announces the endpoint with the identity of the socket file really there."""
+    with BusWatch(env.run / "plugin.sock", ("plugin.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, PluginState))
+    assert isinstance(msg, PluginState)
+    on_disk = file_id(env.dp / "nvidia-gpu.sock")
+    return bool(on_disk) and [e.socket_id for e in msg.endpoints] == [on_disk]
+
+
+def test_a_burst_of_kubelet_restarts_leaves_the_endpoint_served(env: Env) -> None:
+    env.start_kubelet()
+    env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+
+    async def burst() -> None:
+        for _ in range(300):  # a crash-looping kubelet: hundreds of restarts within about a second
+            await env.sim.restart()
+
+    env.lt.run(burst(), timeout=120)
+    wait_until(env.held, 30, "the kubelet holding the resource again after the burst")
+    wait_until(lambda: _endpoint_on_disk(env), 30, "plugin.state naming the socket file on disk")
+
+
+def test_kubelet_restarts_5_ms_apart_never_leave_a_register_waiting_out_its_timeout(env: Env) -> None:
+    env.start_kubelet()
+    env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+
+    async def restarts() -> None:
+        for _ in range(4):
+            await env.sim.restart()
+            await asyncio.sleep(0.005)  # the crash-looping kubelet's own pace, not a wait for a condition
+
+    for n in range(40):  # a Register caught by a restart is a race: give it many chances
+        before = env.ok_registrations()
+        env.lt.run(restarts())
+        wait_until(lambda before=before: env.held() and env.ok_registrations() > before, 30, f"round {n}: held again")
+    # A Register sent to a kubelet that then went away is abandoned when kubelet.sock is
+    # replaced; none may sit until its deadline (that was a 12 s outage).
+    assert "DEADLINE_EXCEEDED" not in env.procs.log("rg")
+
+
+def test_a_stray_stream_does_not_hide_a_kubelet_drop(env: Env) -> None:
+    env.start_kubelet()
+    env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+    wait_until(lambda: env.sim.clients.get(RESOURCE) is not None and env.sim.clients[RESOURCE].updates > 0, 10,
+               "the kubelet's stream running")
+    stray = PluginClient(env.dp / "nvidia-gpu.sock")  # e.g. an operator's debugging client
+    try:
+        stray.watch()
+        stray.next_update()
+        env.lt.run(env.sim.drop(RESOURCE))
+        wait_until(lambda: env.held() and env.ok_registrations() == 2, 30, "a new registration after the drop")
+        assert stray.updates.empty(), "the stray client was left alone"
+    finally:
+        stray.close()
+    assert "stopped streaming" in env.procs.log("rg")
+
+
+def test_after_adoption_a_stray_stream_does_not_hide_a_kubelet_drop(env: Env) -> None:
+    env.start_kubelet()
+    first = env.start_registrar()
+    wait_until(env.held, 10, "first registration")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    env.start_registrar("rg2")
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, RegistrarState) and m.registrations != [])
+    assert isinstance(msg, RegistrarState) and msg.registrations[0].adopted
+    stray = PluginClient(env.dp / "nvidia-gpu.sock")
+    try:
+        stray.watch()
+        stray.next_update()
+        env.lt.run(env.sim.drop(RESOURCE))
+        wait_until(lambda: env.held() and env.ok_registrations() == 2, 30, "a new registration after the drop")
+    finally:
+        stray.close()
+    assert "stopped streaming" in env.procs.log("rg2")
+
+
+def test_a_kubelet_sock_nobody_listens_on_is_named_in_the_error(env: Env) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(env.dp / "kubelet.sock"))  # a kubelet that died without removing its socket
+    dead.close()
+    env.start_registrar()
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:
+        msg = w.wait(lambda m: isinstance(m, RegistrarState) and m.kubelet == "refusing")
+    assert isinstance(msg, RegistrarState)
+    assert str(env.dp / "kubelet.sock") in msg.last_error and "/proc/self/fd" not in msg.last_error
+    env.start_kubelet()  # replaces the dead socket file
+    wait_until(env.held, 30, "registration with the kubelet that came up")

@@ -83,6 +83,7 @@ ENDPOINT = EndpointState(
     streams=1,
     healthy=7,
     total=8,
+    stream_opened=[81234.567891],
 )
 REGISTRATION = Registration(
     resource="nvidia.com/gpu",
@@ -234,6 +235,16 @@ def test_ints_accepted_for_float_fields() -> None:
 def test_optional_fields_take_their_defaults_when_absent() -> None:
     body = {"v": SCHEMA_VERSION, "time": 1.0, "device": "GPU-x", "event": "nvml"}
     assert decode(b"health.event", _pack(body)) == HealthEvent(time=1.0, device="GPU-x", event="nvml")
+
+
+def test_endpoint_state_from_a_publisher_without_stream_opened_still_decodes() -> None:
+    old = PluginState(incarnation="i", seq=1, sent_at=1.0, health_incarnation="h", health_stale=False,
+                      endpoints=[ENDPOINT])
+    body = _body(old)
+    del body["endpoints"][0]["stream_opened"]
+    msg = decode(b"plugin.state", _pack(body))
+    assert isinstance(msg, PluginState)
+    assert msg.endpoints[0] == dataclasses.replace(ENDPOINT, stream_opened=[])
 
 
 def _mutated(msg: Message, path: tuple[Any, ...], value: Any = None, delete: bool = False) -> bytes:
