@@ -1,13 +1,9 @@
 """The registrar: registers every endpoint the plugin-server announces with the kubelet,
 and again whenever the kubelet restarts (a new kubelet.sock) or an endpoint is re-created.
 
-Duplicate registrations are harmful, not merely wasteful: the kubelet replaces its client
-for the resource, and when the replaced client's stream ends it disconnects whichever
-client is current, marking every device of the resource unhealthy. So an endpoint is
-registered once per (kubelet.sock identity, endpoint socket identity), and a registrar
-restarting alone adopts endpoints that a kubelet already streams from (the plugin-server
-reports when each open ListAndWatch stream began) instead of registering them again. Only the
-kubelet's own stream says that the kubelet holds an endpoint: any client may open one.
+The rules (once per identity pair, adoption, backoff, which stream is the kubelet's) are in
+`rules.py`, plain code; this module does the I/O: it watches the bus and the device-plugin
+directory, sends Register over gRPC, and publishes the registrar's state.
 """
 
 from __future__ import annotations
@@ -21,27 +17,20 @@ from pathlib import Path
 
 import grpc
 
-from common.bus.messages import (
-    EndpointState,
-    KubeletPresence,
-    PluginState,
-    RegistrarEvent,
-    RegistrarState,
-    Registration,
-)
+from common.bus.messages import EndpointState, KubeletPresence, PluginState, RegistrarEvent, RegistrarState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id, stat_id
 from common.lifecycle import run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
+from services.registrar.rules import IDLE_S, RegistrationRules
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1beta1"
 # The kubelet dials the endpoint inside Register with a 10 s timeout; allow for it.
 REGISTER_TIMEOUT_S = 12.0
-BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 # While a Register is in flight, kubelet.sock's identity is re-read at least this often, in
 # case inotify misses a change (it does not while the directory exists; this is a backstop).
 KUBELET_RECHECK_S = 1.0
@@ -50,29 +39,15 @@ KUBELET_RECHECK_S = 1.0
 class Registrar:
     def __init__(self, kubelet_socket: Path, publisher: BusPublisher, plugin_bus: Path,
                  stream_lost_grace: float = Settings.stream_lost_grace) -> None:
-        # A stream that stays closed this long (no socket changed) means the kubelet let go of us.
-        self._stream_lost_grace = stream_lost_grace
         self._kubelet_socket = kubelet_socket
         self._dir = kubelet_socket.parent
         self._pub = publisher
         self._plugin_bus = plugin_bus
-        self._endpoints: dict[str, EndpointState] = {}
-        self.registered: dict[str, Registration] = {}
-        self._failures: dict[str, int] = {}
-        self._retry_at: dict[str, float] = {}
-        self._errors: dict[str, str] = {}
+        self.rules = RegistrationRules(stream_lost_grace)
         self._kubelet_state: KubeletPresence = "absent"
         self._wake = asyncio.Event()
         self._published: tuple[object, ...] = ()
-        self._stream_lost_at: dict[str, float] = {}
         self._kubelet_changed = asyncio.Event()  # kubelet.sock may have been removed or replaced
-        # Which ListAndWatch stream is the kubelet's (any other client may stream too). Times are
-        # CLOCK_MONOTONIC, which the plugin-server's stream_opened share.
-        self._started = time.monotonic()
-        self._register_began: dict[str, float] = {}  # our last successful Register was sent then
-        self._kubelet_stream: dict[str, float] = {}  # the first stream that began after it
-        self._adopted_streams: dict[str, frozenset[float]] = {}  # held at adoption: the kubelet's among them
-        self._decided: set[str] = set()  # adopted or registered once: never adopted (again) later
 
     # -- inputs -----------------------------------------------------------------------
     async def _consume_plugin(self) -> None:
@@ -81,8 +56,7 @@ class Registrar:
             while True:
                 msg = await sub.recv_latest()
                 if isinstance(msg, PluginState):
-                    self._endpoints = {e.resource: e for e in msg.endpoints}
-                    self._track_streams()
+                    self.rules.endpoints_announced(msg.endpoints)
                     self._wake.set()
         finally:
             sub.close()
@@ -96,81 +70,12 @@ class Registrar:
                 if self._kubelet_socket.name in names or "" in names:
                     self._kubelet_changed.set()
                 if self._kubelet_socket.name in names or "" in names or any(
-                    e.endpoint in names for e in self._endpoints.values()
+                    e.endpoint in names for e in self.rules.endpoints.values()
                 ):
-                    self._failures.clear()
-                    self._retry_at.clear()
+                    self.rules.sockets_changed()
                     self._wake.set()
         finally:
             watcher.close()
-
-    def _track_streams(self) -> None:
-        """Notices a kubelet that does not stream from an endpoint registered with it.
-
-        The kubelet opens ListAndWatch within milliseconds of a registration; an endpoint that
-        stays without a stream for the stream-lost grace was let go (or never taken up).
-        """
-        now = time.monotonic()
-        for resource, ep in self._endpoints.items():
-            reg = self.registered.get(resource)
-            if reg is None or reg.socket_id != ep.socket_id:
-                continue
-            if self._kubelet_streaming(resource, ep):
-                self._stream_lost_at.pop(resource, None)
-            else:
-                self._stream_lost_at.setdefault(resource, now)
-
-    def _kubelet_streaming(self, resource: str, ep: EndpointState) -> bool:
-        """Whether the kubelet's own stream is open: another client's stream must not hide a drop."""
-        if not ep.stream_opened:
-            return ep.streams > 0  # none open, or a plugin-server that does not say when they began
-        open_now = set(ep.stream_opened)
-        adopted = self._adopted_streams.get(resource)
-        if adopted is not None:
-            # We cannot know which of them is the kubelet's: once any has ended, register again
-            # (a needless registration costs less than a resource the kubelet dropped for good).
-            return adopted <= open_now
-        began = self._register_began.get(resource)
-        if began is None:
-            return False
-        kubelet = self._kubelet_stream.get(resource)
-        if kubelet is None:
-            # The kubelet dials the endpoint inside Register and streams right after: the first
-            # stream to begin after our Register was sent is its own.
-            after = [t for t in ep.stream_opened if t >= began]
-            if not after:
-                return False
-            kubelet = self._kubelet_stream[resource] = min(after)
-        return kubelet in open_now
-
-    def _forget_streams(self, resource: str) -> None:
-        self._register_began.pop(resource, None)
-        self._kubelet_stream.pop(resource, None)
-        self._adopted_streams.pop(resource, None)
-
-    def _streams_before_us(self, ep: EndpointState) -> frozenset[float] | None:
-        """The streams a kubelet may hold from an earlier registrar's registration; None: none.
-
-        Only a stream that began before this registrar did can be the kubelet's without our
-        Register; one that began since is another client's.
-        """
-        if not ep.stream_opened:
-            return frozenset() if ep.streams > 0 else None  # a plugin-server that does not say when
-        held = frozenset(t for t in ep.stream_opened if t < self._started)
-        return held or None
-
-    def _stream_lost(self, resource: str, now: float) -> bool:
-        lost = self._stream_lost_at.get(resource)
-        if lost is None or now - lost < self._stream_lost_grace:
-            return False
-        # The kubelet dropped its ListAndWatch stream (its devices are now Unhealthy there) but
-        # neither socket changed: only a new registration brings the resource back.
-        log.warning("%s: the kubelet stopped streaming from %s; registering again", resource,
-                    self._endpoints[resource].endpoint)
-        self._stream_lost_at.pop(resource, None)
-        self.registered.pop(resource, None)
-        self._forget_streams(resource)
-        return True
 
     # -- reconcile --------------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
@@ -194,46 +99,28 @@ class Registrar:
         if not kubelet_id:
             self._set_kubelet("absent")
             await self._publish_state(kubelet_id)
-            return 5.0
+            return IDLE_S
         if self._kubelet_state == "absent":
             self._set_kubelet("present")
-        next_s = 5.0
-        now = time.monotonic()
-        for resource, ep in self._endpoints.items():
-            reg = self.registered.get(resource)
-            if reg and (reg.kubelet_id, reg.socket_id) == (kubelet_id, ep.socket_id):
-                if not self._stream_lost(resource, now):
-                    if resource in self._stream_lost_at:
-                        next_s = min(next_s, self._stream_lost_grace)
-                    continue
-                reg = None  # the kubelet let go of it: register again below
-            if not ep.socket_id or file_id(self._dir / ep.endpoint) != ep.socket_id:
-                continue  # being re-created: the plugin-server will announce the new socket
-            if reg is None and resource not in self._decided and (held := self._streams_before_us(ep)) is not None:
-                log.info("%s: kubelet already streams from %s; adopting, not re-registering", resource, ep.endpoint)
-                self.registered[resource] = Registration(resource, ep.endpoint, ep.socket_id, kubelet_id,
-                                                         time.time(), adopted=True)
-                self._forget_streams(resource)
-                self._adopted_streams[resource] = held
-                self._decided.add(resource)
-                continue
-            if self._retry_at.get(resource, 0.0) > now:
-                next_s = min(next_s, self._retry_at[resource] - now)
-                continue
-            if not await self._register(resource, ep, kubelet_id):
+        plan = self.rules.plan(kubelet_id, lambda name: file_id(self._dir / name))
+        next_s = plan.next_s
+        for ep in plan.register:
+            if not await self._register(ep, kubelet_id):
                 return 0.0  # kubelet.sock was replaced meanwhile: start over with the new kubelet
-            if resource in self._retry_at:
-                next_s = min(next_s, self._retry_at[resource] - time.monotonic())
+            retry = self.rules.retry_in(ep.resource)
+            if retry is not None:
+                next_s = min(next_s, retry)
         await self._publish_state(kubelet_id)
-        return max(next_s, 0.0)
+        return next_s
 
-    async def _register(self, resource: str, ep: EndpointState, kubelet_id: str) -> bool:
+    async def _register(self, ep: EndpointState, kubelet_id: str) -> bool:
         """One Register, to the kubelet.sock whose identity is `kubelet_id` and to no other.
 
         False when that kubelet.sock was removed or replaced before the answer came: the
         Register is then abandoned at once, not left to wait out its timeout (a kubelet that
         has gone may never answer), and it is no failure of the new kubelet's.
         """
+        resource = ep.resource
         request = pb.RegisterRequest(
             version=API_VERSION,
             endpoint=ep.endpoint,
@@ -288,14 +175,7 @@ class Registrar:
             await self._failed(resource, f"{error.code().name}: {details}")
             return True
         self._set_kubelet("present")
-        self._failures.pop(resource, None)
-        self._retry_at.pop(resource, None)
-        self._errors.pop(resource, None)
-        self.registered[resource] = Registration(resource, ep.endpoint, ep.socket_id, kubelet_id, time.time(),
-                                                 adopted=False)
-        self._forget_streams(resource)
-        self._register_began[resource] = began
-        self._decided.add(resource)
+        self.rules.registered_ok(ep, kubelet_id, began)
         log.info("registered %s (endpoint %s) with the kubelet", resource, ep.endpoint)
         await self._pub.publish(RegistrarEvent(time.time(), "registered", resource, ep.endpoint))
         return True
@@ -307,24 +187,15 @@ class Registrar:
             self._kubelet_changed.clear()
 
     async def _failed(self, resource: str, error: str) -> None:
-        failures = self._failures.get(resource, 0)
-        delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
-        self._failures[resource] = failures + 1
-        self._retry_at[resource] = time.monotonic() + delay
         self._set_kubelet("refusing")
-        if self._errors.get(resource) != error:  # log once per state change, not per retry
-            self._errors[resource] = error
+        if self.rules.failed(resource, error):  # said once per state change, not per retry
             log.warning("registering %s failed (%s); retrying with backoff", resource, error)
             await self._pub.publish(RegistrarEvent(time.time(), "failed", resource, error))
 
     async def _publish_state(self, kubelet_id: str) -> None:
         """Publishes the state when it changed; the publisher's heartbeat repeats it meanwhile."""
-        pending = sorted(
-            r for r, ep in self._endpoints.items()
-            if (reg := self.registered.get(r)) is None or (reg.kubelet_id, reg.socket_id) != (kubelet_id, ep.socket_id)
-        )
-        content = (self._kubelet_state, kubelet_id, list(self.registered.values()), pending,
-                   "; ".join(f"{r}: {e}" for r, e in sorted(self._errors.items())))
+        content = (self._kubelet_state, kubelet_id, list(self.rules.registered.values()),
+                   self.rules.pending(kubelet_id), "; ".join(f"{r}: {e}" for r, e in sorted(self.rules.errors.items())))
         if content == self._published:
             return
         self._published = content
