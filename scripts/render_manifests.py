@@ -47,17 +47,18 @@ def static_text(file_name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="compare instead of writing")
+    p.add_argument("--deploy-dir", type=Path, default=REPO / "deploy", help="where the manifests are")
     args = p.parse_args(argv)
     stale = []
     for file_name in STATIC:
-        path = REPO / "deploy" / file_name
+        path = args.deploy_dir / file_name
         text = static_text(file_name)
         if args.check:
             if not path.exists() or path.read_text() != text:
                 stale.append(file_name)
         else:
             path.write_text(text)
-            print(f"wrote {path.relative_to(REPO)}")
+            print(f"wrote {path}")
     if stale:
         print(f"stale (re-render with scripts/render_manifests.py): {', '.join(stale)}", file=sys.stderr)
         return 1
