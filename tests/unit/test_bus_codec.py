@@ -236,6 +236,15 @@ def test_optional_fields_take_their_defaults_when_absent() -> None:
     assert decode(b"health.event", _pack(body)) == HealthEvent(time=1.0, device="GPU-x", event="nvml")
 
 
+def test_a_health_state_from_a_monitor_without_the_version_field_decodes() -> None:
+    new = HealthState(incarnation="i", seq=1, sent_at=0.0, nvml_ok=True, error="", driver_version="580",
+                      plugin_version="0.1.0")
+    body = _body(new)
+    assert body["plugin_version"] == "0.1.0"
+    del body["plugin_version"]  # what a monitor from before this field sends
+    assert decode(b"health.state", _pack(body)) == dataclasses.replace(new, plugin_version="")
+
+
 def _mutated(msg: Message, path: tuple[Any, ...], value: Any = None, delete: bool = False) -> bytes:
     body = _body(msg)
     node: Any = body
