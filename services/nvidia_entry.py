@@ -15,9 +15,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from common.settings import SPECS, SettingsError, add_arguments, resolve
-from common.version import VERSION
 
 ENTRYPOINT = "/usr/local/bin/gpu-plugin-entrypoint"
 SUPERVISORD_CONF = "/etc/gpu-plugin/supervisord.conf"
@@ -26,11 +26,25 @@ ENTRYPOINT_ENV = "GPU_PLUGIN_ENTRYPOINT"
 SUPERVISORD_CONF_ENV = "GPU_PLUGIN_SUPERVISORD_CONF"
 
 
+class _Version(argparse.Action):
+    """--version, with importlib.metadata (a fifth of this command's start) loaded only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from common.version import VERSION
+
+        print(f"gpu-device-plugin {VERSION}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nvidia-device-plugin",
                                 description="NVIDIA's command line for this plugin: validates the settings, "
                                             "then runs the stack (health-monitor, plugin-server, registrar)")
-    p.add_argument("--version", action="version", version=f"gpu-device-plugin {VERSION}")
+    p.add_argument("--version", action=_Version)
     add_arguments(p)
     return p
 
