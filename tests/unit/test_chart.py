@@ -226,6 +226,16 @@ def test_mig_mixed() -> None:
     assert "NVIDIA_MIG_MONITOR_DEVICES" not in env_of(pod(daemonset("defaults"))["containers"][0])
 
 
+@pytest.mark.parametrize(("set_name", "monitor"), [
+    ("time-slicing-config-map", True),  # config1 asks for mixed
+    ("external-config-map", True),  # unknown at render: as NVIDIA's chart, yes
+    ("single-config-fallback", False),
+])
+def test_mig_monitoring_when_a_config_may_offer_mig(set_name: str, monitor: bool) -> None:
+    env = env_of(pod(daemonset(set_name))["containers"][0])
+    assert ("NVIDIA_MIG_MONITOR_DEVICES" in env) == monitor
+
+
 @pytest.mark.parametrize(("set_name", "expected"), [
     ("cdi-cri", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}),
     ("cdi-annotations-and-envvar", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}),

@@ -65,6 +65,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $cdi -}}
 {{- end -}}
 
+{{/* Whether any config may offer MIG devices (as NVIDIA's chart decides): the value, a config.map
+     entry's flags.migStrategy, or an external ConfigMap (unknown here, so yes). */}}
+{{- define "gpu-device-plugin.migPossible" -}}
+{{- $mig := and .Values.migStrategy (ne .Values.migStrategy "none") -}}
+{{- if .Values.config.name -}}{{- $mig = true -}}{{- end -}}
+{{- range $name, $text := .Values.config.map -}}
+{{- $flags := default dict (fromYaml $text).flags -}}
+{{- if and $flags.migStrategy (ne (toString $flags.migStrategy) "none") -}}{{- $mig = true -}}{{- end -}}
+{{- end -}}
+{{- $mig -}}
+{{- end -}}
+
 {{/* The host's driver root is mounted (read-only, at /driver-root) when NVML or the CDI spec need it
      there: a driver root other than "/" (a containerized driver), or any CDI strategy. */}}
 {{- define "gpu-device-plugin.mountDriverRoot" -}}
