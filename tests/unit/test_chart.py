@@ -380,3 +380,42 @@ def test_the_drift_check_catches_an_edited_manifest(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "daemonset.yaml" in result.stderr
     assert "daemonset-cdi-operator.yaml" not in result.stderr
+
+
+PASS_THROUGH = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "updateStrategy": {"type": "OnDelete"},
+    "podAnnotations": {"example.com/owner": "gpu-team"},
+    "podSecurityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+    "securityContext": {"privileged": True},  # the GPU Operator's choice: used verbatim, as NVIDIA's chart
+    "resources": {"requests": {"cpu": "50m", "memory": "200Mi"}},
+    "nodeSelector": {"nvidia.com/gpu.deploy.device-plugin": "true"},
+    "affinity": None,  # as with helm --set affinity=null: Helm merges maps, {} would keep the default
+    "tolerations": [{"operator": "Exists"}],
+    "priorityClassName": "",
+    "runtimeClassName": "nvidia",
+    "selectorLabelsOverride": {"app": "nvidia-device-plugin-daemonset"},
+    "componentSelectorLabels": {"enabled": True},
+}
+
+
+def test_nvidias_pod_values_are_used_as_nvidias_chart_uses_them() -> None:
+    (ds,) = render(PASS_THROUGH)
+    assert validation_errors([ds], K8S_VERSIONS[-1]) == []
+    spec = pod(ds)
+    main = spec["containers"][0]
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    assert ds["spec"]["template"]["metadata"]["annotations"] == {"example.com/owner": "gpu-team"}
+    assert spec["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert main["securityContext"] == {"privileged": True}
+    # Helm merges maps: the default limit stays unless set (or nulled: resources.limits=null).
+    assert main["resources"] == {"requests": {"cpu": "50m", "memory": "200Mi"}, "limits": {"memory": "256Mi"}}
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.deploy.device-plugin": "true"}
+    assert "affinity" not in spec and "priorityClassName" not in spec
+    assert spec["tolerations"] == [{"operator": "Exists"}] and spec["runtimeClassName"] == "nvidia"
+    selector = {"app": "nvidia-device-plugin-daemonset", "app.kubernetes.io/component": "device-plugin"}
+    assert ds["spec"]["selector"]["matchLabels"] == selector
+    assert ds["spec"]["template"]["metadata"]["labels"] == selector
+    # Our posture check tells the operator's privileged choice apart from the default.
+    assert any("privileged" in p for p in posture_problems(ds))
