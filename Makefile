@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench protos clean
+.PHONY: demo test lint bench protos manifests clean
 
 # The product and, beside it, the development tools (kubelet simulator, simulated driver,
 # dev stack): a distribution of their own that never goes into the image.
@@ -32,6 +32,10 @@ bench: $(STAMP)
 
 protos: $(STAMP)
 	PATH=$(BIN):$$PATH scripts/gen-protos.sh
+
+# deploy/*.yaml from the Helm chart (a test fails when they differ).
+manifests: $(STAMP)
+	$(BIN)/python scripts/render_manifests.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
