@@ -14,20 +14,31 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
+# Exact versions (scripts/lock_image_deps.py: those the tests ran against), installed before the
+# product and without its resolver: two builds of the same commit get the same packages.
+COPY requirements-image.txt ./
+RUN pip install --no-cache-dir -r requirements-image.txt
 # pyproject.toml declares readme = "README.md", so the build needs it next to the sources.
 COPY pyproject.toml README.md ./
 COPY common/ ./common/
 COPY services/ ./services/
 COPY protos/ ./protos/
 COPY supervisord.conf ./
-RUN pip install --no-cache-dir .
+# The build backend is only for this step: it does not go into the image.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && pip uninstall --yes setuptools
 
 
 FROM python:3.11-slim
 
+# The commit, from the build: docker build --build-arg REVISION=$(git rev-parse HEAD) .
+ARG REVISION=unknown
+# version: pyproject.toml's (a test keeps them equal); gpu-plugin --version and the bus report it too.
 LABEL org.opencontainers.image.title="gpu-device-plugin" \
       org.opencontainers.image.description="Kubernetes device plugin for NVIDIA GPUs (Python, supervisord)" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.revision="${REVISION}"
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -39,6 +50,8 @@ COPY supervisord.conf /etc/gpu-plugin/supervisord.conf
 # PID 1: creates and checks the run dir, runs supervisord, forwards TERM/INT, and exits non-zero
 # with the cause as the last log line when a service fails for good (see the script).
 COPY scripts/entrypoint.sh /usr/local/bin/gpu-plugin-entrypoint
+# NVIDIA's command names (nvidia-device-plugin, config-manager) are console scripts of the venv, on
+# PATH: NVIDIA's chart and the GPU Operator start the containers with them.
 
 # The bus sockets live here (mode 0700: only the container's own processes may use them).
 RUN install -d -m 0700 /run/gpu-device-plugin

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench protos settings-table clean
+.PHONY: demo test lint bench protos settings-table manifests clean
 
 # The product and, beside it, the development tools (kubelet simulator, simulated driver,
 # dev stack): a distribution of their own that never goes into the image.
@@ -35,6 +35,10 @@ protos: $(STAMP)
 
 settings-table: $(STAMP)
 	$(BIN)/python scripts/settings_table.py
+
+# deploy/*.yaml from the Helm chart (a test fails when they differ).
+manifests: $(STAMP)
+	$(BIN)/python scripts/render_manifests.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

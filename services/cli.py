@@ -22,12 +22,14 @@ from collections.abc import Sequence
 
 from common.bus.messages import HealthState
 from common.settings import Settings, SettingsError, add_arguments, resolve
+from common.version import VERSION
 
 SERVICES = ("health-monitor", "plugin-server", "registrar")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpu-plugin", description="Kubernetes device plugin for NVIDIA GPUs")
+    p.add_argument("--version", action="version", version=f"gpu-device-plugin {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
     for name in SERVICES:
         add_arguments(sub.add_parser(name, help=f"run the {name} service"))
@@ -186,7 +188,8 @@ async def _status(settings: Settings, timeout: float) -> int:
                      "(is the health-monitor running?)")
     age = time.time() - msg.sent_at
     print(f"driver {msg.driver_version or '?'}  nvml {'ok' if msg.nvml_ok else 'FAILED: ' + msg.error}  "
-          f"state seq {msg.seq} ({'STALE, ' if age > 3 else ''}{age:.1f} s old)")
+          f"state seq {msg.seq} ({'STALE, ' if age > 3 else ''}{age:.1f} s old)  "
+          f"plugin {msg.plugin_version or '?'}")
     for reason in msg.degraded:
         print(f"degraded: {reason}")
     rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA", "XID", "SBE", "DBE")]

@@ -135,6 +135,7 @@ class HealthState(StateMessage):
     # the monitor runs on without them rather than ending the pod.
     degraded: list[str] = field(default_factory=list)
     nvml_library: str = ""  # the libnvidia-ml file loaded ("simulated:<file>"); "" from older monitors
+    plugin_version: str = ""  # the monitor's gpu-device-plugin version; "" from older monitors
 
 
 @dataclass(frozen=True)

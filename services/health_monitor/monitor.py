@@ -47,6 +47,7 @@ from common.nvml.backend import (
     NvmlError,
 )
 from common.settings import HealthConfig, Settings
+from common.version import VERSION
 from services.health_monitor.discovery import Inventory, discover
 from services.health_monitor.metrics import HealthMetrics
 from services.health_monitor.model import Clock, HealthModel, Probe, RecoveryPolicy, SystemClock
@@ -157,6 +158,7 @@ class HealthMonitor:
                 links=self._inventory.links,
                 degraded=self._degraded,
                 nvml_library=self._nvml.library(),
+                plugin_version=VERSION,
             )
         )
 

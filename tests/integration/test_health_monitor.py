@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.bus.messages import HEALTHY, UNHEALTHY, HealthEvent, HealthState, Message
+from common.version import VERSION
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch, wait_for_message
 
@@ -45,6 +46,7 @@ def test_discovers_the_fleet_and_publishes_it(procs: Procs, short_tmp: Path) -> 
     assert {d.numa_node for d in gpus[:4]} == {0} and {d.numa_node for d in gpus[4:]} == {1}
     assert all(d.health == HEALTHY and d.minor == int(d.index) for d in gpus)
     assert s.driver_version
+    assert s.plugin_version == VERSION == "0.1.0"
     assert (run.stat().st_mode & 0o777) == 0o700
 
 

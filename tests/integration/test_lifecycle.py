@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.version import VERSION
 from tests.conftest import REPO, Procs, wait_until
 
 EX_CONFIG = 78
@@ -35,6 +36,7 @@ def test_status_into_a_closed_pipe_ends_quietly(procs: Procs, short_tmp: Path) -
     shell = subprocess.run(f"{sys.executable} -m services.cli status | head -1", shell=True, cwd=REPO,
                            env={**procs.env, **sim_env(run)}, capture_output=True, text=True, timeout=60)
     assert shell.stdout.startswith("driver ") and shell.stderr == "", shell.stderr
+    assert shell.stdout.rstrip("\n").endswith(f"plugin {VERSION}"), shell.stdout
 
 
 def run_service_until_exit(procs: Procs, name: str, service: str, env: dict[str, str]) -> int:

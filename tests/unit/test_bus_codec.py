@@ -247,6 +247,15 @@ def test_endpoint_state_from_a_publisher_without_stream_opened_still_decodes() -
     assert msg.endpoints[0] == dataclasses.replace(ENDPOINT, stream_opened=[])
 
 
+def test_a_health_state_from_a_monitor_without_the_version_field_decodes() -> None:
+    new = HealthState(incarnation="i", seq=1, sent_at=0.0, nvml_ok=True, error="", driver_version="580",
+                      plugin_version="0.1.0")
+    body = _body(new)
+    assert body["plugin_version"] == "0.1.0"
+    del body["plugin_version"]  # what a monitor from before this field sends
+    assert decode(b"health.state", _pack(body)) == dataclasses.replace(new, plugin_version="")
+
+
 def _mutated(msg: Message, path: tuple[Any, ...], value: Any = None, delete: bool = False) -> bytes:
     body = _body(msg)
     node: Any = body

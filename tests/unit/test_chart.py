@@ -1,0 +1,421 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk: Helm v4 as a library, offline).
+
+Every value set is rendered once per module (functools.cache) and checked with the same functions
+that check the static manifests (tests/unit/test_deploy_lint.py): Kubernetes schema validation,
+security posture with exactly the hostPaths each configuration needs, the image's entry point. On
+top: the environment the chart sets is read by the code it reaches, the settings it produces pass
+the services' own validation, requests cover the measured use, NVIDIA features we do not serve fail
+the render, and deploy/*.yaml equal their renders.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+from helm_python import Chart, HelmRenderError, HelmValuesError
+
+from common.settings import SPECS, SettingsError, resolve
+from services import config_manager
+from services.health_monitor.xid_policy import ENV_DISABLE, ENV_ENABLE
+from tests.unit.test_deploy_lint import (
+    DOCKERFILE,
+    K8S_VERSIONS,
+    command_problems,
+    needed_host_paths,
+    posture_problems,
+    validation_errors,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "chart" / "gpu-device-plugin"
+RENDER = REPO / "scripts" / "render_manifests.py"
+NAMESPACE = "kube-system"
+
+# The stack's measured memory: RSS summed over the entry point's process tree (sh, supervisord, the
+# three services, the sh event listener), simulated 8 GPUs, 20 s after registration: 157 MiB (PSS
+# 87 MiB, private dirty 77 MiB). RSS counts shared pages once per process, so this is an upper bound of
+# what the container's cgroup is charged; the request must cover it.
+MEASURED_RSS_BYTES = 157 * 2**20
+# Read by the NVIDIA container runtime, not by our code: which GPUs and driver parts the container gets.
+RUNTIME_ENV = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "NVIDIA_MIG_MONITOR_DEVICES"}
+# Every variable the services read: the settings table, NVIDIA's health-check switches.
+SERVICE_ENV = {n for s in SPECS for n in (s.env, *s.env_aliases) if n} | {ENV_DISABLE, ENV_ENABLE}
+
+TIME_SLICING = """version: v1
+flags:
+  migStrategy: none
+sharing:
+  timeSlicing:
+    resources:
+    - name: nvidia.com/gpu
+      replicas: 10
+"""
+MIG_MIXED_CONFIG = "version: v1\nflags:\n  migStrategy: mixed\n"
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    # NVIDIA's README: helm install ... --set migStrategy=mixed
+    "mig-mixed": {"migStrategy": "mixed"},
+    "cdi-cri": {"deviceListStrategy": "cdi-cri"},
+    "cdi-annotations-and-envvar": {"deviceListStrategy": "envvar,cdi-annotations",
+                                   "cdi": {"nvidiaHookPath": "/usr/local/nvidia/toolkit/nvidia-cdi-hook"}},
+    # NVIDIA's README: --set config.default=config0 --set-file config.map.config0=... (time-slicing)
+    "time-slicing-config-map": {"config": {"default": "config0",
+                                           "map": {"config0": TIME_SLICING, "config1": MIG_MIXED_CONFIG}}},
+    "single-config-fallback": {"config": {"map": {"ts": TIME_SLICING}}},
+    "external-config-map": {"config": {"name": "my-plugin-configs", "default": "ts"}},
+    "containerized-driver": {"nvidiaDriverRoot": "/run/nvidia/driver"},
+    "operator-cdi": {"nvidiaDriverRoot": "/run/nvidia/driver", "deviceListStrategy": "cdi-cri",
+                     "compatWithCPUManager": True, "gdsEnabled": True, "mofedEnabled": True,
+                     "deviceDiscoveryStrategy": "nvml", "mps": {"root": "/run/nvidia/mps"}},
+    "metrics-on": {"metrics": {"port": 9400, "service": {"enabled": True}, "podMonitor": {"enabled": True}},
+                   "health": {"probeInterval": "5s", "recovery": {"policy": "never", "quietPeriod": "2m"}},
+                   "stateDir": "/var/lib/kubelet/device-plugins/gpu-device-plugin", "logLevel": "debug",
+                   "failOnInitError": False, "deviceIDStrategy": "index"},
+}
+
+
+def render(values: dict[str, Any], namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    with Chart.load(CHART) as chart:
+        rendered = chart.render(values, name="gdp", namespace=namespace)
+    return [doc for _p, text in sorted(rendered.items()) for doc in yaml.safe_load_all(text) if doc]
+
+
+@functools.cache
+def rendered(set_name: str) -> tuple[dict[str, Any], ...]:
+    """One render per value set for the whole module (each test gets a deep copy)."""
+    return tuple(render(VALUE_SETS[set_name]))
+
+
+def docs(set_name: str) -> list[dict[str, Any]]:
+    return copy.deepcopy(list(rendered(set_name)))
+
+
+def daemonset(set_name: str) -> dict[str, Any]:
+    (ds,) = [d for d in docs(set_name) if d["kind"] == "DaemonSet"]
+    return ds
+
+
+def pod(ds: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = ds["spec"]["template"]["spec"]
+    return spec
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "<from field>") for e in container.get("env", [])}
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return int(float(quantity[: -len(unit)]) * factor)
+    return int(quantity)
+
+
+SETS = list(VALUE_SETS)
+
+# --------------------------------------------------------------------------------------------------
+# every value set: valid objects, NVIDIA's posture, the image's entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_chart_lints_clean() -> None:
+    assert helm_python.lint(str(CHART))["errors"] == []
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("set_name", SETS)
+def test_every_rendered_object_validates(set_name: str, version: str) -> None:
+    objects = [d for d in docs(set_name) if d["kind"] != "PodMonitor"]  # a CRD: checked below
+    assert validation_errors(objects, version) == []
+
+
+@pytest.mark.parametrize("set_name", SETS)
+def test_posture_and_entry_point(set_name: str) -> None:
+    ds = daemonset(set_name)
+    assert posture_problems(ds) == []
+    assert command_problems(ds, DOCKERFILE.read_text()) == []
+
+
+@pytest.mark.parametrize("set_name", SETS)
+def test_every_variable_the_chart_sets_is_read(set_name: str) -> None:
+    ds = daemonset(set_name)
+    (main,) = pod(ds)["containers"]
+    unread = set(env_of(main)) - SERVICE_ENV - RUNTIME_ENV
+    assert unread == set(), "the chart sets variables no service reads"
+    for init in pod(ds).get("initContainers", []):
+        assert init["command"] == ["config-manager"]
+        assert set(env_of(init)) - set(config_manager.ENV) == set()
+
+
+def test_the_read_check_catches_a_variable_nobody_reads() -> None:
+    ds = daemonset("defaults")
+    pod(ds)["containers"][0]["env"].append({"name": "MIG_STRATEGIE", "value": "mixed"})
+    assert set(env_of(pod(ds)["containers"][0])) - SERVICE_ENV - RUNTIME_ENV == {"MIG_STRATEGIE"}
+
+
+@pytest.mark.parametrize("set_name", SETS)
+def test_the_settings_pass_the_services_validation(set_name: str, tmp_path: Path) -> None:
+    """What the container's services will resolve at start, from the chart's env and config."""
+    ds = daemonset(set_name)
+    env = env_of(pod(ds)["containers"][0])
+    values = VALUE_SETS[set_name]
+    if "CONFIG_FILE" in env:
+        chosen = values["config"].get("default") or next(iter(values["config"].get("map", {})), None)
+        text = values["config"].get("map", {}).get(chosen, TIME_SLICING)
+        (tmp_path / "config.yaml").write_text(text)
+        env["CONFIG_FILE"] = str(tmp_path / "config.yaml")
+    settings = resolve(environ=env)
+    assert settings.mig_strategy == (values.get("migStrategy") or "none")
+
+
+def test_the_settings_check_catches_a_bad_value() -> None:
+    with pytest.raises(SettingsError, match="mig_strategy"):
+        resolve(environ={"MIG_STRATEGY": "mixd"})
+
+
+@pytest.mark.parametrize("set_name", SETS)
+def test_requests_cover_the_measured_use(set_name: str) -> None:
+    (main,) = pod(daemonset(set_name))["containers"]
+    requests = main["resources"]["requests"]
+    assert memory_bytes(requests["memory"]) >= MEASURED_RSS_BYTES
+    assert memory_bytes(main["resources"]["limits"]["memory"]) > memory_bytes(requests["memory"])
+
+
+# --------------------------------------------------------------------------------------------------
+# what each value set must produce
+# --------------------------------------------------------------------------------------------------
+
+
+def mounts(ds: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """host path -> (mount path, read-only) of the main container."""
+    volumes = {v["name"]: v for v in pod(ds)["volumes"]}
+    out = {}
+    for m in pod(ds)["containers"][0]["volumeMounts"]:
+        host = volumes[m["name"]].get("hostPath", {}).get("path")
+        if host:
+            out[host] = (m["mountPath"], bool(m.get("readOnly")))
+    return out
+
+
+def test_defaults_select_gpu_nodes_as_nvidias_chart_does() -> None:
+    ds = daemonset("defaults")
+    terms = pod(ds)["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    keys = {(e["key"], tuple(e["values"])) for t in terms for e in t["matchExpressions"]}
+    assert keys == {("feature.node.kubernetes.io/pci-10de.present", ("true",)),
+                    ("feature.node.kubernetes.io/cpu-model.vendor_id", ("NVIDIA",)),
+                    ("nvidia.com/gpu.present", ("true",))}
+    assert "nodeSelector" not in pod(ds)
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(ds)["tolerations"]
+    assert pod(ds)["priorityClassName"] == "system-node-critical"
+    assert mounts(ds) == {"/var/lib/kubelet/device-plugins": ("/var/lib/kubelet/device-plugins", False)}
+
+
+def test_mig_mixed() -> None:
+    env = env_of(pod(daemonset("mig-mixed"))["containers"][0])
+    assert env["MIG_STRATEGY"] == "mixed" and env["NVIDIA_MIG_MONITOR_DEVICES"] == "all"
+    assert "NVIDIA_MIG_MONITOR_DEVICES" not in env_of(pod(daemonset("defaults"))["containers"][0])
+
+
+@pytest.mark.parametrize(("set_name", "monitor"), [
+    ("time-slicing-config-map", True),  # config1 asks for mixed
+    ("external-config-map", True),  # unknown at render: as NVIDIA's chart, yes
+    ("single-config-fallback", False),
+])
+def test_mig_monitoring_when_a_config_may_offer_mig(set_name: str, monitor: bool) -> None:
+    env = env_of(pod(daemonset(set_name))["containers"][0])
+    assert ("NVIDIA_MIG_MONITOR_DEVICES" in env) == monitor
+
+
+@pytest.mark.parametrize(("set_name", "expected"), [
+    ("cdi-cri", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}),
+    ("cdi-annotations-and-envvar", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}),
+    ("containerized-driver", {"/run/nvidia/driver": ("/driver-root", True)}),
+    ("operator-cdi", {"/var/run/cdi": ("/var/run/cdi", False), "/run/nvidia/driver": ("/driver-root", True)}),
+])
+def test_each_strategy_gets_its_mounts(set_name: str, expected: dict[str, tuple[str, bool]]) -> None:
+    ds = daemonset(set_name)
+    dp = "/var/lib/kubelet/device-plugins"
+    assert mounts(ds) == {dp: (dp, False), **expected}
+    assert set(needed_host_paths(pod(ds))) == set(mounts(ds))
+
+
+def test_cdi_hook_path_and_operator_values_reach_the_plugin() -> None:
+    env = env_of(pod(daemonset("cdi-annotations-and-envvar"))["containers"][0])
+    assert env["NVIDIA_CDI_HOOK_PATH"] == "/usr/local/nvidia/toolkit/nvidia-cdi-hook"
+    assert env["DEVICE_LIST_STRATEGY"] == "envvar,cdi-annotations"
+    env = env_of(pod(daemonset("operator-cdi"))["containers"][0])
+    assert {k: env[k] for k in ("PASS_DEVICE_SPECS", "GDS_ENABLED", "MOFED_ENABLED", "DEVICE_DISCOVERY_STRATEGY",
+                                "MPS_ROOT", "NVIDIA_DRIVER_ROOT", "DRIVER_ROOT_CTR_PATH")} == {
+        "PASS_DEVICE_SPECS": "true", "GDS_ENABLED": "true", "MOFED_ENABLED": "true",
+        "DEVICE_DISCOVERY_STRATEGY": "nvml", "MPS_ROOT": "/run/nvidia/mps",
+        "NVIDIA_DRIVER_ROOT": "/run/nvidia/driver", "DRIVER_ROOT_CTR_PATH": "/driver-root"}
+
+
+@pytest.mark.parametrize("set_name", ["time-slicing-config-map", "single-config-fallback", "external-config-map"])
+def test_a_config_reaches_the_plugin_through_the_config_manager(set_name: str) -> None:
+    objects = docs(set_name)
+    ds = next(d for d in objects if d["kind"] == "DaemonSet")
+    (init,) = pod(ds)["initContainers"]
+    init_env = env_of(init)
+    main_env = env_of(pod(ds)["containers"][0])
+    assert init_env["ONESHOT"] == "true" and main_env["CONFIG_FILE"] == init_env["CONFIG_FILE_DST"]
+    assert init_env["DEFAULT_CONFIG"] == VALUE_SETS[set_name]["config"].get("default", "")
+    volumes = {v["name"]: v for v in pod(ds)["volumes"]}
+    src = next(m for m in init["volumeMounts"] if m["mountPath"] == init_env["CONFIG_FILE_SRCDIR"])
+    dst_dir = str(Path(init_env["CONFIG_FILE_DST"]).parent)
+    assert any(m["mountPath"] == dst_dir and m["name"] in volumes for m in init["volumeMounts"])
+    assert any(m["mountPath"] == dst_dir and m.get("readOnly") for m in pod(ds)["containers"][0]["volumeMounts"])
+    config_maps = {d["metadata"]["name"]: d for d in objects if d["kind"] == "ConfigMap"}
+    cm_name = volumes[src["name"]]["configMap"]["name"]
+    if set_name == "external-config-map":
+        assert cm_name == "my-plugin-configs" and config_maps == {}
+    else:
+        assert config_maps[cm_name]["data"] == VALUE_SETS[set_name]["config"]["map"]
+        assert "checksum/config" in ds["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_the_chart_configs_are_valid_plugin_configs(tmp_path: Path) -> None:
+    for name, text in VALUE_SETS["time-slicing-config-map"]["config"]["map"].items():
+        (tmp_path / name).write_text(text)
+        resolve(environ={"CONFIG_FILE": str(tmp_path / name)})
+
+
+def test_metrics_service_and_pod_monitor() -> None:
+    objects = docs("metrics-on")
+    ds = next(d for d in objects if d["kind"] == "DaemonSet")
+    main = pod(ds)["containers"][0]
+    assert env_of(main)["METRICS_PORT"] == "9400"
+    assert main["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    (svc,) = [d for d in objects if d["kind"] == "Service"]
+    assert svc["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    (pm,) = [d for d in objects if d["kind"] == "PodMonitor"]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["spec"]["selector"]["matchLabels"] == ds["spec"]["selector"]["matchLabels"]
+    assert pm["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "interval": "30s"}]
+    assert [d["kind"] for d in docs("defaults")] == ["DaemonSet"], "no metrics objects unless asked"
+    assert "ports" not in pod(daemonset("defaults"))["containers"][0]
+
+
+def test_names_and_namespace_as_nvidias_chart() -> None:
+    (ds,) = render({"fullnameOverride": "nvdp", "namespaceOverride": "gpu"})
+    assert (ds["metadata"]["name"], ds["metadata"]["namespace"]) == ("nvdp", "gpu")
+    (ds,) = render({"image": {"repository": "r.example/p", "tag": "v9"}, "allowDefaultNamespace": True},
+                   namespace="default")
+    assert pod(ds)["containers"][0]["image"] == "r.example/p:v9"
+
+
+# --------------------------------------------------------------------------------------------------
+# refused: NVIDIA features we do not serve fail the render, naming the value; typos fail the schema
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"gdrcopyEnabled": True}, "gdrcopyEnabled: GDRCopy is not served"),
+    ({"cdi": {"featureFlags": "disable-multiple-csv-devices"}}, "cdi.featureFlags"),
+    ({"deviceDiscoveryStrategy": "tegra"}, "tegra is not served"),
+    ({"gfd": {"enabled": True}}, "gpu-feature-discovery is not part of this chart"),
+    ({"nfd": {"enabled": True}}, "node-feature-discovery"),
+    ({"devicePlugin": {"enabled": False}}, "deploys only the device plugin"),
+    ({"devicePlugin": {"enableHostNetwork": True}}, "enableHostNetwork"),
+    ({"mps": {"enableHostPID": True}}, "MPS control daemon"),
+    ({"config": {"map": {"a": "version: v1\n", "b": "version: v1\n"}}}, "set config.default"),
+    ({"config": {"map": {"a": "version: v1\n"}, "default": "b"}}, "config.default b is not in config.map"),
+    ({"config": {"map": {"a": "version: v2\n"}}}, "config.map.a: version: v2 is not supported"),
+    ({"config": {"map": {"a": "version: v1\nflags:\n  plugin:\n    deviceListStrategy: cdi-cri\n"}}},
+     "set the chart value deviceListStrategy"),
+    ({"config": {"name": "x", "map": {"a": "version: v1\n"}}}, "only one of config.name"),
+    ({"stateDir": "/var/lib/gpu"}, "stateDir /var/lib/gpu: must lie under"),
+    ({"metrics": {"service": {"enabled": True}}}, "need metrics.port"),
+])
+def test_unserved_values_fail_the_render_naming_them(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(HelmRenderError, match=message.replace(".", r"\.")):
+        render(values)
+
+
+def test_the_default_namespace_is_refused_unless_allowed() -> None:
+    with pytest.raises(HelmRenderError, match="allowDefaultNamespace"):
+        render({}, namespace="default")
+
+
+@pytest.mark.parametrize(("values", "where"), [
+    ({"migStrateg": "mixed"}, "migStrateg"),
+    ({"migStrategy": "dual"}, "/migStrategy"),
+    ({"deviceListStrategy": "envvar,cdi"}, "/deviceListStrategy"),
+    ({"failOnInitError": "yes"}, "/failOnInitError"),
+    ({"metrics": {"port": 70000}}, "/metrics/port"),
+    ({"health": {"probeInterval": "often"}}, "/health/probeInterval"),
+])
+def test_the_schema_rejects_bad_values(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(HelmValuesError, match=where):
+        render(values)
+
+
+# --------------------------------------------------------------------------------------------------
+# the static manifests are the chart's renders
+# --------------------------------------------------------------------------------------------------
+
+
+def test_static_manifests_equal_the_charts_renders() -> None:
+    result = subprocess.run([sys.executable, str(RENDER), "--check"], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_the_drift_check_catches_an_edited_manifest(tmp_path: Path) -> None:
+    for name in ("daemonset.yaml", "daemonset-cdi-operator.yaml"):
+        (tmp_path / name).write_text((REPO / "deploy" / name).read_text())
+    edited = tmp_path / "daemonset.yaml"
+    edited.write_text(edited.read_text().replace("memory: 160Mi", "memory: 64Mi"))
+    result = subprocess.run([sys.executable, str(RENDER), "--check", "--deploy-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "daemonset.yaml" in result.stderr
+    assert "daemonset-cdi-operator.yaml" not in result.stderr
+
+
+PASS_THROUGH = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "updateStrategy": {"type": "OnDelete"},
+    "podAnnotations": {"example.com/owner": "gpu-team"},
+    "podSecurityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+    "securityContext": {"privileged": True},  # the GPU Operator's choice: used verbatim, as NVIDIA's chart
+    "resources": {"requests": {"cpu": "50m", "memory": "200Mi"}},
+    "nodeSelector": {"nvidia.com/gpu.deploy.device-plugin": "true"},
+    "affinity": None,  # as with helm --set affinity=null: Helm merges maps, {} would keep the default
+    "tolerations": [{"operator": "Exists"}],
+    "priorityClassName": "",
+    "runtimeClassName": "nvidia",
+    "selectorLabelsOverride": {"app": "nvidia-device-plugin-daemonset"},
+    "componentSelectorLabels": {"enabled": True},
+}
+
+
+def test_nvidias_pod_values_are_used_as_nvidias_chart_uses_them() -> None:
+    (ds,) = render(PASS_THROUGH)
+    assert validation_errors([ds], K8S_VERSIONS[-1]) == []
+    spec = pod(ds)
+    main = spec["containers"][0]
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    assert ds["spec"]["template"]["metadata"]["annotations"] == {"example.com/owner": "gpu-team"}
+    assert spec["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert main["securityContext"] == {"privileged": True}
+    # Helm merges maps: the default limit stays unless set (or nulled: resources.limits=null).
+    assert main["resources"] == {"requests": {"cpu": "50m", "memory": "200Mi"}, "limits": {"memory": "256Mi"}}
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.deploy.device-plugin": "true"}
+    assert "affinity" not in spec and "priorityClassName" not in spec
+    assert spec["tolerations"] == [{"operator": "Exists"}] and spec["runtimeClassName"] == "nvidia"
+    selector = {"app": "nvidia-device-plugin-daemonset", "app.kubernetes.io/component": "device-plugin"}
+    assert ds["spec"]["selector"]["matchLabels"] == selector
+    assert ds["spec"]["template"]["metadata"]["labels"] == selector
+    # Our posture check tells the operator's privileged choice apart from the default.
+    assert any("privileged" in p for p in posture_problems(ds))
