@@ -18,6 +18,7 @@ built from the same DeviceState on every update. Unlike NVIDIA's plugin, which i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -68,6 +69,38 @@ def _whole(gpu: DeviceState, migs: Iterable[DeviceState]) -> PluginDevice:
 
 def _mig(mig: DeviceState, gpu: DeviceState) -> PluginDevice:
     return PluginDevice(mig.id, mig.health, mig.numa_node, mig, parent=gpu)
+
+
+@dataclass(frozen=True)
+class View:
+    """What the plugin-server serves from one health state (see `serve`)."""
+
+    state: HealthState  # the devices to serve: the state itself, or the last good one, Unhealthy
+    last_good: HealthState | None  # the last state with NVML working
+    resources: dict[str, list[PluginDevice]]
+    topology_changed: bool  # links or the device list differ: rebuild the preferred-allocation tables
+    error: str = ""  # why NVML is unavailable, when it is
+
+
+def serve(
+    old: HealthState | None, state: HealthState, last_good: HealthState | None, settings: Settings
+) -> View | None:
+    """The state -> resources step, plain: None for a heartbeat (same incarnation and seq).
+
+    NVML gone after devices were known: the GPUs are not usable now, but they are still there.
+    They stay listed, Unhealthy, rather than have the kubelet forget them."""
+    if old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
+        return None
+    served, error = state, ""
+    if state.nvml_ok:
+        last_good = state
+    elif last_good is not None:
+        error = state.error
+        served = dataclasses.replace(last_good, devices=[
+            dataclasses.replace(d, health=UNHEALTHY, reason=f"NVML unavailable: {state.error}")
+            for d in last_good.devices])
+    changed = old is None or old.links != served.links or [d.id for d in old.devices] != [d.id for d in served.devices]
+    return View(served, last_good, build_resources(served, settings), changed, error)
 
 
 def build_resources(state: HealthState, settings: Settings) -> dict[str, list[PluginDevice]]:

@@ -11,7 +11,6 @@ registrar.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from common.bus.messages import UNHEALTHY, EndpointState, HealthState, PluginEvent, PluginState
+from common.bus.messages import EndpointState, HealthState, PluginEvent, PluginState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.lifecycle import run_until_stopped
@@ -30,7 +29,7 @@ from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
 from services.plugin_server import cdi
 from services.plugin_server.allocation import Extras
-from services.plugin_server.device_table import ResourceTable, build_resources, socket_name
+from services.plugin_server.device_table import ResourceTable, serve, socket_name
 from services.plugin_server.preferred import Topology
 from services.plugin_server.servicer import DevicePluginServicer, plugin_options
 
@@ -43,10 +42,10 @@ START_ATTEMPTS = 5  # starts in a row per change; a removal after the last one i
 class Endpoint:
     """One gRPC server on `<device plugin dir>/nvidia-<name>.sock`."""
 
-    def __init__(self, server: PluginServer, table: ResourceTable) -> None:
-        self._owner = server
+    def __init__(self, path: Path, table: ResourceTable, servicer: Callable[[], DevicePluginServicer]) -> None:
         self.table = table
-        self.path = server.settings.device_plugin_dir / socket_name(table.resource)
+        self.path = path
+        self._new_servicer = servicer  # a fresh servicer (of this table) per gRPC server
         self.socket_id = ""
         self.servicer: DevicePluginServicer | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -76,10 +75,7 @@ class Endpoint:
         if self.path.exists() or self.path.is_symlink():
             log.info("removing stale socket %s", self.path)
             self.path.unlink()
-        self.servicer = DevicePluginServicer(
-            self.table, self._owner.settings, self._owner.streams_changed, self._owner.allocated(self.table.resource),
-            self._owner.extras,
-        )
+        self.servicer = self._new_servicer()
         server = grpc.aio.server()
         pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
         old_umask = os.umask(0o077)  # the socket is for the kubelet (root) only
@@ -213,25 +209,28 @@ class PluginServer:
                 self._stale = True
                 self._mark_changed()
 
+    def _endpoint(self, resource: str) -> Endpoint:
+        table = ResourceTable(resource)
+
+        def servicer() -> DevicePluginServicer:
+            return DevicePluginServicer(table, self.settings, self.streams_changed, self.allocated(resource),
+                                        self.extras)
+
+        return Endpoint(self.settings.device_plugin_dir / socket_name(resource), table, servicer)
+
     async def _apply(self, state: HealthState) -> None:
         old = self._health
         self._health = state
-        if old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
+        view = serve(old, state, self._last_good, self.settings)
+        if view is None:
             return  # a heartbeat
-        if state.nvml_ok:
-            self._last_good = state
-        elif self._last_good is not None:
-            # NVML went away after devices were known: the GPUs are not usable now, but they are
-            # still there. Keep them listed, Unhealthy, rather than have the kubelet forget them.
-            log.error("health-monitor reports NVML unavailable (%s): all devices Unhealthy", state.error)
-            state = dataclasses.replace(self._last_good, devices=[
-                dataclasses.replace(d, health=UNHEALTHY, reason=f"NVML unavailable: {state.error}")
-                for d in self._last_good.devices])
-        resources = build_resources(state, self.settings)
-        gpus = [d for d in state.devices if d.kind == "gpu"]
-        if old is None or old.links != state.links or [d.id for d in old.devices] != [d.id for d in state.devices]:
+        self._last_good = view.last_good
+        state, resources = view.state, view.resources
+        if view.error:
+            log.error("health-monitor reports NVML unavailable (%s): all devices Unhealthy", view.error)
+        if view.topology_changed:
             # Built when the topology changes, never per request (16 GPUs: ~50 ms).
-            self._topology = Topology(gpus, state.links)
+            self._topology = Topology([d for d in state.devices if d.kind == "gpu"], state.links)
         if self._cdi and state.nvml_ok:
             listed = [d for d in state.devices if d.kind in ("gpu", "mig")]
             key = cdi.spec_key(listed, state.driver_version)
@@ -244,7 +243,7 @@ class PluginServer:
         for name, devices in resources.items():
             ep = self.endpoints.get(name)
             if ep is None:
-                ep = self.endpoints[name] = Endpoint(self, ResourceTable(name))
+                ep = self.endpoints[name] = self._endpoint(name)
             ep.table.topology = self._topology
             changed = await ep.table.update(devices)
             if await ep.ensure_serving() or changed:
