@@ -25,19 +25,18 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
-import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.bus.messages import HEALTH_SOCKET
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from devtools.bus_flood import SubscriptionFlood
 from devtools.devstack import PROGRAMS, RESOURCE, DevStack
 from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient
 
@@ -116,28 +115,9 @@ def bench_faults(stack: DevStack, ids: list[str], n: int) -> list[float]:
 
 def bench_faults_flooded(stack: DevStack, ids: list[str], n: int) -> tuple[list[float], int]:
     """bench_faults while a client floods the health bus with subscriptions; also the frames sent."""
-    xsub = zmq.Context.instance().socket(zmq.XSUB)
-    xsub.setsockopt(zmq.LINGER, 0)
-    xsub.connect(f"ipc://{stack.run_dir / HEALTH_SOCKET}")
-    stop = threading.Event()
-    sent = 0
-
-    def flood() -> None:
-        nonlocal sent
-        while not stop.is_set():
-            for _ in range(1000):
-                xsub.send(b"\x01health.state")
-                xsub.send(b"\x00health.state")
-            sent += 2000
-
-    t = threading.Thread(target=flood, daemon=True)
-    t.start()
-    try:
-        return bench_faults(stack, ids, n), sent
-    finally:
-        stop.set()
-        t.join()
-        xsub.close(0)
+    with SubscriptionFlood(stack.run_dir / HEALTH_SOCKET) as flood:
+        samples = bench_faults(stack, ids, n)
+    return samples, flood.sent
 
 
 def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], list[float], dict[int, list[float]]]:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from common.bus.codec import MAX_PAYLOAD, encode
 from common.bus.messages import UNHEALTHY, HealthState, PluginState
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
+from devtools.bus_flood import SubscriptionFlood
 from devtools.devstack import RESOURCE, DevStack
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
@@ -383,37 +384,19 @@ def test_a_fault_reaches_the_kubelet_during_a_subscription_flood(make_node: Make
         s.setsockopt(zmq.SUBSCRIBE, b"health.state")
         s.connect(f"ipc://{node.run / 'health.sock'}")
         idle.append(s)
-    xsub = ctx.socket(zmq.XSUB)  # libzmq's send HWM: the flood goes as fast as the publisher reads
-    xsub.setsockopt(zmq.LINGER, 0)
-    xsub.connect(f"ipc://{node.run / 'health.sock'}")
-    stop = threading.Event()
-    sent = 0
-
-    def flood() -> None:
-        nonlocal sent
-        while not stop.is_set():
-            for _ in range(1000):
-                xsub.send(b"\x01health.state")
-                xsub.send(b"\x00health.state")
-            sent += 2000
-
-    t = threading.Thread(target=flood)
-    t.start()
     try:
-        wait_until(lambda: sent >= 100_000, 60, "the first 100 000 frames of the flood")
-        # The old publisher answered each subscription with a full state, queued ahead of the
-        # fault's: under a sustained flood an XID reached the kubelet ~42 s late, or not at all.
-        for victim in sorted(devices)[:3]:
+        with SubscriptionFlood(node.run / "health.sock") as flood:
+            wait_until(lambda: flood.sent >= 100_000, 60, "the first 100 000 frames of the flood")
+            # The old publisher answered each subscription with a full state, queued ahead of the
+            # fault's: under a sustained flood an XID reached the kubelet ~42 s late, or not at all.
+            for victim in sorted(devices)[:3]:
+                node.inject("xid", victim, "79")
+                node.wait_health(victim, "Unhealthy", timeout=10)
+                node.inject("recover", victim)
+                node.wait_health(victim, "Healthy", timeout=10)
             node.inject("xid", victim, "79")
             node.wait_health(victim, "Unhealthy", timeout=10)
-            node.inject("recover", victim)
-            node.wait_health(victim, "Healthy", timeout=10)
-        node.inject("xid", victim, "79")
-        node.wait_health(victim, "Unhealthy", timeout=10)
     finally:
-        stop.set()
-        t.join()
-        xsub.close(0)
         for s in idle:
             s.close(0)
     node.wait_devices(healthy=7, timeout=10)
