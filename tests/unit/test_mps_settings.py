@@ -55,7 +55,8 @@ def test_mps_beside_time_slicing_on_other_gpus(tmp_path: Path) -> None:
          "sharing.mps.resources[0].replicas: 49: maximum allowed replicas exceeded"),
         ("sharing:\n  mps: {resources: [{name: nvidia.com/mig-1g.10gb, replicas: 2}]}\n",
          "sharing using MPS is not supported for MIG devices"),
-        ("sharing:\n  mps: {resources: [{name: nvidia.com/gpu, rename: nvidia.com/x, replicas: 2, devices: ['0:1']}]}\n",
+        ("sharing:\n  mps: {resources: [{name: nvidia.com/gpu, rename: nvidia.com/x, replicas: 2, "
+         "devices: ['0:1']}]}\n",
          "sharing.mps.resources[0].devices: 0:1: sharing using MPS is not supported for MIG devices"),
         ("sharing:\n  mps: {resources: [{name: nvidia.com/gpu, replicas: 2, devices: [0, 1]}]}\n",
          "a device selection for MPS needs rename"),
