@@ -112,6 +112,20 @@ def test_a_refusing_daemon_is_never_offered_and_is_retried(make_node: Any, short
     node.wait_devices(MPS_RES, count=32, timeout=90)
 
 
+def test_a_daemon_that_crashes_while_configured_is_retried(make_node: Any, short_tmp: Path) -> None:
+    node = mps_node(make_node, short_tmp, fault="crash")
+
+    def lost() -> dict[str, Any] | None:
+        daemons = mps_state(node)["daemons"]
+        return daemons[0] if daemons and "Lost connection" in daemons[0]["last_error"] else None
+
+    daemon = wait_until(lost, 60, "mps.state saying the daemon was lost while being configured")
+    assert not daemon["ready"] and not daemon["up"] and not node.devices(MPS_RES)
+    assert not (pipe(node) / "control").exists()  # a crashed daemon's leftovers are removed
+    (short_tmp / "mps-fault").write_text("")
+    node.wait_devices(MPS_RES, count=32, timeout=90)
+
+
 def test_a_gpu_fault_marks_its_mps_replicas(make_node: Any, short_tmp: Path) -> None:
     node = mps_node(make_node, short_tmp)
     node.wait_devices(MPS_RES, count=32, timeout=60)
