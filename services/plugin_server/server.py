@@ -139,6 +139,9 @@ class PluginServer:
         self._extra_specs: list[str] = []
         self.extras = Extras(gds=settings.gds_enabled, mofed=settings.mofed_enabled)
         self.mps = MpsReadiness({}, set())
+        # Health states and MPS reports both rebuild the resources: one at a time, each from the
+        # latest state, or a slower rebuild could undo a newer one until the next change.
+        self._apply_lock = asyncio.Lock()
 
     # -- bus out ----------------------------------------------------------------------
     def _mark_changed(self) -> None:
@@ -190,7 +193,8 @@ class PluginServer:
                         log.info("health publisher is back")
                         self._stale = False
                         self._mark_changed()
-                    await self._apply(msg)
+                    async with self._apply_lock:
+                        await self._apply(msg)
         finally:
             sub.close()
 
@@ -205,8 +209,9 @@ class PluginServer:
                 self._mark_changed()
 
     async def _mps_changed(self) -> None:
-        if self._health is not None:
-            await self._apply(self._health, force=True)
+        async with self._apply_lock:
+            if self._health is not None:
+                await self._apply(self._health, force=True)
 
     async def _apply(self, state: HealthState, force: bool = False) -> None:
         old = self._health
