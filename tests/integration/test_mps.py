@@ -176,3 +176,16 @@ def test_mps_without_the_mps_binary_ends_permanently(procs: Any, short_tmp: Path
     assert p.wait(60) == EX_CONFIG
     last = procs.log("mps-control").strip().splitlines()[-1]
     assert "nvidia-cuda-mps-control is not on PATH" in last, last
+
+
+def test_quick_failures_become_permanent_on_the_third(procs: Any, short_tmp: Path) -> None:
+    # supervisord restarts mps-control without end (startsecs=0): it gives up itself, as FATAL would.
+    config = short_tmp / "config.yaml"
+    config.write_text(MPS_RENAMED)
+    run_dir = short_tmp / "r"
+    (run_dir / "mps.sock" / "blocked").mkdir(parents=True)  # its bus socket cannot be bound
+    env = {**mps_env(short_tmp), "CONFIG_FILE": str(config), "GPU_PLUGIN_RUN_DIR": str(run_dir)}
+    codes = [procs.start(f"mps-control-{i}", "mps-control", env=env).wait(60) for i in range(3)]
+    assert codes == [1, 1, EX_CONFIG], codes
+    last = procs.log("mps-control-2").strip().splitlines()[-1]
+    assert "failed 3 times in a row within 10 s of its start" in last, last
