@@ -1,6 +1,7 @@
 """`gpu-plugin`: one command for the services and the operator's tools on a node.
 
     gpu-plugin health-monitor | plugin-server | registrar     the three supervised services
+    gpu-plugin mps-control                                     the MPS control daemons (sharing.mps only)
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
@@ -24,7 +25,7 @@ from common.bus.messages import HealthState
 from common.settings import Settings, SettingsError, add_arguments, resolve
 from common.version import VERSION
 
-SERVICES = ("health-monitor", "plugin-server", "registrar")
+SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +102,8 @@ def _run_service(name: str, settings: Settings) -> int:
         from services.health_monitor.__main__ import run
     elif name == "plugin-server":
         from services.plugin_server.__main__ import run
+    elif name == "mps-control":
+        from services.mps_control.__main__ import run
     else:
         from services.registrar.__main__ import run
     return run(settings)
@@ -146,10 +149,10 @@ async def _cordon(settings: Settings, args: argparse.Namespace) -> int:
 async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     import dataclasses
 
-    from common.bus.messages import HEALTH_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET
+    from common.bus.messages import HEALTH_SOCKET, MPS_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET
     from common.bus.sockets import BusSubscriber
 
-    paths = [settings.bus_path(n) for n in (HEALTH_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET)]
+    paths = [settings.bus_path(n) for n in (HEALTH_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET, MPS_SOCKET)]
     sub = BusSubscriber(paths, topics=args.topic or [""])
     deadline = time.monotonic() + args.timeout if args.timeout else None
     shown = 0

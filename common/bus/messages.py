@@ -62,6 +62,7 @@ DeviceIdOrNone = Annotated[str, IdForm(empty_ok=True)]
 HEALTH_SOCKET = "health.sock"
 PLUGIN_SOCKET = "plugin.sock"
 REGISTRAR_SOCKET = "registrar.sock"
+MPS_SOCKET = "mps.sock"
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,30 @@ class RegistrarEvent(Message):
     detail: str
 
 
+@dataclass(frozen=True)
+class MpsDaemon:
+    """The MPS control daemon of one shared resource, as mps-control last saw it."""
+
+    resource: str  # the served name, e.g. nvidia.com/gpu
+    devices: list[DeviceId]  # the GPUs whose replicas it serves
+    pipe_dir: str  # CUDA_MPS_PIPE_DIRECTORY, in the container
+    up: bool  # the daemon runs and answers on its pipe
+    ready: bool  # up, and its limits are applied: its replicas may be allocated
+    pid: int = 0
+    active_thread_percentage: int = 0  # the default set, 0 = not (yet) set
+    pinned_mem_limits: list[str] = field(default_factory=list)  # "<index>=<limit>M" as set per GPU
+    last_error: str = ""
+    since: float = 0.0  # unix time of the last change of up/ready
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class MpsState(StateMessage):
+    TOPIC: ClassVar[str] = "mps.state"
+    root: str  # the MPS root in the container
+    daemons: list[MpsDaemon] = field(default_factory=list)
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     HealthState,
     HealthEvent,
@@ -224,5 +249,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     PluginEvent,
     RegistrarState,
     RegistrarEvent,
+    MpsState,
 )
 BY_TOPIC: dict[str, type[Message]] = {t.TOPIC: t for t in MESSAGE_TYPES}

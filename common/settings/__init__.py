@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from common.settings.config_file import Strict, check_sections, load_config_file, lookup, refuse_resources, warn_unknown
-from common.settings.sections import HealthConfig, SharedResource, Sharing, parse_sharing
+from common.settings.sections import MAX_MPS_REPLICAS, HealthConfig, Replicated, SharedResource, Sharing, parse_sharing
 from common.settings.values import (
     DEFAULT_CDI_HOOK_PATH,
     DEFAULT_CDI_SPEC_DIR,
     DEFAULT_CONTAINER_DRIVER_ROOT,
     DEFAULT_DEVICE_PLUGIN_DIR,
     DEFAULT_KUBELET_SOCKET,
+    DEFAULT_MPS_CONTAINER_ROOT,
+    DEFAULT_MPS_ROOT,
     DEFAULT_RUN_DIR,
     DEFAULT_STATE_DIR,
     DEVICE_ENTRY_BYTES,
@@ -67,12 +69,16 @@ from common.settings.values import (
 __all__ = [
     "DEFAULT_DEVICE_PLUGIN_DIR",
     "DEFAULT_KUBELET_SOCKET",
+    "DEFAULT_MPS_CONTAINER_ROOT",
+    "DEFAULT_MPS_ROOT",
     "DEVICE_ENTRY_BYTES",
     "GRPC_MAX_MESSAGE_BYTES",
     "MAX_DEVICES_PER_RESOURCE",
+    "MAX_MPS_REPLICAS",
     "MAX_REPLICAS",
     "SPECS",
     "HealthConfig",
+    "Replicated",
     "Settings",
     "SettingsError",
     "SharedResource",
@@ -237,10 +243,18 @@ class Settings:
         ("--cdi-feature-flags",), "CDI_FEATURE_FLAGS", None, "",
         refused_list("nvcdi feature flags are not implemented (leave CDI_FEATURE_FLAGS empty)"),
         "not served (must be empty)")
-    mps_root: str | None = setting(("--mps-root",), "MPS_ROOT", _file("flags", "mpsRoot"), None, abs_path,
-                                   "host directory for MPS (accepted; MPS is not served yet, said at start)")
+    mps_root: str | None = setting(
+        ("--mps-root",), "MPS_ROOT", _file("flags", "mpsRoot"), None, abs_path,
+        f"host directory of the MPS pipe, log and shm directories (sharing.mps; default {DEFAULT_MPS_ROOT})")
+    mps_container_root: str = setting(
+        ("--mps-container-root",), "GPU_PLUGIN_MPS_CONTAINER_ROOT", None, DEFAULT_MPS_CONTAINER_ROOT, abs_path,
+        "where the MPS root is mounted in this container and in workloads (NVIDIA's: /mps)")
     # -- the v1 file's `sharing:` section (a list of resources: no flag or environment form) ----
     sharing: Sharing = field(default_factory=Sharing)
+
+    @property
+    def mps_host_root(self) -> str:
+        return self.mps_root or DEFAULT_MPS_ROOT
 
     @property
     def health(self) -> HealthConfig:
@@ -346,6 +360,8 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
         if both:
             raise SettingsError(f"health XIDs: XID {min(both)} is in both {a} and {b}")
     values["sharing"] = parse_sharing(file_data.get("sharing"))
+    if values["sharing"].mps is not None and values["mig_strategy"] == "mixed":
+        raise SettingsError("sharing.mps: using --mig-strategy=mixed is not supported with MPS")
     refuse_resources(file_data.get("resources"))
     return Settings(**values)
 

@@ -36,11 +36,13 @@ class SharedResource:
 
 
 @dataclass(frozen=True)
-class Sharing:
-    kind: str = ""  # "" (none), "timeSlicing" or "mps"
-    rename_by_default: bool = False
-    fail_requests_greater_than_one: bool = False
-    resources: tuple[SharedResource, ...] = ()
+class Replicated:
+    """One of sharing.timeSlicing or sharing.mps, validated."""
+
+    kind: str  # "timeSlicing" or "mps"
+    rename_by_default: bool
+    fail_requests_greater_than_one: bool
+    resources: tuple[SharedResource, ...]
 
     def for_resource(self, name: str) -> SharedResource | None:
         return next((r for r in self.resources if r.name == name), None)
@@ -51,6 +53,33 @@ class Sharing:
         return f"{res.name}.shared" if self.rename_by_default else res.name
 
 
+@dataclass(frozen=True)
+class Sharing:
+    """`kind`, `rename_by_default`, `fail_requests_greater_than_one` and `resources` describe
+    time-slicing when it is configured, else MPS (what they always meant); `time_slicing` and
+    `mps` hold each section on its own, since both may be set for different GPUs."""
+
+    kind: str = ""  # "" (none), "timeSlicing" or "mps"
+    rename_by_default: bool = False
+    fail_requests_greater_than_one: bool = False
+    resources: tuple[SharedResource, ...] = ()
+    time_slicing: Replicated | None = None
+    mps: Replicated | None = None
+
+    def for_resource(self, name: str) -> SharedResource | None:
+        return next((r for r in self.resources if r.name == name), None)
+
+    def served_name(self, res: SharedResource) -> str:
+        if res.rename:
+            return res.rename
+        return f"{res.name}.shared" if self.rename_by_default else res.name
+
+
+# An MPS server serves at most 48 clients on Volta and newer (16 before): NVIDIA's
+# mps-control-daemon refuses more replicas than that per GPU at start.
+MAX_MPS_REPLICAS = 48
+
+
 def _resource_name(value: Any, where: str) -> str:
     text = string(value, where)
     if not text.startswith("nvidia.com/") or len(text) <= len("nvidia.com/"):
@@ -58,22 +87,7 @@ def _resource_name(value: Any, where: str) -> str:
     return text
 
 
-def parse_sharing(section: Any) -> Sharing:
-    """The v1 `sharing:` section, validated; NVIDIA's rules and wording where it has them."""
-    if section is None:
-        return Sharing()
-    if not isinstance(section, Mapping):
-        raise SettingsError("sharing: expected a mapping with timeSlicing or mps")
-    kinds = [k for k in ("timeSlicing", "mps") if section.get(k) is not None]
-    for key in section:
-        if key not in ("timeSlicing", "mps"):
-            log.warning("config file: unknown key sharing.%s (known: mps, timeSlicing)", key)
-    if len(kinds) > 1:
-        raise SettingsError("sharing: timeSlicing and mps are mutually exclusive; set one")
-    if not kinds:
-        return Sharing()
-    kind = kinds[0]
-    body = section[kind]
+def _replicated(kind: str, body: Any) -> Replicated:
     where = f"sharing.{kind}"
     if not isinstance(body, Mapping):
         raise SettingsError(f"{where}: expected a mapping")
@@ -103,13 +117,87 @@ def parse_sharing(section: Any) -> Sharing:
         resources.append(SharedResource(name, rename, replicas, _devices(item.get("devices", "all"), f"{w}.devices")))
         if [r.name for r in resources].count(name) > 1:
             raise SettingsError(f"{w}.name: {name} is listed twice")
-    return Sharing(
+    # NVIDIA's default for MPS is true (its historical behaviour); for time-slicing false.
+    fail_default = kind == "mps"
+    out = Replicated(
         kind=kind,
         rename_by_default=boolean(body.get("renameByDefault", False), f"{where}.renameByDefault"),
-        fail_requests_greater_than_one=boolean(body.get("failRequestsGreaterThanOne", False),
+        fail_requests_greater_than_one=boolean(body.get("failRequestsGreaterThanOne", fail_default),
                                              f"{where}.failRequestsGreaterThanOne"),
         resources=tuple(resources),
     )
+    if kind == "mps":
+        _check_mps(out)
+    return out
+
+
+def _check_mps(mps: Replicated) -> None:
+    """What NVIDIA's plugin and mps-control-daemon refuse for MPS, refused here at start."""
+    for i, res in enumerate(mps.resources):
+        w = f"sharing.mps.resources[{i}]"
+        if res.name != "nvidia.com/gpu":
+            raise SettingsError(f"{w}.name: {res.name}: sharing using MPS is not supported for MIG devices "
+                                "(only nvidia.com/gpu can be shared with MPS)")
+        if res.replicas > MAX_MPS_REPLICAS:
+            raise SettingsError(f"{w}.replicas: {res.replicas}: maximum allowed replicas exceeded: an MPS server "
+                                f"serves at most {MAX_MPS_REPLICAS} clients per GPU")
+        if isinstance(res.devices, tuple):
+            migs = [d for d in res.devices if d.startswith("MIG-") or ":" in d]
+            if migs:
+                raise SettingsError(f"{w}.devices: {migs[0]}: sharing using MPS is not supported for MIG devices")
+        if res.devices is not None and mps.served_name(res) == res.name:
+            # The GPUs left out would stay nvidia.com/gpu beside the MPS replicas, and one resource
+            # cannot answer Allocate both with and without MPS.
+            raise SettingsError(f"{w}.devices: a device selection for MPS needs rename (or renameByDefault): the "
+                                f"GPUs not selected stay {res.name}, which must not also be MPS replicas")
+
+
+def _overlap(a: SharedResource, b: SharedResource) -> str:
+    """A GPU both selections surely hold ("" if none is sure; UUIDs are checked against the node)."""
+    if a.name != b.name:
+        return ""
+    if a.devices is None or b.devices is None:
+        return "all GPUs"
+    if isinstance(a.devices, int) and isinstance(b.devices, int):
+        return "GPU 0"
+    if isinstance(a.devices, int) or isinstance(b.devices, int):
+        count, listed = (a.devices, b.devices) if isinstance(a.devices, int) else (b.devices, a.devices)
+        assert isinstance(count, int) and isinstance(listed, tuple)
+        hit = [d for d in listed if d.isdigit() and int(d) < count]
+        return f"GPU {hit[0]}" if hit else ""
+    assert isinstance(a.devices, tuple) and isinstance(b.devices, tuple)
+    both = [d for d in a.devices if d in b.devices]
+    return f"GPU {both[0]}" if both else ""
+
+
+def parse_sharing(section: Any) -> Sharing:
+    """The v1 `sharing:` section, validated; NVIDIA's rules and wording where it has them."""
+    if section is None:
+        return Sharing()
+    if not isinstance(section, Mapping):
+        raise SettingsError("sharing: expected a mapping with timeSlicing or mps")
+    for key in section:
+        if key not in ("timeSlicing", "mps"):
+            log.warning("config file: unknown key sharing.%s (known: mps, timeSlicing)", key)
+    ts = _replicated("timeSlicing", section["timeSlicing"]) if section.get("timeSlicing") is not None else None
+    mps = _replicated("mps", section["mps"]) if section.get("mps") is not None else None
+    if ts is not None and mps is not None:
+        # NVIDIA's plugin silently uses MPS alone when both are set; here both are served, on different GPUs.
+        for t in ts.resources:
+            for m in mps.resources:
+                where = _overlap(t, m)
+                if where:
+                    raise SettingsError(f"sharing: timeSlicing and mps are mutually exclusive on a GPU: both select "
+                                        f"{where} of {t.name}; give each its own devices")
+                if ts.served_name(t) == mps.served_name(m):
+                    raise SettingsError(f"sharing: timeSlicing and mps replicas cannot be served under one name "
+                                        f"({mps.served_name(m)}): rename one of them")
+    main = ts if ts is not None else mps
+    if main is None:
+        return Sharing()
+    return Sharing(kind=main.kind, rename_by_default=main.rename_by_default,
+                   fail_requests_greater_than_one=main.fail_requests_greater_than_one, resources=main.resources,
+                   time_slicing=ts, mps=mps)
 
 
 def _devices(value: Any, where: str) -> tuple[str, ...] | int | None:

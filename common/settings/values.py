@@ -28,6 +28,9 @@ ECC_POLICIES = ("fatal", "report")
 # CLI its CDI hooks run (`nvidia-ctk hook <name>`; a `nvidia-cdi-hook` binary takes `<name>` alone).
 DEFAULT_CONTAINER_DRIVER_ROOT = "/driver-root"
 DEFAULT_CDI_HOOK_PATH = "/usr/bin/nvidia-ctk"
+# MPS: the host directory NVIDIA's chart uses, and where NVIDIA mounts it in its containers and workloads.
+DEFAULT_MPS_ROOT = "/run/nvidia/mps"
+DEFAULT_MPS_CONTAINER_ROOT = "/mps"
 DEVICE_DISCOVERY_STRATEGIES = ("auto", "nvml", "tegra")
 
 # Config file input bounds: NVIDIA's v1 files are a few hundred bytes and five levels deep.

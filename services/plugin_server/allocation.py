@@ -13,6 +13,10 @@ The answer matches NVIDIA's plugin (v0.20.0) for every device-list strategy:
   and no DeviceSpecs: the runtime takes everything from the CDI spec (see `cdi`).
 - pass_device_specs (with a non-CDI strategy): the GPU's /dev/nvidia<minor> and, for a MIG
   device, its GI/CI capability nodes, host paths under the dev root.
+- MPS replicas, with every strategy (CDI-only included, as NVIDIA's): CUDA_MPS_PIPE_DIRECTORY=
+  <container root>/<resource>/pipe, that directory mounted from <MPS root>/<resource>/pipe and
+  /dev/shm from <MPS root>/shm, before the device mounts. NVIDIA sets no CUDA_MPS_ACTIVE_THREAD_
+  PERCENTAGE in the answer: the daemon's defaults, set by mps-control, are the limits.
 
 This is the gRPC hot path: no I/O, no NVML, nothing but dictionary look-ups.
 """
@@ -25,11 +29,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from common.bus.messages import HEALTHY
+from common.mps import SHM_DIR, pipe_dir, shm_dir
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import Settings
-from services.plugin_server.device_table import PluginDevice
+from services.plugin_server.device_table import PluginDevice, sections
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
+MPS_PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 VOLUME_MOUNT_ROOT = "/var/run/nvidia-container-devices"
 CDI_VENDOR = "k8s.device-plugin.nvidia.com"
 CDI_KIND = f"{CDI_VENDOR}/gpu"
@@ -109,13 +115,28 @@ def validate(
     unhealthy = [i for i in ids if devices[i].health != HEALTHY]
     if unhealthy:
         raise AllocationError(f"{prefix}: unhealthy device: {_names(unhealthy)}")
-    if (
-        settings is not None
-        and settings.sharing.fail_requests_greater_than_one
-        and len(ids) > 1
-        and any(devices[i].replica is not None for i in ids)
-    ):
+    if settings is not None and len(ids) > 1 and any(_one_only(devices[i], settings) for i in ids):
         raise AllocationError(f"{prefix}: maximum request size for shared resources is 1; found {len(ids)}")
+
+
+def _one_only(dev: PluginDevice, settings: Settings) -> bool:
+    """A replica of a section with failRequestsGreaterThanOne (MPS's default: true, as NVIDIA's)."""
+    if dev.replica is None:
+        return False
+    ts, mps = sections(settings.sharing)
+    section = mps if dev.sharing == "mps" else ts
+    if section is None:
+        return settings.sharing.fail_requests_greater_than_one
+    return section.fail_requests_greater_than_one
+
+
+def mps_edits(resource: str, settings: Settings) -> tuple[dict[str, str], list[pb.Mount]]:
+    """NVIDIA's MPS part of an answer for `resource` (its served name): the env and the two mounts."""
+    container = pipe_dir(settings.mps_container_root, resource)
+    return {MPS_PIPE_ENV: container}, [
+        pb.Mount(container_path=container, host_path=pipe_dir(settings.mps_host_root, resource)),
+        pb.Mount(container_path=SHM_DIR, host_path=shm_dir(settings.mps_host_root)),
+    ]
 
 
 def runtime_ids(ids: Sequence[str], devices: Mapping[str, PluginDevice], id_strategy: str) -> list[str]:
@@ -167,6 +188,10 @@ def container_response(
             resp.annotations[key] = ",".join(qualified)
         if "cdi-cri" in strategies:
             resp.cdi_devices.extend(pb.CDIDevice(name=q) for q in qualified)
+    if any(devices[i].sharing == "mps" for i in ids):
+        envs, mounts = mps_edits(resource, settings)
+        resp.envs.update(envs)
+        resp.mounts.extend(mounts)
     if _CDI_STRATEGIES.issuperset(strategies):
         return resp  # only CDI: the runtime takes everything from the spec
     if "envvar" in strategies and extras.imex_channels:

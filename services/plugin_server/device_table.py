@@ -13,6 +13,13 @@ Time-slicing (sharing.timeSlicing) then replaces each selected device of a resou
 "<name>.shared" with renameByDefault. A replica's health is always its device's: they are
 built from the same DeviceState on every update. Unlike NVIDIA's plugin, which ignores
 `devices` and replicates every GPU, the selection is honoured (said at start).
+
+MPS (sharing.mps) makes replicas the same way, "<UUID>::<n>" of whole GPUs, under the name,
+its rename or "<name>.shared". They are offered only once mps-control has reported the
+resource's MPS daemon ready (NVIDIA's plugin waits for its daemon before serving too), and are
+Unhealthy while that daemon is down or not configured (NVIDIA's keeps them schedulable) as well
+as when their GPU is. Time-slicing and MPS may both be set, for different GPUs; a GPU that both
+select stops the plugin-server with the GPU named.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from dataclasses import dataclass
 
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
 from common.lifecycle import PermanentError
+from common.mps import selected
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
-from common.settings import DEVICE_ENTRY_BYTES, GRPC_MAX_MESSAGE_BYTES, Settings, SharedResource
+from common.settings import DEVICE_ENTRY_BYTES, GRPC_MAX_MESSAGE_BYTES, Replicated, Settings, Sharing
 from services.plugin_server.preferred import Topology
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -33,6 +41,10 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 class MigConfigError(PermanentError):
     """The node's MIG layout does not fit the MIG strategy."""
+
+
+class SharingError(PermanentError):
+    """The sharing config cannot be served on this node's devices."""
 
 
 class ResourceTooLargeError(PermanentError):
@@ -48,7 +60,8 @@ class PluginDevice:
     numa_node: int | None
     device: DeviceState  # the physical (GPU or MIG) device behind the ID
     parent: DeviceState | None = None  # MIG devices: their GPU
-    replica: int | None = None  # time-sliced replicas: n of "<UUID>::<n>"
+    replica: int | None = None  # replicas: n of "<UUID>::<n>"
+    sharing: str = ""  # replicas: "timeSlicing" or "mps"
 
     @property
     def gpu_id(self) -> str:
@@ -71,6 +84,22 @@ def _mig(mig: DeviceState, gpu: DeviceState) -> PluginDevice:
     return PluginDevice(mig.id, mig.health, mig.numa_node, mig, parent=gpu)
 
 
+@dataclass
+class MpsReadiness:
+    """What the plugin-server knows of the MPS daemons (from mps.state): ready now, ever ready."""
+
+    ready: dict[str, bool]
+    seen_ready: set[str]
+
+    def update(self, daemons: Iterable[tuple[str, bool]]) -> bool:
+        """Takes a new report; True when anything served changes."""
+        ready = dict(daemons)
+        seen = self.seen_ready | {r for r, ok in ready.items() if ok}
+        changed = ready != self.ready or seen != self.seen_ready
+        self.ready, self.seen_ready = ready, seen
+        return changed
+
+
 @dataclass(frozen=True)
 class View:
     """What the plugin-server serves from one health state (see `serve`)."""
@@ -83,13 +112,15 @@ class View:
 
 
 def serve(
-    old: HealthState | None, state: HealthState, last_good: HealthState | None, settings: Settings
+    old: HealthState | None, state: HealthState, last_good: HealthState | None, settings: Settings,
+    mps: MpsReadiness | None = None, force: bool = False,
 ) -> View | None:
-    """The state -> resources step, plain: None for a heartbeat (same incarnation and seq).
+    """The state -> resources step, plain: None for a heartbeat (same incarnation and seq)
+    unless `force` (the MPS daemons' readiness changed).
 
     NVML gone after devices were known: the GPUs are not usable now, but they are still there.
     They stay listed, Unhealthy, rather than have the kubelet forget them."""
-    if old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
+    if not force and old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
         return None
     served, error = state, ""
     if state.nvml_ok:
@@ -100,11 +131,12 @@ def serve(
             dataclasses.replace(d, health=UNHEALTHY, reason=f"NVML unavailable: {state.error}")
             for d in last_good.devices])
     changed = old is None or old.links != served.links or [d.id for d in old.devices] != [d.id for d in served.devices]
-    return View(served, last_good, build_resources(served, settings), changed, error)
+    return View(served, last_good, build_resources(served, settings, mps), changed, error)
 
 
-def build_resources(state: HealthState, settings: Settings) -> dict[str, list[PluginDevice]]:
-    """Resource name -> its devices, per the MIG strategy."""
+def build_resources(state: HealthState, settings: Settings,
+                    mps: MpsReadiness | None = None) -> dict[str, list[PluginDevice]]:
+    """Resource name -> its devices, per the MIG strategy and sharing."""
     gpus = [d for d in state.devices if d.kind == "gpu"]
     migs_of: dict[str, list[DeviceState]] = {g.id: [] for g in gpus}
     for d in state.devices:
@@ -130,8 +162,9 @@ def build_resources(state: HealthState, settings: Settings) -> dict[str, list[Pl
                     out.setdefault(f"nvidia.com/mig-{m.profile}", []).append(_mig(m, g))
             else:
                 out.setdefault(GPU_RESOURCE, []).append(_whole(g, migs_of[g.id]))
-    if settings.sharing.kind == "timeSlicing":
-        out = _time_slice(out, settings)
+    ts, mp = sections(settings.sharing)
+    if ts is not None or mp is not None:
+        out = _share(out, ts, mp, mps or MpsReadiness({}, set()))
     for name, devices in out.items():
         # The settings bound replicas for a node of up to 112 devices per resource; a bigger
         # node would make every ListAndWatch fail at the kubelet and the registrar re-register
@@ -144,30 +177,46 @@ def build_resources(state: HealthState, settings: Settings) -> dict[str, list[Pl
     return out
 
 
-def _selected(dev: PluginDevice, position: int, res: SharedResource) -> bool:
-    if res.devices is None:
-        return True
-    if isinstance(res.devices, int):
-        return position < res.devices
-    return dev.device.index in res.devices or dev.device.id in res.devices
+def sections(sharing: Sharing) -> tuple[Replicated | None, Replicated | None]:
+    """(time-slicing, MPS); a Sharing built by hand with the legacy fields only counts as its `kind`."""
+    if sharing.time_slicing is not None or sharing.mps is not None or not sharing.kind:
+        return sharing.time_slicing, sharing.mps
+    legacy = Replicated(sharing.kind, sharing.rename_by_default, sharing.fail_requests_greater_than_one,
+                        sharing.resources)
+    return (legacy, None) if sharing.kind == "timeSlicing" else (None, legacy)
 
 
-def _time_slice(resources: dict[str, list[PluginDevice]], settings: Settings) -> dict[str, list[PluginDevice]]:
+def _share(resources: dict[str, list[PluginDevice]], ts: Replicated | None, mp: Replicated | None,
+           mps: MpsReadiness) -> dict[str, list[PluginDevice]]:
     out: dict[str, list[PluginDevice]] = {}
     for name, devices in resources.items():
-        res = settings.sharing.for_resource(name)
-        if res is None:
-            out.setdefault(name, []).extend(devices)
-            continue
-        served = settings.sharing.served_name(res)
+        t = ts.for_resource(name) if ts is not None else None
+        m = mp.for_resource(name) if mp is not None else None
         for position, dev in enumerate(devices):
-            if not _selected(dev, position, res):
+            in_t = t is not None and selected(t, position, dev.device)
+            in_m = m is not None and selected(m, position, dev.device)
+            if in_t and in_m:
+                raise SharingError(f"sharing: GPU {dev.device.index} ({dev.id}) is selected by both "
+                                   "sharing.timeSlicing and sharing.mps: give each its own devices")
+            if in_m and mp is not None and m is not None:
+                if dev.parent is not None:
+                    raise SharingError(f"sharing.mps: {dev.id} is a MIG device: sharing using MPS is not "
+                                       "supported for MIG devices (MIG strategy single)")
+                served = mp.served_name(m)
+                if served not in mps.seen_ready:
+                    continue  # not offered before its daemon has been ready once
+                health = dev.health if mps.ready.get(served, False) else UNHEALTHY
+                out.setdefault(served, []).extend(
+                    PluginDevice(f"{dev.id}::{n}", health, dev.numa_node, dev.device, dev.parent, replica=n,
+                                 sharing="mps")
+                    for n in range(m.replicas))
+            elif in_t and ts is not None and t is not None:
+                out.setdefault(ts.served_name(t), []).extend(
+                    PluginDevice(f"{dev.id}::{n}", dev.health, dev.numa_node, dev.device, dev.parent, replica=n,
+                                 sharing="timeSlicing")
+                    for n in range(t.replicas))
+            else:
                 out.setdefault(name, []).append(dev)
-                continue
-            out.setdefault(served, []).extend(
-                PluginDevice(f"{dev.id}::{n}", dev.health, dev.numa_node, dev.device, dev.parent, replica=n)
-                for n in range(res.replicas)
-            )
     return out
 
 

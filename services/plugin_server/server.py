@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from common.bus.messages import EndpointState, HealthState, PluginEvent, PluginState
+from common.bus.messages import MPS_SOCKET, EndpointState, HealthState, PluginEvent, PluginState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.lifecycle import run_until_stopped
@@ -29,7 +29,8 @@ from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
 from services.plugin_server import cdi
 from services.plugin_server.allocation import Extras
-from services.plugin_server.device_table import ResourceTable, serve, socket_name
+from services.plugin_server.device_table import MpsReadiness, ResourceTable, serve, socket_name
+from services.plugin_server.mps_watch import watch_mps
 from services.plugin_server.preferred import Topology
 from services.plugin_server.servicer import DevicePluginServicer, plugin_options
 
@@ -143,6 +144,10 @@ class PluginServer:
         self._cdi_key: tuple[Any, ...] | None = None
         self._extra_specs: list[str] = []
         self.extras = Extras(gds=settings.gds_enabled, mofed=settings.mofed_enabled)
+        self.mps = MpsReadiness({}, set())
+        # Health states and MPS reports both rebuild the resources: one at a time, each from the
+        # latest state, or a slower rebuild could undo a newer one until the next change.
+        self._apply_lock = asyncio.Lock()
 
     # -- bus out ----------------------------------------------------------------------
     def _mark_changed(self) -> None:
@@ -194,7 +199,8 @@ class PluginServer:
                         log.info("health publisher is back")
                         self._stale = False
                         self._mark_changed()
-                    await self._apply(msg)
+                    async with self._apply_lock:
+                        await self._apply(msg)
         finally:
             sub.close()
 
@@ -218,10 +224,15 @@ class PluginServer:
 
         return Endpoint(self.settings.device_plugin_dir / socket_name(resource), table, servicer)
 
-    async def _apply(self, state: HealthState) -> None:
+    async def _mps_changed(self) -> None:
+        async with self._apply_lock:
+            if self._health is not None:
+                await self._apply(self._health, force=True)
+
+    async def _apply(self, state: HealthState, force: bool = False) -> None:
         old = self._health
         self._health = state
-        view = serve(old, state, self._last_good, self.settings)
+        view = serve(old, state, self._last_good, self.settings, self.mps, force)
         if view is None:
             return  # a heartbeat
         self._last_good = view.last_good
@@ -274,18 +285,17 @@ class PluginServer:
         s = self.settings
         log.info("MIG strategy %s; device list strategy %s; device ID strategy %s; passDeviceSpecs %s",
                  s.mig_strategy, ",".join(s.device_list_strategy), s.device_id_strategy, s.pass_device_specs)
-        if s.sharing.kind == "mps":
-            log.warning("sharing.mps is configured and valid, but MPS is not served yet: the devices are "
-                        "offered without sharing")
-        for res in s.sharing.resources if s.sharing.kind == "timeSlicing" else ():
-            chosen = "all devices" if res.devices is None else f"devices {res.devices}"
-            log.info("time-slicing %s: %d replicas of %s as %s (NVIDIA's plugin ignores a device selection "
-                     "and replicates all; here it is honoured)", res.name, res.replicas, chosen,
-                     s.sharing.served_name(res))
-        if s.mps_root:
-            # The GPU Operator always sets it; refusing would stop every Operator-managed node.
-            log.warning("MPS_ROOT / --mps-root is set (%s) but MPS is not served yet: the setting has no effect",
-                        s.mps_root)
+        for section in (x for x in (s.sharing.time_slicing, s.sharing.mps) if x is not None):
+            for res in section.resources:
+                chosen = "all devices" if res.devices is None else f"devices {res.devices}"
+                log.info("%s %s: %d replicas of %s as %s (NVIDIA's plugin ignores a device selection "
+                         "and replicates all; here it is honoured)", section.kind, res.name, res.replicas, chosen,
+                         section.served_name(res))
+        if s.sharing.mps is not None:
+            log.info("MPS replicas are offered once mps-control reports their daemon ready; pipes under %s "
+                     "(host %s)", s.mps_container_root, s.mps_host_root)
+        elif s.mps_root:
+            log.info("MPS_ROOT / --mps-root is set (%s) but sharing.mps is not configured: no MPS", s.mps_root)
         channels = cdi.imex_channels(s)
         self.extras = Extras(gds=s.gds_enabled, mofed=s.mofed_enabled, imex_channels=channels)
         if s.gds_enabled or s.mofed_enabled or channels:
@@ -309,6 +319,8 @@ class PluginServer:
                 asyncio.create_task(self._consume_health(), name="health-consumer"),
                 asyncio.create_task(self._watch_staleness(), name="staleness"),
                 asyncio.create_task(self._watch_sockets(stop), name="socket-watcher"),
+                *([asyncio.create_task(watch_mps(self.settings.bus_path(MPS_SOCKET), self.mps, self._mps_changed),
+                                       name="mps-watcher")] if self.settings.sharing.mps is not None else []),
             )
         finally:
             for ep in self.endpoints.values():

@@ -30,7 +30,8 @@ def test_nvidias_command_with_nvidias_flags_and_the_operators_environment_runs_t
                                "--fail-on-init-error=true"], s.env, s.root / "supervisord.log", cwd=s.root)
         reply = s.kubelet.wait("nvidia.com/mig-1g.10gb", timeout=90, connected=True)
         assert reply["ok"], s.logs()
-        assert "MPS_ROOT" in s.logs() and "not served yet" in s.logs()
+        # The operator always sets MPS_ROOT: without sharing.mps it is said, never an exit.
+        assert "MPS_ROOT / --mps-root is set (/run/nvidia/mps) but sharing.mps is not configured" in s.logs()
         # exec: the same process is now the entry point, whose SIGTERM ends the stack with 0.
         cmdline = Path(f"/proc/{s.supervisord.pid}/cmdline").read_bytes().split(b"\0")
         assert cmdline[:2] == [b"/bin/sh", str(ENTRYPOINT).encode()], cmdline

@@ -163,8 +163,12 @@ def test_a_bad_config_file_stops_every_service_naming_the_key(
         assert message in procs.log(service), procs.log(service)
 
 
-def test_mps_is_accepted_and_said_to_be_not_served(make_node: Any) -> None:
+def test_mps_is_served_under_nvidia_s_name(make_node: Any, short_tmp: Path) -> None:
+    # This config used to be accepted and served without sharing ("MPS is not served yet").
+    from tests.integration.test_mps import mps_node
+
     config = "version: v1\nsharing:\n  mps:\n    resources:\n    - name: nvidia.com/gpu\n      replicas: 2\n"
-    node = make_node(config=config)
-    node.wait_devices()
-    assert "MPS is not served yet" in node.procs.log("plugin-server")
+    node = mps_node(make_node, short_tmp, config=config)
+    devices = node.wait_devices(count=16, timeout=60)
+    assert all("::" in d for d in devices)
+    assert "MPS is not served yet" not in node.procs.log("plugin-server")

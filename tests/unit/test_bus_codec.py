@@ -25,6 +25,8 @@ from common.bus.messages import (
     HealthEvent,
     HealthState,
     Message,
+    MpsDaemon,
+    MpsState,
     PairLink,
     PluginEvent,
     PluginState,
@@ -174,6 +176,16 @@ SAMPLES: list[tuple[str, Message]] = [
     (
         "registrar-event",
         RegistrarEvent(time=1700000700.0, event="registered", resource="nvidia.com/gpu", detail="nvidia-gpu.sock"),
+    ),
+    (
+        "mps-state",
+        MpsState(incarnation="m1", seq=3, sent_at=1700000800.0, root="/mps", daemons=[
+            MpsDaemon(resource="nvidia.com/gpu", devices=["GPU-aaaaaaaa-0000-4000-8000-000000000000"],
+                      pipe_dir="/mps/nvidia.com/gpu/pipe", up=True, ready=True, pid=42, active_thread_percentage=25,
+                      pinned_mem_limits=["0=20389M"], since=1700000790.0, restarts=1),
+            MpsDaemon(resource="nvidia.com/gpu-mps", devices=[], pipe_dir="/mps/nvidia.com/gpu-mps/pipe", up=False,
+                      ready=False, last_error="nvidia-cuda-mps-control -d: exit status 1"),
+        ]),
     ),
 ]
 

@@ -1,0 +1,281 @@
+"""mps-control: one NVIDIA MPS control daemon per MPS-shared resource, started, configured,
+watched and stopped as NVIDIA's mps-control-daemon does, with its state on the bus.
+
+For each resource of sharing.mps it starts `nvidia-cuda-mps-control -d` with the pipe and log
+directories under the MPS root, after putting its GPUs in EXCLUSIVE_PROCESS compute mode, then
+sets the default pinned-memory limit of each GPU (memory / replicas) and the default active
+thread percentage (100 / replicas). Only then is the daemon `ready` in `mps.state`, and only
+a daemon that has been ready has its replicas offered by the plugin-server. NVIDIA's plugin
+keeps advertising the replicas of a daemon that died; here a daemon that stops answering is
+published down (its replicas turn Unhealthy at the kubelet) and restarted, with backoff.
+
+Watching is cheap: the daemon's pid (its pid file) every CHECK_S, and a real command over its
+pipe every PROBE_S (a process spawn each). On SIGTERM each daemon gets `quit`, its GPUs go
+back to DEFAULT compute mode and its pipe directory is removed, as NVIDIA's does on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from common.bus.messages import DeviceState, HealthState, MpsDaemon, MpsState
+from common.bus.sockets import BusPublisher, BusSubscriber
+from common.lifecycle import PermanentError, run_until_stopped
+from common.mps import CONTROL_BIN, active_thread_percentage, gpus_of, log_dir, pinned_mem_limit, pipe_dir
+from common.settings import Replicated, Settings, SharedResource
+
+log = logging.getLogger(__name__)
+
+CHECK_S = 1.0  # pid check: no process spawned
+PROBE_S = 10.0  # a command over the pipe: one short process
+COMMAND_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+BACKOFF_MAX_S = 30.0
+PID_FILE = "nvidia-cuda-mps-control.pid"
+
+
+class MpsError(RuntimeError):
+    """A daemon could not be started, configured or reached; the message says which step."""
+
+
+def find_binary(name: str, settings: Settings) -> str | None:
+    """On PATH, else in the driver root mounted in this container (where the host's driver is)."""
+    extra = os.path.join(settings.container_driver_root, "usr", "bin")
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}{os.pathsep}{extra}")
+
+
+async def _run(argv: list[str], env: dict[str, str], stdin: str = "") -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    try:
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            out, _ = await proc.communicate(stdin.encode())
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return -1, f"no answer within {COMMAND_TIMEOUT_S:.0f} s"
+    return proc.returncode if proc.returncode is not None else -1, out.decode(errors="replace").strip()
+
+
+class Daemon:
+    """The MPS control daemon of one resource."""
+
+    def __init__(self, resource: str, res: SharedResource, gpus: list[DeviceState], settings: Settings,
+                 control: str, smi: str | None) -> None:
+        self.resource = resource
+        self.replicas = res.replicas
+        self.gpus = gpus
+        self.pipe_dir = pipe_dir(settings.mps_container_root, resource)
+        self.log_dir = log_dir(settings.mps_container_root, resource)
+        self._control = control
+        self._smi = smi
+        # NVIDIA passes only these two to the daemon; the rest of ours (PATH, locale) is harmless.
+        self.env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.log_dir}
+        self.state = MpsDaemon(resource=resource, devices=[g.id for g in gpus], pipe_dir=self.pipe_dir, up=False,
+                               ready=False, since=time.time())
+        self.next_start = 0.0  # monotonic time of the next start attempt
+        self.backoff = 1.0
+        self.next_probe = 0.0
+
+    def _set(self, **changes: object) -> None:
+        new = dataclasses.replace(self.state, **changes)  # type: ignore[arg-type]
+        if (new.up, new.ready) != (self.state.up, self.state.ready):
+            new = dataclasses.replace(new, since=time.time())
+        self.state = new
+
+    def pid(self) -> int:
+        """The daemon's pid when it runs, else 0."""
+        try:
+            pid = int(Path(self.pipe_dir, PID_FILE).read_text().strip() or 0)
+            if pid > 0:
+                os.kill(pid, 0)
+                return pid
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    async def command(self, text: str) -> str:
+        rc, out = await _run([self._control], self.env, text + "\n")
+        if rc != 0:
+            raise MpsError(f"{text.split()[0]}: {out or f'exit status {rc}'}")
+        return out
+
+    async def _compute_mode(self, mode: str) -> None:
+        if self._smi is None:
+            raise MpsError(f"nvidia-smi not found: cannot set compute mode {mode}")
+        for g in self.gpus:
+            rc, out = await _run([self._smi, "-i", g.id, "-c", mode], self.env)
+            if rc != 0:
+                raise MpsError(f"setting compute mode {mode} on {g.id}: {out or f'exit status {rc}'}")
+
+    async def start(self) -> None:
+        self._set(up=False, ready=False, pid=0, active_thread_percentage=0, pinned_mem_limits=[])
+        await self._compute_mode("EXCLUSIVE_PROCESS")
+        os.makedirs(self.pipe_dir, 0o755, exist_ok=True)
+        os.makedirs(self.log_dir, 0o755, exist_ok=True)
+        if self.pid():
+            # Left by an mps-control that died without stopping it: its clients keep running, so it is
+            # adopted (and configured again) rather than killed.
+            log.info("adopting the running MPS control daemon for %s (pid %d)", self.resource, self.pid())
+        else:
+            log.info("starting the MPS control daemon for %s (%d GPUs, %d replicas each), pipe %s", self.resource,
+                     len(self.gpus), self.replicas, self.pipe_dir)
+            rc, out = await _run([self._control, "-d"], self.env)
+            if rc != 0:
+                raise MpsError(f"{CONTROL_BIN} -d: {out or f'exit status {rc}'}")
+        pid = self.pid()
+        if not pid:
+            raise MpsError(f"{CONTROL_BIN} -d returned but no daemon runs (no live pid in {self.pipe_dir})")
+        self._set(up=True, pid=pid)
+        limits: list[str] = []
+        for g in self.gpus:
+            limit = pinned_mem_limit(g.memory_mb, self.replicas)
+            if limit:
+                await self.command(f"set_default_device_pinned_mem_limit {g.index} {limit}")
+                limits.append(f"{g.index}={limit}")
+        pct = active_thread_percentage(self.replicas)
+        await self.command(f"set_default_active_thread_percentage {pct}")
+        self._set(ready=True, active_thread_percentage=pct, pinned_mem_limits=limits, last_error="")
+        self.backoff = 1.0
+        self.next_probe = time.monotonic() + PROBE_S
+        log.info("MPS daemon for %s ready (pid %d): active thread percentage %d, pinned memory %s", self.resource,
+                 pid, pct, ", ".join(limits) or "not limited (size unknown)")
+
+    async def check(self) -> None:
+        """Notices a daemon that died or stopped answering, and (re)starts it when due."""
+        now = time.monotonic()
+        if self.state.up:
+            pid = self.pid()
+            error = "" if pid else f"the MPS control daemon (pid {self.state.pid}) is gone"
+            if pid and now >= self.next_probe:
+                self.next_probe = now + PROBE_S
+                try:
+                    await self.command("get_default_active_thread_percentage")
+                except MpsError as e:
+                    error = f"the MPS control daemon does not answer: {e}"
+            if not error:
+                return
+            log.error("%s: %s; restarting it", self.resource, error)
+            self._set(up=False, ready=False, last_error=error, restarts=self.state.restarts + 1)
+            await self._quit()
+            # Down is published before the restart (the caller publishes after each check), and a
+            # daemon that keeps dying is restarted less and less often.
+            self.next_start = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX_S)
+            return
+        if now < self.next_start:
+            return
+        try:
+            await self.start()
+        except (MpsError, OSError) as e:
+            # A daemon without its limits would give each client the whole GPU: it goes.
+            await self._quit()
+            self._set(up=False, ready=False, pid=0, last_error=str(e))
+            log.error("MPS daemon for %s not ready: %s; retrying in %.0f s", self.resource, e, self.backoff)
+            self.next_start = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX_S)
+
+    async def _quit(self) -> None:
+        """Stops a daemon that still runs (quit, then SIGKILL), and removes what it left in its pipe dir."""
+        pid = self.pid()
+        if pid:
+            with contextlib.suppress(MpsError):
+                await self.command("quit")
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while self.pid() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # polling a pid we cannot wait on (the daemon is not our child)
+            if self.pid():
+                log.warning("MPS daemon for %s (pid %d) did not quit: killing it", self.resource, pid)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+        shutil.rmtree(self.pipe_dir, ignore_errors=True)
+
+    async def stop(self) -> None:
+        await self._quit()
+        with contextlib.suppress(MpsError):
+            await self._compute_mode("DEFAULT")
+        self._set(up=False, ready=False, pid=0)
+        log.info("MPS daemon for %s stopped; %s removed", self.resource, self.pipe_dir)
+
+
+def plan(mps: Replicated, state: HealthState) -> list[tuple[str, SharedResource, list[DeviceState]]]:
+    """(served name, resource, its GPUs) for each MPS resource with at least one GPU on this node."""
+    out = []
+    for res in mps.resources:
+        gpus = gpus_of(res, state.devices)
+        if gpus:
+            out.append((mps.served_name(res), res, gpus))
+    return out
+
+
+class MpsControl:
+    def __init__(self, settings: Settings, publisher: BusPublisher, health_bus: Path) -> None:
+        assert settings.sharing.mps is not None
+        self.settings = settings
+        self.mps = settings.sharing.mps
+        self._pub = publisher
+        self._health_bus = health_bus
+        self.daemons: dict[str, Daemon] = {}
+        self._published: list[MpsDaemon] | None = None
+        control = find_binary(CONTROL_BIN, settings)
+        if control is None:
+            raise PermanentError(f"sharing.mps is configured but {CONTROL_BIN} is not on PATH nor in "
+                                 f"{settings.container_driver_root}/usr/bin: the NVIDIA driver's MPS binaries are "
+                                 "needed (or remove sharing.mps)")
+        self._control = control
+        self._smi = find_binary("nvidia-smi", settings)
+
+    async def _publish(self) -> None:
+        daemons = [d.state for d in self.daemons.values()]
+        if daemons != self._published:
+            self._published = daemons
+            await self._pub.publish_state(MpsState(root=self.settings.mps_container_root, daemons=daemons))
+
+    async def _reconcile(self, state: HealthState) -> None:
+        wanted = {name: (res, gpus) for name, res, gpus in plan(self.mps, state)}
+        for name in list(self.daemons):
+            d = self.daemons[name]
+            if name not in wanted or [g.id for g in wanted[name][1]] != [g.id for g in d.gpus]:
+                await d.stop()
+                del self.daemons[name]
+        for name, (res, gpus) in wanted.items():
+            if name not in self.daemons:
+                self.daemons[name] = Daemon(name, res, gpus, self.settings, self._control, self._smi)
+
+    async def _loop(self) -> None:
+        sub = BusSubscriber([self._health_bus], topics=[HealthState.TOPIC])
+        try:
+            await self._publish()
+            while True:
+                msg = await sub.recv_timeout(CHECK_S)
+                if isinstance(msg, HealthState) and msg.nvml_ok:
+                    await self._reconcile(msg)
+                for d in self.daemons.values():
+                    await d.check()
+                await self._publish()
+        finally:
+            sub.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for res in self.mps.resources:
+            log.info("MPS %s: %d replicas of %s as %s", res.name, res.replicas,
+                     "all GPUs" if res.devices is None else f"devices {res.devices}", self.mps.served_name(res))
+        try:
+            await run_until_stopped(
+                stop,
+                asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
+                asyncio.create_task(self._loop(), name="mps-daemons"),
+            )
+        finally:
+            for d in self.daemons.values():
+                await d.stop()
+            with contextlib.suppress(Exception):
+                await self._publish()
