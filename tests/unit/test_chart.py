@@ -76,6 +76,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "operator-cdi": {"nvidiaDriverRoot": "/run/nvidia/driver", "deviceListStrategy": "cdi-cri",
                      "compatWithCPUManager": True, "gdsEnabled": True, "mofedEnabled": True,
                      "deviceDiscoveryStrategy": "nvml", "mps": {"root": "/run/nvidia/mps"}},
+    # NVIDIA's MPS values: the MPS root mounted at /mps and its shm at /dev/shm, hostPID on request.
+    "mps": {"mps": {"root": "/run/nvidia/mps", "enableHostPID": True}},
     "metrics-on": {"metrics": {"port": 9400, "service": {"enabled": True}, "podMonitor": {"enabled": True}},
                    "health": {"probeInterval": "5s", "recovery": {"policy": "never", "quietPeriod": "2m"}},
                    "stateDir": "/var/lib/kubelet/device-plugins/gpu-device-plugin", "logLevel": "debug",
@@ -240,13 +242,21 @@ def test_mig_monitoring_when_a_config_may_offer_mig(set_name: str, monitor: bool
     ("cdi-cri", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}),
     ("cdi-annotations-and-envvar", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}),
     ("containerized-driver", {"/run/nvidia/driver": ("/driver-root", True)}),
-    ("operator-cdi", {"/var/run/cdi": ("/var/run/cdi", False), "/run/nvidia/driver": ("/driver-root", True)}),
+    ("operator-cdi", {"/var/run/cdi": ("/var/run/cdi", False), "/run/nvidia/driver": ("/driver-root", True),
+                      "/run/nvidia/mps": ("/mps", False), "/run/nvidia/mps/shm": ("/dev/shm", False)}),
+    ("mps", {"/run/nvidia/mps": ("/mps", False), "/run/nvidia/mps/shm": ("/dev/shm", False)}),
 ])
 def test_each_strategy_gets_its_mounts(set_name: str, expected: dict[str, tuple[str, bool]]) -> None:
     ds = daemonset(set_name)
     dp = "/var/lib/kubelet/device-plugins"
     assert mounts(ds) == {dp: (dp, False), **expected}
     assert set(needed_host_paths(pod(ds))) == set(mounts(ds))
+
+
+def test_host_pid_only_on_request_and_only_for_mps() -> None:
+    assert pod(daemonset("mps")).get("hostPID") is True
+    assert "hostPID" not in pod(daemonset("operator-cdi")), "MPS root alone: no host PID namespace"
+    assert "hostPID" not in pod(daemonset("defaults"))
 
 
 def test_cdi_hook_path_and_operator_values_reach_the_plugin() -> None:
@@ -328,7 +338,7 @@ def test_names_and_namespace_as_nvidias_chart() -> None:
     ({"nfd": {"enabled": True}}, "node-feature-discovery"),
     ({"devicePlugin": {"enabled": False}}, "deploys only the device plugin"),
     ({"devicePlugin": {"enableHostNetwork": True}}, "enableHostNetwork"),
-    ({"mps": {"enableHostPID": True}}, "MPS control daemon"),
+    ({"mps": {"enableHostPID": True}}, "only for MPS: set mps.root too"),
     ({"config": {"map": {"a": "version: v1\n", "b": "version: v1\n"}}}, "set config.default"),
     ({"config": {"map": {"a": "version: v1\n"}, "default": "b"}}, "config.default b is not in config.map"),
     ({"config": {"map": {"a": "version: v2\n"}}}, "config.map.a: version: v2 is not supported"),

@@ -85,6 +85,11 @@ def needed_host_paths(pod: dict[str, Any]) -> dict[str, tuple[str, bool, str]]:
     driver_root = env.get("NVIDIA_DRIVER_ROOT", "/")
     if cdi:
         needed["/var/run/cdi"] = ("/var/run/cdi", False, "the CDI specs the container runtime reads")
+    mps_root = env.get("MPS_ROOT", "")
+    if mps_root:
+        # NVIDIA's mps.root mounts: the daemons' pipe and log directories, and the shm they share with clients
+        needed[mps_root] = ("/mps", False, "MPS pipe and log directories (mps-control writes them)")
+        needed[f"{mps_root}/shm"] = ("/dev/shm", False, "the shared memory of the MPS daemons and their clients")
     if cdi or driver_root != "/":
         # libnvidia-ml (containerized driver) and the driver's files the CDI spec lists are read there
         needed[driver_root] = (env.get("DRIVER_ROOT_CTR_PATH", "/driver-root"), True,
@@ -99,8 +104,10 @@ def posture_problems(ds: dict[str, Any]) -> list[str]:
     if ds.get("kind") != "DaemonSet":
         problems.append(f"kind is {ds.get('kind')!r}, not DaemonSet")
     pod = ds.get("spec", {}).get("template", {}).get("spec", {})
+    mps = any(e.get("name") == "MPS_ROOT" and e.get("value") for c in pod.get("containers", [])
+              for e in c.get("env", []))
     for host_ns in ("hostNetwork", "hostPID", "hostIPC"):
-        if pod.get(host_ns):
+        if pod.get(host_ns) and not (host_ns == "hostPID" and mps):  # hostPID: opt-in, for MPS only
             problems.append(f"pod sets {host_ns}")
     containers = [
         *pod.get("initContainers", []),

@@ -26,8 +26,8 @@
 {{- if .Values.nfd.enabled -}}
 {{- fail "nfd.enabled: node-feature-discovery is not part of this chart; install NFD's own chart beside it" -}}
 {{- end -}}
-{{- if .Values.mps.enableHostPID -}}
-{{- fail "mps.enableHostPID: the MPS control daemon is not part of this chart (MPS is not served yet)" -}}
+{{- if and .Values.mps.enableHostPID (not .Values.mps.root) -}}
+{{- fail "mps.enableHostPID: only for MPS: set mps.root too (the host PID namespace is not needed otherwise)" -}}
 {{- end -}}
 {{- if and .Values.config.name .Values.config.map -}}
 {{- fail "config: set only one of config.name (an existing ConfigMap) and config.map (configs built by this chart)" -}}
