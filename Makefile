@@ -27,7 +27,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The Node client measures Allocate and GetPreferredAllocation from the server's side.
 bench: $(STAMP)
+	cd bench/node && npm ci --no-audit --no-fund --silent
 	$(BIN)/python bench/run.py
 
 protos: $(STAMP)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -147,6 +148,25 @@ def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], list[f
     return alloc, noop, preferred
 
 
+NODE_CLIENT = Path(__file__).resolve().parent / "node"
+PROTO = Path(__file__).resolve().parents[1] / "protos" / "deviceplugin" / "v1beta1" / "api.proto"
+
+
+def bench_rpc_node(socket: Path, ids: list[str], n: int) -> dict[str, Any] | None:
+    """The same calls from a Node (@grpc/grpc-js) client, whose own cost per call is small: the
+    server's figure, where the Python client's mostly measures Python's gRPC round trip. None
+    when Node or the client's packages are missing (`make bench` installs them)."""
+    if shutil.which("node") is None or not (NODE_CLIENT / "node_modules").is_dir():
+        return None
+    out = subprocess.run(["node", str(NODE_CLIENT / "client.js"), str(socket), str(PROTO), str(n), *ids],
+                         capture_output=True, text=True, timeout=600, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"the Node client failed: {out.stderr[-2000:]}")
+    raw = json.loads(out.stdout)
+    return {"allocate": summary(raw["allocate"]), "noop": summary(raw["noop"]),
+            "preferred": {size: summary(s) for size, s in raw["preferred"].items()}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--injections", type=int, default=200)
@@ -198,6 +218,7 @@ def main() -> int:
         alloc, noop, preferred = bench_rpc(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
         results["allocate_s"] = summary(alloc)
         results["noop_rpc_s"] = summary(noop)
+        results["node_client"] = bench_rpc_node(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
         results["preferred_allocation_s"] = {str(k): summary(v) for k, v in preferred.items()}
         terminations.append(terminate(stack))
     finally:
@@ -261,6 +282,15 @@ def main() -> int:
         print(f"{label:44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}   (n={r['n']})")
     for size, r in results["preferred_allocation_s"].items():
         print(f"{'GetPreferredAllocation size ' + size + ' (ms)':44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}")
+    node = results.get("node_client")
+    if node is None:
+        print("(no Node client: `make bench` installs bench/node; server-side figures skipped)")
+    else:
+        for label, r in (("Allocate, Node client (ms)", node["allocate"]),
+                         ("no-op, Node client: the floor (ms)", node["noop"]),
+                         *((f"GetPreferredAllocation size {k}, Node client (ms)", v)
+                           for k, v in node["preferred"].items())):
+            print(f"{label:44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}   (n={r['n']})")
     r = results["preferred_replicas_8x16_s"]["4"]
     print(f"{'GetPreferredAllocation 4 of 128 replicas (ms)':44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}")
     print(f"{'total PSS (MB)':44} {results['pss_total_mb']:10.1f}   " +
