@@ -121,7 +121,9 @@ def test_a_daemon_that_crashes_while_configured_is_retried(make_node: Any, short
 
     daemon = wait_until(lost, 60, "mps.state saying the daemon was lost while being configured")
     assert not daemon["ready"] and not daemon["up"] and not node.devices(MPS_RES)
-    assert not (pipe(node) / "control").exists()  # a crashed daemon's leftovers are removed
+    # A crashed daemon's leftovers are removed (a retry may already have made new ones, hence a
+    # wait: without the clean-up the dead daemon's control socket would stay for good).
+    wait_until(lambda: not (pipe(node) / "control").exists(), 30, "the crashed daemon's control socket removed")
     (short_tmp / "mps-fault").write_text("")
     node.wait_devices(MPS_RES, count=32, timeout=90)
 
