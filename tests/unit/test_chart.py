@@ -182,13 +182,15 @@ def test_the_settings_pass_the_services_validation(set_name: str, tmp_path: Path
 
 def test_a_config_files_flags_are_not_overridden_by_the_chart(tmp_path: Path) -> None:
     """The chart sets NVIDIA's flag variables only when given: a config.map's flags.* take effect."""
-    config = "version: v1\nflags:\n  migStrategy: mixed\n  failOnInitError: false\n  plugin:\n    deviceIDStrategy: index\n"
+    config = ("version: v1\nflags:\n  migStrategy: mixed\n  failOnInitError: false\n"
+              "  plugin:\n    deviceIDStrategy: index\n")
     ds = pod(next(d for d in render({"config": {"map": {"main": config}}}) if d["kind"] == "DaemonSet"))
     env = env_of(ds["containers"][0])
     (tmp_path / "config.yaml").write_text(config)
     env["CONFIG_FILE"] = str(tmp_path / "config.yaml")
     settings = resolve(environ=env)
-    assert (settings.mig_strategy, settings.fail_on_init_error, settings.device_id_strategy) == ("mixed", False, "index")
+    chosen = (settings.mig_strategy, settings.fail_on_init_error, settings.device_id_strategy)
+    assert chosen == ("mixed", False, "index")
 
 
 def test_the_settings_check_catches_a_bad_value() -> None:
