@@ -33,7 +33,7 @@ REPLICAS = 2
 
 
 async def check(root: str, gpu: Any, rec: dict[str, Any]) -> bool:
-    settings = resolve(environ={"GPU_PLUGIN_MPS_CONTAINER_ROOT": root})
+    settings = resolve(environ={"GPU_PLUGIN_MPS_CONTAINER_ROOT": root, "MPS_ROOT": root})
     control = find_binary(CONTROL_BIN, settings)
     if control is None:
         rec["error"] = f"{CONTROL_BIN} not found on PATH"

@@ -41,6 +41,15 @@ BACKOFF_MAX_S = 30.0
 PID_FILE = "nvidia-cuda-mps-control.pid"
 
 
+
+def is_mps_daemon(pid: int) -> bool:
+    """Whether `pid` is a live nvidia-cuda-mps-control process (by its command line)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(a).startswith(CONTROL_BIN.encode()) for a in argv[:2])
+
 class MpsError(RuntimeError):
     """A daemon could not be started, configured or reached; the message says which step."""
 
@@ -92,15 +101,17 @@ class Daemon:
         self.state = new
 
     def pid(self) -> int:
-        """The daemon's pid when it runs, else 0."""
+        """The daemon's pid when it runs, else 0.
+
+        The pid file lies on the host (the MPS root) and outlives the container: after an unclean
+        end its pid may be anyone's in a new PID namespace (or the host's, with hostPID). Only a
+        live process that is an MPS control daemon counts: nothing else is adopted, sent `quit`
+        or killed."""
         try:
             pid = int(Path(self.pipe_dir, PID_FILE).read_text().strip() or 0)
-            if pid > 0:
-                os.kill(pid, 0)
-                return pid
         except (OSError, ValueError):
-            pass
-        return 0
+            return 0
+        return pid if pid > 0 and is_mps_daemon(pid) else 0
 
     async def command(self, text: str) -> str:
         rc, out = await _run([self._control], self.env, text + "\n")
@@ -126,6 +137,9 @@ class Daemon:
             # adopted (and configured again) rather than killed.
             log.info("adopting the running MPS control daemon for %s (pid %d)", self.resource, self.pid())
         else:
+            # A pid file naming no MPS daemon was left by a container that ended uncleanly: remove it,
+            # so that neither the new daemon nor a later stop takes its pid for ours.
+            Path(self.pipe_dir, PID_FILE).unlink(missing_ok=True)
             log.info("starting the MPS control daemon for %s (%d GPUs, %d replicas each), pipe %s", self.resource,
                      len(self.gpus), self.replicas, self.pipe_dir)
             rc, out = await _run([self._control, "-d"], self.env)
@@ -232,6 +246,13 @@ class MpsControl:
                                  "needed (or remove sharing.mps)")
         self._control = control
         self._smi = find_binary("nvidia-smi", settings)
+        host, here = settings.mps_host_root, settings.mps_container_root
+        if os.path.realpath(host) != os.path.realpath(here) and not os.path.ismount(here):
+            # Else the daemons' pipes stay inside this container while Allocate mounts the empty host
+            # directory into workloads: in EXCLUSIVE_PROCESS mode all but one client per GPU fail.
+            raise PermanentError(
+                f"sharing.mps: {here} (GPU_PLUGIN_MPS_CONTAINER_ROOT) is not a mount of the host's MPS root {host} "
+                "(MPS_ROOT): mount it there (the chart's mps.root does), or give both the same path on a host")
 
     async def _publish(self) -> None:
         daemons = [d.state for d in self.daemons.values()]

@@ -24,6 +24,7 @@ def test_mps_under_supervisord_serves_and_stops_cleanly() -> None:
     config.write_text("version: v1\nsharing:\n  mps:\n    resources:\n"
                       f"    - {{name: nvidia.com/gpu, rename: {RES}, replicas: 2}}\n")
     stack.env.update({"CONFIG_FILE": str(config), "GPU_PLUGIN_MPS_CONTAINER_ROOT": str(stack.root / "mps"),
+                      "MPS_ROOT": str(stack.root / "mps"),
                       "PATH": f"{FAKE_MPS}{os.pathsep}{stack.env['PATH']}"})
     try:
         stack.start()

@@ -29,6 +29,7 @@ def mps_env(root: Path, fake: bool = True) -> dict[str, str]:
     return {
         "PATH": f"{FAKE_MPS}{os.pathsep}{path}" if fake else path,
         "GPU_PLUGIN_MPS_CONTAINER_ROOT": str(root / "mps"),
+        "MPS_ROOT": str(root / "mps"),  # the same directory as seen from the host: no mount needed
         "FAKE_MPS_FAULT_FILE": str(root / "mps-fault"),
         "FAKE_NVIDIA_SMI_LOG": str(root / "smi.log"),
     }
@@ -83,7 +84,7 @@ def test_mps_on_8_gpus_with_4_replicas_renamed(make_node: Any, short_tmp: Path) 
     assert dict(answer.envs) == {"CUDA_MPS_PIPE_DIRECTORY": f"{short_tmp}/mps/{MPS_RES}/pipe",
                                  "NVIDIA_VISIBLE_DEVICES": G0}
     assert [(m.container_path, m.host_path) for m in answer.mounts] == [
-        (f"{short_tmp}/mps/{MPS_RES}/pipe", f"/run/nvidia/mps/{MPS_RES}/pipe"), ("/dev/shm", "/run/nvidia/mps/shm")]
+        (f"{short_tmp}/mps/{MPS_RES}/pipe", f"{short_tmp}/mps/{MPS_RES}/pipe"), ("/dev/shm", f"{short_tmp}/mps/shm")]
 
 
 def test_a_killed_daemon_makes_its_replicas_unhealthy_until_it_is_back(make_node: Any, short_tmp: Path) -> None:
@@ -191,3 +192,49 @@ def test_quick_failures_become_permanent_on_the_third(procs: Any, short_tmp: Pat
     assert codes == [1, 1, EX_CONFIG], codes
     last = procs.log("mps-control-2").strip().splitlines()[-1]
     assert "failed 3 times in a row within 10 s of its start" in last, last
+
+
+def test_a_stale_pid_file_never_adopts_or_kills_another_process(tmp_path: Path) -> None:
+    """The pid file lies on the host and outlives the container: its pid may be anyone's now."""
+    import asyncio
+
+    from common.bus.messages import DeviceState
+    from common.settings import SharedResource, resolve
+    from services.mps_control import control
+
+    env = {"GPU_PLUGIN_MPS_CONTAINER_ROOT": str(tmp_path), "FAKE_MPS_FAULT_FILE": str(tmp_path / "fault")}
+    settings = resolve(environ=env)
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        pipe_dir = Path(control.pipe_dir(str(tmp_path), "nvidia.com/gpu"))
+        pipe_dir.mkdir(parents=True)
+        (pipe_dir / control.PID_FILE).write_text(f"{bystander.pid}\n")  # left by a killed container
+        gpu = DeviceState(id="GPU-0", kind="gpu", index="0", name="x", health="Healthy", reason="", since=0,
+                          memory_mb=80000)
+        fake = REPO / "devtools" / "fake_mps"
+        daemon = control.Daemon("nvidia.com/gpu", SharedResource("nvidia.com/gpu", "", 2, None), [gpu], settings,
+                                str(fake / "nvidia-cuda-mps-control"), str(fake / "nvidia-smi"))
+        old = dict(os.environ)
+        os.environ.update(env)
+        try:
+            asyncio.run(daemon.check())
+            assert daemon.state.ready and daemon.state.pid != bystander.pid, "a daemon of its own was started"
+            asyncio.run(daemon.stop())
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
+        assert bystander.poll() is None, "the process that got the stale pid must be left alone"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_an_mps_root_that_is_not_the_hosts_is_refused(procs: Any, short_tmp: Path) -> None:
+    """Without the host's MPS root mounted, the pipes would stay in the container: refused at start."""
+    config = short_tmp / "config.yaml"
+    config.write_text(MPS_RENAMED)
+    env = {**mps_env(short_tmp), "MPS_ROOT": "/run/nvidia/mps", "CONFIG_FILE": str(config),
+           "GPU_PLUGIN_RUN_DIR": str(short_tmp / "run")}
+    p = procs.start("mps-control", "mps-control", env=env)
+    assert p.wait(30) == EX_CONFIG
+    assert "is not a mount of the host's MPS root /run/nvidia/mps" in procs.log("mps-control")
