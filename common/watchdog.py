@@ -41,7 +41,7 @@ from common.settings import Settings
 
 DEFAULT_LIMIT_S = 30.0
 CHECK_S = 5.0
-EXIT_HUNG = 3  # distinct from 1 (a failure) and 2 (bad settings) in the container log
+EXIT_HUNG = 3  # distinct from 1 (a failure) and 78 (a permanent one) in the container log
 
 Stuck = Callable[[], list[tuple[str, float]]]  # (what, monotonic start) of operations in progress
 
@@ -74,6 +74,7 @@ class Watchdog:
                  stuck: Stuck | None = None, describe: Callable[[], list[str]] | None = None) -> None:
         self._service = service
         self._alive = alive_path(run_dir, service)
+        self._pid_written = False  # a watchdog that exited (os._exit) left its predecessor's pid there
         self._limit = limit
         self._check = min(CHECK_S, self._limit / 3)
         self._stuck = stuck
@@ -147,13 +148,17 @@ class Watchdog:
 
     def _touch(self, when: float) -> None:
         try:
-            os.utime(self._alive, (when, when))
+            if self._pid_written:
+                os.utime(self._alive, (when, when))
+                return
+            raise FileNotFoundError  # this process's first touch: write its own pid (a predecessor's may be there)
         except FileNotFoundError:
             try:
                 fd = os.open(self._alive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
                 with os.fdopen(fd, "w") as f:
                     f.write(f"{os.getpid()}\n")
                 os.utime(self._alive, (when, when))
+                self._pid_written = True
             except OSError:
                 pass  # the run dir is gone for now; the publisher re-creates it, the next check retries
         except OSError:

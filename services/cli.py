@@ -191,7 +191,7 @@ async def _status(settings: Settings, timeout: float) -> int:
                      "(is the health-monitor running?)")
     age = time.time() - msg.sent_at
     print(f"driver {msg.driver_version or '?'}  nvml {'ok' if msg.nvml_ok else 'FAILED: ' + msg.error}  "
-          f"state seq {msg.seq} ({'STALE, ' if age > 3 else ''}{age:.1f} s old)  "
+          f"state seq {msg.seq} ({'STALE, ' if age > settings.stale_after else ''}{age:.1f} s old)  "
           f"plugin {msg.plugin_version or '?'}")
     for reason in msg.degraded:
         print(f"degraded: {reason}")
