@@ -83,16 +83,20 @@ def explain_init_error(e: NvmlError) -> str:
     return f"nvml init failed: {e}: {hint}"
 
 
-def register_events(nvml: NvmlBackend, handles: dict[str, Handle]) -> tuple[Handle, dict[str, str]]:
+def register_events(nvml: NvmlBackend, handles: dict[str, Handle],
+                    deadline: float | None = None) -> tuple[Handle, dict[str, str]]:
     """A new event set with XID and ECC events of every GPU that supports them.
 
     Returns the set and, per GPU, "" or why registration failed. NOT_SUPPORTED (and a GPU
     already lost) is not a fault of the event channel: the GPU stays healthy, and probes
-    watch it, as NVIDIA's plugin leaves such a GPU alone.
+    watch it, as NVIDIA's plugin leaves such a GPU alone. With a `deadline`, each GPU registers
+    in a thread of its own: one whose call hangs (a wedged GPU) is left behind after that many
+    seconds, so that the other GPUs' events are watched; its probes say it is hung.
     """
     event_set = nvml.event_set_create()
     outcome: dict[str, str] = {}
-    for gpu_uuid, handle in handles.items():
+
+    def register(gpu_uuid: str, handle: Handle) -> None:
         try:
             supported = nvml.device_get_supported_event_types(handle)
             nvml.device_register_events(handle, EVENT_MASK & supported, event_set)
@@ -102,6 +106,22 @@ def register_events(nvml: NvmlBackend, handles: dict[str, Handle]) -> tuple[Hand
             # the GPU is watched by probes instead of events.
             outcome[gpu_uuid] = str(e)
             log.warning("GPU %s: event registration failed (%s); relying on probes", gpu_uuid, e)
+
+    if deadline is None:
+        for gpu_uuid, handle in handles.items():
+            register(gpu_uuid, handle)
+        return event_set, outcome
+    threads = [threading.Thread(target=register, args=item, name=f"nvml-register-{item[0][:12]}", daemon=True)
+               for item in handles.items()]
+    for t in threads:
+        t.start()
+    until = time.monotonic() + deadline
+    for t in threads:
+        t.join(max(0.0, until - time.monotonic()))
+    for gpu_uuid in handles:
+        if gpu_uuid not in outcome:
+            outcome[gpu_uuid] = f"nvmlDeviceRegisterEvents hung for {deadline:g} s"
+            log.error("GPU %s: event registration hung; relying on probes (they will say it hangs)", gpu_uuid)
     return event_set, outcome
 
 
@@ -216,11 +236,12 @@ class HealthMonitor:
             # sets the ECC baseline that later probes compare against.
             await self._apply_probes(await self._prober.probe_all(self._inventory.handles))
             await self._refresh(force=True)
+            # Probes first: a GPU that hangs in event registration must not keep the others unwatched.
+            tasks.append(asyncio.create_task(self._probe_loop(), name="probes"))
             event_set = await asyncio.to_thread(self._register_events)
             self._event_thread = threading.Thread(target=self._wait_events, args=(event_set,), name="nvml-events",
                                                   daemon=True)
             self._event_thread.start()
-            tasks.append(asyncio.create_task(self._probe_loop(), name="probes"))
             if self._cordon_store is not None:
                 tasks.append(asyncio.create_task(self._watch_cordons(), name="cordons"))
             await run_until_stopped(stop, *tasks)
@@ -234,7 +255,7 @@ class HealthMonitor:
 
     # -- events -----------------------------------------------------------------------
     def _register_events(self) -> Handle:
-        event_set, _ = register_events(self._nvml, self._inventory.handles)
+        event_set, _ = register_events(self._nvml, self._inventory.handles, self._prober.deadline)
         return event_set
 
     def _wait_events(self, event_set: Handle) -> None:

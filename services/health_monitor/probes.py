@@ -37,7 +37,7 @@ class RunningProbe:
 class Prober:
     def __init__(self, nvml: NvmlBackend, deadline: float, again: Callable[[], None]) -> None:
         self._nvml = nvml
-        self._probe_deadline = deadline
+        self._probe_deadline = self.deadline = deadline
         self._again = again  # asks for another round at once (a stuck probe answered at last)
         self._probing: dict[str, RunningProbe] = {}  # GPU -> its probe thread, until it answers
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,3 +231,65 @@ def test_status_says_stale_with_the_age_when_the_monitor_lives_but_is_silent(pro
     (procs.root / "status.log").unlink()
     code, out = status()
     assert code == 2 and "no health state" in out and "STALE" not in out, out
+
+
+def test_a_gpu_hanging_in_event_registration_leaves_the_others_watched(short_tmp: Path) -> None:
+    """Registration at start is per GPU under the probe deadline: one wedged GPU's
+    nvmlDeviceRegisterEvents must not keep probes and events of the others from starting."""
+    import asyncio
+    import threading
+
+    from common.bus.sockets import BusPublisher
+    from devtools.nvml_sim import SimulatedNvml, fleet_path
+    from services.health_monitor.model import RecoveryPolicy
+    from services.health_monitor.monitor import HealthMonitor
+    from services.health_monitor.xid_policy import XidPolicy
+
+    release = threading.Event()
+    victim: list[str] = []
+
+    class HangingRegistration(SimulatedNvml):
+        def device_register_events(self, handle: Any, event_types: int, event_set: Any) -> None:
+            if victim and self.device_get_uuid(handle) == victim[0]:
+                release.wait(60)  # as a wedged GPU's call does
+            super().device_register_events(handle, event_types, event_set)
+
+    async def run() -> None:
+        nvml = HangingRegistration(fleet_path("dgx-h100-8"))
+        pub = BusPublisher(short_tmp / "health.sock")
+        states: list[HealthState] = []
+        publish = pub.publish_state
+
+        async def record(state: HealthState) -> HealthState:
+            sent = await publish(state)
+            states.append(sent)
+            return sent
+
+        pub.publish_state = record  # type: ignore[method-assign]
+        monitor = HealthMonitor(nvml, pub, XidPolicy(), recovery=RecoveryPolicy("auto", 0.1, 1.0),
+                                probe_deadline=0.5)
+        nvml.init()
+        gpus = [nvml.device_get_uuid(nvml.device_get_handle_by_index(i)) for i in range(8)]
+        victim.append(gpus[3])
+        stop = asyncio.Event()
+        task = asyncio.create_task(monitor.run(stop))
+        loop = asyncio.get_running_loop()
+
+        async def until(predicate: Any, what: str) -> None:
+            deadline = loop.time() + 20
+            while not predicate():
+                assert loop.time() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.05)
+
+        try:
+            await until(lambda: any(s.nvml_ok and s.devices for s in states), "the first state")
+            nvml.inject({"op": "lost", "uuid": gpus[5]})  # while GPU 3 still hangs in registration
+            await until(lambda: any(d.id == gpus[5] and d.health == UNHEALTHY for d in states[-1].devices),
+                        "GPU 5 Unhealthy at the bus")
+        finally:
+            release.set()
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            pub.close()
+
+    asyncio.run(run())
