@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, PairLink, is_device_id
@@ -47,38 +49,90 @@ def _unusable(inv: Inventory, what: str, uuid: str) -> None:
     inv.unreadable.append(f"{what}: UUID {shown!r} is not a valid device ID")
 
 
-def discover(backend: NvmlBackend, now: float) -> Inventory:
+@dataclass
+class _Found:
+    """One GPU index's discovery, filled in as it goes (read by the caller when it hangs)."""
+
+    index: int
+    step: str = "nvmlDeviceGetHandleByIndex"
+    handle: Handle | None = None
+    uuid: str = ""
+    error: str = ""  # the GPU cannot be offered at all (no UUID, or not a device ID)
+    gpu: DeviceState | None = None
+    migs: list[DeviceState] = field(default_factory=list)
+    done: bool = False
+
+
+def _discover_one(backend: NvmlBackend, found: _Found, now: float) -> None:
+    index = found.index
+    try:
+        found.handle = backend.device_get_handle_by_index(index)
+        found.step = "nvmlDeviceGetUUID"
+        found.uuid = backend.device_get_uuid(found.handle)
+    except NvmlError as e:
+        # Without a UUID there is nothing to offer or to name: say so, and go on with the rest.
+        log.error("GPU index %d cannot be read (%s): not offered", index, e)
+        found.error, found.done = f"GPU index {index}: {e}", True
+        return
+    if not is_device_id(found.uuid):
+        found.done = True  # the caller leaves it out (the bus refuses a state carrying such an ID)
+        return
+    found.step = "describing it (name, PCI, memory, MIG devices)"
+    try:
+        found.gpu, found.migs = _describe(backend, found.handle, index, found.uuid, now)
+    except NvmlError as e:
+        # One broken GPU must not keep the others from being served: list it Unhealthy.
+        reason = "GPU lost" if e.code == NVML_ERROR_GPU_IS_LOST else f"discovery failed: {e}"
+        log.error("GPU %s (index %d): %s", found.uuid, index, reason)
+        found.gpu = DeviceState(id=found.uuid, kind="gpu", index=str(index), name="", health=UNHEALTHY,
+                                reason=reason, since=now)
+    found.done = True
+
+
+def discover(backend: NvmlBackend, now: float, deadline: float | None = None) -> Inventory:
+    """Every GPU and MIG device. With a `deadline`, each GPU is described in a thread of its own:
+    one whose NVML call hangs (a wedged GPU) is listed Unhealthy, the call named, after that
+    many seconds (or, without a UUID, reported unreadable), and the others are served."""
     inv = Inventory()
-    for index in range(backend.device_get_count()):
-        try:
-            handle = backend.device_get_handle_by_index(index)
-            uuid = backend.device_get_uuid(handle)
-        except NvmlError as e:
-            # Without a UUID there is nothing to offer or to name: say so, and go on with the rest.
-            log.error("GPU index %d cannot be read (%s): not offered", index, e)
-            inv.unreadable.append(f"GPU index {index}: {e}")
+    found = [_Found(index) for index in range(backend.device_get_count())]
+    if deadline is None:
+        for f in found:
+            _discover_one(backend, f, now)
+    else:
+        threads = [threading.Thread(target=_discover_one, args=(backend, f, now), daemon=True,
+                                    name=f"nvml-discover-{f.index}") for f in found]
+        for t in threads:
+            t.start()
+        until = time.monotonic() + deadline
+        for t in threads:
+            t.join(max(0.0, until - time.monotonic()))
+    for f in found:
+        if f.error:
+            inv.unreadable.append(f.error)
             continue
-        if not is_device_id(uuid):
-            # The bus refuses a whole state carrying such an ID: leave out this GPU, not the node.
-            _unusable(inv, f"GPU index {index}", uuid)
+        if not f.done and not f.uuid:
+            log.error("GPU index %d: discovery hung in %s: not offered", f.index, f.step)
+            inv.unreadable.append(f"GPU index {f.index}: NVML {f.step} hung")
             continue
-        inv.handles[uuid] = handle
-        try:
-            gpu, migs = _describe(backend, handle, index, uuid, now)
-        except NvmlError as e:
-            # One broken GPU must not keep the others from being served: list it Unhealthy.
-            reason = "GPU lost" if e.code == NVML_ERROR_GPU_IS_LOST else f"discovery failed: {e}"
-            log.error("GPU %s (index %d): %s", uuid, index, reason)
-            gpu = DeviceState(id=uuid, kind="gpu", index=str(index), name="", health=UNHEALTHY,
-                              reason=reason, since=now)
-            migs = []
+        if not is_device_id(f.uuid):
+            _unusable(inv, f"GPU index {f.index}", f.uuid)
+            continue
+        assert f.handle is not None
+        inv.handles[f.uuid] = f.handle
+        gpu, migs = f.gpu, f.migs
+        if not f.done or gpu is None:
+            # Listed, so that the kubelet keeps the device and its probes can say when it answers.
+            reason = f"NVML discovery hung ({f.step})"
+            log.error("GPU %s (index %d): %s", f.uuid, f.index, reason)
+            gpu, migs = DeviceState(id=f.uuid, kind="gpu", index=str(f.index), name="", health=UNHEALTHY,
+                                    reason=reason, since=now), []
         for m in migs:
             if not is_device_id(m.id):
-                _unusable(inv, f"MIG device of GPU index {index}", m.id)
+                _unusable(inv, f"MIG device of GPU index {f.index}", m.id)
         migs = [m for m in migs if is_device_id(m.id)]
         inv.devices.append(gpu)
         inv.devices.extend(migs)
-        inv.children[uuid] = [m.id for m in migs]
+        inv.children[f.uuid] = [m.id for m in migs]
     inv.links = discover_links(backend, inv)
     return inv
 

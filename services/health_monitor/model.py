@@ -133,8 +133,11 @@ class HealthModel:
         self._gpus = list(inventory.handles)
         self._children = {gpu: list(kids) for gpu, kids in inventory.children.items()}
         for d in inventory.devices:
-            if d.health == UNHEALTHY:  # lost or unreadable during discovery; probes may clear it
-                self.add_fault([d.id], "lost" if d.reason == "GPU lost" else "probe", d.reason)
+            if d.health == UNHEALTHY:
+                # Lost, unreadable or hung during discovery: listed (so that the kubelet keeps it) but
+                # without its minor number, PCI address or MIG layout, which Allocate needs. A clean
+                # probe later does not fill those in: it stays out until the monitor rediscovers it.
+                self.add_fault([d.id], "discovery", f"{d.reason} (at discovery; restart the plugin to rediscover)")
 
     def set_cordons(self, cordons: dict[str, Cordon]) -> list[str]:
         """Takes the operator's cordons; returns the IDs they name that this node lacks."""

@@ -220,7 +220,9 @@ class HealthMonitor:
                 return
             self._driver = self._nvml.system_get_driver_version()
             log.info("NVML library: %s", self._nvml.library())
-            self._inventory = discover(self._nvml, self._clock.time())
+            # In threads, under the probe deadline: a GPU that hangs here is listed Unhealthy
+            # with the call named, and the loop (heartbeats, the watchdog) keeps running.
+            self._inventory = await asyncio.to_thread(discover, self._nvml, self._clock.time(), self._prober.deadline)
             self._model.load_inventory(self._inventory)
             self._nvml_ok, self._error = True, "; ".join(self._inventory.unreadable)
             log.info(

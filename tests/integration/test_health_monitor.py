@@ -293,3 +293,57 @@ def test_a_gpu_hanging_in_event_registration_leaves_the_others_watched(short_tmp
             pub.close()
 
     asyncio.run(run())
+
+
+def test_a_gpu_hanging_in_discovery_is_listed_unhealthy_and_the_others_served(short_tmp: Path) -> None:
+    """Discovery runs per GPU under the probe deadline: a wedged GPU is listed with the hung call
+    named, instead of the monitor's loop freezing (and its watchdog restarting it, forever)."""
+    import asyncio
+    import threading
+
+    from common.bus.sockets import BusPublisher
+    from devtools.nvml_sim import SimulatedNvml, fleet_path
+    from services.health_monitor.model import RecoveryPolicy
+    from services.health_monitor.monitor import HealthMonitor
+    from services.health_monitor.xid_policy import XidPolicy
+
+    release = threading.Event()
+
+    class HangingName(SimulatedNvml):
+        def device_get_name(self, handle: Any) -> str:
+            if self.device_get_minor_number(handle) == 2:
+                release.wait(60)  # as a wedged GPU's call does
+            return super().device_get_name(handle)
+
+    async def run() -> HealthState:
+        pub = BusPublisher(short_tmp / "health.sock")
+        states: list[HealthState] = []
+        publish = pub.publish_state
+
+        async def record(state: HealthState) -> HealthState:
+            states.append(await publish(state))
+            return states[-1]
+
+        pub.publish_state = record  # type: ignore[method-assign]
+        monitor = HealthMonitor(HangingName(fleet_path("dgx-h100-8")), pub, XidPolicy(),
+                                recovery=RecoveryPolicy("auto", 0.1, 1.0), probe_deadline=0.5)
+        stop = asyncio.Event()
+        task = asyncio.create_task(monitor.run(stop))
+        loop = asyncio.get_running_loop()
+        try:
+            deadline = loop.time() + 20
+            while not any(s.nvml_ok and s.devices for s in states):
+                assert loop.time() < deadline, "no state published while one GPU hangs in discovery"
+                await asyncio.sleep(0.05)
+            return next(s for s in states if s.nvml_ok and s.devices)
+        finally:
+            release.set()
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            pub.close()
+
+    first = asyncio.run(run())
+    gpus = {d.index: d for d in first.devices if d.kind == "gpu"}
+    assert len(gpus) == 8
+    assert gpus["2"].health == UNHEALTHY and "NVML discovery hung" in gpus["2"].reason
+    assert all(d.health == HEALTHY for i, d in gpus.items() if i != "2")

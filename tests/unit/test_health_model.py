@@ -228,16 +228,18 @@ def test_probe_finds_a_dbe_the_events_missed(plain: Inventory, clock: FakeClock)
     assert m.devices[victim].dbe_count == 2
 
 
-def test_discovery_failures_start_unhealthy_and_probes_may_clear_them(plain: Inventory, clock: FakeClock) -> None:
+def test_discovery_failures_stay_out_until_rediscovered(plain: Inventory, clock: FakeClock) -> None:
     broken = dataclasses.replace(plain.devices[0], health=UNHEALTHY, reason="GPU lost")
     inv = dataclasses.replace(plain, devices=[broken, *plain.devices[1:]])
     m = HealthModel(XidPolicy(), RecoveryPolicy("auto", PROBE_S, QUIET_S), None, clock)
     m.load_inventory(inv)
     m.refresh()
     assert unhealthy(m) == {broken.id}
-    m.apply_probes([clean(broken.id)])
+    clock.advance(QUIET_S * 10)
+    m.apply_probes([clean(broken.id, action=GPU_RECOVERY_ACTION_NONE)])
     m.refresh()
-    assert unhealthy(m) == set()
+    assert unhealthy(m) == {broken.id}, "it lacks what Allocate needs: a clean probe does not make it whole"
+    assert m.devices[broken.id].reason == "GPU lost (at discovery; restart the plugin to rediscover)"
 
 
 # -- recovery ----------------------------------------------------------------------------
