@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from common.bus.messages import HealthState
+from common.bus.messages import HealthState, PluginState
 from common.settings import Settings, SettingsError, add_arguments, resolve
 from common.version import VERSION
 
@@ -84,8 +84,18 @@ def _main(argv: Sequence[str] | None) -> int:
             from common.lifecycle import bad_setting
 
             return bad_setting(args.command, e)
-        return _fail(str(e))
+        # The tools need only the paths, which no config file sets; a bad file (one the services
+        # refused to reload) is what `status` must be able to show.
+        try:
+            settings = resolve(argparse.Namespace(**{**vars(args), "config_file": None}),
+                               {**os.environ, "CONFIG_FILE": ""})
+        except SettingsError:
+            return _fail(str(e))
+        print(f"gpu-plugin: warning: {e} (read without the config file)", file=sys.stderr)
     if args.command in SERVICES:
+        from common.lifecycle import remember_args
+
+        remember_args(args)
         return _run_service(args.command, settings)
     if args.command == "bus":
         return asyncio.run(_tail(settings, args))
@@ -116,6 +126,18 @@ async def _health_state(settings: Settings, timeout: float) -> HealthState | Non
     finally:
         sub.close()
     return msg if isinstance(msg, HealthState) else None
+
+
+async def _plugin_state(settings: Settings, timeout: float) -> PluginState | None:
+    from common.bus.messages import PLUGIN_SOCKET
+    from common.bus.sockets import BusSubscriber
+
+    sub = BusSubscriber([settings.bus_path(PLUGIN_SOCKET)], topics=[PluginState.TOPIC])
+    try:
+        msg = await sub.recv_timeout(timeout)
+    finally:
+        sub.close()
+    return msg if isinstance(msg, PluginState) else None
 
 
 async def _cordon(settings: Settings, args: argparse.Namespace) -> int:
@@ -192,6 +214,17 @@ async def _status(settings: Settings, timeout: float) -> int:
           f"plugin {msg.plugin_version or '?'}")
     for reason in msg.degraded:
         print(f"degraded: {reason}")
+    plugin = await _plugin_state(settings, 2.0)
+    configs = [("", msg.config)]
+    if plugin is not None and plugin.config != msg.config and (plugin.config.file or plugin.config.refused):
+        # The plugin-server also refuses what the node cannot serve (a MIG layout), so it may differ.
+        configs = [(" (health-monitor)", msg.config), (" (plugin-server)", plugin.config)]
+    for who, cfg in configs:
+        if cfg.file:
+            print(f"config{who} {cfg.file} (sha256 {cfg.digest or '?'}, {cfg.reloads} reloads applied)")
+        if cfg.refused:
+            print(f"config{who} REFUSED (sha256 {cfg.refused_digest or '?'}; the config above stays in effect): "
+                  f"{cfg.refused}")
     rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA", "XID", "SBE", "DBE")]
     for d in msg.devices:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since))

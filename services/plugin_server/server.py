@@ -22,15 +22,15 @@ from typing import Any
 
 import grpc
 
-from common.bus.messages import UNHEALTHY, EndpointState, HealthState, PluginEvent, PluginState
+from common.bus.messages import UNHEALTHY, ConfigInfo, EndpointState, HealthState, PluginEvent, PluginState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.lifecycle import run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
-from common.settings import Settings
+from common.settings import Settings, SettingsError
 from services.plugin_server import cdi
 from services.plugin_server.allocation import Extras
-from services.plugin_server.device_table import ResourceTable, build_resources, socket_name
+from services.plugin_server.device_table import MigConfigError, ResourceTable, build_resources, socket_name
 from services.plugin_server.preferred import Topology
 from services.plugin_server.servicer import DevicePluginServicer, plugin_options
 
@@ -95,6 +95,10 @@ class Endpoint:
         if self.socket_id:
             log.info("serving %s on %s", self.table.resource, self.path)
 
+    def use_settings(self, settings: Settings, extras: Extras) -> None:
+        if self.servicer is not None:
+            self.servicer.use_settings(settings, extras)
+
     def alive(self) -> bool:
         return self._grpc is not None and bool(self.socket_id) and file_id(self.path) == self.socket_id
 
@@ -147,6 +151,7 @@ class PluginServer:
         self._cdi_key: tuple[Any, ...] | None = None
         self._extra_specs: list[str] = []
         self.extras = Extras(gds=settings.gds_enabled, mofed=settings.mofed_enabled)
+        self.config = ConfigInfo()  # set by the config reloader
 
     # -- bus out ----------------------------------------------------------------------
     def _mark_changed(self) -> None:
@@ -180,6 +185,7 @@ class PluginServer:
                     health_stale=self._stale,
                     endpoints=[ep.state() for ep in self.endpoints.values() if ep.socket_id],
                     bus_dropped=self._health_sub.dropped if self._health_sub else 0,
+                    config=self.config,
                 )
             )
 
@@ -213,10 +219,10 @@ class PluginServer:
                 self._stale = True
                 self._mark_changed()
 
-    async def _apply(self, state: HealthState) -> None:
+    async def _apply(self, state: HealthState, again: bool = False) -> None:
         old = self._health
         self._health = state
-        if old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
+        if not again and old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
             return  # a heartbeat
         if state.nvml_ok:
             self._last_good = state
@@ -252,6 +258,39 @@ class PluginServer:
         for name, ep in self.endpoints.items():
             if name not in resources and await ep.table.update([]):
                 self._mark_changed()
+
+    # -- live reload ------------------------------------------------------------------
+    def set_config(self, config: ConfigInfo) -> None:
+        self.config = config
+        self._mark_changed()
+
+    async def apply_settings(self, settings: Settings) -> None:
+        """A config reload: the last health state served again under `settings`.
+
+        Checked before anything changes (a MIG layout the new strategy cannot serve raises
+        SettingsError: the reload is refused, the old resources keep being served). A resource the
+        new settings no longer offer is stopped, its socket removed, so that the registrar drops
+        it; a new one is started and registered. Allocations already made are the kubelet's
+        (its checkpoint): nothing here touches them. New Allocate calls use the new settings.
+        """
+        if self._health is not None:
+            try:
+                build_resources(self._last_good or self._health, settings)
+            except MigConfigError as e:
+                raise SettingsError(str(e)) from e
+        self.settings = settings
+        self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
+        self._cdi_key = None  # the spec follows the new device-ID strategy and extras
+        self._announce_settings()
+        for ep in self.endpoints.values():
+            ep.use_settings(settings, self.extras)
+        if self._health is not None:
+            await self._apply(self._health, again=True)
+            wanted = build_resources(self._last_good or self._health, settings)
+            for name in [n for n in self.endpoints if n not in wanted]:
+                log.info("resource %s is no longer offered: stopping its endpoint", name)
+                await self.endpoints.pop(name).stop(grace=0.5)
+        self._mark_changed()
 
     # -- sockets ----------------------------------------------------------------------
     async def _watch_sockets(self, stop: asyncio.Event) -> None:
@@ -296,7 +335,8 @@ class PluginServer:
             cdi.check_driver_files(s)
             for name, spec in cdi.extra_specs(s, channels).items():
                 log.info("CDI spec written to %s", cdi.write_spec(s.cdi_spec_dir, spec, name))
-                self._extra_specs.append(name)
+                if name not in self._extra_specs:  # written again on a config reload
+                    self._extra_specs.append(name)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._announce_settings()
