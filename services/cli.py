@@ -1,6 +1,7 @@
 """`gpu-plugin`: one command for the services and the operator's tools on a node.
 
     gpu-plugin health-monitor | plugin-server | registrar     the three supervised services
+    gpu-plugin kube-agent                                      per-node configuration (the node label)
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
@@ -24,7 +25,7 @@ from common.bus.messages import HealthState, PluginState
 from common.settings import Settings, SettingsError, add_arguments, resolve
 from common.version import VERSION
 
-SERVICES = ("health-monitor", "plugin-server", "registrar")
+SERVICES = ("health-monitor", "plugin-server", "registrar", "kube-agent")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "kube-agent":
+        # It writes the config file the others read: a bad or missing one must not stop it.
+        args.config_file = None
+        os.environ["CONFIG_FILE_DST"] = os.environ.get("CONFIG_FILE_DST") or os.environ.get("CONFIG_FILE", "")
+        os.environ.pop("CONFIG_FILE", None)
     try:
         settings = resolve(args)
     except SettingsError as e:
@@ -111,6 +117,8 @@ def _run_service(name: str, settings: Settings) -> int:
         from services.health_monitor.__main__ import run
     elif name == "plugin-server":
         from services.plugin_server.__main__ import run
+    elif name == "kube-agent":
+        from services.kube_agent.__main__ import run
     else:
         from services.registrar.__main__ import run
     return run(settings)

@@ -63,6 +63,7 @@ DeviceIdOrNone = Annotated[str, IdForm(empty_ok=True)]
 HEALTH_SOCKET = "health.sock"
 PLUGIN_SOCKET = "plugin.sock"
 REGISTRAR_SOCKET = "registrar.sock"
+KUBE_SOCKET = "kube.sock"
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,21 @@ class RegistrarEvent(Message):
     detail: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class KubeState(StateMessage):
+    """The kube-agent's view: the API server, this node's config label, the config selected and why."""
+
+    TOPIC: ClassVar[str] = "kube.state"
+    api_reachable: bool
+    node: str
+    label: str = ""  # the label's value; "" = the node has no such label
+    config: str = ""  # the config selected; "" = the empty config (fallback strategy empty)
+    why: str = ""  # "node label ...", "DEFAULT_CONFIG", "fallback strategy named", ...
+    digest: str = ""  # sha256 (12 hex) of the config file written
+    unknown: str = ""  # a label value that names no available config (reported, not applied)
+    error: str = ""  # the last API or selection error ("" = none)
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     HealthState,
     HealthEvent,
@@ -244,5 +260,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     PluginEvent,
     RegistrarState,
     RegistrarEvent,
+    KubeState,
 )
 BY_TOPIC: dict[str, type[Message]] = {t.TOPIC: t for t in MESSAGE_TYPES}

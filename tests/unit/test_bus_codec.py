@@ -24,6 +24,7 @@ from common.bus.messages import (
     EndpointState,
     HealthEvent,
     HealthState,
+    KubeState,
     Message,
     PairLink,
     PluginEvent,
@@ -174,6 +175,12 @@ SAMPLES: list[tuple[str, Message]] = [
     (
         "registrar-event",
         RegistrarEvent(time=1700000700.0, event="registered", resource="nvidia.com/gpu", detail="nvidia-gpu.sock"),
+    ),
+    (
+        "kube-state",
+        KubeState(incarnation="k1", seq=3, sent_at=1700000800.0, api_reachable=True, node="node-1",
+                  label="ts-8", config="ts-8", why="node label nvidia.com/device-plugin.config=ts-8",
+                  digest="0123456789ab"),
     ),
 ]
 
