@@ -196,8 +196,9 @@ class KubeAgent:
             finally:
                 await client.close()
         except (ApiError, ConfigError, httpx2.HTTPError, OSError) as e:
-            log.warning("API server not reachable at start (%s): %s", e, "keeping the config in place"
-                        if self.dst.exists() else "selecting without the node label")
+            log.warning("node label %s of node %s is not read: API server not reachable (%s); %s", self.rules.label,
+                        self.node, e, "keeping the config in place" if self.dst.exists()
+                        else "selecting without the node label")
             self.api_error = f"{type(e).__name__}: {e}"
             if not self.dst.exists():
                 await self.reselect()
