@@ -24,8 +24,8 @@ from helm_python import Chart, HelmRenderError, HelmValuesError
 
 from common.settings import SPECS, SettingsError, resolve
 from services import config_manager
-from services.kube_agent.selection import ENV as KUBE_AGENT_ENV
 from services.health_monitor.xid_policy import ENV_DISABLE, ENV_ENABLE
+from services.kube_agent.selection import ENV as KUBE_AGENT_ENV
 from tests.unit.test_deploy_lint import (
     DOCKERFILE,
     K8S_VERSIONS,
