@@ -25,12 +25,12 @@ import grpc
 from common.bus.messages import UNHEALTHY, ConfigInfo, EndpointState, HealthState, PluginEvent, PluginState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
-from common.lifecycle import run_until_stopped
+from common.lifecycle import PermanentError, run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings, SettingsError
 from services.plugin_server import cdi
 from services.plugin_server.allocation import Extras
-from services.plugin_server.device_table import MigConfigError, ResourceTable, build_resources, socket_name
+from services.plugin_server.device_table import ResourceTable, build_resources, socket_name
 from services.plugin_server.preferred import Topology
 from services.plugin_server.servicer import DevicePluginServicer, plugin_options
 
@@ -273,11 +273,13 @@ class PluginServer:
         it; a new one is started and registered. Allocations already made are the kubelet's
         (its checkpoint): nothing here touches them. New Allocate calls use the new settings.
         """
-        if self._health is not None:
-            try:
+        try:
+            if self._health is not None:
                 build_resources(self._last_good or self._health, settings)
-            except MigConfigError as e:
-                raise SettingsError(str(e)) from e
+            if any(s.startswith("cdi-") for s in settings.device_list_strategy):
+                cdi.check_driver_files(settings)  # e.g. a CDI strategy without the driver root mounted
+        except PermanentError as e:  # fatal at start; on a reload, a refusal
+            raise SettingsError(str(e)) from e
         self.settings = settings
         self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
         self._cdi_key = None  # the spec follows the new device-ID strategy and extras

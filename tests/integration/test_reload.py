@@ -152,3 +152,14 @@ def test_100_reloads_leak_nothing(make_node: Any) -> None:
         assert fds1 <= fds0 + 2, f"{name}: fds {fds0} -> {fds1}"
         assert threads1 <= threads0 + 2, f"{name}: threads {threads0} -> {threads1}"
         assert rss1 - rss0 < 8 * 1024, f"{name}: RSS {rss0} -> {rss1} KiB"
+
+
+def test_a_cdi_strategy_without_the_driver_files_is_refused_not_fatal(make_node: Any, procs: Any) -> None:
+    node = make_node(config="version: v1\n")
+    node.wait_devices(count=8, timeout=30)
+    started = pids(node)
+    write(node, "version: v1\nflags:\n  plugin:\n    deviceListStrategy: cdi-annotations\n")
+    wait_until(lambda: "REFUSED" in status(node), 30, "the refusal")
+    assert pids(node) == started, "a reload never ends a service"
+    resp = node.lt.run(node.sim.allocate(GPU, [sorted(node.devices())[0]]))
+    assert "NVIDIA_VISIBLE_DEVICES" in resp.envs, "the envvar strategy still answers"
