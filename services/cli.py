@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from common.bus.messages import HealthState, PluginState
+from common.bus.messages import HealthState, KubeState, PluginState
 from common.settings import Settings, SettingsError, add_arguments, resolve
 from common.version import VERSION
 
@@ -148,6 +148,21 @@ async def _plugin_state(settings: Settings, timeout: float) -> PluginState | Non
     return msg if isinstance(msg, PluginState) else None
 
 
+async def _kube_state(settings: Settings) -> KubeState | None:
+    """The kube-agent's state, where one runs (its socket exists): else nothing, at once."""
+    from common.bus.messages import KUBE_SOCKET
+    from common.bus.sockets import BusSubscriber
+
+    if not settings.bus_path(KUBE_SOCKET).exists():
+        return None
+    sub = BusSubscriber([settings.bus_path(KUBE_SOCKET)], topics=[KubeState.TOPIC])
+    try:
+        msg = await sub.recv_timeout(2.0)
+    finally:
+        sub.close()
+    return msg if isinstance(msg, KubeState) else None
+
+
 async def _cordon(settings: Settings, args: argparse.Namespace) -> int:
     from common.cordons import CordonFileError, CordonStore
 
@@ -233,6 +248,15 @@ async def _status(settings: Settings, timeout: float) -> int:
         if cfg.refused:
             print(f"config{who} REFUSED (sha256 {cfg.refused_digest or '?'}; the config above stays in effect): "
                   f"{cfg.refused}")
+    kube = await _kube_state(settings)
+    if kube is not None:
+        api = "API reachable" if kube.api_reachable else f"API NOT reachable ({kube.error})"
+        print(f"per-node config: node {kube.node or '?'}, label {kube.label or '(none)'}, selected "
+              f"{kube.config or '(empty)'} ({kube.why}); {api}")
+        if kube.unknown:
+            print(f"per-node config: label value {kube.unknown!r} names no config: not applied")
+        if kube.error and kube.api_reachable:
+            print(f"per-node config: {kube.error}")
     rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA", "XID", "SBE", "DBE")]
     for d in msg.devices:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since))

@@ -72,6 +72,11 @@ def test_label_change_reaches_the_kubelet_without_a_restart(
     held(stack, timeout=30, allocatable=32, capacity=32)
     label(lt, emu, "ts-8")
     held(stack, timeout=30, allocatable=64, capacity=64)
+    out = subprocess.run([str(BIN / "gpu-plugin"), "status", "--timeout", "20"], env=stack.env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (f"per-node config: node node-1, label ts-8, selected ts-8 (node label {LABEL}=ts-8); API reachable"
+            in out.stdout), out.stdout
     label(lt, emu, None)
     state = held(stack, timeout=30)
     assert all("::" not in i for i in state["resources"][RESOURCE]["devices"])
