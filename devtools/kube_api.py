@@ -54,6 +54,7 @@ class KubeApiEmulator:
         self.requests: list[Request] = []
         self.failures: list[int] = []  # HTTP codes to answer the next requests with, in order
         self.gone = 0  # watches answered 410 Gone
+        self.black_hole = False  # watches opened now get headers, then nothing ever (a dead route)
         self._watches: list[_Watch] = []
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
@@ -198,10 +199,11 @@ class KubeApiEmulator:
         if wanted is None:
             return await self._send(writer, 403, status(403, "Forbidden", "watching every node is forbidden"))
         await self._watch(writer, wanted, int(query.get("resourceVersion") or 0),
-                          query.get("allowWatchBookmarks") == "true")
+                          query.get("allowWatchBookmarks") == "true", float(query.get("timeoutSeconds") or 0))
         return False
 
-    async def _watch(self, writer: asyncio.StreamWriter, node: str, since: int, bookmarks: bool) -> None:
+    async def _watch(self, writer: asyncio.StreamWriter, node: str, since: int, bookmarks: bool,
+                     timeout: float) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
 
         def chunk(event: dict[str, Any]) -> None:
@@ -215,6 +217,9 @@ class KubeApiEmulator:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
             return
+        if self.black_hole:
+            await writer.drain()
+            await asyncio.Event().wait()  # until the connection is cut or the server stops
         watch = _Watch(node, since, bookmarks)
         self._watches.append(watch)
         try:
@@ -225,7 +230,12 @@ class KubeApiEmulator:
                     chunk({"type": kind, "object": obj})
             await writer.drain()
             while True:
-                event = await watch.queue.get()
+                try:
+                    # The server's own end of a watch (timeoutSeconds): a clean end the client resumes.
+                    async with asyncio.timeout(timeout or None):
+                        event = await watch.queue.get()
+                except TimeoutError:
+                    event = {}
                 if event is None:
                     break  # dropped: the connection is cut without the final chunk
                 if not event:

@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
 RECHECK_S = 60.0  # backstop for ConfigMap changes inotify cannot see
+# The client waits on a watch without a read timeout: a connection that dies silently (a node
+# losing its route, a black-holing load balancer) would hang it for good. The server ends each
+# watch at WATCH_SERVER_S (the client resumes it); one that outlives WATCH_RENEW_S is given up and
+# the node read again, so a label change is missed for at most that long.
+WATCH_SERVER_S = 240
+WATCH_RENEW_S = 300.0
 ClientFactory = Callable[[], AsyncClient]
 
 
@@ -53,7 +59,8 @@ def label_of(node: Any, label: str) -> str | None:
 
 class KubeAgent:
     def __init__(self, rules: Rules, node: str, dst: Path, publisher: BusPublisher | None,
-                 client: ClientFactory = default_client) -> None:
+                 client: ClientFactory = default_client, renew_s: float = WATCH_RENEW_S) -> None:
+        self._renew_s = renew_s
         self.rules = rules
         self.node = node
         self.dst = dst
@@ -144,13 +151,19 @@ class KubeAgent:
                     await self._label_is(label_of(nodes[0], self.rules.label))
                     await self._publish()
                     version = listed.resourceVersion
-                    async for kind, obj in client.watch(Node, fields={"metadata.name": self.node},
-                                                        resource_version=version):
-                        pause = RETRY_MIN_S  # the watch works: the next failure is retried soon
-                        if kind in ("ADDED", "MODIFIED"):
-                            await self._label_is(label_of(obj, self.rules.label))
-                        # BOOKMARK: only a newer version (kept by the client); DELETED: a node being
-                        # removed keeps its config until this pod goes too.
+                    try:
+                        async with asyncio.timeout(self._renew_s):
+                            async for kind, obj in client.watch(
+                                    Node, fields={"metadata.name": self.node}, resource_version=version,
+                                    server_timeout=min(WATCH_SERVER_S, max(1, int(self._renew_s * 0.8)))):
+                                pause = RETRY_MIN_S  # the watch works: the next failure is retried soon
+                                if kind in ("ADDED", "MODIFIED"):
+                                    await self._label_is(label_of(obj, self.rules.label))
+                                # BOOKMARK: only a newer version (kept by the client); DELETED: a node
+                                # being removed keeps its config until this pod goes too.
+                    except TimeoutError:
+                        log.debug("watch of node %s renewed after %.0f s", self.node, self._renew_s)
+                        continue
                 except ApiError as e:
                     code = e.status.code if e.status is not None else 0
                     if code == 410 and pause == RETRY_MIN_S:

@@ -231,3 +231,27 @@ def test_without_per_node_configuration_it_exits_0_at_once(procs: Procs, short_t
     agent = Agent(procs, short_tmp, None, CONFIG_FILE_SRCDIR="")
     assert agent.start().wait(30) == 0
     assert "per-node configuration is off" in procs.log("kube-agent")
+
+
+def test_a_silently_dead_watch_is_renewed(short_tmp: Path, api: Api) -> None:
+    """In-process (to shorten the renewal): the real client against a watch that never answers."""
+    from services.kube_agent.agent import KubeAgent, default_client
+    from services.kube_agent.selection import Rules
+
+    src = short_tmp / "configs"
+    config_map(src, {"default": DEFAULT, "ts": TS4})
+    api.do(api.emu.add_node, "node-1", {})
+    (short_tmp / "kubeconfig").write_text(api.emu.kubeconfig())
+    os.environ["KUBECONFIG"] = str(short_tmp / "kubeconfig")
+    dst = short_tmp / "config.yaml"
+    try:
+        agent = KubeAgent(Rules(src), "node-1", dst, None, default_client, renew_s=1.0)
+        api.do(agent.start)
+        api.emu.black_hole = True  # the agent's watches now hang: a dead route
+        api.lt.spawn(agent.follow_node())
+        wait_until(lambda: any(r.query.get("watch") for r in api.emu.requests), 30, "the agent's watch")
+        api.do(api.emu.set_label, "node-1", LABEL, "ts")  # lost in the black hole
+        api.emu.black_hole = False
+        wait_until(lambda: dst.read_text() == TS4, 30, "the label seen after the watch's renewal")
+    finally:
+        os.environ.pop("KUBECONFIG", None)
