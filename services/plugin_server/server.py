@@ -53,11 +53,12 @@ class Endpoint:
         # Health updates and the socket watcher may both (re)start an endpoint: one at a time,
         # and always stopping the old server first, or it would keep running, unreachable.
         self._lock = asyncio.Lock()
+        self.retired = False  # its resource is no longer offered (a reload): never started again
 
     async def ensure_serving(self) -> bool:
         """(Re)starts the server when its socket is missing or replaced; True when it did."""
         async with self._lock:
-            if self.alive():
+            if self.alive() or self.retired:
                 return False
             if self._grpc is not None:
                 log.warning("socket %s was removed or replaced: re-creating it", self.path)
@@ -152,6 +153,9 @@ class PluginServer:
         self._extra_specs: list[str] = []
         self.extras = Extras(gds=settings.gds_enabled, mofed=settings.mofed_enabled)
         self.config = ConfigInfo()  # set by the config reloader
+        # A health state and a reload are applied one at a time: one suspended mid-way under the
+        # old settings must not finish after the reload and leave its resources behind.
+        self._applying = asyncio.Lock()
 
     # -- bus out ----------------------------------------------------------------------
     def _mark_changed(self) -> None:
@@ -204,7 +208,8 @@ class PluginServer:
                         log.info("health publisher is back")
                         self._stale = False
                         self._mark_changed()
-                    await self._apply(msg)
+                    async with self._applying:
+                        await self._apply(msg)
         finally:
             sub.close()
 
@@ -280,18 +285,21 @@ class PluginServer:
                 cdi.check_driver_files(settings)  # e.g. a CDI strategy without the driver root mounted
         except PermanentError as e:  # fatal at start; on a reload, a refusal
             raise SettingsError(str(e)) from e
-        self.settings = settings
-        self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
-        self._cdi_key = None  # the spec follows the new device-ID strategy and extras
-        self._announce_settings()
-        for ep in self.endpoints.values():
-            ep.use_settings(settings, self.extras)
-        if self._health is not None:
-            await self._apply(self._health, again=True)
-            wanted = build_resources(self._last_good or self._health, settings)
-            for name in [n for n in self.endpoints if n not in wanted]:
-                log.info("resource %s is no longer offered: stopping its endpoint", name)
-                await self.endpoints.pop(name).stop(grace=0.5)
+        async with self._applying:
+            self.settings = settings
+            self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
+            self._cdi_key = None  # the spec follows the new device-ID strategy and extras
+            self._announce_settings()
+            for ep in self.endpoints.values():
+                ep.use_settings(settings, self.extras)
+            if self._health is not None:
+                await self._apply(self._health, again=True)
+                wanted = build_resources(self._last_good or self._health, settings)
+                for name in [n for n in self.endpoints if n not in wanted]:
+                    log.info("resource %s is no longer offered: stopping its endpoint", name)
+                    ep = self.endpoints.pop(name)
+                    ep.retired = True  # the socket watcher may hold it in a snapshot
+                    await ep.stop(grace=0.5)
         self._mark_changed()
 
     # -- sockets ----------------------------------------------------------------------
