@@ -163,3 +163,29 @@ def test_a_cdi_strategy_without_the_driver_files_is_refused_not_fatal(make_node:
     assert pids(node) == started, "a reload never ends a service"
     resp = node.lt.run(node.sim.allocate(GPU, [sorted(node.devices())[0]]))
     assert "NVIDIA_VISIBLE_DEVICES" in resp.envs, "the envvar strategy still answers"
+
+
+def test_an_endpoint_retired_by_a_reload_is_never_started_again(short_tmp: Path) -> None:
+    """The socket watcher may still hold a retired endpoint in its snapshot and ask it to serve."""
+    import asyncio
+    import dataclasses
+
+    from common.bus.sockets import BusPublisher
+    from common.settings import resolve
+    from services.plugin_server.device_table import ResourceTable
+    from services.plugin_server.server import Endpoint, PluginServer
+
+    settings = dataclasses.replace(resolve(environ={}), device_plugin_dir=short_tmp / "dp", run_dir=short_tmp)
+
+    async def scenario() -> tuple[bool, bool]:
+        pub = BusPublisher(short_tmp / "p.sock")
+        try:
+            ep = Endpoint(PluginServer(settings, pub, short_tmp / "h.sock"), ResourceTable(SHARED))
+            assert await ep.ensure_serving() and ep.path.exists()
+            ep.retired = True
+            await ep.stop(grace=0)
+            return await ep.ensure_serving(), ep.path.exists()
+        finally:
+            pub.close()
+
+    assert asyncio.run(scenario()) == (False, False)
