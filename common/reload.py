@@ -123,14 +123,17 @@ class Reloader:
         if watcher is None:
             await self._requested.wait()
         else:
-            waiter = asyncio.create_task(self._requested.wait())
-            try:
-                while not self._requested.is_set():
-                    names = await watcher.next(timeout=RECHECK_S)
-                    if names or digest_of(self.settings.config_file) not in (self.status.digest, ""):
-                        break
-            finally:
-                waiter.cancel()
+            while not self._requested.is_set():
+                changed = asyncio.create_task(watcher.next(timeout=RECHECK_S))
+                signalled = asyncio.create_task(self._requested.wait())
+                try:
+                    done, _ = await asyncio.wait([changed, signalled], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in (changed, signalled):
+                        t.cancel()
+                if changed in done and (changed.result()
+                                        or digest_of(self.settings.config_file) not in (self.status.digest, "")):
+                    break
             await asyncio.sleep(COALESCE_S)  # a debounce of the writer's burst, not a wait for a condition
         forced = self._requested.is_set()
         self._requested.clear()

@@ -101,6 +101,21 @@ def test_sighup_reloads_and_never_kills(make_node: Any, procs: Any) -> None:
     assert pids(node) == started
 
 
+def test_sighup_rereads_a_file_the_watch_cannot_see(make_node: Any, short_tmp: Path) -> None:
+    """CONFIG_FILE a symlink into another directory (a hand-made layout): an edit there is not an
+    event of the watched directory, so SIGHUP, as NVIDIA's sidecar sends it, is what applies it."""
+    elsewhere = short_tmp / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "real.yaml").write_text(sliced(2))
+    link = short_tmp / "linked.yaml"
+    link.symlink_to(elsewhere / "real.yaml")
+    node = make_node(CONFIG_FILE=str(link))
+    node.wait_devices(count=16, timeout=30)
+    (elsewhere / "real.yaml").write_text(sliced(3))
+    os.kill(node.services["plugin-server"].pid, signal.SIGHUP)
+    node.wait_devices(count=24, timeout=15)  # well inside the 30 s backstop re-read
+
+
 def test_mig_strategy_change_live(make_node: Any) -> None:
     node = make_node("dgx-h100-8-mig", config="version: v1\nflags:\n  migStrategy: none\n")
     node.wait_devices(count=8, timeout=30)
