@@ -12,6 +12,7 @@ Figures (p50/p99 where repeated):
   memory                            PSS of supervisord and every child
   idle CPU                          CPU time of each process over an idle window
   pod termination                   SIGTERM to the entry point (PID 1) until it exited, each stack
+  node label -> new device list     bench/per_node_config.py: and the kube-agent's memory and idle CPU
 
 Usage: python bench/run.py [--injections 200] [--allocations 2000] [--idle 60]
 """
@@ -300,7 +301,10 @@ def main() -> int:
           ", ".join(f"{k} {v:.3f}" for k, v in results["idle_cpu_percent"].items()))
     print(f"written to {RESULTS / 'latest.json'}")
     print("\npreferred allocation alone (bench/preferred.py), 8 and 16 GPUs:", flush=True)
-    return subprocess.call([sys.executable, str(Path(__file__).resolve().parent / "preferred.py")])
+    here = Path(__file__).resolve().parent
+    status = subprocess.call([sys.executable, str(here / "preferred.py")])
+    print("\nper-node configuration (bench/per_node_config.py):", flush=True)
+    return status or subprocess.call([sys.executable, str(here / "per_node_config.py")])
 
 
 if __name__ == "__main__":

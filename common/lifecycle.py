@@ -28,11 +28,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.reload import Reloader
 from common.settings import Settings, SettingsError, add_arguments, resolve
 
 log = logging.getLogger(__name__)
 
 ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
+
+# The flags a service was started with: a reload resolves them again with the new file.
+_given: argparse.Namespace | None = None
+
+
+def remember_args(args: argparse.Namespace) -> None:
+    global _given
+    _given = args
 
 
 EX_CONFIG = 78  # sysexits.h: a configuration error; restarting the same process cannot help
@@ -88,9 +97,11 @@ def service_entry(service: str, run: Callable[[Settings], int], argv: Sequence[s
     parser = argparse.ArgumentParser(prog=f"gpu-plugin {service}")
     add_arguments(parser)
     try:
-        settings = resolve(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        settings = resolve(args)
     except SettingsError as e:
         return bad_setting(service, e)
+    remember_args(args)
     return run(settings)
 
 
@@ -182,7 +193,22 @@ def run_service(name: str, main: ServiceMain, settings: Settings) -> int:
 
         for s in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(s, on_signal, s)
-        await main(settings, stop)
+        # SIGHUP is NVIDIA's config-manager's "reload": by default it would kill the service.
+        reloader = Reloader.current_for(name, settings, lambda: resolve(_given))
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        service: asyncio.Future[None] = asyncio.ensure_future(main(settings, stop))
+        reloads = asyncio.create_task(reloader.run(), name="config-reload")
+        try:
+            await asyncio.wait([service, reloads], return_when=asyncio.FIRST_COMPLETED)
+            if reloads.done():
+                reloads.result()  # a reload that failed to apply raises here: the state is not to be trusted
+                raise RuntimeError("config reload task ended")
+            await service
+        finally:
+            for t in (service, reloads):
+                t.cancel()
+            await asyncio.gather(service, reloads, return_exceptions=True)
+            loop.remove_signal_handler(signal.SIGHUP)
 
     try:
         asyncio.run(runner())

@@ -2,6 +2,7 @@
 
     gpu-plugin health-monitor | plugin-server | registrar     the three supervised services
     gpu-plugin mps-control                                     the MPS control daemons (sharing.mps only)
+    gpu-plugin kube-agent                                      per-node configuration (the node label)
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
@@ -21,11 +22,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from common.bus.messages import HealthState
+from common.bus.messages import HealthState, KubeState, PluginState
 from common.settings import Settings, SettingsError, add_arguments, resolve
 from common.version import VERSION
 
-SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control")
+SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "kube-agent":
+        # It writes the config file the others read: a bad or missing one must not stop it.
+        args.config_file = None
+        os.environ["CONFIG_FILE_DST"] = os.environ.get("CONFIG_FILE_DST") or os.environ.get("CONFIG_FILE", "")
+        os.environ.pop("CONFIG_FILE", None)
     try:
         settings = resolve(args)
     except SettingsError as e:
@@ -85,8 +91,18 @@ def _main(argv: Sequence[str] | None) -> int:
             from common.lifecycle import bad_setting
 
             return bad_setting(args.command, e)
-        return _fail(str(e))
+        # The tools need only the paths, which no config file sets; a bad file (one the services
+        # refused to reload) is what `status` must be able to show.
+        try:
+            settings = resolve(argparse.Namespace(**{**vars(args), "config_file": None}),
+                               {**os.environ, "CONFIG_FILE": ""})
+        except SettingsError:
+            return _fail(str(e))
+        print(f"gpu-plugin: warning: {e} (read without the config file)", file=sys.stderr)
     if args.command in SERVICES:
+        from common.lifecycle import remember_args
+
+        remember_args(args)
         return _run_service(args.command, settings)
     if args.command == "bus":
         return asyncio.run(_tail(settings, args))
@@ -104,6 +120,8 @@ def _run_service(name: str, settings: Settings) -> int:
         from services.plugin_server.__main__ import run
     elif name == "mps-control":
         from services.mps_control.__main__ import run
+    elif name == "kube-agent":
+        from services.kube_agent.__main__ import run
     else:
         from services.registrar.__main__ import run
     return run(settings)
@@ -119,6 +137,33 @@ async def _health_state(settings: Settings, timeout: float) -> HealthState | Non
     finally:
         sub.close()
     return msg if isinstance(msg, HealthState) else None
+
+
+async def _plugin_state(settings: Settings, timeout: float) -> PluginState | None:
+    from common.bus.messages import PLUGIN_SOCKET
+    from common.bus.sockets import BusSubscriber
+
+    sub = BusSubscriber([settings.bus_path(PLUGIN_SOCKET)], topics=[PluginState.TOPIC])
+    try:
+        msg = await sub.recv_timeout(timeout)
+    finally:
+        sub.close()
+    return msg if isinstance(msg, PluginState) else None
+
+
+async def _kube_state(settings: Settings) -> KubeState | None:
+    """The kube-agent's state, where one runs (its socket exists): else nothing, at once."""
+    from common.bus.messages import KUBE_SOCKET
+    from common.bus.sockets import BusSubscriber
+
+    if not settings.bus_path(KUBE_SOCKET).exists():
+        return None
+    sub = BusSubscriber([settings.bus_path(KUBE_SOCKET)], topics=[KubeState.TOPIC])
+    try:
+        msg = await sub.recv_timeout(2.0)
+    finally:
+        sub.close()
+    return msg if isinstance(msg, KubeState) else None
 
 
 async def _cordon(settings: Settings, args: argparse.Namespace) -> int:
@@ -195,6 +240,26 @@ async def _status(settings: Settings, timeout: float) -> int:
           f"plugin {msg.plugin_version or '?'}")
     for reason in msg.degraded:
         print(f"degraded: {reason}")
+    plugin = await _plugin_state(settings, 2.0)
+    configs = [("", msg.config)]
+    if plugin is not None and plugin.config != msg.config and (plugin.config.file or plugin.config.refused):
+        # The plugin-server also refuses what the node cannot serve (a MIG layout), so it may differ.
+        configs = [(" (health-monitor)", msg.config), (" (plugin-server)", plugin.config)]
+    for who, cfg in configs:
+        if cfg.file:
+            print(f"config{who} {cfg.file} (sha256 {cfg.digest or '?'}, {cfg.reloads} reloads applied)")
+        if cfg.refused:
+            print(f"config{who} REFUSED (sha256 {cfg.refused_digest or '?'}; the config above stays in effect): "
+                  f"{cfg.refused}")
+    kube = await _kube_state(settings)
+    if kube is not None:
+        api = "API reachable" if kube.api_reachable else f"API NOT reachable ({kube.error})"
+        print(f"per-node config: node {kube.node or '?'}, label {kube.label or '(none)'}, selected "
+              f"{kube.config or '(empty)'} ({kube.why}); {api}")
+        if kube.unknown:
+            print(f"per-node config: label value {kube.unknown!r} names no config: not applied")
+        if kube.error and kube.api_reachable:
+            print(f"per-node config: {kube.error}")
     rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA", "XID", "SBE", "DBE")]
     for d in msg.devices:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since))

@@ -1,49 +1,41 @@
-"""`config-manager`: NVIDIA's config-manager interface, reduced to what is served without API access.
+"""`config-manager`: NVIDIA's config-manager interface, served by the kube-agent's code.
 
-NVIDIA's chart and the GPU Operator run it as an init container (ONESHOT=true) that copies one of
-the configs in CONFIG_FILE_SRCDIR (a mounted ConfigMap) to CONFIG_FILE_DST, where the plugin reads
-it (CONFIG_FILE), and as a sidecar (ONESHOT=false) that follows the node label NODE_LABEL and sends
-SIGNAL to PROCESS_TO_SIGNAL after each change.
+NVIDIA's chart and the GPU Operator run it as an init container (ONESHOT=true) that copies the
+config selected for this node from CONFIG_FILE_SRCDIR (a mounted ConfigMap) to CONFIG_FILE_DST,
+where the plugin reads it (CONFIG_FILE), and as a sidecar (ONESHOT=false) that follows the node
+label NODE_LABEL and the ConfigMap, rewrites the file and sends SIGNAL to PROCESS_TO_SIGNAL after
+each change. The selection is NVIDIA's (services.kube_agent.selection): the label's config, else
+DEFAULT_CONFIG, else FALLBACK_STRATEGIES (named, single, empty). The selected file is validated as
+the plugin would read it (a bad config fails here, naming it). The API is reached as kubectl does
+(in-cluster service account, else KUBECONFIG); without it the label is not read, said on the log.
 
-Served: the one-shot selection, in NVIDIA's order after the label: DEFAULT_CONFIG, then
-FALLBACK_STRATEGIES (named: a config called "default"; single: the only config; empty: an empty v1
-config). The selected file is validated as the plugin would (a bad config fails here, naming it).
-Not served yet (said on the log, never silently): reading the node label (no API access:
-per-node configuration is to come), and so the sidecar's following and signalling; with
-ONESHOT=false it selects once and then idles in sh (~1 MB) so that the pod stays up.
+Our services reload the file when it changes, so the signal is not needed by our image; it is sent
+when SEND_SIGNAL=true and a process of that name exists (with the pod's shared process namespace).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from common.settings import SettingsError, resolve
+from services.kube_agent.selection import (
+    DST,
+    ENV,
+    NODE_NAME,
+    ONESHOT,
+    PROCESS_TO_SIGNAL,
+    SEND_SIGNAL,
+    SIGNAL,
+    Rules,
+    SelectionError,
+)
 
-# NVIDIA's environment interface; a test checks the charts set no variable outside it.
-ONESHOT = "ONESHOT"
-NODE_NAME = "NODE_NAME"
-NODE_LABEL = "NODE_LABEL"
-SRCDIR = "CONFIG_FILE_SRCDIR"
-DST = "CONFIG_FILE_DST"
-DEFAULT_CONFIG = "DEFAULT_CONFIG"
-FALLBACK_STRATEGIES = "FALLBACK_STRATEGIES"
-SEND_SIGNAL = "SEND_SIGNAL"
-SIGNAL = "SIGNAL"
-PROCESS_TO_SIGNAL = "PROCESS_TO_SIGNAL"
-KUBECONFIG = "KUBECONFIG"
-ENV = (ONESHOT, NODE_NAME, NODE_LABEL, SRCDIR, DST, DEFAULT_CONFIG, FALLBACK_STRATEGIES, SEND_SIGNAL, SIGNAL,
-       PROCESS_TO_SIGNAL, KUBECONFIG)
-
-STRATEGIES = ("named", "single", "empty")
-DEFAULT_STRATEGIES = "named,single"  # NVIDIA's default
-EMPTY_CONFIG = "version: v1\n"
-# Sleeps in the background so that TERM is handled at once, not after the sleep.
-IDLE = 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait $!; done'
+__all__ = ["ENV", "main"]
 
 log = logging.getLogger("config-manager")
 
@@ -61,90 +53,105 @@ def _bool(environ: Mapping[str, str], name: str) -> bool:
     raise ConfigManagerError(f"{name}={environ[name]!r}: expected true or false")
 
 
-def available(srcdir: Path) -> list[str]:
-    """Config names in a mounted ConfigMap: its keys, without the `..data` bookkeeping entries."""
+def _signal_number(raw: str) -> int:
+    raw = raw.strip().upper()
+    if raw.isdigit():
+        return int(raw)
     try:
-        return sorted(e.name for e in os.scandir(srcdir) if not e.name.startswith(".") and e.is_file())
-    except OSError as e:
-        raise ConfigManagerError(f"{SRCDIR} {srcdir}: {e.strerror}") from e
+        return int(signal.Signals[raw if raw.startswith("SIG") else f"SIG{raw}"])
+    except KeyError:
+        raise ConfigManagerError(f"{SIGNAL}={raw!r}: not a signal number or name") from None
 
 
-def select(environ: Mapping[str, str]) -> tuple[str | None, str]:
-    """(config name or None for an empty config, why it was chosen)."""
-    srcdir = Path(environ.get(SRCDIR) or "")
-    if not environ.get(SRCDIR):
-        raise ConfigManagerError(f"{SRCDIR} is not set (the directory of the available configs)")
-    names = available(srcdir)
-    default = environ.get(DEFAULT_CONFIG, "")
-    if default:
-        if default not in names:
-            raise ConfigManagerError(f"{DEFAULT_CONFIG}={default}: no such config in {srcdir} "
-                                     f"(available: {', '.join(names) or 'none'})")
-        return default, f"{DEFAULT_CONFIG}"
-    strategies = [s.strip() for s in (environ.get(FALLBACK_STRATEGIES) or DEFAULT_STRATEGIES).split(",") if s.strip()]
-    for s in strategies:
-        if s not in STRATEGIES:
-            raise ConfigManagerError(f"{FALLBACK_STRATEGIES}: unknown strategy {s!r}; allowed: {', '.join(STRATEGIES)}")
-    for s in strategies:
-        if s == "named" and "default" in names:
-            return "default", "fallback strategy named"
-        if s == "single" and len(names) == 1:
-            return names[0], "fallback strategy single"
-        if s == "empty":
-            return None, "fallback strategy empty"
-    raise ConfigManagerError(f"no config selected: {DEFAULT_CONFIG} is empty and the fallback strategies "
-                             f"{','.join(strategies)} match none of {', '.join(names) or 'no configs'} in {srcdir}")
+def processes_named(name: str) -> list[int]:
+    """PIDs whose command (comm, or argv[0]'s basename) is `name`, as pkill matches them."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            comm = Path(entry.path, "comm").read_text().strip()
+            argv0 = Path(entry.path, "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        if name in (comm, os.path.basename(argv0)):
+            found.append(int(entry.name))
+    return found
 
 
-def write(environ: Mapping[str, str], name: str | None) -> Path:
+def send_signal(environ: Mapping[str, str]) -> None:
+    name = environ.get(PROCESS_TO_SIGNAL, "")
+    number = _signal_number(environ.get(SIGNAL) or "SIGHUP")
+    pids = processes_named(name) if name else []
+    if not pids:
+        log.info("no process named %r to signal: our services follow the config file themselves", name)
+    for pid in pids:
+        try:
+            os.kill(pid, number)
+            log.info("sent signal %d to %s (pid %d)", number, name, pid)
+        except OSError as e:
+            log.warning("could not signal %s (pid %d): %s", name, pid, e.strerror)
+
+
+async def _run(environ: Mapping[str, str], oneshot: bool, signal_after: bool) -> int:
+    from services.kube_agent.agent import KubeAgent
+
     if not environ.get(DST):
         raise ConfigManagerError(f"{DST} is not set (where the plugin reads its config)")
-    dst = Path(environ[DST])
-    if name is None:
-        text = EMPTY_CONFIG
-    else:
-        src = Path(environ[SRCDIR]) / name
-        # Validated as the plugin will read it, so that a bad config fails here, naming itself.
-        try:
-            resolve(environ={"CONFIG_FILE": str(src)})
-        except SettingsError as e:
-            raise ConfigManagerError(f"config {name}: {e}") from e
-        text = src.read_text()
-    # Atomic: a plugin starting beside a sidecar must never read half a file.
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+        rules = Rules.from_env(environ)
+    except SelectionError as e:
+        raise ConfigManagerError(str(e)) from e
+    agent = KubeAgent(rules, environ.get(NODE_NAME, ""), Path(environ[DST]), None)
+    await agent.start()
+    if agent.selection is None:
+        raise ConfigManagerError(agent.select_error or "no config selected")
+    if oneshot:
+        return 0
+    log.info("following the node label and %s", rules.srcdir)
+    tasks = [asyncio.create_task(agent.follow_configs())]
+    if agent.node:
+        tasks.append(asyncio.create_task(agent.follow_node()))
+    agent.changed.clear()
+    try:
+        while True:
+            waiter = asyncio.create_task(agent.changed.wait())
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in tasks:
+                if t in done:
+                    t.result()
+                    raise ConfigManagerError("the config follower ended")
+            agent.changed.clear()
+            if signal_after:
+                send_signal(environ)
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def run(environ: Mapping[str, str]) -> int:
     oneshot = _bool(environ, ONESHOT)
-    send_signal = _bool(environ, SEND_SIGNAL)
-    label = environ.get(NODE_LABEL, "")
-    if label:
-        log.warning("node label %s of node %s is not read: per-node configuration is not served yet "
-                    "(no API access); choosing from %s and %s", label, environ.get(NODE_NAME, "?"),
-                    DEFAULT_CONFIG, FALLBACK_STRATEGIES)
-    if environ.get(KUBECONFIG):
-        log.warning("%s is set but not used: the API server is not read", KUBECONFIG)
-    name, why = select(environ)
-    dst = write(environ, name)
-    log.info("wrote %s to %s (%s)", name or "an empty v1 config", dst, why)
-    if oneshot:
+    signal_after = _bool(environ, SEND_SIGNAL)
+    if signal_after and not oneshot:
+        _signal_number(environ.get(SIGNAL) or "SIGHUP")  # a bad SIGNAL fails at start, not at the first change
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+
+    async def guarded() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, stop.set)
+        main = asyncio.create_task(_run(environ, oneshot, signal_after))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([main, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if main.done():
+            stopper.cancel()
+            return main.result()
+        main.cancel()
+        await asyncio.gather(main, return_exceptions=True)
         return 0
-    if send_signal:
-        log.warning("%s=true: %s is not sent to %s: without label changes there is nothing to reload",
-                    SEND_SIGNAL, environ.get(SIGNAL, "?"), environ.get(PROCESS_TO_SIGNAL, "?"))
-    log.info("ONESHOT=false: idling (following the node label is not served yet)")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv("/bin/sh", ["/bin/sh", "-c", IDLE])
+
+    return asyncio.run(guarded())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,9 +17,10 @@ Rules of the protocol:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +64,7 @@ HEALTH_SOCKET = "health.sock"
 PLUGIN_SOCKET = "plugin.sock"
 REGISTRAR_SOCKET = "registrar.sock"
 MPS_SOCKET = "mps.sock"
+KUBE_SOCKET = "kube.sock"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,23 @@ class Message:
 # The codec requires a field with this metadata even though it has a default: the default
 # exists only so that a service can build its state before the publisher stamps it.
 ON_WIRE_REQUIRED = {"required": True}
+
+
+@dataclass(frozen=True)
+class ConfigInfo:
+    """The config file a service runs on, and the last one it refused (live reload)."""
+
+    file: str = ""  # "" = no config file
+    digest: str = ""  # sha256 (12 hex) of the content in effect
+    refused: str = ""  # why the last new content was refused; "" = none was
+    refused_digest: str = ""
+    reloads: int = 0  # reloads applied since the service started
+    applied_at: float = 0.0
+
+    @classmethod
+    def of(cls, status: Any) -> ConfigInfo:
+        """From common.reload's ConfigStatus (same fields; the bus does not import the reloader)."""
+        return cls(**dataclasses.asdict(status))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +156,7 @@ class HealthState(StateMessage):
     degraded: list[str] = field(default_factory=list)
     nvml_library: str = ""  # the libnvidia-ml file loaded ("simulated:<file>"); "" from older monitors
     plugin_version: str = ""  # the monitor's gpu-device-plugin version; "" from older monitors
+    config: ConfigInfo = field(default_factory=lambda: ConfigInfo())  # an older monitor's: empty
 
 
 @dataclass(frozen=True)
@@ -177,6 +197,7 @@ class PluginState(StateMessage):
     health_stale: bool
     endpoints: list[EndpointState] = field(default_factory=list)
     bus_dropped: int = 0  # health-bus payloads rejected (malformed, unknown, wrong version)
+    config: ConfigInfo = field(default_factory=lambda: ConfigInfo())  # an older server's: empty
 
 
 @dataclass(frozen=True)
@@ -242,6 +263,21 @@ class MpsState(StateMessage):
     daemons: list[MpsDaemon] = field(default_factory=list)
 
 
+@dataclass(frozen=True, kw_only=True)
+class KubeState(StateMessage):
+    """The kube-agent's view: the API server, this node's config label, the config selected and why."""
+
+    TOPIC: ClassVar[str] = "kube.state"
+    api_reachable: bool
+    node: str
+    label: str = ""  # the label's value; "" = the node has no such label
+    config: str = ""  # the config selected; "" = the empty config (fallback strategy empty)
+    why: str = ""  # "node label ...", "DEFAULT_CONFIG", "fallback strategy named", ...
+    digest: str = ""  # sha256 (12 hex) of the config file written
+    unknown: str = ""  # a label value that names no available config (reported, not applied)
+    error: str = ""  # the last API or selection error ("" = none)
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     HealthState,
     HealthEvent,
@@ -250,5 +286,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     RegistrarState,
     RegistrarEvent,
     MpsState,
+    KubeState,
 )
 BY_TOPIC: dict[str, type[Message]] = {t.TOPIC: t for t in MESSAGE_TYPES}

@@ -127,6 +127,11 @@ class HealthModel:
         self._dbe_events: dict[str, int] = {}  # DBEs seen as events since the last probe
         self._outbox: deque[HealthEvent] = deque(maxlen=MAX_OUTBOX)
 
+    def set_policy(self, policy: XidPolicy, recovery: RecoveryPolicy, health: HealthConfig) -> None:
+        """A config reload: the new rules judge what happens from now on; faults already
+        recorded stay until they clear (a device is never put back in service by a reload)."""
+        self._policy, self._recovery, self._health = policy, recovery, health
+
     # -- inputs -----------------------------------------------------------------------
     def load_inventory(self, inventory: Inventory) -> None:
         self.devices = {d.id: d for d in inventory.devices}

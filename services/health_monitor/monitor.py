@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from common.bus.messages import HealthEvent, HealthState
+from common.bus.messages import ConfigInfo, HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
 from common.cordons import CordonFileError, CordonStateError, CordonStore
 from common.fswatch import DirWatcher
@@ -151,6 +151,8 @@ class HealthMonitor:
         self._clock: Clock = clock or SystemClock()
         self._model = HealthModel(policy, self._recovery, health, self._clock, metrics)
         self._cordon_error = ""  # the cordon file is unreadable: every device stays cordoned
+        self.config = ConfigInfo()  # set by the config reloader
+        self._published = False
         self._inventory = Inventory()
         self._nvml_ok = False
         self._error = "starting"
@@ -166,6 +168,7 @@ class HealthMonitor:
 
     # -- state ------------------------------------------------------------------------
     async def _publish_state(self) -> None:
+        self._published = True
         devices = list(self._model.devices.values())
         if self._metrics is not None:
             self._metrics.devices(devices)
@@ -179,8 +182,19 @@ class HealthMonitor:
                 degraded=self._degraded,
                 nvml_library=self._nvml.library(),
                 plugin_version=VERSION,
+                config=self.config,
             )
         )
+
+    async def apply_policy(self, policy: XidPolicy, recovery: RecoveryPolicy, health: HealthConfig) -> None:
+        """A config reload: new health rules, a new probe interval from the next probe on."""
+        self._policy, self._recovery = policy, recovery
+        self._model.set_policy(policy, recovery, health)
+
+    async def set_config(self, config: ConfigInfo) -> None:
+        self.config = config
+        if self._published:  # else the first state carries it
+            await self._refresh(force=True)
 
     async def _refresh(self, force: bool = False) -> None:
         """Applies the model; on any change publishes the state, then the transitions and

@@ -21,15 +21,15 @@ from typing import Any
 
 import grpc
 
-from common.bus.messages import MPS_SOCKET, EndpointState, HealthState, PluginEvent, PluginState
+from common.bus.messages import MPS_SOCKET, ConfigInfo, EndpointState, HealthState, PluginEvent, PluginState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
-from common.lifecycle import run_until_stopped
+from common.lifecycle import PermanentError, run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
-from common.settings import Settings
+from common.settings import Settings, SettingsError
 from services.plugin_server import cdi
 from services.plugin_server.allocation import Extras
-from services.plugin_server.device_table import MpsReadiness, ResourceTable, serve, socket_name
+from services.plugin_server.device_table import MpsReadiness, ResourceTable, build_resources, serve, socket_name
 from services.plugin_server.mps_watch import watch_mps
 from services.plugin_server.preferred import Topology
 from services.plugin_server.servicer import DevicePluginServicer, plugin_options
@@ -53,11 +53,12 @@ class Endpoint:
         # Health updates and the socket watcher may both (re)start an endpoint: one at a time,
         # and always stopping the old server first, or it would keep running, unreachable.
         self._lock = asyncio.Lock()
+        self.retired = False  # its resource is no longer offered (a reload): never started again
 
     async def ensure_serving(self) -> bool:
         """(Re)starts the server when its socket is missing or replaced; True when it did."""
         async with self._lock:
-            if self.alive():
+            if self.alive() or self.retired:
                 return False
             if self._grpc is not None:
                 log.warning("socket %s was removed or replaced: re-creating it", self.path)
@@ -91,6 +92,10 @@ class Endpoint:
         self.socket_id = file_id(self.path)
         if self.socket_id:
             log.info("serving %s on %s", self.table.resource, self.path)
+
+    def use_settings(self, settings: Settings, extras: Extras) -> None:
+        if self.servicer is not None:
+            self.servicer.use_settings(settings, extras)
 
     def alive(self) -> bool:
         return self._grpc is not None and bool(self.socket_id) and file_id(self.path) == self.socket_id
@@ -145,9 +150,11 @@ class PluginServer:
         self._extra_specs: list[str] = []
         self.extras = Extras(gds=settings.gds_enabled, mofed=settings.mofed_enabled)
         self.mps = MpsReadiness({}, set())
-        # Health states and MPS reports both rebuild the resources: one at a time, each from the
-        # latest state, or a slower rebuild could undo a newer one until the next change.
+        # Health states, MPS reports and reloads all rebuild the resources: one at a time, each from
+        # the latest state and settings, or a slower rebuild could undo a newer one (or leave a
+        # retired resource behind) until the next change.
         self._apply_lock = asyncio.Lock()
+        self.config = ConfigInfo()  # set by the config reloader
 
     # -- bus out ----------------------------------------------------------------------
     def _mark_changed(self) -> None:
@@ -181,6 +188,7 @@ class PluginServer:
                     health_stale=self._stale,
                     endpoints=[ep.state() for ep in self.endpoints.values() if ep.socket_id],
                     bus_dropped=self._health_sub.dropped if self._health_sub else 0,
+                    config=self.config,
                 )
             )
 
@@ -263,6 +271,44 @@ class PluginServer:
             if name not in resources and await ep.table.update([]):
                 self._mark_changed()
 
+    # -- live reload ------------------------------------------------------------------
+    def set_config(self, config: ConfigInfo) -> None:
+        self.config = config
+        self._mark_changed()
+
+    async def apply_settings(self, settings: Settings) -> None:
+        """A config reload: the last health state served again under `settings`.
+
+        Checked before anything changes (a MIG layout the new strategy cannot serve raises
+        SettingsError: the reload is refused, the old resources keep being served). A resource the
+        new settings no longer offer is stopped, its socket removed, so that the registrar drops
+        it; a new one is started and registered. Allocations already made are the kubelet's
+        (its checkpoint): nothing here touches them. New Allocate calls use the new settings.
+        """
+        try:
+            if self._health is not None:
+                build_resources(self._last_good or self._health, settings, self.mps)
+            if any(s.startswith("cdi-") for s in settings.device_list_strategy):
+                cdi.check_driver_files(settings)  # e.g. a CDI strategy without the driver root mounted
+        except PermanentError as e:  # fatal at start; on a reload, a refusal
+            raise SettingsError(str(e)) from e
+        async with self._apply_lock:
+            self.settings = settings
+            self._cdi = any(s.startswith("cdi-") for s in settings.device_list_strategy)
+            self._cdi_key = None  # the spec follows the new device-ID strategy and extras
+            self._announce_settings()
+            for ep in self.endpoints.values():
+                ep.use_settings(settings, self.extras)
+            if self._health is not None:
+                await self._apply(self._health, force=True)
+                wanted = build_resources(self._last_good or self._health, settings, self.mps)
+                for name in [n for n in self.endpoints if n not in wanted]:
+                    log.info("resource %s is no longer offered: stopping its endpoint", name)
+                    ep = self.endpoints.pop(name)
+                    ep.retired = True  # the socket watcher may hold it in a snapshot
+                    await ep.stop(grace=0.5)
+        self._mark_changed()
+
     # -- sockets ----------------------------------------------------------------------
     async def _watch_sockets(self, stop: asyncio.Event) -> None:
         watcher = DirWatcher(self.settings.device_plugin_dir, create=True)
@@ -305,7 +351,8 @@ class PluginServer:
             cdi.check_driver_files(s)
             for name, spec in cdi.extra_specs(s, channels).items():
                 log.info("CDI spec written to %s", cdi.write_spec(s.cdi_spec_dir, spec, name))
-                self._extra_specs.append(name)
+                if name not in self._extra_specs:  # written again on a config reload
+                    self._extra_specs.append(name)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._announce_settings()

@@ -56,6 +56,10 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self.stream_opened: list[float] = []
         self._closing = False
 
+    def use_settings(self, settings: Settings, extras: Extras) -> None:
+        """A config reload: the next Allocate answers with these (one running is not affected)."""
+        self._settings, self._extras = settings, extras
+
     @property
     def streams(self) -> int:
         return len(self.stream_opened)

@@ -10,6 +10,7 @@ from pathlib import Path
 from common.bus.messages import PLUGIN_SOCKET, REGISTRAR_SOCKET
 from common.bus.sockets import BusPublisher
 from common.lifecycle import ensure_private_dir, run_service, service_entry
+from common.reload import Reloader
 from common.settings import Settings
 from common.watchdog import watched
 from services.registrar.registrar import Registrar
@@ -17,8 +18,17 @@ from services.registrar.registrar import Registrar
 log = logging.getLogger(__name__)
 
 
+async def _nothing_live(_: Settings) -> None:
+    pass
+
+
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     ensure_private_dir(settings.run_dir)
+    reloader = Reloader.current()
+    if reloader is not None:
+        # The registrar only follows the plugin-server's endpoints, which a reload changes; of the
+        # file it uses only the kubelet socket, which it cannot change while running.
+        reloader.serve(frozenset(), frozenset({"kubelet_socket"}), _nothing_live)
     if not settings.kubelet_socket:
         log.info('kubelet socket is "": not registering with the kubelet')
         await stop.wait()

@@ -84,23 +84,38 @@ def test_arguments_are_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "the interface is the environment" in result.stderr
 
 
-def test_the_operators_sidecar_selects_once_then_idles_until_terminated(tmp_path: Path) -> None:
-    """ONESHOT=false, SEND_SIGNAL=true (the GPU Operator's sidecar): the pod must stay up."""
-    e = env(tmp_path, config_map(tmp_path, {"a": TIME_SLICING}), ONESHOT="false", SEND_SIGNAL="true",
-            SIGNAL="1", PROCESS_TO_SIGNAL="nvidia-device-plugin")
+def test_the_operators_sidecar_follows_the_configmap_and_signals(tmp_path: Path) -> None:
+    """ONESHOT=false, SEND_SIGNAL=true (the GPU Operator's sidecar): it follows the ConfigMap (and the
+    label, tested with the kube-agent) and signals the named process after each change."""
+    src = config_map(tmp_path, {"a": TIME_SLICING})
+    name = f"gp-hup-{os.getpid() % 100000}"  # a name no other process on this machine has
+    target = tmp_path / name
+    target.symlink_to(sys.executable)
+    hups = tmp_path / "hups"
+    code = (f"import signal, time\nsignal.signal(signal.SIGHUP, lambda *a: open({str(hups)!r}, 'a').write('hup\\n'))\n"
+            "open(__import__('sys').argv[1], 'w').close()\nwhile True: time.sleep(1)\n")
+    ready = tmp_path / "ready"
+    sleeper = subprocess.Popen([str(target), "-c", code, str(ready)])
+    e = env(tmp_path, src, ONESHOT="false", SEND_SIGNAL="true", SIGNAL="1", PROCESS_TO_SIGNAL=name)
     log = tmp_path / "sidecar.log"
     with log.open("wb") as out:
         p = subprocess.Popen([str(BIN / "config-manager")], env=e, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "idling" in log.read_text(), 60, "the sidecar idling")
+        wait_until(ready.exists, 30, "the process to signal")
+        wait_until(lambda: "following the node label" in log.read_text(), 60, "the sidecar following")
         assert Path(e["CONFIG_FILE_DST"]).read_text() == TIME_SLICING
+        data = src / "..2026_12_01_00_00_00.2"
+        data.mkdir()
+        (data / "a").write_text(MIG_MIXED)
+        (src / "..data_tmp").symlink_to(data.name)
+        os.replace(src / "..data_tmp", src / "..data")
+        wait_until(lambda: Path(e["CONFIG_FILE_DST"]).read_text() == MIG_MIXED, 30, "the new config written")
+        wait_until(lambda: hups.exists() and hups.read_text() == "hup\n", 30, "SIGHUP sent to the process")
         assert p.poll() is None
-        assert "SEND_SIGNAL=true: 1 is not sent to nvidia-device-plugin" in log.read_text()
-        # Now the idle sh: no Python left resident.
-        wait_until(lambda: Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(b"/bin/sh"), 30, "the exec")
         p.send_signal(signal.SIGTERM)
         assert p.wait(60) == 0
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        for proc in (p, sleeper):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -24,6 +24,7 @@ from common.bus.messages import (
     EndpointState,
     HealthEvent,
     HealthState,
+    KubeState,
     Message,
     MpsDaemon,
     MpsState,
@@ -186,6 +187,12 @@ SAMPLES: list[tuple[str, Message]] = [
             MpsDaemon(resource="nvidia.com/gpu-mps", devices=[], pipe_dir="/mps/nvidia.com/gpu-mps/pipe", up=False,
                       ready=False, last_error="nvidia-cuda-mps-control -d: exit status 1"),
         ]),
+    ),
+    (
+        "kube-state",
+        KubeState(incarnation="k1", seq=3, sent_at=1700000800.0, api_reachable=True, node="node-1",
+                  label="ts-8", config="ts-8", why="node label nvidia.com/device-plugin.config=ts-8",
+                  digest="0123456789ab"),
     ),
 ]
 

@@ -25,6 +25,7 @@ from helm_python import Chart, HelmRenderError, HelmValuesError
 from common.settings import SPECS, SettingsError, resolve
 from services import config_manager
 from services.health_monitor.xid_policy import ENV_DISABLE, ENV_ENABLE
+from services.kube_agent.selection import ENV as KUBE_AGENT_ENV
 from tests.unit.test_deploy_lint import (
     DOCKERFILE,
     K8S_VERSIONS,
@@ -47,7 +48,8 @@ MEASURED_RSS_BYTES = 157 * 2**20
 # Read by the NVIDIA container runtime, not by our code: which GPUs and driver parts the container gets.
 RUNTIME_ENV = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "NVIDIA_MIG_MONITOR_DEVICES"}
 # Every variable the services read: the settings table, NVIDIA's health-check switches.
-SERVICE_ENV = {n for s in SPECS for n in (s.env, *s.env_aliases) if n} | {ENV_DISABLE, ENV_ENABLE}
+SERVICE_ENV = ({n for s in SPECS for n in (s.env, *s.env_aliases) if n} | {ENV_DISABLE, ENV_ENABLE}
+               | set(KUBE_AGENT_ENV))
 
 TIME_SLICING = """version: v1
 flags:
@@ -297,7 +299,18 @@ def test_a_config_reaches_the_plugin_through_the_config_manager(set_name: str) -
     src = next(m for m in init["volumeMounts"] if m["mountPath"] == init_env["CONFIG_FILE_SRCDIR"])
     dst_dir = str(Path(init_env["CONFIG_FILE_DST"]).parent)
     assert any(m["mountPath"] == dst_dir and m["name"] in volumes for m in init["volumeMounts"])
-    assert any(m["mountPath"] == dst_dir and m.get("readOnly") for m in pod(ds)["containers"][0]["volumeMounts"])
+    # The kube-agent in the main container rewrites the file (writable) from the same ConfigMap (read-only).
+    main_mounts = {m["mountPath"]: m for m in pod(ds)["containers"][0]["volumeMounts"]}
+    assert main_mounts[dst_dir]["name"] == "config" and not main_mounts[dst_dir].get("readOnly")
+    assert main_mounts[main_env["CONFIG_FILE_SRCDIR"]] == {**src, "readOnly": True}
+    assert (main_env["NODE_LABEL"], main_env["FALLBACK_STRATEGIES"], main_env["DEFAULT_CONFIG"]) == (
+        init_env["NODE_LABEL"], init_env["FALLBACK_STRATEGIES"], init_env["DEFAULT_CONFIG"])
+    # Least RBAC: its own ServiceAccount may only read nodes.
+    (role,) = [d for d in objects if d["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
+    (binding,) = [d for d in objects if d["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"][0]["name"] == pod(ds)["serviceAccountName"]
+    assert pod(ds)["automountServiceAccountToken"] is True
     config_maps = {d["metadata"]["name"]: d for d in objects if d["kind"] == "ConfigMap"}
     cm_name = volumes[src["name"]]["configMap"]["name"]
     if set_name == "external-config-map":
@@ -442,3 +455,11 @@ def test_nvidias_pod_values_are_used_as_nvidias_chart_uses_them() -> None:
     assert ds["spec"]["template"]["metadata"]["labels"] == selector
     # Our posture check tells the operator's privileged choice apart from the default.
     assert any("privileged" in p for p in posture_problems(ds))
+
+
+def test_without_a_config_no_api_access_at_all() -> None:
+    objects = docs("defaults")
+    ds = next(d for d in objects if d["kind"] == "DaemonSet")
+    assert pod(ds)["automountServiceAccountToken"] is False and "serviceAccountName" not in pod(ds)
+    assert not [d for d in objects if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
+    assert "CONFIG_FILE_SRCDIR" not in env_of(pod(ds)["containers"][0])

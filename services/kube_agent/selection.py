@@ -1,0 +1,147 @@
+"""Which config a node runs, as NVIDIA's config-manager decides it; writing it where the services read it.
+
+The ConfigMap mounted at CONFIG_FILE_SRCDIR holds named configs (one file per key). The node label
+(`nvidia.com/device-plugin.config` by default) names one; without the label, DEFAULT_CONFIG does;
+without either, the FALLBACK_STRATEGIES in order: `named` (a config called "default"), `single`
+(the only config), `empty` (an empty v1 config: the defaults). A label naming no config is
+reported, not fatal: a running node keeps its config; a node with none yet (the init container)
+takes what the label-less rules select, so that it comes up.
+
+Pure functions of their inputs (names, label, environment) and a file write: the kube-agent, the
+config-manager's init container and its sidecar are this code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.settings import SettingsError, resolve
+
+# NVIDIA's environment interface (config-manager); the kube-agent reads the same variables.
+ONESHOT = "ONESHOT"
+NODE_NAME = "NODE_NAME"
+NODE_LABEL = "NODE_LABEL"
+SRCDIR = "CONFIG_FILE_SRCDIR"
+DST = "CONFIG_FILE_DST"
+DEFAULT_CONFIG = "DEFAULT_CONFIG"
+FALLBACK_STRATEGIES = "FALLBACK_STRATEGIES"
+SEND_SIGNAL = "SEND_SIGNAL"
+SIGNAL = "SIGNAL"
+PROCESS_TO_SIGNAL = "PROCESS_TO_SIGNAL"
+KUBECONFIG = "KUBECONFIG"
+ENV = (ONESHOT, NODE_NAME, NODE_LABEL, SRCDIR, DST, DEFAULT_CONFIG, FALLBACK_STRATEGIES, SEND_SIGNAL, SIGNAL,
+       PROCESS_TO_SIGNAL, KUBECONFIG)
+
+DEFAULT_LABEL = "nvidia.com/device-plugin.config"  # NVIDIA's
+STRATEGIES = ("named", "single", "empty")
+DEFAULT_STRATEGIES = "named,single"  # NVIDIA's default
+EMPTY_CONFIG = "version: v1\n"
+
+
+class SelectionError(Exception):
+    """Nothing can be selected, or the selected config is invalid; the message says why."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The selection settings, from NVIDIA's environment variables."""
+
+    srcdir: Path
+    default: str = ""
+    strategies: tuple[str, ...] = ("named", "single")
+    label: str = DEFAULT_LABEL
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Rules:
+        if not environ.get(SRCDIR):
+            raise SelectionError(f"{SRCDIR} is not set (the directory of the available configs)")
+        strategies = tuple(s.strip() for s in (environ.get(FALLBACK_STRATEGIES) or DEFAULT_STRATEGIES).split(",")
+                           if s.strip())
+        for s in strategies:
+            if s not in STRATEGIES:
+                raise SelectionError(f"{FALLBACK_STRATEGIES}: unknown strategy {s!r}; allowed: {', '.join(STRATEGIES)}")
+        return cls(Path(environ[SRCDIR]), environ.get(DEFAULT_CONFIG, ""), strategies,
+                   environ.get(NODE_LABEL) or DEFAULT_LABEL)
+
+
+@dataclass(frozen=True)
+class Selection:
+    name: str | None  # None: the empty config
+    why: str
+    unknown: str = ""  # a label value naming no config (reported; the selection ignores it)
+
+
+def available(srcdir: Path) -> list[str]:
+    """Config names in a mounted ConfigMap: its keys, without the `..data` bookkeeping entries."""
+    try:
+        return sorted(e.name for e in os.scandir(srcdir) if not e.name.startswith(".") and e.is_file())
+    except OSError as e:
+        raise SelectionError(f"{SRCDIR} {srcdir}: {e.strerror}") from e
+
+
+def select(rules: Rules, names: list[str], label_value: str | None) -> Selection:
+    """The config for a node whose label has `label_value` (None: no label), as NVIDIA's config-manager."""
+    unknown = ""
+    if label_value:
+        if label_value in names:
+            return Selection(label_value, f"node label {rules.label}={label_value}")
+        unknown = label_value
+    if rules.default:
+        if rules.default not in names:
+            raise SelectionError(f"{DEFAULT_CONFIG}={rules.default}: no such config in {rules.srcdir} "
+                                 f"(available: {', '.join(names) or 'none'})")
+        return Selection(rules.default, DEFAULT_CONFIG, unknown)
+    for s in rules.strategies:
+        if s == "named" and "default" in names:
+            return Selection("default", "fallback strategy named", unknown)
+        if s == "single" and len(names) == 1:
+            return Selection(names[0], "fallback strategy single", unknown)
+        if s == "empty":
+            return Selection(None, "fallback strategy empty", unknown)
+    raise SelectionError(f"no config selected: {DEFAULT_CONFIG} is empty and the fallback strategies "
+                         f"{','.join(rules.strategies)} match none of {', '.join(names) or 'no configs'} "
+                         f"in {rules.srcdir}")
+
+
+def content(rules: Rules, name: str | None) -> str:
+    """The selected config's text, validated as the services will read it (a bad one fails here)."""
+    if name is None:
+        return EMPTY_CONFIG
+    src = rules.srcdir / name
+    try:
+        resolve(environ={"CONFIG_FILE": str(src)})
+    except SettingsError as e:
+        raise SelectionError(f"config {name}: {e}") from e
+    try:
+        return src.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SelectionError(f"config {name}: {e}") from e
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def write_atomically(dst: Path, text: str) -> bool:
+    """Replaces `dst` by rename (a reader never sees half a file); False when it already holds `text`,
+    so that an unchanged selection costs the services nothing."""
+    try:
+        if dst.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True

@@ -1,0 +1,257 @@
+"""The kube-agent as a real process against the emulated API server (devtools.kube_api), driven by
+the same client library the product uses; the ConfigMap is a real directory laid out as the kubelet
+mounts one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.bus.messages import KUBE_SOCKET, KubeState
+from devtools.kube_api import KubeApiEmulator
+from tests.conftest import Procs, wait_until
+from tests.integration.busclient import BusWatch
+from tests.integration.fakes import LoopThread
+
+LABEL = "nvidia.com/device-plugin.config"
+TS4 = "version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n      replicas: 4\n"
+TS8 = TS4.replace("replicas: 4", "replicas: 8")
+MIXED = "version: v1\nflags:\n  migStrategy: mixed\n"
+DEFAULT = "version: v1\n"
+
+
+def config_map(src: Path, configs: dict[str, str], generation: int = 1) -> None:
+    """Lays out (or updates, as the kubelet does: a new ..data dir, one symlink swap) a ConfigMap volume."""
+    src.mkdir(parents=True, exist_ok=True)
+    data = src / f"..2026_12_01_00_00_0{generation}.1"
+    data.mkdir()
+    for name, text in configs.items():
+        (data / name).write_text(text)
+    tmp = src / "..data_tmp"
+    tmp.symlink_to(data.name)
+    old = (src / "..data").resolve() if (src / "..data").exists() else None
+    os.replace(tmp, src / "..data")
+    for name in configs:
+        if not (src / name).is_symlink():
+            (src / name).symlink_to(f"..data/{name}")
+    for entry in src.iterdir():
+        if not entry.name.startswith(".") and entry.name not in configs:
+            entry.unlink()
+    if old is not None:
+        shutil.rmtree(old)
+
+
+class Api:
+    def __init__(self) -> None:
+        self.lt = LoopThread()
+        self.emu = KubeApiEmulator()
+        self.lt.run(self.emu.start())
+
+    def do(self, fn: Callable[..., Any], *args: Any) -> Any:
+        async def call() -> Any:
+            result = fn(*args)
+            if hasattr(result, "__await__"):
+                return await result
+            return result
+
+        return self.lt.run(call())
+
+    def close(self) -> None:
+        self.lt.run(self.emu.stop())
+        self.lt.close()
+
+
+@pytest.fixture
+def api() -> Iterator[Api]:
+    a = Api()
+    yield a
+    a.close()
+
+
+class Agent:
+    def __init__(self, procs: Procs, root: Path, api: Api | None, **env: str) -> None:
+        self.root = root
+        self.src = root / "available-configs"
+        self.dst = root / "config" / "config.yaml"
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        kubeconfig = root / "kubeconfig"
+        kubeconfig.write_text(api.emu.kubeconfig() if api else "{}")
+        self.env = {"GPU_PLUGIN_RUN_DIR": str(root / "run"), "CONFIG_FILE": str(self.dst),
+                    "CONFIG_FILE_SRCDIR": str(self.src), "NODE_NAME": "node-1", "NODE_LABEL": LABEL,
+                    "FALLBACK_STRATEGIES": "named,single", "DEFAULT_CONFIG": "", "KUBECONFIG": str(kubeconfig),
+                    "GPU_PLUGIN_WATCHDOG_TIMEOUT": "30s", **env}
+        self.procs = procs
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.p = self.procs.start("kube-agent", "kube-agent", env=self.env)
+        return self.p
+
+    def config(self) -> str:
+        return self.dst.read_text() if self.dst.exists() else ""
+
+    def wait_config(self, text: str, timeout: float = 30) -> None:
+        wait_until(lambda: self.config() == text, timeout, f"config file = {text!r}")
+
+    def state(self, predicate: Callable[[KubeState], bool], timeout: float = 30) -> KubeState:
+        with BusWatch(self.root / "run" / KUBE_SOCKET, (KubeState.TOPIC,)) as bus:
+            msg = bus.wait(lambda m: isinstance(m, KubeState) and predicate(m), timeout)
+        assert isinstance(msg, KubeState)
+        return msg
+
+
+@pytest.fixture
+def agent(procs: Procs, short_tmp: Path, api: Api) -> Agent:
+    return Agent(procs, short_tmp, api)
+
+
+def test_label_set_changed_removed(agent: Agent, api: Api) -> None:
+    config_map(agent.src, {"default": DEFAULT, "ts-4": TS4, "ts-8": TS8})
+    api.do(api.emu.add_node, "node-1", {"kubernetes.io/hostname": "node-1"})
+    agent.start()
+    agent.wait_config(DEFAULT)
+    st = agent.state(lambda m: m.api_reachable and m.why == "fallback strategy named")
+    assert (st.node, st.config, st.label) == ("node-1", "default", "")
+    api.do(api.emu.set_label, "node-1", LABEL, "ts-4")
+    agent.wait_config(TS4)
+    api.do(api.emu.set_label, "node-1", LABEL, "ts-8")
+    agent.wait_config(TS8)
+    st = agent.state(lambda m: m.config == "ts-8")
+    assert st.why == f"node label {LABEL}=ts-8" and st.label == "ts-8"
+    api.do(api.emu.set_label, "node-1", LABEL, None)
+    agent.wait_config(DEFAULT)
+    # Least privilege: it only ever read and watched its own Node.
+    for r in api.emu.requests:
+        assert r.method == "GET"
+        assert r.path == "/api/v1/nodes/node-1" or (
+            r.path == "/api/v1/nodes" and r.query.get("fieldSelector") == "metadata.name=node-1"), r
+
+
+def test_configmap_content_change_is_followed(agent: Agent, api: Api) -> None:
+    config_map(agent.src, {"default": DEFAULT, "ts": TS4})
+    api.do(api.emu.add_node, "node-1", {LABEL: "ts"})
+    agent.start()
+    agent.wait_config(TS4)
+    config_map(agent.src, {"default": DEFAULT, "ts": TS8}, generation=2)
+    agent.wait_config(TS8)
+
+
+@pytest.mark.parametrize(("strategies", "configs", "expected"), [
+    ("named", {"default": DEFAULT, "ts": TS4}, DEFAULT),
+    ("single", {"only": MIXED}, MIXED),
+    ("empty", {"a": TS4, "b": TS8}, "version: v1\n"),
+], ids=["named", "single", "empty"])
+def test_unknown_name_is_reported_not_fatal(procs: Procs, short_tmp: Path, api: Api, strategies: str,
+                                           configs: dict[str, str], expected: str) -> None:
+    agent = Agent(procs, short_tmp, api, FALLBACK_STRATEGIES=strategies)
+    config_map(agent.src, configs)
+    api.do(api.emu.add_node, "node-1", {LABEL: "no-such-config"})
+    p = agent.start()
+    agent.wait_config(expected)  # a node without a config comes up with the label-less selection
+    st = agent.state(lambda m: m.unknown == "no-such-config")
+    assert st.why == f"fallback strategy {strategies}"
+    # Later, on a running node, an unknown name keeps the active config.
+    name = sorted(configs)[0]
+    api.do(api.emu.set_label, "node-1", LABEL, name)
+    agent.wait_config(configs[name])
+    api.do(api.emu.set_label, "node-1", LABEL, "typo")
+    agent.state(lambda m: m.unknown == "typo")
+    assert agent.config() == configs[name] and p.poll() is None
+
+
+def test_api_unreachable_at_start_and_later(procs: Procs, short_tmp: Path) -> None:
+    api = Api()
+    try:
+        agent = Agent(procs, short_tmp, api)
+        config_map(agent.src, {"default": DEFAULT, "ts": TS4})
+        api.do(api.emu.stop)  # nothing listens on its port
+        agent.start()
+        agent.wait_config(DEFAULT)  # no config yet: selected without the label
+        st = agent.state(lambda m: not m.api_reachable and m.error != "")
+        assert "Connect" in st.error or "refused" in st.error, st.error
+        api.do(api.emu.add_node, "node-1", {LABEL: "ts"})
+        api.do(api.emu.start)  # back, on the same port
+        agent.wait_config(TS4)
+        agent.state(lambda m: m.api_reachable)
+        api.do(api.emu.stop)
+        agent.state(lambda m: not m.api_reachable)
+        assert agent.config() == TS4, "the active config stays while the API is away"
+        api.do(api.emu.set_label, "node-1", LABEL, "default")
+        api.do(api.emu.start)
+        agent.wait_config(DEFAULT)
+    finally:
+        api.close()
+
+
+def test_watch_dropped_errors_and_410_gone(agent: Agent, api: Api) -> None:
+    config_map(agent.src, {"default": DEFAULT, "ts-4": TS4, "ts-8": TS8})
+    api.do(api.emu.add_node, "node-1", {})
+    agent.start()
+    agent.wait_config(DEFAULT)
+    wait_until(lambda: api.emu.watching == 1, 30, "the agent watching")
+    api.do(api.emu.drop_watches)
+    api.do(api.emu.set_label, "node-1", LABEL, "ts-4")
+    agent.wait_config(TS4)
+    # Errors while it reconnects: retried until the API answers, the label change it missed seen.
+    wait_until(lambda: api.emu.watching == 1, 30, "the agent watching again")
+    api.do(api.emu.failures.extend, [503, 500, 403])
+    api.do(api.emu.drop_watches)
+    api.do(api.emu.set_label, "node-1", LABEL, "ts-8")
+    agent.wait_config(TS8)
+    agent.state(lambda m: m.api_reachable and m.error == "")
+    # The server ends the watch at its timeout after compacting its history: the client resumes
+    # from a version now too old, gets 410 Gone, and the agent reads the node again.
+    wait_until(lambda: api.emu.watching == 1, 30, "the agent watching again")
+    api.do(api.emu.touch, "node-1")
+    api.do(api.emu.bookmark)
+    api.do(api.emu.compact)
+    api.do(api.emu.end_watches)
+    wait_until(lambda: api.emu.gone >= 1 and api.emu.watching == 1, 30, "410 Gone, then a new watch")
+    api.do(api.emu.set_label, "node-1", LABEL, "ts-4")
+    agent.wait_config(TS4)
+
+
+def test_bad_config_is_not_written(agent: Agent, api: Api) -> None:
+    config_map(agent.src, {"default": DEFAULT, "bad": "version: v1\nflags:\n  migStrategy: sideways\n"})
+    api.do(api.emu.add_node, "node-1", {})
+    agent.start()
+    agent.wait_config(DEFAULT)
+    api.do(api.emu.set_label, "node-1", LABEL, "bad")
+    st = agent.state(lambda m: "sideways" in m.error)
+    assert st.config == "default" and agent.config() == DEFAULT
+
+
+def test_without_per_node_configuration_it_exits_0_at_once(procs: Procs, short_tmp: Path) -> None:
+    agent = Agent(procs, short_tmp, None, CONFIG_FILE_SRCDIR="")
+    assert agent.start().wait(30) == 0
+    assert "per-node configuration is off" in procs.log("kube-agent")
+
+
+def test_a_silently_dead_watch_is_renewed(short_tmp: Path, api: Api) -> None:
+    """In-process (to shorten the renewal): the real client against a watch that never answers."""
+    from services.kube_agent.agent import KubeAgent, default_client
+    from services.kube_agent.selection import Rules
+
+    src = short_tmp / "configs"
+    config_map(src, {"default": DEFAULT, "ts": TS4})
+    api.do(api.emu.add_node, "node-1", {})
+    (short_tmp / "kubeconfig").write_text(api.emu.kubeconfig())
+    os.environ["KUBECONFIG"] = str(short_tmp / "kubeconfig")
+    dst = short_tmp / "config.yaml"
+    try:
+        agent = KubeAgent(Rules(src), "node-1", dst, None, default_client, renew_s=1.0)
+        api.do(agent.start)
+        api.emu.black_hole = True  # the agent's watches now hang: a dead route
+        api.lt.spawn(agent.follow_node())
+        wait_until(lambda: any(r.query.get("watch") for r in api.emu.requests), 30, "the agent's watch")
+        api.do(api.emu.set_label, "node-1", LABEL, "ts")  # lost in the black hole
+        api.emu.black_hole = False
+        wait_until(lambda: dst.read_text() == TS4, 30, "the label seen after the watch's renewal")
+    finally:
+        os.environ.pop("KUBECONFIG", None)
