@@ -45,6 +45,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     publisher = BusPublisher(settings.bus_path(HEALTH_SOCKET))
     backend = make_backend(settings)
     degraded: list[str] = []
+    monitor: HealthMonitor | None = None
     try:
         monitor = HealthMonitor(
             backend,
@@ -70,8 +71,9 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                       describe=monitor.hung_probes):
             await monitor.run(stop)
     finally:
-        with contextlib.suppress(NvmlError):
-            backend.shutdown()
+        if monitor is None or not monitor.nvml_busy:
+            with contextlib.suppress(NvmlError):
+                backend.shutdown()
         publisher.close()
 
 

@@ -266,8 +266,15 @@ class HealthMonitor:
             for t in tasks:
                 t.cancel()
             if self._event_thread is not None:
-                # NVML must not be shut down under a thread still inside event_set_wait.
-                await asyncio.to_thread(self._event_thread.join, WAIT_SLICE_MS / 1000 + 1.0)
+                # NVML must not be shut down under a thread still inside event_set_wait; waiting out
+                # its slice (up to a second) made every pod termination a second longer, so the
+                # shutdown is skipped instead (`nvml_busy`): the process exits, the driver cleans up.
+                await asyncio.to_thread(self._event_thread.join, 0.1)
+
+    @property
+    def nvml_busy(self) -> bool:
+        """A thread may still be inside an NVML call: nvmlShutdown must not run under it."""
+        return self._event_thread is not None and self._event_thread.is_alive()
 
     # -- events -----------------------------------------------------------------------
     def _register_events(self) -> Handle:
