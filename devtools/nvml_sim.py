@@ -159,6 +159,8 @@ def load_description(path: Path) -> dict[str, Any]:
 class SimulatedNvml:
     """NvmlBackend over a description file; see the module docstring."""
 
+    shutdown_under_wait_safe = True  # its event wait is a Python queue
+
     def __init__(self, description: Path, control_socket: Path | None = None) -> None:
         self._description = description
         self._desc = load_description(description)

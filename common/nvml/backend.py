@@ -108,6 +108,10 @@ class EventData:
 class NvmlBackend(Protocol):
     """The NVML calls the project makes. Every method may raise `NvmlError`."""
 
+    # Whether shutdown() may run while another thread is inside event_set_wait (the real
+    # libnvidia-ml: not safe, so a stopping monitor skips it rather than wait out the wait).
+    shutdown_under_wait_safe: bool
+
     def init(self) -> None: ...
     def shutdown(self) -> None: ...
     def library(self) -> str: ...  # what answers: the libnvidia-ml file, or the simulated description

@@ -109,6 +109,8 @@ def sysfs_pci_address(bus_id: str) -> str:
 class RealNvml:
     """NvmlBackend over the NVIDIA driver."""
 
+    shutdown_under_wait_safe = False
+
     def __init__(
         self,
         sysfs_root: str | Path = "/sys",

@@ -71,7 +71,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                       describe=monitor.hung_probes):
             await monitor.run(stop)
     finally:
-        if monitor is None or not monitor.nvml_busy:
+        if monitor is None or not monitor.nvml_busy or backend.shutdown_under_wait_safe:
             with contextlib.suppress(NvmlError):
                 backend.shutdown()
         publisher.close()
