@@ -45,8 +45,26 @@ rm -f "$GPU_PLUGIN_EXIT_CAUSE" || die "cannot remove the old $GPU_PLUGIN_EXIT_CA
 
 supervisord -c "$conf" &
 pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null' TERM
-trap 'kill -INT "$pid" 2>/dev/null' INT
+
+# supervisord acts on a signal only when its 1 s poll returns (Python retries an interrupted
+# poll), and stopping takes it two or three such ticks. A connection to its control socket ends
+# the poll at once: poked every 0.2 s while it stops, supervisord takes ~0.2 s instead of 1-3 s.
+# (Costs a bare Python start per poke, only while stopping.)
+poke() {
+    while kill -0 "$pid" 2>/dev/null; do
+        python3 -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(0.2)
+try:
+    s.connect(sys.argv[1])
+except OSError:
+    pass
+s.close()' "$run_dir/supervisor.sock" 2>/dev/null
+        sleep 0.2
+    done
+}
+trap 'kill -TERM "$pid" 2>/dev/null; poke &' TERM
+trap 'kill -INT "$pid" 2>/dev/null; poke &' INT
 
 # A trapped signal interrupts wait with a status above 128 while supervisord still runs: wait
 # again until it has really exited.
