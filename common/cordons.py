@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -87,9 +88,20 @@ class CordonStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.check_writable()
-        with open(self.dir / (FILE + ".lock"), "wb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # The state dir is on a host path: never follow a symlink planted there, never truncate
+        # (root would otherwise empty whatever file the link names), and only a regular file.
+        path = self.dir / (FILE + ".lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        except OSError as e:
+            raise CordonStateError(f"cordon lock {path}: {e.strerror} (a symlink or not a regular file?)") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CordonStateError(f"cordon lock {path} is not a regular file; remove it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)
 
     def _write(self, cordons: dict[str, Cordon]) -> None:
         body = {d: {"reason": c.reason, "time": c.time} for d, c in sorted(cordons.items())}

@@ -108,6 +108,18 @@ def test_cordon_store_round_trip_is_atomic(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["cordons.json", "cordons.json.lock"]
 
 
+def test_a_symlink_planted_as_the_cordon_lock_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    (state / "cordons.json.lock").symlink_to(target)
+    with pytest.raises(CordonStateError, match="cordon lock"):
+        CordonStore(state).cordon("GPU-a", "fan")
+    assert target.read_text() == "keep me", "root must not truncate what the link names"
+    assert not (state / "cordons.json").exists()
+
+
 @pytest.mark.parametrize(
     "body",
     [b"\xff\xfe{}", b"[" * 100_000, b'{"GPU-a": {"reason": "' + b"x" * (2 << 20) + b'", "time": 0}}'],
