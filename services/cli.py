@@ -195,7 +195,12 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     import dataclasses
 
     from common.bus.messages import HEALTH_SOCKET, MPS_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET
-    from common.bus.sockets import BusSubscriber
+    from common.bus.sockets import MAX_SUBSCRIPTION, BusSubscriber
+
+    # A longer subscription frame makes the publisher drop the connection: tail would wait forever.
+    too_long = [t for t in args.topic if len(t.encode()) >= MAX_SUBSCRIPTION]
+    if too_long:
+        return _fail(f"--topic {too_long[0][:40]!r}...: topics are at most {MAX_SUBSCRIPTION - 1} bytes")
 
     paths = [settings.bus_path(n) for n in (HEALTH_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET, MPS_SOCKET)]
     sub = BusSubscriber(paths, topics=args.topic or [""])

@@ -75,3 +75,9 @@ def test_the_simulated_backend_is_a_clear_permanent_error_without_the_devtools(
     monkeypatch.setattr(factory, "BACKEND_GROUP", "gpu_plugin.no_such_group")  # as in the image
     with pytest.raises(PermanentError, match="comes with the development tools"):
         factory.make_backend(settings)
+
+
+def test_bus_tail_refuses_a_topic_the_publisher_would_hang_up_on(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "services.cli", "bus", "tail", "--topic", "x" * 300, "--timeout", "5",
+                          "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2 and "topics are at most 255 bytes" in out.stderr
