@@ -71,9 +71,9 @@ def main() -> int:
               f"(the driver's recovery advice is read by the next probe)")
         ok = True
     finally:
-        say("stopping supervisord with SIGTERM")
+        say("stopping the stack with SIGTERM to its entry point (as the kubelet does)")
         code = stack.stop()
-        print(f"supervisord exited with {code}")
+        print(f"the entry point exited with {code}")
         leftovers = sorted(p.name for p in stack.dp_dir.glob("nvidia-*.sock"))
         print(f"plugin sockets left behind: {leftovers or 'none'}")
         if not ok:
