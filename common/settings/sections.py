@@ -53,26 +53,43 @@ class Replicated:
         return f"{res.name}.shared" if self.rename_by_default else res.name
 
 
+NONE = Replicated("", rename_by_default=False, fail_requests_greater_than_one=False, resources=())
+
+
 @dataclass(frozen=True)
 class Sharing:
-    """`kind`, `rename_by_default`, `fail_requests_greater_than_one` and `resources` describe
-    time-slicing when it is configured, else MPS (what they always meant); `time_slicing` and
-    `mps` hold each section on its own, since both may be set for different GPUs."""
+    """The `sharing:` section: time-slicing and MPS each on its own, since both may be set for
+    different GPUs. `main` (time-slicing when it is configured, else MPS) answers what a single
+    section used to: kind, renames, resources."""
 
-    kind: str = ""  # "" (none), "timeSlicing" or "mps"
-    rename_by_default: bool = False
-    fail_requests_greater_than_one: bool = False
-    resources: tuple[SharedResource, ...] = ()
     time_slicing: Replicated | None = None
     mps: Replicated | None = None
 
+    @property
+    def main(self) -> Replicated:
+        return self.time_slicing or self.mps or NONE
+
+    @property
+    def kind(self) -> str:  # "" (none), "timeSlicing" or "mps"
+        return self.main.kind
+
+    @property
+    def rename_by_default(self) -> bool:
+        return self.main.rename_by_default
+
+    @property
+    def fail_requests_greater_than_one(self) -> bool:
+        return self.main.fail_requests_greater_than_one
+
+    @property
+    def resources(self) -> tuple[SharedResource, ...]:
+        return self.main.resources
+
     def for_resource(self, name: str) -> SharedResource | None:
-        return next((r for r in self.resources if r.name == name), None)
+        return self.main.for_resource(name)
 
     def served_name(self, res: SharedResource) -> str:
-        if res.rename:
-            return res.rename
-        return f"{res.name}.shared" if self.rename_by_default else res.name
+        return self.main.served_name(res)
 
 
 # An MPS server serves at most 48 clients on Volta and newer (16 before): NVIDIA's
@@ -192,12 +209,7 @@ def parse_sharing(section: Any) -> Sharing:
                 if ts.served_name(t) == mps.served_name(m):
                     raise SettingsError(f"sharing: timeSlicing and mps replicas cannot be served under one name "
                                         f"({mps.served_name(m)}): rename one of them")
-    main = ts if ts is not None else mps
-    if main is None:
-        return Sharing()
-    return Sharing(kind=main.kind, rename_by_default=main.rename_by_default,
-                   fail_requests_greater_than_one=main.fail_requests_greater_than_one, resources=main.resources,
-                   time_slicing=ts, mps=mps)
+    return Sharing(time_slicing=ts, mps=mps)
 
 
 def _devices(value: Any, where: str) -> tuple[str, ...] | int | None:

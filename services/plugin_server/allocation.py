@@ -32,7 +32,7 @@ from common.bus.messages import HEALTHY
 from common.mps import SHM_DIR, pipe_dir, shm_dir
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import Settings
-from services.plugin_server.device_table import PluginDevice, sections
+from services.plugin_server.device_table import PluginDevice
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 MPS_PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
@@ -123,11 +123,8 @@ def _one_only(dev: PluginDevice, settings: Settings) -> bool:
     """A replica of a section with failRequestsGreaterThanOne (MPS's default: true, as NVIDIA's)."""
     if dev.replica is None:
         return False
-    ts, mps = sections(settings.sharing)
-    section = mps if dev.sharing == "mps" else ts
-    if section is None:
-        return settings.sharing.fail_requests_greater_than_one
-    return section.fail_requests_greater_than_one
+    section = settings.sharing.mps if dev.sharing == "mps" else settings.sharing.time_slicing
+    return section is not None and section.fail_requests_greater_than_one
 
 
 def mps_edits(resource: str, settings: Settings) -> tuple[dict[str, str], list[pb.Mount]]:

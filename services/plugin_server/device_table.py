@@ -33,7 +33,7 @@ from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, HealthState
 from common.lifecycle import PermanentError
 from common.mps import selected
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
-from common.settings import DEVICE_ENTRY_BYTES, GRPC_MAX_MESSAGE_BYTES, Replicated, Settings, Sharing
+from common.settings import DEVICE_ENTRY_BYTES, GRPC_MAX_MESSAGE_BYTES, Replicated, Settings
 from services.plugin_server.preferred import Topology
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -162,7 +162,7 @@ def build_resources(state: HealthState, settings: Settings,
                     out.setdefault(f"nvidia.com/mig-{m.profile}", []).append(_mig(m, g))
             else:
                 out.setdefault(GPU_RESOURCE, []).append(_whole(g, migs_of[g.id]))
-    ts, mp = sections(settings.sharing)
+    ts, mp = settings.sharing.time_slicing, settings.sharing.mps
     if ts is not None or mp is not None:
         out = _share(out, ts, mp, mps or MpsReadiness({}, set()))
     for name, devices in out.items():
@@ -175,15 +175,6 @@ def build_resources(state: HealthState, settings: Settings,
                 f"limit at the kubelet, {GRPC_MAX_MESSAGE_BYTES // DEVICE_ENTRY_BYTES} IDs); lower the replicas "
                 f"or select fewer devices in sharing.timeSlicing")
     return out
-
-
-def sections(sharing: Sharing) -> tuple[Replicated | None, Replicated | None]:
-    """(time-slicing, MPS); a Sharing built by hand with the legacy fields only counts as its `kind`."""
-    if sharing.time_slicing is not None or sharing.mps is not None or not sharing.kind:
-        return sharing.time_slicing, sharing.mps
-    legacy = Replicated(sharing.kind, sharing.rename_by_default, sharing.fail_requests_greater_than_one,
-                        sharing.resources)
-    return (legacy, None) if sharing.kind == "timeSlicing" else (None, legacy)
 
 
 def _share(resources: dict[str, list[PluginDevice]], ts: Replicated | None, mp: Replicated | None,

@@ -24,7 +24,6 @@ from helm_python import Chart, HelmRenderError, HelmValuesError
 
 from common.settings import SPECS, SettingsError, resolve
 from services import config_manager
-from services.health_monitor.xid_policy import ENV_DISABLE, ENV_ENABLE
 from services.kube_agent.selection import ENV as KUBE_AGENT_ENV
 from tests.unit.test_deploy_lint import (
     DOCKERFILE,
@@ -47,9 +46,9 @@ NAMESPACE = "kube-system"
 MEASURED_RSS_BYTES = 157 * 2**20
 # Read by the NVIDIA container runtime, not by our code: which GPUs and driver parts the container gets.
 RUNTIME_ENV = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "NVIDIA_MIG_MONITOR_DEVICES"}
-# Every variable the services read: the settings table, NVIDIA's health-check switches.
-SERVICE_ENV = ({n for s in SPECS for n in (s.env, *s.env_aliases) if n} | {ENV_DISABLE, ENV_ENABLE}
-               | set(KUBE_AGENT_ENV))
+# Every variable the services read: the declared settings (NVIDIA's DP_* switches among them)
+# and the kube-agent's selection variables.
+SERVICE_ENV = {n for s in SPECS for n in (s.env, *s.env_aliases) if n} | set(KUBE_AGENT_ENV)
 
 TIME_SLICING = """version: v1
 flags:
