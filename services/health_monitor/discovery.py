@@ -9,9 +9,8 @@ than dropped, because a device missing from the list is a device the kubelet for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import threading
-import time
 from dataclasses import dataclass, field
 
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, PairLink, is_device_id
@@ -24,6 +23,7 @@ from common.nvml.backend import (
     NvmlBackend,
     NvmlError,
 )
+from services.health_monitor.deadline import each_within
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,8 @@ def discover(backend: NvmlBackend, now: float, deadline: float | None = None) ->
     many seconds (or, without a UUID, reported unreadable), and the others are served."""
     inv = Inventory()
     found = [_Found(index) for index in range(backend.device_get_count())]
-    if deadline is None:
-        for f in found:
-            _discover_one(backend, f, now)
-    else:
-        threads = [threading.Thread(target=_discover_one, args=(backend, f, now), daemon=True,
-                                    name=f"nvml-discover-{f.index}") for f in found]
-        for t in threads:
-            t.start()
-        until = time.monotonic() + deadline
-        for t in threads:
-            t.join(max(0.0, until - time.monotonic()))
+    each_within([(f"nvml-discover-{f.index}", functools.partial(_discover_one, backend, f, now)) for f in found],
+                deadline)
     for f in found:
         if f.error:
             inv.unreadable.append(f.error)

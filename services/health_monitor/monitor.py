@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -48,6 +49,7 @@ from common.nvml.backend import (
 )
 from common.settings import HealthConfig, Settings
 from common.version import VERSION
+from services.health_monitor.deadline import each_within
 from services.health_monitor.discovery import Inventory, discover
 from services.health_monitor.metrics import HealthMetrics
 from services.health_monitor.model import Clock, HealthModel, Probe, RecoveryPolicy, SystemClock
@@ -107,17 +109,8 @@ def register_events(nvml: NvmlBackend, handles: dict[str, Handle],
             outcome[gpu_uuid] = str(e)
             log.warning("GPU %s: event registration failed (%s); relying on probes", gpu_uuid, e)
 
-    if deadline is None:
-        for gpu_uuid, handle in handles.items():
-            register(gpu_uuid, handle)
-        return event_set, outcome
-    threads = [threading.Thread(target=register, args=item, name=f"nvml-register-{item[0][:12]}", daemon=True)
-               for item in handles.items()]
-    for t in threads:
-        t.start()
-    until = time.monotonic() + deadline
-    for t in threads:
-        t.join(max(0.0, until - time.monotonic()))
+    each_within([(f"nvml-register-{gpu[:12]}", functools.partial(register, gpu, handle))
+                 for gpu, handle in handles.items()], deadline)
     for gpu_uuid in handles:
         if gpu_uuid not in outcome:
             outcome[gpu_uuid] = f"nvmlDeviceRegisterEvents hung for {deadline:g} s"
