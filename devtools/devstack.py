@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -160,12 +161,26 @@ class DevStack:
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def finish(self, failed: bool) -> None:
+        """Stops the stack and removes its directory, or keeps the directory after a failure."""
+        self.stop()
+        if failed:
+            self.keep = True
+            print(f"stack directory kept for inspection: {self.root}", file=sys.stderr)
+        self.cleanup()
+
+    @contextlib.contextmanager
+    def finished_after(self) -> Iterator[DevStack]:
+        """The stack for a block that starts it as it needs; finished (see `finish`) after it."""
+        failed = True
+        try:
+            yield self
+            failed = False
+        finally:
+            self.finish(failed)
+
     def __enter__(self) -> DevStack:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
-        if e is not None:
-            self.keep = True
-            print(f"stack directory kept for inspection: {self.root}", file=sys.stderr)
-        self.cleanup()
+        self.finish(e is not None)

@@ -12,17 +12,13 @@ from devtools.devstack import RESOURCE, DevStack
 
 
 @pytest.fixture
-def stack() -> Iterator[DevStack]:
+def stack(request: pytest.FixtureRequest) -> Iterator[DevStack]:
     s = DevStack(fleet="dgx-h100-8")
     s.start()
-    try:
-        yield s
-    except BaseException:
-        s.keep = True
-        raise
-    finally:
-        s.stop()
-        s.cleanup()
+    yield s
+    # A test's failure is not raised into its fixture: the report (tests/conftest.py) tells.
+    report = getattr(request.node, "rep_call", None)
+    s.finish(failed=report is None or report.failed)
 
 
 def registrations(stack: DevStack) -> int:

@@ -23,7 +23,7 @@ CHECKOUT = {"GPU_PLUGIN_ENTRYPOINT": str(ENTRYPOINT), "GPU_PLUGIN_SUPERVISORD_CO
 def test_nvidias_command_with_nvidias_flags_and_the_operators_environment_runs_the_stack() -> None:
     s = DevStack(fleet="dgx-h100-8-mig", env={**CHECKOUT, "MPS_ROOT": "/run/nvidia/mps",
                                               "PASS_DEVICE_SPECS": "true", "MIG_STRATEGY": "none"})
-    try:
+    with s.finished_after():
         s.start_kubelet()
         # The flag wins over the environment (MIG_STRATEGY=none), as in NVIDIA's plugin.
         s.supervisord = spawn([str(BIN / "nvidia-device-plugin"), "--mig-strategy", "mixed",
@@ -36,12 +36,6 @@ def test_nvidias_command_with_nvidias_flags_and_the_operators_environment_runs_t
         cmdline = Path(f"/proc/{s.supervisord.pid}/cmdline").read_bytes().split(b"\0")
         assert cmdline[:2] == [b"/bin/sh", str(ENTRYPOINT).encode()], cmdline
         assert s.stop(timeout=60) == 0, s.logs()
-    except BaseException:
-        s.keep = True
-        raise
-    finally:
-        s.stop()
-        s.cleanup()
 
 
 def test_a_bad_flag_ends_it_before_anything_starts(tmp_path: Path) -> None:
