@@ -24,7 +24,7 @@ from common.nvml.backend import NVML_ERROR_TIMEOUT, RECOVERY_ACTION_NAMES, NvmlE
 from common.nvml.real import RealNvml
 from devtools.nvml_sim import SimulatedNvml, fleet_path
 from services.health_monitor.discovery import discover
-from services.health_monitor.monitor import register_events
+from services.health_monitor.events import register_events
 from services.health_monitor.probes import probe_gpu
 from services.health_monitor.xid_policy import xid_policy
 
