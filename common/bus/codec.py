@@ -60,6 +60,39 @@ def _to_wire(obj: Any) -> dict[str, Any]:
     return out
 
 
+STAMP_FIELDS = ("incarnation", "seq", "sent_at")
+
+
+def peek_stamp(payload: bytes) -> tuple[str, int, float] | None:
+    """A state's (incarnation, seq, sent_at), read without decoding the rest; None when the
+    payload is not a map carrying all three with their types (the full decode then says why).
+
+    The stamp is encoded first (StateMessage's fields lead), so this reads three keys of a
+    heartbeat, which then costs a subscriber that already holds that seq next to nothing.
+    """
+    if len(payload) > MAX_PAYLOAD:
+        return None
+    found: dict[str, Any] = {}
+    try:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+        unpacker.feed(payload)
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in STAMP_FIELDS:
+                found[key] = unpacker.unpack()
+                if len(found) == len(STAMP_FIELDS):
+                    break
+            else:
+                unpacker.skip()
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return None
+    incarnation, seq, sent_at = (found.get(k) for k in STAMP_FIELDS)
+    if type(incarnation) is not str or type(seq) is not int or not isinstance(sent_at, int | float) \
+            or isinstance(sent_at, bool):
+        return None
+    return incarnation, seq, float(sent_at)
+
+
 def decode(topic: bytes, payload: bytes) -> Message:
     try:
         name = topic.decode("ascii")
@@ -79,12 +112,24 @@ def decode(topic: bytes, payload: bytes) -> Message:
     version = body.get("v")
     if type(version) is not int or version != SCHEMA_VERSION:  # True and 1.0 are not 1 here
         raise BusDecodeError(f"{name}: schema version {version!r}, expected {SCHEMA_VERSION}")
-    msg = _build(cls, body, name)
+    try:
+        msg = _build(cls, body)
+    except _Invalid as e:
+        raise BusDecodeError(f"{name}{e.where}: {e.why}") from None
     assert isinstance(msg, Message)
     return msg
 
 
-Checker = Callable[[Any, str], Any]
+class _Invalid(Exception):
+    """A field that fails its check. Where it is (`.devices[3].id`) is put together on the way
+    out, so that a valid message, decoded on every state and heartbeat, formats no paths."""
+
+    def __init__(self, why: str) -> None:
+        self.where = ""
+        self.why = why
+
+
+Checker = Callable[[Any], Any]
 
 
 @functools.cache
@@ -101,20 +146,24 @@ def _fields(cls: type) -> tuple[tuple[str, Checker, bool], ...]:
     )
 
 
-def _build(cls: type, body: Any, where: str) -> Any:
+def _build(cls: type, body: Any) -> Any:
     if not isinstance(body, dict):
-        raise BusDecodeError(f"{where}: expected a map")
+        raise _Invalid("expected a map")
     kwargs: dict[str, Any] = {}
     for name, check, required in _fields(cls):
         if name not in body:
             if required:
-                raise BusDecodeError(f"{where}: missing field {name!r}")
+                raise _Invalid(f"missing field {name!r}")
             continue
-        kwargs[name] = check(body[name], f"{where}.{name}")
+        try:
+            kwargs[name] = check(body[name])
+        except _Invalid as e:
+            e.where = f".{name}{e.where}"
+            raise
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - every field was checked above
-        raise BusDecodeError(f"{where}: {e}") from e
+        raise _Invalid(str(e)) from e
 
 
 def _checker(hint: Any) -> Checker:
@@ -126,12 +175,12 @@ def _checker(hint: Any) -> Checker:
         check_str = _checker(base)
         empty_ok = form.empty_ok
 
-        def device_id(value: Any, where: str) -> str:
-            text: str = check_str(value, where)
+        def device_id(value: Any) -> str:
+            text: str = check_str(value)
             if (empty_ok and text == "") or is_device_id(text):
                 return text
             shown = text if len(text) <= 64 else text[:64] + "..."
-            raise BusDecodeError(f"{where}: not a device ID: {shown!r} ({len(text)} characters)")
+            raise _Invalid(f"not a device ID: {shown!r} ({len(text)} characters)")
 
         return device_id
     if origin is types.UnionType or origin is typing.Union:
@@ -139,8 +188,8 @@ def _checker(hint: Any) -> Checker:
         (inner,) = [a for a in args if a is not type(None)]
         check = _checker(inner)
 
-        def optional(value: Any, where: str) -> Any:
-            return None if value is None else check(value, where)
+        def optional(value: Any) -> Any:
+            return None if value is None else check(value)
 
         return optional
     if origin is typing.Literal:
@@ -149,9 +198,9 @@ def _checker(hint: Any) -> Checker:
             raise TypeError(f"only string literals are supported in bus messages, not {hint!r}")
         shown = "|".join(sorted(allowed))
 
-        def literal(value: Any, where: str) -> str:
+        def literal(value: Any) -> str:
             if not isinstance(value, str) or value not in allowed:
-                raise BusDecodeError(f"{where}: expected one of {shown}, got {str(value)[:32]!r}")
+                raise _Invalid(f"expected one of {shown}, got {str(value)[:32]!r}")
             return value
 
         return literal
@@ -159,37 +208,50 @@ def _checker(hint: Any) -> Checker:
         (inner,) = typing.get_args(hint)
         item = _checker(inner)
 
-        def checked_list(value: Any, where: str) -> Any:
+        def checked_list(value: Any) -> Any:
             if not isinstance(value, list):
-                raise BusDecodeError(f"{where}: expected a list")
-            return [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+                raise _Invalid("expected a list")
+            try:
+                return [item(v) for v in value]
+            except _Invalid as e:
+                bad = next(i for i, v in enumerate(value) if _fails(item, v))
+                e.where = f"[{bad}]{e.where}"
+                raise
 
         return checked_list
     if dataclasses.is_dataclass(hint):
         cls = typing.cast(type, hint)
-        return lambda value, where: _build(cls, value, where)
+        return lambda value: _build(cls, value)
     if hint is float:
 
-        def number(value: Any, where: str) -> float:
+        def number(value: Any) -> float:
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise BusDecodeError(f"{where}: expected a number")
+                raise _Invalid("expected a number")
             return float(value)
 
         return number
     if hint is int:
 
-        def integer(value: Any, where: str) -> int:
+        def integer(value: Any) -> int:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise BusDecodeError(f"{where}: expected an integer")
+                raise _Invalid("expected an integer")
             return value
 
         return integer
     if hint in (str, bool):
 
-        def exact(value: Any, where: str) -> Any:
+        def exact(value: Any) -> Any:
             if not isinstance(value, hint):
-                raise BusDecodeError(f"{where}: expected {hint.__name__}")
+                raise _Invalid(f"expected {hint.__name__}")
             return value
 
         return exact
     raise TypeError(f"unsupported field type {hint!r} in a bus message")
+
+
+def _fails(check: Checker, value: Any) -> bool:
+    try:
+        check(value)
+    except _Invalid:
+        return True
+    return False

@@ -509,3 +509,17 @@ def test_arbitrary_text_as_a_device_id_decodes_only_if_it_has_the_id_form(device
         return
     assert isinstance(msg, HealthState) and re.fullmatch(DEVICE_ID_PATTERN, msg.devices[0].id)
     assert 1 <= len(device_id) <= 128 and "," not in device_id and device_id.isascii() and device_id.isprintable()
+
+
+def test_peek_stamp_reads_a_states_stamp_and_nothing_else_passes() -> None:
+    from common.bus.codec import peek_stamp
+
+    st = HealthState(incarnation="abc", seq=9, sent_at=12.5, nvml_ok=True, error="", driver_version="")
+    _, payload = encode(st)
+    assert peek_stamp(payload) == ("abc", 9, 12.5)
+    assert peek_stamp(msgpack.packb({"incarnation": "abc", "seq": 9, "sent_at": 3})) == ("abc", 9, 3.0)
+    for bad in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"incarnation": "abc", "seq": 9}),
+                msgpack.packb({"incarnation": 1, "seq": 9, "sent_at": 1.0}),
+                msgpack.packb({"incarnation": "a", "seq": True, "sent_at": 1.0}),
+                msgpack.packb({"incarnation": "a", "seq": 1, "sent_at": "x"}), payload[:10]):
+        assert peek_stamp(bad) is None, bad
