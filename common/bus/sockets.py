@@ -33,7 +33,7 @@ from typing import TypeVar
 import zmq
 import zmq.asyncio
 
-from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode
+from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode, peek_stamp
 from common.bus.messages import Message, StateMessage
 from common.fswatch import file_id
 from common.lifecycle import FatalError, PermanentError, ensure_private_dir
@@ -85,7 +85,7 @@ class BusPublisher:
         # What arrives here is subscriptions (a topic prefix): libzmq drops a connection that
         # announces a bigger frame before buffering it, where it used to take any size.
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION)
-        # Subscription frames are drained synchronously in batches: no future per frame.
+        # Subscription frames are drained, and messages sent, synchronously: no future per frame.
         self._raw: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
         self._bound = ""
         self._bind()
@@ -147,30 +147,33 @@ class BusPublisher:
             raise
         return fd
 
-    async def publish_state(self, state: S) -> S:
+    def publish_state(self, state: S) -> S:
         """Stamps `state` with this publisher's incarnation, the next seq of its topic and the
         time, publishes it and keeps it for replay; returns it as sent."""
         seq = self._seq.get(state.TOPIC, 0) + 1
         self._seq[state.TOPIC] = seq
         stamped = dataclasses.replace(state, incarnation=self.incarnation, seq=seq, sent_at=time.time())
-        await self.publish(stamped)
+        self.publish(stamped)
         return stamped
 
-    async def publish(self, msg: Message) -> None:
+    def publish(self, msg: Message) -> None:
         """Sends `msg` as it is: events, and states that a test or tool stamped itself."""
         if isinstance(msg, StateMessage):
             self._states[msg.TOPIC] = msg
-        await self._send(msg)
+        self._send(msg)
 
-    async def _send(self, msg: Message) -> None:
+    def _send(self, msg: Message) -> None:
         topic, payload = encode(msg)
-        await self._sock.send_multipart([topic, payload])
+        # At once, from whichever loop callback has news: an XPUB send never blocks (a subscriber
+        # at its high-water mark misses the message instead), so no future and no loop iteration
+        # stand between a fault and the wire.
+        self._raw.send_multipart([topic, payload], zmq.NOBLOCK)
 
-    async def _resend_states(self) -> None:
+    def _resend_states(self) -> None:
         for topic, msg in list(self._states.items()):
             msg = dataclasses.replace(msg, sent_at=time.time())  # same seq: nothing changed
             self._states[topic] = msg
-            await self._send(msg)
+            self._send(msg)
 
     async def run(self) -> None:
         """Answers subscriptions with the current state and sends heartbeats; runs forever.
@@ -197,7 +200,7 @@ class BusPublisher:
                 next_beat = now + self._heartbeat_s
                 replay_at = now  # the heartbeat is a replay: it answers the pending subscriptions
             if replay_at is not None and now >= replay_at:
-                await self._resend_states()
+                self._resend_states()
                 replay_at, last_replay = None, time.monotonic()
             # pyzmq's poll returns without yielding when a frame is already waiting.
             await asyncio.sleep(0)
@@ -240,17 +243,30 @@ class BusSubscriber:
             self._sock.connect(ipc_address(p))
         self.received = 0
         self.dropped = 0
+        self._states: dict[bytes, StateMessage] = {}  # per topic: the last state decoded
 
     def _decode(self, frames: list[bytes]) -> Message | None:
         """The message, or None after counting the drop."""
         if len(frames) != 2:
             self._drop(f"{len(frames)} frames, expected 2")
             return None
+        topic, payload = frames
+        last = self._states.get(topic)
+        if last is not None:
+            stamp = peek_stamp(payload)
+            if stamp is not None and stamp[:2] == (last.incarnation, last.seq):
+                # A heartbeat or replay of the state we hold: the same content by the bus's
+                # contract (seq grows with every change), already checked; only the time is new.
+                # Decoding it again cost every subscriber ~0.2 ms per publisher per second.
+                self.received += 1
+                return dataclasses.replace(last, sent_at=stamp[2])
         try:
-            msg = decode(frames[0], frames[1])
+            msg = decode(topic, payload)
         except BusDecodeError as e:
             self._drop(str(e))
             return None
+        if isinstance(msg, StateMessage):
+            self._states[topic] = msg
         self.received += 1
         return msg
 

@@ -21,7 +21,6 @@ when its loop or its event thread is stuck, since then no GPU is watched.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -32,7 +31,7 @@ from common.bus.messages import ConfigInfo, HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
 from common.cordons import CordonFileError, CordonStateError, CordonStore
 from common.fswatch import DirWatcher
-from common.lifecycle import PermanentError, run_until_stopped
+from common.lifecycle import PermanentError, hold_logs, release_logs, run_until_stopped
 from common.nvml.backend import (
     NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_LIBRARY_NOT_FOUND,
@@ -117,17 +116,17 @@ class HealthMonitor:
         self._prober = Prober(backend, probe_deadline, self._probe_now.set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = threading.BoundedSemaphore(MAX_PENDING_EVENTS)
-        self._flush: asyncio.Task[None] | None = None
+        self._flush_due = False  # a state publish is queued on the loop
         self._event_thread: threading.Thread | None = None
         self._event_call: tuple[str, float] | None = None  # the event thread's NVML call in progress
 
     # -- state ------------------------------------------------------------------------
-    async def _publish_state(self) -> None:
+    def _publish_state(self) -> None:
         self._published = True
         devices = list(self._model.devices.values())
         if self._metrics is not None:
             self._metrics.devices(devices)
-        await self._pub.publish_state(
+        self._pub.publish_state(
             HealthState(
                 nvml_ok=self._nvml_ok,
                 error=self._error,
@@ -149,15 +148,15 @@ class HealthMonitor:
     async def set_config(self, config: ConfigInfo) -> None:
         self.config = config
         if self._published:  # else the first state carries it
-            await self._refresh(force=True)
+            self._refresh(force=True)
 
-    async def _refresh(self, force: bool = False) -> None:
+    def _refresh(self, force: bool = False) -> None:
         """Applies the model; on any change publishes the state, then the transitions and
         other queued events (the state first: that is what the kubelet waits for)."""
         if self._model.refresh() or force:
-            await self._publish_state()
+            self._publish_state()
         for event in self._model.take_events():
-            await self._pub.publish(event)
+            self._pub.publish(event)
 
     # -- startup ----------------------------------------------------------------------
     async def _init_nvml(self, stop: asyncio.Event) -> bool:
@@ -169,8 +168,8 @@ class HealthMonitor:
             except NvmlError as e:
                 self._error = explain_init_error(e)
             log.error("%s", self._error)
-            await self._pub.publish(HealthEvent(time=self._clock.time(), device="", event="nvml", reason=self._error))
-            await self._publish_state()
+            self._pub.publish(HealthEvent(time=self._clock.time(), device="", event="nvml", reason=self._error))
+            self._publish_state()
             if self._fail_on_init_error:
                 raise NvmlInitError(self._error)
             delay = INIT_BACKOFF_S[min(attempt, len(INIT_BACKOFF_S) - 1)]
@@ -206,7 +205,7 @@ class HealthMonitor:
             # A first probe before the first state: it finds GPUs that are already broken and
             # sets the ECC baseline that later probes compare against.
             await self._apply_probes(await self._prober.probe_all(self._inventory.handles))
-            await self._refresh(force=True)
+            self._refresh(force=True)
             # Probes first: a GPU that hangs in event registration must not keep the others unwatched.
             tasks.append(asyncio.create_task(self._probe_loop(), name="probes"))
             event_set = await asyncio.to_thread(self._register_events)
@@ -265,13 +264,9 @@ class HealthMonitor:
             while not self._pending.acquire(timeout=0.5):
                 if self._stopping.is_set():
                     return
-            future = asyncio.run_coroutine_threadsafe(self._on_event(event), loop)
-            future.add_done_callback(self._event_done)
-
-    def _event_done(self, future: concurrent.futures.Future[None]) -> None:
-        self._pending.release()
-        if not future.cancelled() and future.exception() is not None:
-            log.error("handling an NVML event failed", exc_info=future.exception())
+            # A plain callback, not a coroutine: no task and no future between the driver's
+            # event and the bus.
+            loop.call_soon_threadsafe(self._on_event, event)
 
     def _recreate_event_set(self, old: Handle, error: NvmlError, failures: int) -> Handle:
         loop = self._loop
@@ -279,7 +274,7 @@ class HealthMonitor:
         self._event_call = None  # the failed call is over; the backoff below is no hang
         reason = f"NVML event wait failed ({error}); event set re-created, all GPUs probed"
         log.error("%s", reason)
-        asyncio.run_coroutine_threadsafe(self._on_wait_failure(reason), loop)
+        loop.call_soon_threadsafe(self._on_wait_failure, reason)
         self._stopping.wait(EVENT_SET_BACKOFF_S[min(failures, len(EVENT_SET_BACKOFF_S) - 1)])
         with contextlib.suppress(NvmlError):
             self._nvml.event_set_free(old)
@@ -294,18 +289,29 @@ class HealthMonitor:
             self._stopping.wait(EVENT_SET_BACKOFF_S[-1])
         return old
 
-    async def _on_wait_failure(self, reason: str) -> None:
-        await self._pub.publish(HealthEvent(time=self._clock.time(), device="", event="nvml", reason=reason))
+    def _on_wait_failure(self, reason: str) -> None:
+        self._pub.publish(HealthEvent(time=self._clock.time(), device="", event="nvml", reason=reason))
         self._probe_now.set()
 
-    async def _on_event(self, event: EventData) -> None:
-        self._model.apply_event(event)
-        self._schedule_flush()
+    def _on_event(self, event: EventData) -> None:
+        hold_logs()  # written once the state is out (_flush)
+        try:
+            self._model.apply_event(event)
+        except Exception:
+            log.exception("handling an NVML event failed")
+        finally:
+            self._pending.release()
+        if not self._flush_due:
+            # One state publish for a burst of events: those already queued are applied first.
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    def _schedule_flush(self) -> None:
-        """One state publish for a burst of events: those already queued are applied first."""
-        if self._flush is None or self._flush.done():
-            self._flush = asyncio.get_running_loop().create_task(self._refresh(force=True))
+    def _flush(self) -> None:
+        self._flush_due = False
+        try:
+            self._refresh(force=True)
+        finally:
+            release_logs()
 
     # -- probes -----------------------------------------------------------------------
     async def _probe_loop(self) -> None:
@@ -328,7 +334,7 @@ class HealthMonitor:
 
     async def _apply_probes(self, results: list[Probe]) -> None:
         self._model.apply_probes(results)
-        await self._refresh()
+        self._refresh()
 
     # -- cordons ----------------------------------------------------------------------
     def _load_cordons(self) -> None:
@@ -375,6 +381,6 @@ class HealthMonitor:
                 names = await watcher.next(timeout=30.0)
                 if not names or self._cordon_store.path.name in names or "" in names:
                     self._load_cordons()
-                    await self._refresh()
+                    self._refresh()
         finally:
             watcher.close()

@@ -86,26 +86,26 @@ class KubeAgent:
                 log.error("node label %s=%s names no config in %s: %s", self.rules.label, sel.unknown,
                           self.rules.srcdir, "keeping the active config" if self.selection else f"using {sel.why}")
                 if self.selection is not None:
-                    await self._publish()
+                    self._publish()
                     return
             text = content(self.rules, sel.name)
         except SelectionError as e:
             self.select_error = str(e)
             log.error("config not changed: %s", e)
-            await self._publish()
+            self._publish()
             return
         self.select_error = ""
         if write(self.dst, text):
             log.info("wrote config %s to %s (%s)", sel.name or "(empty)", self.dst, sel.why)
             self.changed.set()
         self.selection, self.digest = sel, digest(text)
-        await self._publish()
+        self._publish()
 
-    async def _publish(self) -> None:
+    def _publish(self) -> None:
         if self._pub is None:
             return
         sel = self.selection
-        await self._pub.publish_state(KubeState(
+        self._pub.publish_state(KubeState(
             api_reachable=self.api_reachable, node=self.node, label=self.label or "",
             config=(sel.name or "") if sel else "", why=sel.why if sel else "", digest=self.digest,
             unknown=self.unknown, error=self.select_error or self.api_error))
@@ -125,7 +125,7 @@ class KubeAgent:
         if self.api_reachable or why != self.api_error:
             log.warning("API server: %s (the active config stays; retrying)", why)
         self.api_reachable, self.api_error = False, why
-        await self._publish()
+        self._publish()
 
     async def follow_node(self) -> None:
         """Forever: read the Node, watch it, and on any failure start over after a pause."""
@@ -149,7 +149,7 @@ class KubeAgent:
                         log.info("API server reachable; node %s", self.node)
                     self.api_reachable, self.api_error = True, ""
                     await self._label_is(label_of(nodes[0], self.rules.label))
-                    await self._publish()
+                    self._publish()
                     version = listed.resourceVersion
                     try:
                         async with asyncio.timeout(self._renew_s):
@@ -216,7 +216,7 @@ class KubeAgent:
             if not self.dst.exists():
                 await self.reselect()
             else:
-                await self._publish()
+                self._publish()
             return
         self.api_reachable = True
         await self._label_is(label_of(node, self.rules.label))

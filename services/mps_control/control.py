@@ -254,11 +254,11 @@ class MpsControl:
                 f"sharing.mps: {here} (GPU_PLUGIN_MPS_CONTAINER_ROOT) is not a mount of the host's MPS root {host} "
                 "(MPS_ROOT): mount it there (the chart's mps.root does), or give both the same path on a host")
 
-    async def _publish(self) -> None:
+    def _publish(self) -> None:
         daemons = [d.state for d in self.daemons.values()]
         if daemons != self._published:
             self._published = daemons
-            await self._pub.publish_state(MpsState(root=self.settings.mps_container_root, daemons=daemons))
+            self._pub.publish_state(MpsState(root=self.settings.mps_container_root, daemons=daemons))
 
     async def _reconcile(self, state: HealthState) -> None:
         wanted = {name: (res, gpus) for name, res, gpus in plan(self.mps, state)}
@@ -274,14 +274,14 @@ class MpsControl:
     async def _loop(self) -> None:
         sub = BusSubscriber([self._health_bus], topics=[HealthState.TOPIC])
         try:
-            await self._publish()
+            self._publish()
             while True:
                 msg = await sub.recv_timeout(CHECK_S)
                 if isinstance(msg, HealthState) and msg.nvml_ok:
                     await self._reconcile(msg)
                 for d in self.daemons.values():
                     await d.check()
-                await self._publish()
+                self._publish()
         finally:
             sub.close()
 
@@ -299,4 +299,4 @@ class MpsControl:
             for d in self.daemons.values():
                 await d.stop()
             with contextlib.suppress(Exception):
-                await self._publish()
+                self._publish()

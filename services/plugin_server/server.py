@@ -178,11 +178,11 @@ class PluginServer:
             await self._wake.wait()
             self._wake.clear()
             while self._events:
-                await self._pub.publish(self._events.popleft())
+                self._pub.publish(self._events.popleft())
             if not self._state_changed:
                 continue
             self._state_changed = False
-            await self._pub.publish_state(
+            self._pub.publish_state(
                 PluginState(
                     health_incarnation=self._health.incarnation if self._health else "",
                     health_stale=self._stale,

@@ -98,7 +98,7 @@ class Registrar:
         kubelet_id = file_id(self._kubelet_socket)
         if not kubelet_id:
             self._set_kubelet("absent")
-            await self._publish_state(kubelet_id)
+            self._publish_state(kubelet_id)
             return IDLE_S
         if self._kubelet_state == "absent":
             self._set_kubelet("present")
@@ -110,7 +110,7 @@ class Registrar:
             retry = self.rules.retry_in(ep.resource)
             if retry is not None:
                 next_s = min(next_s, retry)
-        await self._publish_state(kubelet_id)
+        self._publish_state(kubelet_id)
         return next_s
 
     async def _register(self, ep: EndpointState, kubelet_id: str) -> bool:
@@ -177,7 +177,7 @@ class Registrar:
         self._set_kubelet("present")
         self.rules.registered_ok(ep, kubelet_id, began)
         log.info("registered %s (endpoint %s) with the kubelet", resource, ep.endpoint)
-        await self._pub.publish(RegistrarEvent(time.time(), "registered", resource, ep.endpoint))
+        self._pub.publish(RegistrarEvent(time.time(), "registered", resource, ep.endpoint))
         return True
 
     async def _until_kubelet_replaced(self, kubelet_id: str) -> None:
@@ -190,9 +190,9 @@ class Registrar:
         self._set_kubelet("refusing")
         if self.rules.failed(resource, error):  # said once per state change, not per retry
             log.warning("registering %s failed (%s); retrying with backoff", resource, error)
-            await self._pub.publish(RegistrarEvent(time.time(), "failed", resource, error))
+            self._pub.publish(RegistrarEvent(time.time(), "failed", resource, error))
 
-    async def _publish_state(self, kubelet_id: str) -> None:
+    def _publish_state(self, kubelet_id: str) -> None:
         """Publishes the state when it changed; the publisher's heartbeat repeats it meanwhile."""
         content = (self._kubelet_state, kubelet_id, list(self.rules.registered.values()),
                    self.rules.pending(kubelet_id), "; ".join(f"{r}: {e}" for r, e in sorted(self.rules.errors.items())))
@@ -200,7 +200,7 @@ class Registrar:
             return
         self._published = content
         kubelet, kid, registrations, pending, last_error = content
-        await self._pub.publish_state(
+        self._pub.publish_state(
             RegistrarState(
                 kubelet=kubelet,
                 kubelet_id=kid,

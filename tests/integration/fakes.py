@@ -7,7 +7,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +31,14 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """`fn()` on the loop's thread: what owns a loop's sockets runs there only."""
+
+        async def on_loop() -> T:
+            return fn()
+
+        return self.run(on_loop(), timeout)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -71,10 +79,10 @@ class FakeHealthMonitor:
         self.seq += 1 if bump else 0
         msg = HealthState(incarnation=self.incarnation, seq=self.seq, sent_at=time.time(), nvml_ok=True,
                           error="", driver_version="580.159.04", devices=list(self.devices))
-        self.lt.run(self.pub.publish(msg))
+        self.lt.call(lambda: self.pub.publish(msg))
 
     def send(self, msg: Message) -> None:
-        self.lt.run(self.pub.publish(msg))
+        self.lt.call(lambda: self.pub.publish(msg))
 
     def close(self) -> None:
         async def shut() -> None:

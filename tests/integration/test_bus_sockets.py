@@ -4,6 +4,7 @@ endpoint, a removed socket bound again, and junk dropped and counted."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ def test_a_new_subscriber_gets_the_state_at_once_not_at_the_heartbeat(short_tmp:
         pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=3600)  # no heartbeat during the test
         task = asyncio.create_task(pub.run())
         try:
-            await pub.publish(state(7))
+            pub.publish(state(7))
             for _ in range(3):  # each new subscriber, even after others
                 sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
                 msg = await sub.recv_timeout(5.0)
@@ -44,7 +45,7 @@ def test_heartbeat_resends_the_same_state_with_a_new_time(short_tmp: Path) -> No
         task = asyncio.create_task(pub.run())
         sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
         try:
-            await pub.publish(state(3))
+            pub.publish(state(3))
             first = await sub.recv_timeout(5.0)
             beats = [await sub.recv_timeout(5.0) for _ in range(3)]
             assert isinstance(first, HealthState)
@@ -64,7 +65,7 @@ def test_the_publisher_stamps_states_services_hand_it(short_tmp: Path) -> None:
         sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
         try:
             content = HealthState(nvml_ok=True, error="", driver_version="580")
-            sent = [await pub.publish_state(content) for _ in range(2)]
+            sent = [pub.publish_state(content) for _ in range(2)]
             assert [s.seq for s in sent] == [1, 2], "seq grows with every state handed over"
             assert {s.incarnation for s in sent} == {pub.incarnation} and len(pub.incarnation) == 12
             assert all(s.sent_at > 0 for s in sent)
@@ -111,7 +112,7 @@ def test_a_removed_socket_and_run_dir_are_bound_again(short_tmp: Path) -> None:
         pub = BusPublisher(run_dir / "health.sock", heartbeat_s=0.05)
         task = asyncio.create_task(pub.run())
         try:
-            await pub.publish(state(1))
+            pub.publish(state(1))
             for p in run_dir.iterdir():
                 p.unlink()
             run_dir.rmdir()
@@ -158,11 +159,11 @@ def test_recv_latest_skips_to_the_newest_state(short_tmp: Path) -> None:
         task = asyncio.create_task(pub.run())
         sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
         try:
-            await pub.publish(state(0))
+            pub.publish(state(0))
             first = await sub.recv_timeout(5.0)
             assert isinstance(first, HealthState)
             for seq in range(1, 201):
-                await pub.publish(state(seq))
+                pub.publish(state(seq))
             seen = []
             while not seen or seen[-1] != 200:
                 msg = await asyncio.wait_for(sub.recv_latest(), 5.0)
@@ -234,7 +235,7 @@ def test_a_subscription_flood_is_answered_by_a_few_coalesced_replays(short_tmp: 
         flooder.setsockopt(zmq.LINGER, 0)
         flooder.setsockopt(zmq.SNDHWM, 0)  # every frame reaches the publisher
         try:
-            await pub.publish(state(1))
+            pub.publish(state(1))
             first = await honest.recv_timeout(10.0)
             assert isinstance(first, HealthState)
             flooder.connect(f"ipc://{short_tmp / 'health.sock'}")
@@ -261,6 +262,39 @@ def test_a_subscription_flood_is_answered_by_a_few_coalesced_replays(short_tmp: 
             flooder.close(0)
             honest.close()
             task.cancel()
+            pub.close()
+
+    asyncio.run(run())
+
+
+def test_a_heartbeat_of_the_state_held_is_not_decoded_again(short_tmp: Path) -> None:
+    """Same incarnation and seq means the same content by the bus's contract: the subscriber
+    keeps what it decoded and takes only the new time. Shown with a payload whose content
+    differs behind the same stamp: it is not read. A new seq is decoded in full."""
+    from common.bus.codec import encode
+
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=3600)
+        sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
+        try:
+            # No pub.run(): its replays would interleave. Wait for the subscription itself.
+            assert pub._raw.poll(5000) and pub._raw.recv()[:1] == b"\x01"
+            pub.publish(dataclasses.replace(state(5), driver_version="580"))
+            first = await sub.recv_timeout(5.0)
+            assert isinstance(first, HealthState) and first.driver_version == "580"
+            pub.publish(dataclasses.replace(state(5), driver_version="other", sent_at=first.sent_at + 7))
+            beat = await sub.recv_timeout(5.0)
+            assert isinstance(beat, HealthState)
+            assert (beat.seq, beat.driver_version, beat.sent_at) == (5, "580", first.sent_at + 7)
+            pub.publish(dataclasses.replace(state(6), driver_version="590"))
+            changed = await sub.recv_timeout(5.0)
+            assert isinstance(changed, HealthState) and (changed.seq, changed.driver_version) == (6, "590")
+            # A broken payload with a new stamp is still checked and dropped.
+            topic, payload = encode(state(7))
+            pub._raw.send_multipart([topic, payload[:-3]])
+            assert await sub.recv_timeout(0.5) is None and sub.dropped == 1
+        finally:
+            sub.close()
             pub.close()
 
     asyncio.run(run())

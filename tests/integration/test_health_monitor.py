@@ -260,8 +260,8 @@ def test_a_gpu_hanging_in_event_registration_leaves_the_others_watched(short_tmp
         states: list[HealthState] = []
         publish = pub.publish_state
 
-        async def record(state: HealthState) -> HealthState:
-            sent = await publish(state)
+        def record(state: HealthState) -> HealthState:
+            sent = publish(state)
             states.append(sent)
             return sent
 
@@ -320,8 +320,8 @@ def test_a_gpu_hanging_in_discovery_is_listed_unhealthy_and_the_others_served(sh
         states: list[HealthState] = []
         publish = pub.publish_state
 
-        async def record(state: HealthState) -> HealthState:
-            states.append(await publish(state))
+        def record(state: HealthState) -> HealthState:
+            states.append(publish(state))
             return states[-1]
 
         pub.publish_state = record  # type: ignore[method-assign]
