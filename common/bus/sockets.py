@@ -239,6 +239,7 @@ class BusSubscriber:
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD + 1024)
         for t in topics:
             self._sock.setsockopt(zmq.SUBSCRIBE, t.encode("ascii"))
+        self._raw: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)  # drained without futures
         for p in paths:
             self._sock.connect(ipc_address(p))
         self.received = 0
@@ -277,27 +278,36 @@ class BusSubscriber:
                 return msg
 
     async def recv_latest(self) -> Message:
-        """The newest of the messages waiting (at least one), after yielding to the loop.
+        """The newest of the messages waiting (at least one).
 
         For full-state topics only the newest matters, and a flood of states must neither pile
         up work nor starve the loop: pyzmq's recv returns without yielding when a message is
-        already there, so a consumer looping on recv() alone would never let gRPC run. At most
+        already there, so a consumer looping on recv() alone would never let gRPC run. When a
+        message was already waiting, this yields to the loop once before returning; when none
+        was, the wait itself did (and a fault's state costs no extra loop iteration). At most
         MAX_DRAIN waiting messages are skipped per call, and only the newest is decoded.
         """
-        msg = await self.recv()
-        waiting: list[list[bytes]] = []
+        waiting = self._waiting()
+        if waiting:
+            await asyncio.sleep(0)
+        else:
+            waiting = [await self._sock.recv_multipart()]  # the loop ran while this waited
+            waiting += self._waiting()
+        for frames in reversed(waiting):
+            msg = self._decode(frames)
+            if msg is not None:
+                return msg
+        return await self.recv()  # all of them were junk (counted)
+
+    def _waiting(self) -> list[list[bytes]]:
+        """Up to MAX_DRAIN messages already received, oldest first, without futures."""
+        out: list[list[bytes]] = []
         for _ in range(MAX_DRAIN):
             try:
-                waiting.append(await self._sock.recv_multipart(zmq.NOBLOCK))
+                out.append(self._raw.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
-        for frames in reversed(waiting):
-            newer = self._decode(frames)
-            if newer is not None:
-                msg = newer
-                break
-        await asyncio.sleep(0)
-        return msg
+        return out
 
     async def recv_timeout(self, timeout_s: float) -> Message | None:
         try:
