@@ -13,6 +13,7 @@ Figures (p50/p99 where repeated):
   idle CPU                          CPU time of each process over an idle window
   pod termination                   SIGTERM to the entry point (PID 1) until it exited, each stack
   node label -> new device list     bench/per_node_config.py: and the kube-agent's memory and idle CPU
+  at scale                          bench/scale.py: 1024 replicas and 56 MIG devices, figures with targets
 
 Usage: python bench/run.py [--injections 200] [--allocations 2000] [--idle 60]
 """
@@ -304,7 +305,9 @@ def main() -> int:
     here = Path(__file__).resolve().parent
     status = subprocess.call([sys.executable, str(here / "preferred.py")])
     print("\nper-node configuration (bench/per_node_config.py):", flush=True)
-    return status or subprocess.call([sys.executable, str(here / "per_node_config.py")])
+    status = status or subprocess.call([sys.executable, str(here / "per_node_config.py")])
+    print("\nat scale (bench/scale.py): 16 GPUs x 64 replicas, 8 GPUs x 7 MIG devices:", flush=True)
+    return status or subprocess.call([sys.executable, str(here / "scale.py")])
 
 
 if __name__ == "__main__":
