@@ -211,6 +211,13 @@ def _share(resources: dict[str, list[PluginDevice]], ts: Replicated | None, mp: 
     return out
 
 
+def _entry(device_id: str, health: str, numa_node: int | None) -> bytes:
+    """One device of a ListAndWatch response, in wire form (field 1, framed)."""
+    topology = None if numa_node is None else pb.TopologyInfo(nodes=[pb.NUMANode(ID=numa_node)])
+    device = pb.Device(ID=device_id, health=health, topology=topology)
+    return pb.ListAndWatchResponse(devices=[device]).SerializeToString()
+
+
 class ResourceTable:
     """The current device list of one resource; streams await `wait_changed`."""
 
@@ -219,6 +226,8 @@ class ResourceTable:
         self.version = 0
         self.devices: dict[str, PluginDevice] = {}
         self.response = pb.ListAndWatchResponse()
+        self._raw = b""  # the response's wire form
+        self._entries: dict[tuple[str, str, int | None], bytes] = {}
         self.topology = Topology([], [])
         self.shared = False  # replicas or MIG devices: preferred allocation spreads or packs them
         self._changed = asyncio.Condition()
@@ -228,21 +237,27 @@ class ResourceTable:
         return sum(1 for d in self.devices.values() if d.health == HEALTHY)
 
     async def update(self, devices: list[PluginDevice]) -> bool:
-        response = pb.ListAndWatchResponse(
-            devices=[
-                pb.Device(
-                    ID=d.id,
-                    health=d.health,
-                    topology=None if d.numa_node is None else pb.TopologyInfo(nodes=[pb.NUMANode(ID=d.numa_node)]),
-                )
-                for d in devices
-            ]
-        )
+        # The response is put together from each entry's wire bytes, kept per (ID, health, NUMA
+        # node): a serialized one-device response is exactly one framed entry, and entries
+        # concatenate into the list. At 1 024 replicas, building and comparing the messages
+        # themselves took ~4 ms per health change; this takes a fraction of it.
+        cache = self._entries
+        if len(cache) > 3 * len(devices):
+            cache.clear()  # devices went away: memory follows the device list
+        parts = []
+        for d in devices:
+            key = (d.id, d.health, d.numa_node)
+            entry = cache.get(key)
+            if entry is None:
+                entry = cache[key] = _entry(*key)  # kept: a device flaps between two healths
+            parts.append(entry)
+        raw = b"".join(parts)
         self.devices = {d.id: d for d in devices}
         self.shared = any(d.replica is not None or d.parent is not None for d in devices)
-        if response == self.response:
+        if raw == self._raw:
             return False
-        self.response = response
+        self._raw = raw
+        self.response = pb.ListAndWatchResponse.FromString(raw)
         async with self._changed:
             self.version += 1
             self._changed.notify_all()
