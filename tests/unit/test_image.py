@@ -98,3 +98,10 @@ def test_nvidias_commands_are_installed_on_path() -> None:
     assert scripts["nvidia-device-plugin"] == "services.nvidia_entry:main"
     assert scripts["config-manager"] == "services.config_manager:main"
     assert (BIN / "nvidia-device-plugin").is_file() and (BIN / "config-manager").is_file()
+
+
+def test_the_entry_point_runs_supervisord_through_the_installed_wrapper() -> None:
+    assert PYPROJECT["project"]["scripts"]["gpu-plugin-supervisord"] == "services.supervisord:main"
+    assert (BIN / "gpu-plugin-supervisord").is_file()
+    entrypoint = (REPO / "scripts" / "entrypoint.sh").read_text()
+    assert '\ngpu-plugin-supervisord -c "$conf" &\n' in entrypoint
