@@ -8,12 +8,20 @@ Figures (p50/p99 where repeated):
                                     frames to the health bus without pause
   kubelet restart -> back           simulator restart until it holds the resource again
   kill -9 plugin-server -> back     SIGKILL until the kubelet holds 8 healthy GPUs again
-  Allocate, GetPreferredAllocation  a kubelet-like gRPC client on the plugin socket
+  ... from a C++ ListAndWatch client     the same injections, seen by a client whose own cost is
+                                    small (bench/cpp): the server's part of the figure
+  Allocate, GetPreferredAllocation  the C++ client (bench/cpp, Debian's libgrpc++) on the plugin
+                                    socket, next to two floors: the no-op PreStartContainer on our
+                                    server (Python gRPC's own round trip) and a C++ no-op server (the
+                                    client and the transport); and the Python client, as the kubelet
+                                    simulator sees them
   memory                            PSS of supervisord and every child
   idle CPU                          CPU time of each process over an idle window
   pod termination                   SIGTERM to the entry point (PID 1) until it exited, each stack
   node label -> new device list     bench/per_node_config.py: and the kube-agent's memory and idle CPU
   at scale                          bench/scale.py: 1024 replicas and 56 MIG devices, figures with targets
+
+Every figure is printed with the target issue 14 set for it (met / MISSED).
 
 Usage: python bench/run.py [--injections 200] [--allocations 2000] [--idle 60]
 """
@@ -23,11 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -100,9 +109,13 @@ def terminate(stack: DevStack) -> float:
     return elapsed
 
 
-def bench_faults(stack: DevStack, ids: list[str], n: int) -> list[float]:
+def bench_faults(stack: DevStack, ids: list[str], n: int,
+                 watcher: StreamWatcher | None = None) -> tuple[list[float], list[float]]:
+    """Seconds from each injection until the kubelet simulator's list shows the device Unhealthy,
+    and until the C++ watcher's does (empty without it)."""
     faults = FaultClient(stack.run_dir / SIM_CONTROL_SOCKET)
     out: list[float] = []
+    seen: list[float] = []
     for i in range(n):
         victim = ids[i % len(ids)]
         t0 = time.time()
@@ -111,15 +124,20 @@ def bench_faults(stack: DevStack, ids: list[str], n: int) -> list[float]:
         if not reply["ok"]:
             raise RuntimeError(f"{victim} never turned Unhealthy")
         out.append(reply["at"] - t0)
+        at = watcher.first(t0, victim, unhealthy=True) if watcher is not None else None
+        if at is not None:
+            seen.append(at - t0)
         faults.send({"op": "recover", "uuid": victim})
         stack.kubelet.wait(RESOURCE, device=victim, health="Healthy", timeout=10)
-    return out
+        if watcher is not None:
+            watcher.first(t0, victim, unhealthy=False)
+    return out, seen
 
 
 def bench_faults_flooded(stack: DevStack, ids: list[str], n: int) -> tuple[list[float], int]:
     """bench_faults while a client floods the health bus with subscriptions; also the frames sent."""
     with SubscriptionFlood(stack.run_dir / HEALTH_SOCKET) as flood:
-        samples = bench_faults(stack, ids, n)
+        samples, _ = bench_faults(stack, ids, n)
     return samples, flood.sent
 
 
@@ -150,23 +168,145 @@ def bench_rpc(socket: Path, ids: list[str], n: int) -> tuple[list[float], list[f
     return alloc, noop, preferred
 
 
-NODE_CLIENT = Path(__file__).resolve().parent / "node"
-PROTO = Path(__file__).resolve().parents[1] / "protos" / "deviceplugin" / "v1beta1" / "api.proto"
+HERE = Path(__file__).resolve().parent
+CPP_CLIENT = HERE / "cpp" / "build" / "client"
 
 
-def bench_rpc_node(socket: Path, ids: list[str], n: int) -> dict[str, Any] | None:
-    """The same calls from a Node (@grpc/grpc-js) client, whose own cost per call is small: the
-    server's figure, where the Python client's mostly measures Python's gRPC round trip. None
-    when Node or the client's packages are missing (`make bench` installs them)."""
-    if shutil.which("node") is None or not (NODE_CLIENT / "node_modules").is_dir():
+def cpp_client() -> Path | None:
+    """The C++ client, built on first use (`make -C bench/cpp`); None without libgrpc++-dev."""
+    if not CPP_CLIENT.exists():
+        subprocess.run(["make", "-C", str(HERE / "cpp")], capture_output=True, check=False)
+    return CPP_CLIENT if CPP_CLIENT.exists() else None
+
+
+def bench_rpc_cpp(socket: Path, ids: list[str], n: int) -> dict[str, Any] | None:
+    """Allocate, the no-op PreStartContainer and GetPreferredAllocation 1, 2, 4, 8 timed by the
+    C++ client, whose own cost per call is small: the server's figure. None without the client."""
+    client = cpp_client()
+    if client is None:
         return None
-    out = subprocess.run(["node", str(NODE_CLIENT / "client.js"), str(socket), str(PROTO), str(n), *ids],
-                         capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run([str(client), "client", str(socket), str(n), *ids], capture_output=True, text=True,
+                         timeout=900, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"the Node client failed: {out.stderr[-2000:]}")
+        raise RuntimeError(f"the C++ client failed: {out.stderr[-2000:]}")
     raw = json.loads(out.stdout)
     return {"allocate": summary(raw["allocate"]), "noop": summary(raw["noop"]),
             "preferred": {size: summary(s) for size, s in raw["preferred"].items()}}
+
+
+def cpp_floor(ids: list[str], n: int) -> dict[str, Any] | None:
+    """The same client against a C++ server that answers every call with nothing: what the client
+    and the transport cost here, the least any server could show."""
+    client = cpp_client()
+    if client is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="gp-floor-") as tmp:
+        sock = Path(tmp) / "noop.sock"
+        server = subprocess.Popen([str(client), "serve", str(sock)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            return bench_rpc_cpp(sock, ids, n)
+        finally:
+            server.kill()
+            server.wait()
+
+
+class StreamWatcher:
+    """A C++ ListAndWatch client on a plugin socket (beside the kubelet's stream): the arrival time
+    of every update and the IDs it lists Unhealthy."""
+
+    def __init__(self, socket: Path) -> None:
+        client = cpp_client()
+        self.updates: list[tuple[float, set[str]]] = []
+        self._changed = threading.Condition()
+        self._proc = None if client is None else subprocess.Popen(
+            [str(client), "watch", str(socket)], stdout=subprocess.PIPE, text=True)
+        if self._proc is not None:
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            at, *unhealthy = line.split()
+            with self._changed:
+                self.updates.append((float(at), set(unhealthy)))
+                self._changed.notify_all()
+
+    def first(self, after: float, device: str, unhealthy: bool, timeout: float = 10.0) -> float | None:
+        """The arrival time of the first update after `after` that lists `device` (un)healthy."""
+        if self._proc is None:
+            return None
+
+        def found() -> float | None:
+            return next((at for at, bad in self.updates if at >= after and (device in bad) == unhealthy), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: found() is not None, timeout)
+            return found()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+# Issue 14's targets: (figure, percentile, bound); seconds, MB or % of a core.
+TARGETS: dict[str, tuple[str, float]] = {
+    "cold start": ("", 0.5),
+    "fault p50": ("p50", 0.0008),
+    "fault p99": ("p99", 0.003),
+    "rpc p50": ("p50", 0.0002),
+    "rpc p99": ("p99", 0.001),
+    "kubelet restart": ("p50", 0.008),
+    "kill -9": ("p50", 1.0),
+    "pss": ("", 55.0),
+    "idle cpu": ("", 0.1),
+}
+
+
+def verdict(value: float, target: str) -> str:
+    key, bound = TARGETS[target]
+    unit = "s" if target in ("cold start", "kill -9") else "MB" if target == "pss" else "%" if target == "idle cpu" \
+        else "ms"
+    shown = bound * 1000 if unit == "ms" else bound
+    goal = f"{key + ' ' if key else ''}<= {shown:g} {unit}"
+    return f"{goal:18} {'met' if value <= bound else 'MISSED'}"
+
+
+def print_table(results: dict[str, Any], idle: float) -> None:
+    ms = 1000.0
+    print(f"{'figure':50} {'p50':>9} {'p99':>9}   {'target':18} verdict")
+
+    def row(label: str, r: dict[str, float] | None, *targets: str) -> None:
+        if r is None:
+            print(f"{label:50} (no C++ client: apt-get install libgrpc++-dev protobuf-compiler-grpc pkg-config)")
+            return
+        marks = "; ".join(verdict(r[TARGETS[t][0]], t) for t in targets)
+        print(f"{label:50} {r['p50'] * ms:9.3f} {r['p99'] * ms:9.3f}   {marks or 'information':18} (n={r['n']})")
+
+    print(f"{'cold start -> registered with devices (s)':50} {results['cold_start_s']:9.3f} {'':9}   "
+          f"{verdict(results['cold_start_s'], 'cold start')}")
+    row("fault -> Unhealthy at the kubelet simulator (ms)", results["fault_to_unhealthy_s"], "fault p50", "fault p99")
+    row("fault -> Unhealthy at a C++ ListAndWatch (ms)", results["fault_to_unhealthy_cpp_s"], "fault p50", "fault p99")
+    row("fault -> Unhealthy, subscription flood (ms)", results["fault_to_unhealthy_flooded_s"])
+    row("kubelet restart -> resource back (ms)", results["kubelet_restart_to_back_s"], "kubelet restart")
+    row("kill -9 plugin-server -> back (ms)", results["kill9_plugin_server_to_back_s"], "kill -9")
+    cpp, floor = results["cpp_client"], results["cpp_floor"]
+    row("Allocate, C++ client (ms)", cpp and cpp["allocate"], "rpc p50", "rpc p99")
+    for size, r in (cpp or {}).get("preferred", {}).items():
+        row(f"GetPreferredAllocation {size} of 8, C++ client (ms)", r, "rpc p50", "rpc p99")
+    row("  floor: no-op PreStartContainer, our server (ms)", cpp and cpp["noop"])
+    row("  floor: C++ no-op server, same client (ms)", floor and floor["noop"])
+    row("Allocate, Python client (ms)", results["allocate_s"])
+    row("Allocate, 8 GPUs x 16 replicas, Python client (ms)", results["allocate_replicas_8x16_s"])
+    row("  floor: no-op PreStartContainer, Python client (ms)", results["noop_rpc_s"])
+    row("GetPreferredAllocation 4 of 128 replicas, Python (ms)", results["preferred_replicas_8x16_s"]["4"])
+    row("SIGTERM -> entry point exited (ms)", results["pod_termination_s"])
+    print(f"{'total PSS (MB)':50} {results['pss_total_mb']:9.1f} {'':9}   {verdict(results['pss_total_mb'], 'pss')}  "
+          + ", ".join(f"{k} {v / 1024:.1f}" for k, v in results["pss_kb"].items()))
+    print(f"{'idle CPU over ' + str(int(idle)) + ' s (% of one core)':50} {results['idle_cpu_percent_total']:9.3f} "
+          f"{'':9}   {verdict(results['idle_cpu_percent_total'], 'idle cpu')}  "
+          + ", ".join(f"{k} {v:.3f}" for k, v in results["idle_cpu_percent"].items()))
 
 
 def main() -> int:
@@ -189,7 +329,13 @@ def main() -> int:
         results["cold_start_s"] = reply["at"] - t0
         ids = list(reply["state"]["resources"][RESOURCE]["devices"])
 
-        results["fault_to_unhealthy_s"] = summary(bench_faults(stack, ids, args.injections))
+        watcher = StreamWatcher(stack.dp_dir / "nvidia-gpu.sock")
+        try:
+            at_kubelet, at_watcher = bench_faults(stack, ids, args.injections, watcher)
+        finally:
+            watcher.close()
+        results["fault_to_unhealthy_s"] = summary(at_kubelet)
+        results["fault_to_unhealthy_cpp_s"] = summary(at_watcher) if at_watcher else None
         flooded, frames = bench_faults_flooded(stack, ids, max(1, args.injections // 4))
         results["fault_to_unhealthy_flooded_s"] = summary(flooded)
         results["flood_frames"] = frames
@@ -220,7 +366,8 @@ def main() -> int:
         alloc, noop, preferred = bench_rpc(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
         results["allocate_s"] = summary(alloc)
         results["noop_rpc_s"] = summary(noop)
-        results["node_client"] = bench_rpc_node(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
+        results["cpp_client"] = bench_rpc_cpp(stack.dp_dir / "nvidia-gpu.sock", ids, args.allocations)
+        results["cpp_floor"] = cpp_floor(ids, args.allocations)
         results["preferred_allocation_s"] = {str(k): summary(v) for k, v in preferred.items()}
         terminations.append(terminate(stack))
     finally:
@@ -253,12 +400,12 @@ def main() -> int:
         procs = pids(stack)
         results["pss_kb"] = {name: pss_kb(pid) for name, pid in procs.items()}
         results["pss_total_mb"] = sum(results["pss_kb"].values()) / 1024
-        before = {name: cpu_ticks(pid) for name, pid in procs.items()}
+        ticks_before = {name: cpu_ticks(pid) for name, pid in procs.items()}
         time.sleep(args.idle)  # the idle window being measured
-        after = {name: cpu_ticks(pid) for name, pid in procs.items()}
+        ticks_after = {name: cpu_ticks(pid) for name, pid in procs.items()}
         results["idle_window_s"] = args.idle
         results["idle_cpu_percent"] = {
-            name: 100.0 * (after[name] - before[name]) / CLK_TCK / args.idle for name in procs
+            name: 100.0 * (ticks_after[name] - ticks_before[name]) / CLK_TCK / args.idle for name in procs
         }
         results["idle_cpu_percent_total"] = sum(results["idle_cpu_percent"].values())
         terminations.append(terminate(stack))
@@ -269,37 +416,7 @@ def main() -> int:
     results["pod_termination_s"] = summary(terminations)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1))
-    ms = 1000.0
-    print(f"{'figure':44} {'p50':>10} {'p99':>10}")
-    print(f"{'cold start -> registered (s)':44} {results['cold_start_s']:10.3f}")
-    for key, label in (("fault_to_unhealthy_s", "fault -> Unhealthy at kubelet (ms)"),
-                       ("fault_to_unhealthy_flooded_s", "XID -> Unhealthy, subscription flood (ms)"),
-                       ("kubelet_restart_to_back_s", "kubelet restart -> resource back (ms)"),
-                       ("kill9_plugin_server_to_back_s", "kill -9 plugin-server -> back (ms)"),
-                       ("allocate_s", "Allocate (ms)"),
-                       ("allocate_replicas_8x16_s", "Allocate, 8 GPUs x 16 replicas (ms)"),
-                       ("noop_rpc_s", "PreStartContainer, a no-op: the floor (ms)"),
-                       ("pod_termination_s", "SIGTERM -> entry point exited (ms)")):
-        r = results[key]
-        print(f"{label:44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}   (n={r['n']})")
-    for size, r in results["preferred_allocation_s"].items():
-        print(f"{'GetPreferredAllocation size ' + size + ' (ms)':44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}")
-    node = results.get("node_client")
-    if node is None:
-        print("(no Node client: `make bench` installs bench/node; server-side figures skipped)")
-    else:
-        for label, r in (("Allocate, Node client (ms)", node["allocate"]),
-                         ("no-op, Node client: the floor (ms)", node["noop"]),
-                         *((f"GetPreferredAllocation size {k}, Node client (ms)", v)
-                           for k, v in node["preferred"].items())):
-            print(f"{label:44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}   (n={r['n']})")
-    r = results["preferred_replicas_8x16_s"]["4"]
-    print(f"{'GetPreferredAllocation 4 of 128 replicas (ms)':44} {r['p50'] * ms:10.3f} {r['p99'] * ms:10.3f}")
-    print(f"{'total PSS (MB)':44} {results['pss_total_mb']:10.1f}   " +
-          ", ".join(f"{k} {v / 1024:.1f}" for k, v in results["pss_kb"].items()))
-    print(f"{'idle CPU over ' + str(int(args.idle)) + ' s (% of one core)':44} "
-          f"{results['idle_cpu_percent_total']:10.3f}   " +
-          ", ".join(f"{k} {v:.3f}" for k, v in results["idle_cpu_percent"].items()))
+    print_table(results, args.idle)
     print(f"written to {RESULTS / 'latest.json'}")
     print("\npreferred allocation alone (bench/preferred.py), 8 and 16 GPUs:", flush=True)
     here = Path(__file__).resolve().parent

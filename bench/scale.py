@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,14 +34,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.run import pids, pss_kb, summary
+from bench.run import bench_rpc_cpp, pids, pss_kb, summary
 from devtools.devstack import RESOURCE, DevStack
 from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient, fleet_path
 from services.plugin_server.device_table import socket_name
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-CLIENT = HERE / "cpp" / "build" / "client"
 TS = "version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n      replicas: {}\n"
 FAULT_P50_S, ALLOCATE_P99_S, PREFERRED_P99_S = 0.005, 0.001, 0.002
 # Faults are recovered after each injection: probe fast, as bench/run.py's fault stack does (all stacks here).
@@ -123,22 +121,6 @@ def bench_faults(stack: DevStack, victims: list[tuple[str, str]], per_gpu: int, 
     return out
 
 
-def bench_rpc(stack: DevStack, ids: list[str], n: int) -> dict[str, Any] | None:
-    """Allocate, the no-op and GetPreferredAllocation from the C++ client; None without it."""
-    if not CLIENT.exists():
-        subprocess.run(["make", "-C", str(HERE / "cpp")], capture_output=True, check=False)
-        if not CLIENT.exists():
-            return None
-    sock = stack.dp_dir / socket_name(RESOURCE)
-    out = subprocess.run([str(CLIENT), "client", str(sock), str(n), *ids], capture_output=True, text=True,
-                         timeout=900, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"the C++ client failed: {out.stderr[-2000:]}")
-    raw = json.loads(out.stdout)
-    return {"allocate": summary(raw["allocate"]), "noop": summary(raw["noop"]),
-            "preferred": {size: summary(s) for size, s in raw["preferred"].items()}}
-
-
 def private_kb(pid: int) -> int:
     """Private_Clean + Private_Dirty: the process's own pages, whatever else maps the same files."""
     lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
@@ -164,7 +146,7 @@ def scenario(fleet: str, env: dict[str, str], per_gpu: int, gpus: int, args: arg
             victims.append((d["uuid"], kids[-1] if per_gpu > 1 else d["uuid"]))
         assert {v for _, v in victims} <= set(ids), "the watched IDs are not the kubelet's"
         r["fault_to_unhealthy_s"] = summary(bench_faults(stack, victims, per_gpu, total, args.injections))
-        r["rpc"] = bench_rpc(stack, ids, args.allocations)
+        r["rpc"] = bench_rpc_cpp(stack.dp_dir / socket_name(RESOURCE), ids, args.allocations)
         r["pss_after_kb"], _ = memory(stack)
     return r
 

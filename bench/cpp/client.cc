@@ -4,6 +4,8 @@
 // client and transport floor, the least any server can show here.
 //   client <socket> <n> <id>...   prints one JSON line of seconds per call
 //   serve <socket>                 prints "ready", serves until killed
+//   watch <socket>                 a ListAndWatch stream: per update, a line "<unix time> <unhealthy IDs>"
+//                                  (the time it arrived, CLOCK_REALTIME, as the kubelet simulator stamps)
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
@@ -66,8 +68,24 @@ int main(int argc, char** argv) {
     server->Wait();
     return 0;
   }
+  if (argc >= 3 && std::string(argv[1]) == "watch") {
+    auto stub = DevicePlugin::NewStub(
+        grpc::CreateChannel(std::string("unix:") + argv[2], grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    auto reader = stub->ListAndWatch(&ctx, v1beta1::Empty());
+    v1beta1::ListAndWatchResponse resp;
+    while (reader->Read(&resp)) {
+      double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+      std::printf("%.6f", now);
+      for (const auto& d : resp.devices())
+        if (d.health() != "Healthy") std::printf(" %s", d.id().c_str());
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    return reader->Finish().ok() ? 0 : 1;
+  }
   if (argc < 5 || std::string(argv[1]) != "client") {
-    std::fprintf(stderr, "usage: client <socket> <n> <id>... | serve <socket>\n");
+    std::fprintf(stderr, "usage: client <socket> <n> <id>... | serve <socket> | watch <socket>\n");
     return 2;
   }
   std::string socket = argv[2];
