@@ -29,6 +29,7 @@ Usage: python bench/run.py [--injections 200] [--allocations 2000] [--idle 60]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -172,10 +173,10 @@ HERE = Path(__file__).resolve().parent
 CPP_CLIENT = HERE / "cpp" / "build" / "client"
 
 
+@functools.cache
 def cpp_client() -> Path | None:
-    """The C++ client, built on first use (`make -C bench/cpp`); None without libgrpc++-dev."""
-    if not CPP_CLIENT.exists():
-        subprocess.run(["make", "-C", str(HERE / "cpp")], capture_output=True, check=False)
+    """The C++ client, brought up to date once (`make -C bench/cpp`); None without libgrpc++-dev."""
+    subprocess.run(["make", "-C", str(HERE / "cpp")], capture_output=True, check=False)
     return CPP_CLIENT if CPP_CLIENT.exists() else None
 
 
@@ -231,6 +232,8 @@ class StreamWatcher:
             with self._changed:
                 self.updates.append((float(at), set(unhealthy)))
                 self._changed.notify_all()
+        with self._changed:  # ended: nobody waits for it any longer
+            self._changed.notify_all()
 
     def first(self, after: float, device: str, unhealthy: bool, timeout: float = 10.0) -> float | None:
         """The arrival time of the first update after `after` that lists `device` (un)healthy."""
@@ -241,7 +244,8 @@ class StreamWatcher:
             return next((at for at, bad in self.updates if at >= after and (device in bad) == unhealthy), None)
 
         with self._changed:
-            self._changed.wait_for(lambda: found() is not None, timeout)
+            self._changed.wait_for(lambda: found() is not None or self._proc is None or self._proc.poll() is not None,
+                                   timeout)
             return found()
 
     def close(self) -> None:
@@ -316,6 +320,7 @@ def main() -> int:
     ap.add_argument("--restarts", type=int, default=20)
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
+    ap.add_argument("--no-extras", action="store_true", help="skip preferred.py, per_node_config.py and scale.py")
     args = ap.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     terminations: list[float] = []
@@ -418,6 +423,8 @@ def main() -> int:
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1))
     print_table(results, args.idle)
     print(f"written to {RESULTS / 'latest.json'}")
+    if args.no_extras:
+        return 0
     print("\npreferred allocation alone (bench/preferred.py), 8 and 16 GPUs:", flush=True)
     here = Path(__file__).resolve().parent
     status = subprocess.call([sys.executable, str(here / "preferred.py")])
