@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from common.bus.messages import BY_TOPIC, SCHEMA_VERSION, IdForm, Message, is_device_id
+from common.bus.messages import BY_TOPIC, DEVICE_ID_PATTERN, SCHEMA_VERSION, IdForm, Message, is_device_id
 
 # A full state of a large node (hundreds of MIG devices and replicas) is well under this;
 # anything bigger is abuse, and refusing it before unpacking bounds the memory it costs.
@@ -147,23 +148,79 @@ def _fields(cls: type) -> tuple[tuple[str, Checker, bool], ...]:
 
 
 def _build(cls: type, body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise _Invalid("expected a map")
-    kwargs: dict[str, Any] = {}
-    for name, check, required in _fields(cls):
-        if name not in body:
-            if required:
-                raise _Invalid(f"missing field {name!r}")
-            continue
-        try:
-            kwargs[name] = check(body[name])
-        except _Invalid as e:
-            e.where = f".{name}{e.where}"
-            raise
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - every field was checked above
-        raise _Invalid(str(e)) from e
+    return _builder(cls)(body)
+
+
+_INLINE_CHECKS = {
+    str: ("if v.__class__ is not str:", "expected str"),
+    bool: ("if v.__class__ is not bool:", "expected bool"),
+    int: ("if v.__class__ is not int:", "expected an integer"),  # bool's class is not int
+}
+
+
+@functools.cache
+def _builder(cls: type) -> Callable[[Any], Any]:
+    """A decoder made for `cls`: each field checked inline where its type is plain (str, bool,
+    int, float), by its checker otherwise, and set on a new instance directly. The generic
+    loop it replaces cost ~5 us per object, and a health state of 16 GPUs carries 120 links.
+    Same checks and messages as the checkers (`_checker`), which nested types still use."""
+    if hasattr(cls, "__post_init__") or "__slots__" in cls.__dict__:
+        raise TypeError(f"{cls.__name__}: bus messages are plain dataclasses (no __post_init__, no slots)")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    env: dict[str, Any] = {"_Invalid": _Invalid, "_at": _at, "_new": object.__new__, "_cls": cls,
+                           "_id": _ID.fullmatch, "_not_id": _not_id}
+    lines = ["def build(body):",
+             "    if not isinstance(body, dict):",
+             "        raise _Invalid('expected a map')",
+             "    o = _new(_cls)",
+             "    d = o.__dict__"]
+    for i, ((name, check, required), f) in enumerate(zip(_fields(cls), dataclasses.fields(cls), strict=True)):
+        hint = hints[name]
+        lines += [f"    if {name!r} in body:", f"        v = body[{name!r}]"]
+        if hint in _INLINE_CHECKS:
+            test, why = _INLINE_CHECKS[hint]
+            lines += [f"        {test}", f"            raise _at({'.' + name!r}, {why!r})"]
+        elif typing.get_origin(hint) is typing.Annotated:  # a device ID
+            (form,) = [m for m in typing.get_args(hint)[1:] if isinstance(m, IdForm)]
+            lines += ["        if v.__class__ is not str:", f"            raise _at({'.' + name!r}, 'expected str')",
+                      f"        if _id(v) is None{' and v' if form.empty_ok else ''}:",
+                      f"            raise _at({'.' + name!r}, _not_id(v))"]
+        elif hint is float:
+            lines += ["        if v.__class__ is not float:",
+                      "            if v.__class__ is not int:",
+                      f"                raise _at({'.' + name!r}, 'expected a number')",
+                      "            v = float(v)"]
+        else:
+            env[f"c{i}"] = check
+            lines += ["        try:", f"            v = c{i}(v)", "        except _Invalid as e:",
+                      f"            e.where = {'.' + name!r} + e.where", "            raise"]
+        lines += [f"        d[{name!r}] = v", "    else:"]
+        if required:
+            lines.append(f"        raise _Invalid({f'missing field {name!r}'!r})")
+        elif f.default_factory is not dataclasses.MISSING:
+            env[f"f{i}"] = f.default_factory
+            lines.append(f"        d[{name!r}] = f{i}()")
+        else:
+            env[f"d{i}"] = f.default
+            lines.append(f"        d[{name!r}] = d{i}")
+    lines.append("    return o")
+    exec(compile("\n".join(lines), f"<bus decoder of {cls.__name__}>", "exec"), env)
+    built: Callable[[Any], Any] = env["build"]
+    return built
+
+
+_ID = re.compile(DEVICE_ID_PATTERN)
+
+
+def _not_id(text: str) -> str:
+    shown = text if len(text) <= 64 else text[:64] + "..."
+    return f"not a device ID: {shown!r} ({len(text)} characters)"
+
+
+def _at(where: str, why: str) -> _Invalid:
+    e = _Invalid(why)
+    e.where = where
+    return e
 
 
 def _checker(hint: Any) -> Checker:
@@ -179,8 +236,7 @@ def _checker(hint: Any) -> Checker:
             text: str = check_str(value)
             if (empty_ok and text == "") or is_device_id(text):
                 return text
-            shown = text if len(text) <= 64 else text[:64] + "..."
-            raise _Invalid(f"not a device ID: {shown!r} ({len(text)} characters)")
+            raise _Invalid(_not_id(text))
 
         return device_id
     if origin is types.UnionType or origin is typing.Union:
@@ -221,7 +277,7 @@ def _checker(hint: Any) -> Checker:
         return checked_list
     if dataclasses.is_dataclass(hint):
         cls = typing.cast(type, hint)
-        return lambda value: _build(cls, value)
+        return _builder(cls)
     if hint is float:
 
         def number(value: Any) -> float:
