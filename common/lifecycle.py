@@ -25,11 +25,11 @@ import os
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.logs import configure_logging
 from common.reload import Reloader
 from common.settings import Settings, SettingsError, add_arguments, resolve
 
@@ -124,54 +124,6 @@ def exit_permanently(service: str, cause: str) -> int:
     log.error("%s cannot continue (a restart will not help): %s", service, cause)
     record_exit_cause(service, cause)
     return EX_CONFIG
-
-
-def configure_logging(service: str, level: str) -> None:
-    """One line per record on stderr; supervisord forwards it to the container log."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s {service}[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_HOLD)
-
-
-class _Held(logging.Filter):
-    """Keeps the records of one thread back while it is on a hot path (see `hold_logs`)."""
-
-    MAX = 1000  # past this many, records go out at once: a storm must not grow memory
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread: int | None = None
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.thread == threading.get_ident() and len(self.records) < self.MAX:
-            self.records.append(record)
-            return False
-        return True
-
-
-_HOLD = _Held()
-
-
-def hold_logs() -> None:
-    """Holds this thread's log records until `release_logs`: a fault's state goes on the bus
-    first. Writing a line costs a syscall here and wakes supervisord, which reads it on the
-    cores the rest of the fault's path needs; the records keep the time they were made."""
-    _HOLD.thread = threading.get_ident()
-
-
-def release_logs() -> None:
-    """Writes the records held since `hold_logs`, in order."""
-    _HOLD.thread = None
-    records, _HOLD.records = _HOLD.records, []
-    for record in records:
-        for handler in logging.getLogger().handlers:
-            if _HOLD in handler.filters and record.levelno >= handler.level:
-                handler.handle(record)
 
 
 def ensure_private_dir(path: Path) -> None:

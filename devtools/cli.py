@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _kubelet_sim(args: argparse.Namespace) -> int:
-    from common.lifecycle import configure_logging
+    from common.logs import configure_logging
     from devtools.kubelet_simulator.control import serve
 
     configure_logging("kubelet-sim", args.log_level)

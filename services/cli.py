@@ -14,17 +14,18 @@ Settings come from flags, then the environment, then the config file (see common
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.bus.messages import HealthState, KubeState, PluginState
 from common.settings import Settings, SettingsError, add_arguments, resolve
+
+if TYPE_CHECKING:  # the services never load the bus's message types through here
+    from common.bus.messages import HealthState, KubeState, PluginState
 
 SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent")
 
@@ -119,6 +120,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
         remember_args(args)
         return _run_service(args.command, settings)
+    import asyncio  # the tools only: a service's own module imports what it runs on
+
     if args.command == "bus":
         return asyncio.run(_tail(settings, args))
     if args.command == "status":
@@ -155,7 +158,7 @@ async def _health_state(settings: Settings, timeout: float) -> HealthState | Non
 
 
 async def _plugin_state(settings: Settings, timeout: float) -> PluginState | None:
-    from common.bus.messages import PLUGIN_SOCKET
+    from common.bus.messages import PLUGIN_SOCKET, PluginState
     from common.bus.sockets import BusSubscriber
 
     sub = BusSubscriber([settings.bus_path(PLUGIN_SOCKET)], topics=[PluginState.TOPIC])
@@ -168,7 +171,7 @@ async def _plugin_state(settings: Settings, timeout: float) -> PluginState | Non
 
 async def _kube_state(settings: Settings) -> KubeState | None:
     """The kube-agent's state, where one runs (its socket exists): else nothing, at once."""
-    from common.bus.messages import KUBE_SOCKET
+    from common.bus.messages import KUBE_SOCKET, KubeState
     from common.bus.sockets import BusSubscriber
 
     if not settings.bus_path(KUBE_SOCKET).exists():

@@ -4,11 +4,10 @@ sections, refused)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
-
-import yaml
 
 from common.settings.values import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, SettingsError, show
 
@@ -28,31 +27,39 @@ class _ConfigInputError(Exception):
     """Raised inside the YAML loader; becomes a SettingsError naming the file."""
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without aliases and anchors, and with a depth bound.
+@functools.cache
+def _strict_loader() -> type[Any]:
+    """PyYAML, imported when a config file is read: ~12 ms and ~1.5 MB that a node without one
+    (and every service that reads none) does not pay."""
+    import yaml
 
-    Aliases are what make a 1.4 KB file expand to gigabytes (and merge keys need them); no
-    config of ours needs one. Depth is bounded before the composer recurses: 3000 levels
-    ended in a RecursionError traceback. The pure-Python composer is what can be hooked;
-    config files are small, so its speed does not matter.
-    """
+    class StrictLoader(yaml.SafeLoader):
+        """PyYAML's safe loader without aliases and anchors, and with a depth bound.
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
+        Aliases are what make a 1.4 KB file expand to gigabytes (and merge keys need them); no
+        config of ours needs one. Depth is bounded before the composer recurses: 3000 levels
+        ended in a RecursionError traceback. The pure-Python composer is what can be hooked;
+        config files are small, so its speed does not matter.
+        """
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
-        line = event.start_mark.line + 1 if event.start_mark is not None else 0
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _ConfigInputError(f"line {line}: YAML anchors and aliases (&, *, <<) are not accepted")
-        self._depth += 1
-        try:
-            if self._depth > MAX_CONFIG_DEPTH:
-                raise _ConfigInputError(f"line {line}: nested deeper than {MAX_CONFIG_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self._depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+            line = event.start_mark.line + 1 if event.start_mark is not None else 0
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise _ConfigInputError(f"line {line}: YAML anchors and aliases (&, *, <<) are not accepted")
+            self._depth += 1
+            try:
+                if self._depth > MAX_CONFIG_DEPTH:
+                    raise _ConfigInputError(f"line {line}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    return StrictLoader
 
 
 def check_sections(tree: Mapping[str, Any], known: Mapping[str, Any], prefix: str = "") -> None:
@@ -77,8 +84,10 @@ def load_config_file(path: str) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SettingsError(f"config file {path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from e
+    import yaml
+
     try:
-        loader = _StrictLoader(text)
+        loader = _strict_loader()(text)
         try:
             data = loader.get_single_data()
         finally:

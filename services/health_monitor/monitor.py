@@ -31,7 +31,8 @@ from common.bus.messages import ConfigInfo, HealthEvent, HealthState
 from common.bus.sockets import BusPublisher
 from common.cordons import CordonFileError, CordonStateError, CordonStore
 from common.fswatch import DirWatcher
-from common.lifecycle import PermanentError, hold_logs, release_logs, run_until_stopped
+from common.lifecycle import PermanentError, run_until_stopped
+from common.logs import hold_logs, release_logs
 from common.nvml.backend import (
     NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_LIBRARY_NOT_FOUND,

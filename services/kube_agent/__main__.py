@@ -3,24 +3,28 @@ once, before importing the Kubernetes client, and supervisord leaves it alone: i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.bus.messages import KUBE_SOCKET
-from common.bus.sockets import BusPublisher
-from common.lifecycle import PermanentError, configure_logging, ensure_private_dir, run_service, service_entry
+from common.logs import configure_logging
 from common.settings import Settings
-from common.watchdog import watched
 from services.kube_agent.selection import DST, NODE_NAME, SRCDIR, Rules, SelectionError
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
-    from common.lifecycle import run_until_stopped
+    import asyncio
+
+    from common.bus.messages import KUBE_SOCKET
+    from common.bus.sockets import BusPublisher
+    from common.lifecycle import PermanentError, ensure_private_dir, run_until_stopped
     from services.kube_agent.agent import KubeAgent
 
     environ = os.environ
@@ -54,11 +58,16 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
 
 def run(settings: Settings) -> int:
     if not os.environ.get(SRCDIR):
-        configure_logging("kube-agent", settings.log_level)
+        configure_logging("kube-agent", settings.log_level)  # without the services' machinery (asyncio, the bus)
         log.info("per-node configuration is off (%s is not set): nothing to do", SRCDIR)
         return 0
+    from common.lifecycle import run_service
+    from common.watchdog import watched
+
     return run_service("kube-agent", watched("kube-agent", main), settings)
 
 
 if __name__ == "__main__":
+    from common.lifecycle import service_entry
+
     sys.exit(service_entry("kube-agent", run, sys.argv[1:]))

@@ -9,19 +9,17 @@ failing (no FATAL): so it counts its own quick failures, and the third in a row 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.bus.messages import HEALTH_SOCKET, MPS_SOCKET
-from common.bus.sockets import BusPublisher
-from common.lifecycle import EX_CONFIG, ensure_private_dir, exit_permanently, run_service, service_entry
 from common.settings import Settings
-from common.watchdog import watched
-from services.mps_control.control import MpsControl
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +28,11 @@ MAX_QUICK_EXITS = 3
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
+    from common.bus.messages import HEALTH_SOCKET, MPS_SOCKET
+    from common.bus.sockets import BusPublisher
+    from common.lifecycle import ensure_private_dir
+    from services.mps_control.control import MpsControl
+
     ensure_private_dir(settings.run_dir)
     publisher = BusPublisher(settings.bus_path(MPS_SOCKET))
     try:
@@ -43,6 +46,11 @@ def run(settings: Settings) -> int:
         # Before the watchdog and the bus: nothing to run, nothing to hold memory for.
         print("gpu-plugin mps-control: sharing.mps is not configured: nothing to do", file=sys.stderr, flush=True)
         return 0
+    # Imported past that exit: a node without MPS starts an interpreter, reads its settings and
+    # stops, beside the services starting at the same time on the same cores.
+    from common.lifecycle import EX_CONFIG, exit_permanently, run_service
+    from common.watchdog import watched
+
     started = time.monotonic()
     rc = run_service("mps-control", watched("mps-control", main), settings)
     count = settings.run_dir / "mps-control.quick-exits"
@@ -67,4 +75,6 @@ def _bump(path: Path) -> int:
 
 
 if __name__ == "__main__":
+    from common.lifecycle import service_entry
+
     sys.exit(service_entry("mps-control", run, sys.argv[1:]))

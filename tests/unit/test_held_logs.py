@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from common import lifecycle
-from common.lifecycle import hold_logs, release_logs
+from common import logs
+from common.logs import hold_logs, release_logs
 
 
 class Lines(logging.Handler):
@@ -22,7 +22,7 @@ class Lines(logging.Handler):
 def test_held_records_go_out_on_release_in_order_and_other_threads_pass() -> None:
     root = logging.getLogger()
     out = Lines()
-    out.addFilter(lifecycle._HOLD)
+    out.addFilter(logs._HOLD)
     root.addHandler(out)
     log = logging.getLogger("hot")
     try:
@@ -46,15 +46,15 @@ def test_held_records_go_out_on_release_in_order_and_other_threads_pass() -> Non
 def test_a_storm_is_not_held_without_bound() -> None:
     root = logging.getLogger()
     out = Lines()
-    out.addFilter(lifecycle._HOLD)
+    out.addFilter(logs._HOLD)
     root.addHandler(out)
     try:
         hold_logs()
-        for i in range(lifecycle._Held.MAX + 5):
+        for i in range(logs._Held.MAX + 5):
             logging.getLogger("storm").warning("%d", i)
         assert len(out.records) == 5
         release_logs()
-        assert [int(r.getMessage()) for r in out.records][5:] == list(range(lifecycle._Held.MAX))
+        assert [int(r.getMessage()) for r in out.records][5:] == list(range(logs._Held.MAX))
     finally:
         release_logs()
         root.removeHandler(out)

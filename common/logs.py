@@ -1,0 +1,58 @@
+"""Logging of every service: one line per record on stderr, which supervisord forwards to the
+container log; and records held back while a thread is on a hot path. Kept apart from
+lifecycle (asyncio, reload) so that a process that only says why it has nothing to do
+imports no more than this."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+
+def configure_logging(service: str, level: str) -> None:
+    """One line per record on stderr; supervisord forwards it to the container log."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format=f"%(asctime)s {service}[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_HOLD)
+
+
+class _Held(logging.Filter):
+    """Keeps the records of one thread back while it is on a hot path (see `hold_logs`)."""
+
+    MAX = 1000  # past this many, records go out at once: a storm must not grow memory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread: int | None = None
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.thread == threading.get_ident() and len(self.records) < self.MAX:
+            self.records.append(record)
+            return False
+        return True
+
+
+_HOLD = _Held()
+
+
+def hold_logs() -> None:
+    """Holds this thread's log records until `release_logs`: a fault's state goes on the bus
+    first. Writing a line costs a syscall here and wakes supervisord, which reads it on the
+    cores the rest of the fault's path needs; the records keep the time they were made."""
+    _HOLD.thread = threading.get_ident()
+
+
+def release_logs() -> None:
+    """Writes the records held since `hold_logs`, in order."""
+    _HOLD.thread = None
+    records, _HOLD.records = _HOLD.records, []
+    for record in records:
+        for handler in logging.getLogger().handlers:
+            if _HOLD in handler.filters and record.levelno >= handler.level:
+                handler.handle(record)
