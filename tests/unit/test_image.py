@@ -4,6 +4,7 @@ by the Dockerfile so that two builds of one commit get the same packages."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 LOCK = REPO / "requirements-image.txt"
 BIN = Path(sys.executable).parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-VERSION = PYPROJECT["project"]["version"]
+VERSION = importlib.metadata.version("gpu-device-plugin")  # what packaging read from common/version.py
 
 sys.path.insert(0, str(REPO / "scripts"))
 from lock_image_deps import canonical, runtime_closure  # noqa: E402
@@ -105,3 +106,11 @@ def test_the_entry_point_runs_supervisord_through_the_installed_wrapper() -> Non
     assert (BIN / "gpu-plugin-supervisord").is_file()
     entrypoint = (REPO / "scripts" / "entrypoint.sh").read_text()
     assert '\ngpu-plugin-supervisord -c "$conf" &\n' in entrypoint
+
+
+def test_the_services_version_is_the_packaged_one() -> None:
+    from common.version import VERSION as CONSTANT
+
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "common.version.VERSION"}
+    assert "version" in PYPROJECT["project"]["dynamic"] and "version" not in PYPROJECT["project"]
+    assert CONSTANT == VERSION
