@@ -138,6 +138,7 @@ class PluginServer:
         self._last_good: HealthState | None = None  # the last state with NVML working
         self._health_seen_at = 0.0
         self._stale = False
+        self._stale_timer: asyncio.TimerHandle | None = None
         self.endpoints: dict[str, Endpoint] = {}
         self._wake = asyncio.Event()  # the publisher loop has something to send
         self._state_changed = False
@@ -198,11 +199,12 @@ class PluginServer:
         try:
             while True:
                 dropped = sub.dropped
-                msg = await sub.recv_latest()  # no timeout here: staleness is _watch_staleness's job
+                msg = await sub.recv_latest()  # no timeout here: staleness is the timer's job
                 if sub.dropped != dropped:
                     self._mark_changed()
                 if isinstance(msg, HealthState):
                     self._health_seen_at = time.monotonic()
+                    self._rearm_staleness()
                     if self._stale:
                         log.info("health publisher is back")
                         self._stale = False
@@ -212,16 +214,20 @@ class PluginServer:
         finally:
             sub.close()
 
-    async def _watch_staleness(self) -> None:
-        while True:
-            stale_after = self.settings.stale_after
-            await asyncio.sleep(min(1.0, stale_after / 3))  # a periodic check, not a wait for a condition
-            silent = time.monotonic() - self._health_seen_at
-            if self._health is not None and not self._stale and silent > stale_after:
-                # Missing data is not a fault: keep serving the last known state.
-                log.warning("health state is stale (no heartbeat for %.0f s); keeping last known state", silent)
-                self._stale = True
-                self._mark_changed()
+    def _rearm_staleness(self) -> None:
+        """A timer that fires only if the health bus stays silent for stale_after: no periodic
+        check waking the loop every second of an idle node."""
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+        self._stale_timer = asyncio.get_running_loop().call_later(self.settings.stale_after, self._went_stale)
+
+    def _went_stale(self) -> None:
+        self._stale_timer = None
+        silent = time.monotonic() - self._health_seen_at
+        # Missing data is not a fault: keep serving the last known state.
+        log.warning("health state is stale (no heartbeat for %.0f s); keeping last known state", silent)
+        self._stale = True
+        self._mark_changed()
 
     def _endpoint(self, resource: str) -> Endpoint:
         table = ResourceTable(resource)
@@ -364,7 +370,6 @@ class PluginServer:
                 asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
                 asyncio.create_task(self._publisher_loop(), name="plugin-state"),
                 asyncio.create_task(self._consume_health(), name="health-consumer"),
-                asyncio.create_task(self._watch_staleness(), name="staleness"),
                 asyncio.create_task(self._watch_sockets(stop), name="socket-watcher"),
                 *([asyncio.create_task(watch_mps(self.settings.bus_path(MPS_SOCKET), self.mps, self._mps_changed),
                                        name="mps-watcher")] if self.settings.sharing.mps is not None else []),
