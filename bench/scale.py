@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.run import bench_rpc_cpp, pids, pss_kb, summary
+from bench.run import StreamWatcher, bench_rpc_cpp, pids, pss_kb, summary
 from devtools.devstack import RESOURCE, DevStack
 from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient, fleet_path
 from services.plugin_server.device_table import socket_name
@@ -99,11 +99,14 @@ def cold_start(stack: DevStack, count: int) -> tuple[float, list[str]]:
     return reply["at"] - t0, list(reply["state"]["resources"][RESOURCE]["devices"])
 
 
-def bench_faults(stack: DevStack, victims: list[tuple[str, str]], per_gpu: int, total: int, n: int) -> list[float]:
+def bench_faults(stack: DevStack, victims: list[tuple[str, str]], per_gpu: int, total: int, n: int,
+                 watcher: StreamWatcher) -> tuple[list[float], list[float]]:
     """XID 79 on a GPU (victims: GPU UUID, an ID of it that the kubelet lists) until the kubelet
-    sees that ID Unhealthy; checks that exactly the GPU's `per_gpu` IDs went; recovers it."""
+    sees that ID Unhealthy, and until the C++ watcher does (empty without it); checks that
+    exactly the GPU's `per_gpu` IDs went; recovers it."""
     faults = FaultClient(stack.run_dir / SIM_CONTROL_SOCKET)
     out: list[float] = []
+    seen: list[float] = []
     for i in range(n):
         gpu, watched = victims[i % len(victims)]
         t0 = time.time()
@@ -112,13 +115,17 @@ def bench_faults(stack: DevStack, victims: list[tuple[str, str]], per_gpu: int, 
         if not reply["ok"]:
             raise RuntimeError(f"{watched} never turned Unhealthy\n{stack.logs()}")
         out.append(reply["at"] - t0)
+        at = watcher.first(t0, watched, unhealthy=True)
+        if at is not None:
+            seen.append(at - t0)
         left = reply["state"]["resources"][RESOURCE]["allocatable"]
         if left != total - per_gpu:
             raise RuntimeError(f"XID 79 on {gpu}: {total - left} IDs Unhealthy, expected {per_gpu}")
         faults.send({"op": "recover", "uuid": gpu})
         if not stack.kubelet.wait(RESOURCE, allocatable=total, timeout=10)["ok"]:
             raise RuntimeError(f"{gpu} never recovered\n{stack.logs()}")
-    return out
+        watcher.first(t0, watched, unhealthy=False)
+    return out, seen
 
 
 def private_kb(pid: int) -> int:
@@ -145,7 +152,13 @@ def scenario(fleet: str, env: dict[str, str], per_gpu: int, gpus: int, args: arg
             kids = [m["uuid"] for m in d.get("mig_devices", [])] or [f"{d['uuid']}::{per_gpu - 1}"]
             victims.append((d["uuid"], kids[-1] if per_gpu > 1 else d["uuid"]))
         assert {v for _, v in victims} <= set(ids), "the watched IDs are not the kubelet's"
-        r["fault_to_unhealthy_s"] = summary(bench_faults(stack, victims, per_gpu, total, args.injections))
+        watcher = StreamWatcher(stack.dp_dir / socket_name(RESOURCE))
+        try:
+            at_kubelet, at_watcher = bench_faults(stack, victims, per_gpu, total, args.injections, watcher)
+        finally:
+            watcher.close()
+        r["fault_to_unhealthy_s"] = summary(at_kubelet)
+        r["fault_to_unhealthy_cpp_s"] = summary(at_watcher) if at_watcher else None
         r["rpc"] = bench_rpc_cpp(stack.dp_dir / socket_name(RESOURCE), ids, args.allocations)
         r["pss_after_kb"], _ = memory(stack)
     return r
@@ -163,6 +176,8 @@ def report(name: str, r: dict[str, Any], base: dict[str, Any]) -> list[str]:
     lines = [f"{name + ': cold start -> all ' + str(r['ids']) + ' IDs held (s)':52} {r['cold_start_s']:10.3f}"
              f"{'':11}   {'':16} info"]
     lines.append(row(f"{name}: XID 79 -> Unhealthy at kubelet (ms)", r["fault_to_unhealthy_s"], FAULT_P50_S, "p50"))
+    lines.append(row(f"{name}: XID 79 -> Unhealthy at a C++ ListAndWatch (ms)", r["fault_to_unhealthy_cpp_s"],
+                     FAULT_P50_S, "p50"))
     rpc = r["rpc"]
     lines.append(row(f"{name}: Allocate (ms)", rpc and rpc["allocate"], ALLOCATE_P99_S))
     if rpc is not None:
