@@ -51,7 +51,9 @@ class Endpoint:
         self.servicer: DevicePluginServicer | None = None
         self._grpc: grpc.aio.Server | None = None
         # Health updates and the socket watcher may both (re)start an endpoint: one at a time,
-        # and always stopping the old server first, or it would keep running, unreachable.
+        # and always stopping the old server first, or it would keep running, unreachable. First,
+        # not after the new one starts: gRPC unlinks the socket path when a server stops, and that
+        # path is then the new server's (tried: an endless re-creation loop).
         self._lock = asyncio.Lock()
         self.retired = False  # its resource is no longer offered (a reload): never started again
 
