@@ -66,7 +66,6 @@ class PluginClient:
     channel: grpc.aio.Channel
     stub: pb_grpc.DevicePluginStub
     devices: dict[str, str] = field(default_factory=dict)  # ID -> health
-    numa: dict[str, list[int]] = field(default_factory=dict)
     updates: int = 0
     connected: bool = True
     task: asyncio.Task[None] | None = None
@@ -187,7 +186,6 @@ class KubeletSimulator(pb_grpc.RegistrationServicer):
         try:
             async for resp in client.stub.ListAndWatch(pb.Empty()):
                 client.devices = {d.ID: d.health for d in resp.devices}
-                client.numa = {d.ID: [n.ID for n in d.topology.nodes] for d in resp.devices}
                 client.updates += 1
                 if self.clients.get(client.resource) is client:
                     view = self.resources[client.resource]
