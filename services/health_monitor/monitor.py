@@ -25,6 +25,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from common.bus.messages import ConfigInfo, HealthEvent, HealthState
@@ -117,7 +118,7 @@ class HealthMonitor:
         self._prober = Prober(backend, probe_deadline, self._probe_now.set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = threading.BoundedSemaphore(MAX_PENDING_EVENTS)
-        self._flush_due = False  # a state publish is queued on the loop
+        self._inbox: deque[EventData] = deque()  # from the event thread to the loop (deque: thread-safe ends)
         self._event_thread: threading.Thread | None = None
         self._event_call: tuple[str, float] | None = None  # the event thread's NVML call in progress
 
@@ -266,8 +267,10 @@ class HealthMonitor:
                 if self._stopping.is_set():
                     return
             # A plain callback, not a coroutine: no task and no future between the driver's
-            # event and the bus.
-            loop.call_soon_threadsafe(self._on_event, event)
+            # event and the bus. The event waits in the inbox: a callback that finds several
+            # there (a burst) applies them all and publishes one state.
+            self._inbox.append(event)
+            loop.call_soon_threadsafe(self._drain_events)
 
     def _recreate_event_set(self, old: Handle, error: NvmlError, failures: int) -> Handle:
         loop = self._loop
@@ -294,22 +297,19 @@ class HealthMonitor:
         self._pub.publish(HealthEvent(time=self._clock.time(), device="", event="nvml", reason=reason))
         self._probe_now.set()
 
-    def _on_event(self, event: EventData) -> None:
-        hold_logs()  # written once the state is out (_flush)
+    def _drain_events(self) -> None:
+        if not self._inbox:
+            return  # an earlier call took this event with its burst
+        hold_logs()  # the log lines of these events are written once their state is out
         try:
-            self._model.apply_event(event)
-        except Exception:
-            log.exception("handling an NVML event failed")
-        finally:
-            self._pending.release()
-        if not self._flush_due:
-            # One state publish for a burst of events: those already queued are applied first.
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_due = False
-        try:
+            while self._inbox:
+                event = self._inbox.popleft()
+                try:
+                    self._model.apply_event(event)
+                except Exception:
+                    log.exception("handling an NVML event failed")
+                finally:
+                    self._pending.release()
             self._refresh(force=True)
         finally:
             release_logs()
