@@ -42,8 +42,14 @@ class Server:
     client: PluginClient
 
     def alive(self) -> bool:
-        resp = self.client.stub.Allocate(pb.AllocateRequest(container_requests=[
-            pb.ContainerAllocateRequest(devices_ids=self.ids[:1])]), timeout=5)
+        try:
+            resp = self.client.stub.Allocate(pb.AllocateRequest(container_requests=[
+                pb.ContainerAllocateRequest(devices_ids=self.ids[:1])]), timeout=5)
+        except grpc.RpcError as e:
+            # The socket file appears at bind(), a moment before the server accepts on it.
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                return False
+            raise
         return bool(resp.container_responses[0].envs)
 
     def set_health(self, device: str, healthy: bool) -> None:
