@@ -202,18 +202,19 @@ def _share(resources: dict[str, list[PluginDevice]], ts: Replicated | None, mp: 
                 if served not in mps.seen_ready:
                     continue  # not offered before its daemon has been ready once
                 health = dev.health if mps.ready.get(served, False) else UNHEALTHY
-                out.setdefault(served, []).extend(
-                    PluginDevice(f"{dev.id}::{n}", health, dev.numa_node, dev.device, dev.parent, replica=n,
-                                 sharing="mps")
-                    for n in range(m.replicas))
+                out.setdefault(served, []).extend(_replicas(dev, health, m.replicas, "mps"))
             elif in_t and ts is not None and t is not None:
-                out.setdefault(ts.served_name(t), []).extend(
-                    PluginDevice(f"{dev.id}::{n}", dev.health, dev.numa_node, dev.device, dev.parent, replica=n,
-                                 sharing="timeSlicing")
-                    for n in range(t.replicas))
+                out.setdefault(ts.served_name(t), []).extend(_replicas(dev, dev.health, t.replicas, "timeSlicing"))
             else:
                 out.setdefault(name, []).append(dev)
     return out
+
+
+def _replicas(dev: PluginDevice, health: str, count: int, sharing: str) -> list[PluginDevice]:
+    """`count` IDs "<UUID>::<n>" of one device. Built on every health change (1 024 on a big
+    node): positional arguments and locals, half the cost of keyword arguments per replica."""
+    device_id, numa, device, parent = dev.id, dev.numa_node, dev.device, dev.parent
+    return [PluginDevice(f"{device_id}::{n}", health, numa, device, parent, n, sharing) for n in range(count)]
 
 
 def _entry(device_id: str, health: str, numa_node: int | None) -> bytes:
