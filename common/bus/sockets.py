@@ -25,6 +25,7 @@ import math
 import os
 import stat
 import time
+import typing
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -85,7 +86,7 @@ class BusPublisher:
         # What arrives here is subscriptions (a topic prefix): libzmq drops a connection that
         # announces a bigger frame before buffering it, where it used to take any size.
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION)
-        # Subscription frames are drained, and messages sent, synchronously: no future per frame.
+        # Subscription frames are drained synchronously in batches: no future per frame.
         self._raw: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
         self._bound = ""
         self._bind()
@@ -165,9 +166,13 @@ class BusPublisher:
     def _send(self, msg: Message) -> None:
         topic, payload = encode(msg)
         # At once, from whichever loop callback has news: an XPUB send never blocks (a subscriber
-        # at its high-water mark misses the message instead), so no future and no loop iteration
-        # stand between a fault and the wire.
-        self._raw.send_multipart([topic, payload], zmq.NOBLOCK)
+        # at its high-water mark misses the message instead), so the future is done on return and
+        # no loop iteration stands between a fault and the wire. Through the asyncio socket, not
+        # the raw one: a send processes libzmq's pending commands, which drains the descriptor
+        # run()'s poll waits on, and only pyzmq's own send then re-checks for a subscription that
+        # came in meanwhile (else it waited for the next heartbeat).
+        sent = self._sock.send_multipart([topic, payload], zmq.NOBLOCK)
+        typing.cast("asyncio.Future[object]", sent).result()  # done already; raises what the send raised
 
     def _resend_states(self) -> None:
         for topic, msg in list(self._states.items()):

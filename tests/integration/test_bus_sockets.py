@@ -298,3 +298,28 @@ def test_a_heartbeat_of_the_state_held_is_not_decoded_again(short_tmp: Path) -> 
             pub.close()
 
     asyncio.run(run())
+
+
+def test_a_send_while_a_subscription_arrives_does_not_delay_its_replay(short_tmp: Path) -> None:
+    """A send processes libzmq's pending commands, which drains the descriptor the publisher's
+    poll waits on; a subscription that came in meanwhile must still be answered at once, not at
+    the next heartbeat (here: never within the test)."""
+    from common.bus.messages import HealthEvent
+
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=3600)
+        task = asyncio.create_task(pub.run())
+        pub.publish(state(4))
+        sub = BusSubscriber([short_tmp / "health.sock"], topics=["health.state"])
+        try:
+            await asyncio.sleep(0)  # run() is polling
+            time.sleep(0.2)  # the loop is busy (blocked) while the subscription arrives: the race itself
+            pub.publish(HealthEvent(time=1.0, device="", event="nvml", reason="another topic"))
+            msg = await sub.recv_timeout(5.0)
+            assert isinstance(msg, HealthState) and msg.seq == 4
+        finally:
+            sub.close()
+            task.cancel()
+            pub.close()
+
+    asyncio.run(run())
