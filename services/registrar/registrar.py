@@ -52,14 +52,12 @@ class Registrar:
     # -- inputs -----------------------------------------------------------------------
     async def _consume_plugin(self) -> None:
         sub = BusSubscriber([self._plugin_bus], topics=[PluginState.TOPIC])
-        seen: tuple[str, int] = ("", -1)
         try:
             while True:
                 msg = await sub.recv_latest()
-                if isinstance(msg, PluginState) and (msg.incarnation, msg.seq) != seen:
-                    # Not a heartbeat (same seq, same endpoints): a pass for it would change nothing
-                    # and cost a wake-up of an idle node every second.
-                    seen = (msg.incarnation, msg.seq)
+                if isinstance(msg, PluginState):
+                    # Heartbeats too: an endpoint the kubelet was registered with but does not
+                    # stream from shows only by looking again after the registration.
                     self.rules.endpoints_announced(msg.endpoints)
                     self._wake.set()
         finally:
