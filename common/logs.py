@@ -33,7 +33,8 @@ class _Held(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.thread == threading.get_ident() and len(self.records) < self.MAX:
-            self.records.append(record)
+            if not self.records or self.records[-1] is not record:  # each handler asks: hold it once
+                self.records.append(record)
             return False
         return True
 

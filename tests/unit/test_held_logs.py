@@ -58,3 +58,21 @@ def test_a_storm_is_not_held_without_bound() -> None:
     finally:
         release_logs()
         root.removeHandler(out)
+
+
+def test_a_record_passing_two_handlers_is_held_once_and_written_once_to_each() -> None:
+    root = logging.getLogger()
+    one, two = Lines(), Lines()
+    for h in (one, two):
+        h.addFilter(logs._HOLD)
+        root.addHandler(h)
+    try:
+        hold_logs()
+        logging.getLogger("hot").warning("once")
+        assert len(logs._HOLD.records) == 1
+        release_logs()
+        assert [r.getMessage() for r in one.records] == ["once"] == [r.getMessage() for r in two.records]
+    finally:
+        release_logs()
+        for h in (one, two):
+            root.removeHandler(h)
