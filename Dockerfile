@@ -33,7 +33,7 @@ FROM python:3.11-slim
 
 # The commit, from the build: docker build --build-arg REVISION=$(git rev-parse HEAD) .
 ARG REVISION=unknown
-# version: pyproject.toml's (a test keeps them equal); gpu-plugin --version and the bus report it too.
+# version: common/version.py's, which packaging reads (a test keeps them equal); gpu-plugin --version and the bus report it too.
 LABEL org.opencontainers.image.title="gpu-device-plugin" \
       org.opencontainers.image.description="Kubernetes device plugin for NVIDIA GPUs (Python, supervisord)" \
       org.opencontainers.image.licenses="Apache-2.0" \

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import struct
 import types
 import typing
 from collections.abc import Callable
@@ -61,37 +62,23 @@ def _to_wire(obj: Any) -> dict[str, Any]:
     return out
 
 
-STAMP_FIELDS = ("incarnation", "seq", "sent_at")
+# How encode() writes a state's send time: the key, then a msgpack float64 (8 bytes follow).
+_SENT_AT = b"\xa7sent_at\xcb"
 
 
-def peek_stamp(payload: bytes) -> tuple[str, int, float] | None:
-    """A state's (incarnation, seq, sent_at), read without decoding the rest; None when the
-    payload is not a map carrying all three with their types (the full decode then says why).
-
-    The stamp is encoded first (StateMessage's fields lead), so this reads three keys of a
-    heartbeat, which then costs a subscriber that already holds that seq next to nothing.
-    """
-    if len(payload) > MAX_PAYLOAD:
+def resent_at(held: bytes, payload: bytes) -> float | None:
+    """The send time in `payload` when it is `held` (a payload already decoded and checked)
+    sent again with only a new time, byte for byte otherwise: a heartbeat or a replay, which a
+    subscriber need not decode again (~0.1-0.4 ms a second per publisher). None when anything
+    else differs: the payload is then decoded, and dropped if it is bad."""
+    at = held.find(_SENT_AT)
+    if at < 0 or len(payload) != len(held):
         return None
-    found: dict[str, Any] = {}
-    try:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
-        unpacker.feed(payload)
-        for _ in range(unpacker.read_map_header()):
-            key = unpacker.unpack()
-            if key in STAMP_FIELDS:
-                found[key] = unpacker.unpack()
-                if len(found) == len(STAMP_FIELDS):
-                    break
-            else:
-                unpacker.skip()
-    except Exception:  # msgpack raises several unrelated types for bad input
+    value = at + len(_SENT_AT)
+    if payload[:value] != held[:value] or payload[value + 8:] != held[value + 8:]:
         return None
-    incarnation, seq, sent_at = (found.get(k) for k in STAMP_FIELDS)
-    if type(incarnation) is not str or type(seq) is not int or not isinstance(sent_at, int | float) \
-            or isinstance(sent_at, bool):
-        return None
-    return incarnation, seq, float(sent_at)
+    sent: float = struct.unpack_from(">d", payload, value)[0]
+    return sent
 
 
 def decode(topic: bytes, payload: bytes) -> Message:

@@ -511,15 +511,17 @@ def test_arbitrary_text_as_a_device_id_decodes_only_if_it_has_the_id_form(device
     assert 1 <= len(device_id) <= 128 and "," not in device_id and device_id.isascii() and device_id.isprintable()
 
 
-def test_peek_stamp_reads_a_states_stamp_and_nothing_else_passes() -> None:
-    from common.bus.codec import peek_stamp
+def test_resent_at_matches_only_the_same_bytes_with_a_new_time() -> None:
+    from common.bus.codec import resent_at
 
-    st = HealthState(incarnation="abc", seq=9, sent_at=12.5, nvml_ok=True, error="", driver_version="")
-    _, payload = encode(st)
-    assert peek_stamp(payload) == ("abc", 9, 12.5)
-    assert peek_stamp(msgpack.packb({"incarnation": "abc", "seq": 9, "sent_at": 3})) == ("abc", 9, 3.0)
-    for bad in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"incarnation": "abc", "seq": 9}),
-                msgpack.packb({"incarnation": 1, "seq": 9, "sent_at": 1.0}),
-                msgpack.packb({"incarnation": "a", "seq": True, "sent_at": 1.0}),
-                msgpack.packb({"incarnation": "a", "seq": 1, "sent_at": "x"}), payload[:10]):
-        assert peek_stamp(bad) is None, bad
+    st = HealthState(incarnation="abc", seq=9, sent_at=12.5, nvml_ok=True, error="", driver_version="580")
+    _, held = encode(st)
+    _, beat = encode(dataclasses.replace(st, sent_at=99.25))
+    assert resent_at(held, beat) == 99.25
+    assert resent_at(held, held) == 12.5
+    for other in (dataclasses.replace(st, seq=10), dataclasses.replace(st, driver_version="590"),
+                  dataclasses.replace(st, error="x", sent_at=99.25)):
+        assert resent_at(held, encode(other)[1]) is None, other
+    assert resent_at(held, beat[:-1] + b"\x00") is None  # a changed tail
+    assert resent_at(held, beat[:-1]) is None  # a cut one
+    assert resent_at(msgpack.packb({"sent_at": 1}), msgpack.packb({"sent_at": 1})) is None  # no float64 time
