@@ -110,35 +110,40 @@ def terminate(stack: DevStack) -> float:
     return elapsed
 
 
-def bench_faults(stack: DevStack, ids: list[str], n: int,
+def bench_faults(stack: DevStack, victims: list[tuple[str, str]], per_gpu: int, total: int, n: int,
                  watcher: StreamWatcher | None = None) -> tuple[list[float], list[float]]:
-    """Seconds from each injection until the kubelet simulator's list shows the device Unhealthy,
-    and until the C++ watcher's does (empty without it)."""
+    """XID 79 on a GPU (victims: GPU UUID, an ID of it that the kubelet lists) until the kubelet
+    sees that ID Unhealthy, and until the C++ watcher does (empty without it); checks that
+    exactly the GPU's `per_gpu` IDs went; recovers it."""
     faults = FaultClient(stack.run_dir / SIM_CONTROL_SOCKET)
     out: list[float] = []
     seen: list[float] = []
     for i in range(n):
-        victim = ids[i % len(ids)]
+        gpu, watched = victims[i % len(victims)]
         t0 = time.time()
-        faults.send({"op": "xid", "uuid": victim, "xid": 79})
-        reply = stack.kubelet.wait(RESOURCE, device=victim, health="Unhealthy", timeout=10)
+        faults.send({"op": "xid", "uuid": gpu, "xid": 79})
+        reply = stack.kubelet.wait(RESOURCE, device=watched, health="Unhealthy", timeout=10)
         if not reply["ok"]:
-            raise RuntimeError(f"{victim} never turned Unhealthy")
+            raise RuntimeError(f"{watched} never turned Unhealthy\n{stack.logs()}")
         out.append(reply["at"] - t0)
-        at = watcher.first(t0, victim, unhealthy=True) if watcher is not None else None
+        at = watcher.first(t0, watched, unhealthy=True) if watcher is not None else None
         if at is not None:
             seen.append(at - t0)
-        faults.send({"op": "recover", "uuid": victim})
-        stack.kubelet.wait(RESOURCE, device=victim, health="Healthy", timeout=10)
+        left = reply["state"]["resources"][RESOURCE]["allocatable"]
+        if left != total - per_gpu:
+            raise RuntimeError(f"XID 79 on {gpu}: {total - left} IDs Unhealthy, expected {per_gpu}")
+        faults.send({"op": "recover", "uuid": gpu})
+        if not stack.kubelet.wait(RESOURCE, allocatable=total, timeout=10)["ok"]:
+            raise RuntimeError(f"{gpu} never recovered\n{stack.logs()}")
         if watcher is not None:
-            watcher.first(t0, victim, unhealthy=False)
+            watcher.first(t0, watched, unhealthy=False)
     return out, seen
 
 
 def bench_faults_flooded(stack: DevStack, ids: list[str], n: int) -> tuple[list[float], int]:
     """bench_faults while a client floods the health bus with subscriptions; also the frames sent."""
     with SubscriptionFlood(stack.run_dir / HEALTH_SOCKET) as flood:
-        samples, _ = bench_faults(stack, ids, n)
+        samples, _ = bench_faults(stack, [(i, i) for i in ids], 1, len(ids), n)
     return samples, flood.sent
 
 
@@ -334,12 +339,13 @@ def main() -> int:
         results["cold_start_s"] = reply["at"] - t0
         ids = list(reply["state"]["resources"][RESOURCE]["devices"])
 
-        results["fault_to_unhealthy_s"] = summary(bench_faults(stack, ids, args.injections)[0])
+        victims = [(i, i) for i in ids]  # a whole GPU: injected on it, watched as itself
+        results["fault_to_unhealthy_s"] = summary(bench_faults(stack, victims, 1, len(ids), args.injections)[0])
         # A series of its own: a second stream (written beside the kubelet's) and the reader thread
         # here would weigh on the kubelet simulator's figure.
         watcher = StreamWatcher(stack.dp_dir / "nvidia-gpu.sock")
         try:
-            _, at_watcher = bench_faults(stack, ids, max(1, args.injections // 2), watcher)
+            _, at_watcher = bench_faults(stack, victims, 1, len(ids), max(1, args.injections // 2), watcher)
         finally:
             watcher.close()
         results["fault_to_unhealthy_cpp_s"] = summary(at_watcher) if at_watcher else None

@@ -34,9 +34,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.run import StreamWatcher, bench_rpc_cpp, pids, pss_kb, summary
+from bench.run import StreamWatcher, bench_faults, bench_rpc_cpp, pids, pss_kb, summary
 from devtools.devstack import RESOURCE, DevStack
-from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient, fleet_path
+from devtools.nvml_sim import fleet_path
 from services.plugin_server.device_table import socket_name
 
 HERE = Path(__file__).resolve().parent
@@ -97,36 +97,6 @@ def cold_start(stack: DevStack, count: int) -> tuple[float, list[str]]:
         raise RuntimeError(f"{count} IDs not served: {reply['state']}\n{stack.logs()}")
     stack.wait_running()
     return reply["at"] - t0, list(reply["state"]["resources"][RESOURCE]["devices"])
-
-
-def bench_faults(stack: DevStack, victims: list[tuple[str, str]], per_gpu: int, total: int, n: int,
-                 watcher: StreamWatcher | None = None) -> tuple[list[float], list[float]]:
-    """XID 79 on a GPU (victims: GPU UUID, an ID of it that the kubelet lists) until the kubelet
-    sees that ID Unhealthy, and until the C++ watcher does (empty without it); checks that
-    exactly the GPU's `per_gpu` IDs went; recovers it."""
-    faults = FaultClient(stack.run_dir / SIM_CONTROL_SOCKET)
-    out: list[float] = []
-    seen: list[float] = []
-    for i in range(n):
-        gpu, watched = victims[i % len(victims)]
-        t0 = time.time()
-        faults.send({"op": "xid", "uuid": gpu, "xid": 79})
-        reply = stack.kubelet.wait(RESOURCE, device=watched, health="Unhealthy", timeout=10)
-        if not reply["ok"]:
-            raise RuntimeError(f"{watched} never turned Unhealthy\n{stack.logs()}")
-        out.append(reply["at"] - t0)
-        at = watcher.first(t0, watched, unhealthy=True) if watcher is not None else None
-        if at is not None:
-            seen.append(at - t0)
-        left = reply["state"]["resources"][RESOURCE]["allocatable"]
-        if left != total - per_gpu:
-            raise RuntimeError(f"XID 79 on {gpu}: {total - left} IDs Unhealthy, expected {per_gpu}")
-        faults.send({"op": "recover", "uuid": gpu})
-        if not stack.kubelet.wait(RESOURCE, allocatable=total, timeout=10)["ok"]:
-            raise RuntimeError(f"{gpu} never recovered\n{stack.logs()}")
-        if watcher is not None:
-            watcher.first(t0, watched, unhealthy=False)
-    return out, seen
 
 
 def private_kb(pid: int) -> int:
