@@ -20,12 +20,12 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.settings import Settings, SettingsError, add_arguments, resolve
 
 if TYPE_CHECKING:  # the services never load the bus's message types through here
-    from common.bus.messages import HealthState, KubeState, PluginState
+    from common.bus.messages import HealthState, KubeState, PluginState, StateMessage
 
 SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent")
 
@@ -145,43 +145,40 @@ def _run_service(name: str, settings: Settings) -> int:
     return run(settings)
 
 
-async def _health_state(settings: Settings, timeout: float) -> HealthState | None:
-    from common.bus.messages import HEALTH_SOCKET, HealthState
+S = TypeVar("S", bound="StateMessage")
+
+
+async def _state(settings: Settings, socket: str, kind: type[S], timeout: float) -> S | None:
+    """The state `kind` on the bus `socket`, as replayed on subscribe; None after `timeout`."""
     from common.bus.sockets import BusSubscriber
 
-    sub = BusSubscriber([settings.bus_path(HEALTH_SOCKET)], topics=[HealthState.TOPIC])
+    sub = BusSubscriber([settings.bus_path(socket)], topics=[kind.TOPIC])
     try:
         msg = await sub.recv_timeout(timeout)
     finally:
         sub.close()
-    return msg if isinstance(msg, HealthState) else None
+    return msg if isinstance(msg, kind) else None
+
+
+async def _health_state(settings: Settings, timeout: float) -> HealthState | None:
+    from common.bus.messages import HEALTH_SOCKET, HealthState
+
+    return await _state(settings, HEALTH_SOCKET, HealthState, timeout)
 
 
 async def _plugin_state(settings: Settings, timeout: float) -> PluginState | None:
     from common.bus.messages import PLUGIN_SOCKET, PluginState
-    from common.bus.sockets import BusSubscriber
 
-    sub = BusSubscriber([settings.bus_path(PLUGIN_SOCKET)], topics=[PluginState.TOPIC])
-    try:
-        msg = await sub.recv_timeout(timeout)
-    finally:
-        sub.close()
-    return msg if isinstance(msg, PluginState) else None
+    return await _state(settings, PLUGIN_SOCKET, PluginState, timeout)
 
 
 async def _kube_state(settings: Settings) -> KubeState | None:
     """The kube-agent's state, where one runs (its socket exists): else nothing, at once."""
     from common.bus.messages import KUBE_SOCKET, KubeState
-    from common.bus.sockets import BusSubscriber
 
     if not settings.bus_path(KUBE_SOCKET).exists():
         return None
-    sub = BusSubscriber([settings.bus_path(KUBE_SOCKET)], topics=[KubeState.TOPIC])
-    try:
-        msg = await sub.recv_timeout(2.0)
-    finally:
-        sub.close()
-    return msg if isinstance(msg, KubeState) else None
+    return await _state(settings, KUBE_SOCKET, KubeState, 2.0)
 
 
 async def _cordon(settings: Settings, args: argparse.Namespace) -> int:
