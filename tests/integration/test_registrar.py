@@ -45,6 +45,14 @@ class Env:
     def ok_registrations(self) -> int:
         return sum(1 for r in self.sim.registrations if r["ok"])
 
+    def registered_and_streaming(self) -> None:
+        """Kubelet and registrar up, the resource held, and the kubelet's stream delivering."""
+        self.start_kubelet()
+        self.start_registrar()
+        wait_until(self.held, 10, "first registration")
+        wait_until(lambda: self.sim.clients.get(RESOURCE) is not None and self.sim.clients[RESOURCE].updates > 0,
+                   10, "the kubelet's stream running")
+
     def held(self, allocatable: int = 4) -> bool:
         view = self.sim.resources.get(RESOURCE)
         return bool(view and view.connected and sum(h == "Healthy" for h in view.devices.values()) == allocatable)
@@ -143,11 +151,7 @@ def test_plugin_server_restart_is_registered_once_more(env: Env) -> None:
 
 
 def test_a_kubelet_that_drops_the_stream_gets_a_new_registration(env: Env) -> None:
-    env.start_kubelet()
-    env.start_registrar()
-    wait_until(env.held, 10, "first registration")
-    wait_until(lambda: env.sim.clients.get(RESOURCE) is not None and env.sim.clients[RESOURCE].updates > 0, 10,
-               "the stream running")
+    env.registered_and_streaming()
     env.lt.run(env.sim.drop(RESOURCE))
     assert not env.held()
     wait_until(lambda: env.held() and env.ok_registrations() == 2, 15, "a new registration after the drop")
@@ -213,11 +217,7 @@ def test_kubelet_restarts_5_ms_apart_never_leave_a_register_waiting_out_its_time
 
 
 def test_a_stray_stream_does_not_hide_a_kubelet_drop(env: Env) -> None:
-    env.start_kubelet()
-    env.start_registrar()
-    wait_until(env.held, 10, "first registration")
-    wait_until(lambda: env.sim.clients.get(RESOURCE) is not None and env.sim.clients[RESOURCE].updates > 0, 10,
-               "the kubelet's stream running")
+    env.registered_and_streaming()
     stray = PluginClient(env.dp / "nvidia-gpu.sock")  # e.g. an operator's debugging client
     try:
         stray.watch()

@@ -33,6 +33,7 @@ from tests.unit.test_deploy_lint import (
     posture_problems,
     validation_errors,
 )
+from tests.unit.test_settings_sections import NVIDIA_EXAMPLES
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "chart" / "gpu-device-plugin"
@@ -50,15 +51,7 @@ RUNTIME_ENV = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "NVIDIA_M
 # and the kube-agent's selection variables.
 SERVICE_ENV = {n for s in SPECS for n in (s.env, *s.env_aliases) if n} | set(KUBE_AGENT_ENV)
 
-TIME_SLICING = """version: v1
-flags:
-  migStrategy: none
-sharing:
-  timeSlicing:
-    resources:
-    - name: nvidia.com/gpu
-      replicas: 10
-"""
+TIME_SLICING = NVIDIA_EXAMPLES["time-slicing"]
 MIG_MIXED_CONFIG = "version: v1\nflags:\n  migStrategy: mixed\n"
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
