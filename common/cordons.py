@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import read_bounded
+
 FILE = "cordons.json"
 # Far beyond what `gpu-plugin cordon` writes for any node (a few hundred bytes per device):
 # a bigger file is not ours, and reading it whole would cost the monitor its memory.
@@ -48,16 +50,15 @@ class CordonStore:
 
     def load(self) -> dict[str, Cordon]:
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+            # Only we write it (by rename), on a host path: never follow a link planted there, and a
+            # FIFO in its place is refused at once (it blocked the monitor's loop: no XID got through).
+            data = read_bounded(self.path, MAX_FILE_BYTES, follow=False)
         except (FileNotFoundError, NotADirectoryError):
             # NotADirectory: a file sits where the state dir should be, so no cordon file
             # can exist: there are no cordons (and the monitor says cordons are unavailable).
             return {}
         except OSError as e:
-            raise CordonFileError(f"cannot read {self.path}: {e.strerror or e}") from e
-        if len(data) > MAX_FILE_BYTES:
-            raise CordonFileError(f"{self.path} is larger than {MAX_FILE_BYTES} bytes; not a cordon file we wrote")
+            raise CordonFileError(f"cannot read {self.path}: {e.strerror or e}; not a cordon file we wrote") from e
         try:
             raw = json.loads(data.decode("utf-8"))
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError

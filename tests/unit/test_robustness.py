@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,19 @@ def test_a_cordon_reason_too_long_for_the_file_is_refused(tmp_path: Path) -> Non
     with pytest.raises(CordonFileError, match="at most 1024"):
         store.cordon("GPU-a", "x" * 5000)
     assert store.load() == {}
+
+
+def test_a_fifo_as_the_cordon_file_is_one_clear_error_not_a_blocked_monitor(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "cordons.json")  # no writer: an open() for reading would block the monitor's loop
+    with pytest.raises(CordonFileError, match="not a regular file \\(a FIFO\\)"):
+        CordonStore(tmp_path).load()
+
+
+def test_a_symlink_planted_as_the_cordon_file_is_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text('{"GPU-a": {"reason": "planted", "time": 0}}')
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "cordons.json").symlink_to(target)
+    with pytest.raises(CordonFileError, match="a symlink"):
+        CordonStore(state).load()
