@@ -14,27 +14,44 @@ The directory is watched, not the file: a ConfigMap volume swaps a `..data` syml
 replace the file by rename, neither of which an inotify watch on the old file would see. The
 file's content digest decides whether anything changed, so the writers' temporary files and
 repeated events cost one read and nothing else.
+
+The file is read as common.files reads every file we do not own: a FIFO, a device or a 1 GB file
+put in its place is refused at once (the old config keeps running; restoring a regular file
+applies it), never opened blocking or read whole.
+
+Complete files only: a replacement (a new inode: a rename, a ConfigMap's `..data` swap, what every
+writer of ours and NVIDIA's does) is complete by construction and applied at once. A file changed
+in place (same inode: `echo > file`, an editor writing in place, a copy in progress) may be read
+half-written and still be valid YAML (32 devices -> 8 until the rest arrived); it is applied only
+once its content has stayed the same for SETTLE_S. Waiting on every change would have cost the
+atomic writers, the common case, a second of each label change. SIGHUP applies what is there at
+once: its sender says the file is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import read_bounded
 from common.fswatch import DirWatcher
 from common.settings import Settings, SettingsError
+from common.settings.values import MAX_CONFIG_BYTES
 
 log = logging.getLogger(__name__)
 
 Apply = Callable[[Settings], Awaitable[None]]
 COALESCE_S = 0.05  # an editor's write, chmod and rename arrive as several events: read once after them
 RECHECK_S = 30.0  # backstop for changes inotify cannot see (a file on a remounted volume)
+SETTLE_S = 1.0  # a file changed in place is applied once its content has been the same this long
 
 
 @dataclass(frozen=True)
@@ -50,13 +67,26 @@ class ConfigStatus:
 
 
 def digest_of(path: str | None) -> str:
+    """sha256 (12 hex) of the file's content; "" when there is no file (yet: a ConfigMap swap, a
+    writer's rename); `!<errno name>` when something unreadable is there (a FIFO, a file over the
+    bound): a content of its own, which the reload then refuses with the reason."""
     if not path:
         return ""
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:12]
-    except OSError:
+        return hashlib.sha256(read_bounded(path, MAX_CONFIG_BYTES)).hexdigest()[:12]
+    except (FileNotFoundError, NotADirectoryError):
         return ""
+    except OSError as e:
+        return f"!{errno.errorcode.get(e.errno or 0, 'EIO')}"
+
+
+def inode_of(path: str | None) -> tuple[int, int]:
+    """(device, inode) of the file `path` names (following a ConfigMap's symlinks); (0, 0) if none."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        st = None
+    return (st.st_dev, st.st_ino) if st is not None else (0, 0)
 
 
 class Reloader:
@@ -81,6 +111,8 @@ class Reloader:
         self.reloads = 0  # new contents (or SIGHUPs) accepted, for the bus
         self.status = ConfigStatus(file=settings.config_file or "", digest=digest_of(settings.config_file),
                                    applied_at=time.time())
+        self._inode = inode_of(settings.config_file)  # of the content last applied or refused
+        self._settling: tuple[str, float] | None = None  # (digest, monotonic deadline) of an in-place change
 
     @classmethod
     def current_for(cls, service: str, settings: Settings, resolve_again: Callable[[], Settings]) -> Reloader:
@@ -124,14 +156,15 @@ class Reloader:
             await self._requested.wait()
         else:
             while not self._requested.is_set():
-                changed = asyncio.create_task(watcher.next(timeout=RECHECK_S))
+                settle = None if self._settling is None else max(0.0, self._settling[1] - time.monotonic())
+                changed = asyncio.create_task(watcher.next(timeout=RECHECK_S if settle is None else settle))
                 signalled = asyncio.create_task(self._requested.wait())
                 try:
                     done, _ = await asyncio.wait([changed, signalled], return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     for t in (changed, signalled):
                         t.cancel()
-                if changed in done and (changed.result()
+                if changed in done and (changed.result() or settle is not None
                                         or digest_of(self.settings.config_file) not in (self.status.digest, "")):
                     break
             await asyncio.sleep(COALESCE_S)  # a debounce of the writer's burst, not a wait for a condition
@@ -140,9 +173,14 @@ class Reloader:
         return forced
 
     async def reload(self, forced: bool = False) -> None:
+        inode = inode_of(self.settings.config_file)
         digest = digest_of(self.settings.config_file)
         if not forced and digest in (self.status.digest, self.status.refused_digest):
+            self._settling = None
             return
+        if not forced and inode == self._inode and not self._settled(digest):
+            return
+        self._settling, self._inode = None, inode
         try:
             new = self._resolve()
         except SettingsError as e:
@@ -170,6 +208,15 @@ class Reloader:
         self.reloads += 1
         self.status = ConfigStatus(file=self.status.file, digest=digest, applied_at=time.time(), reloads=self.reloads)
         self._notify()
+
+    def _settled(self, digest: str) -> bool:
+        """Whether content changed in place has stayed `digest` for SETTLE_S (else the wait restarts)."""
+        now = time.monotonic()
+        if self._settling is None or self._settling[0] != digest:
+            log.info("config file changed in place: applying it once it stays unchanged for %.1f s", SETTLE_S)
+            self._settling = (digest, now + SETTLE_S)
+            return False
+        return now >= self._settling[1]
 
     def _refuse(self, digest: str, error: Exception) -> None:
         self.status = dataclasses.replace(self.status, refused=str(error), refused_digest=digest)

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from common.files import read_bounded
 from common.settings.values import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, SettingsError, show
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,10 @@ def check_sections(tree: Mapping[str, Any], known: Mapping[str, Any], prefix: st
 
 def load_config_file(path: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        # A FIFO here blocked every service at start, before any watchdog ran; a 1 GB file was read whole.
+        raw = read_bounded(path, MAX_CONFIG_BYTES)
     except OSError as e:
         raise SettingsError(f"config file {path}: {e.strerror}") from e
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise SettingsError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -203,3 +203,61 @@ def test_an_endpoint_retired_by_a_reload_is_never_started_again(short_tmp: Path)
             pub.close()
 
     assert asyncio.run(scenario()) == (False, False)
+
+
+def _peak_kib(pid: int) -> int:
+    return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("VmHWM:"))
+
+
+def test_a_fifo_in_place_of_the_config_is_refused_and_a_regular_file_applies_again(
+        make_node: Any, procs: Any, short_tmp: Path) -> None:
+    """The reload's read blocked on the FIFO; every watchdog then ended its service, and the
+    restarted services blocked at start on the same FIFO."""
+    node = make_node(config=sliced(4))
+    node.wait_devices(count=32, timeout=30)
+    started = pids(node)
+    fifo = short_tmp / "fifo"
+    os.mkfifo(fifo)
+    os.replace(fifo, node.env["CONFIG_FILE"])
+    wait_until(lambda: "not a regular file (a FIFO)" in status(node), 30, "the refusal naming the FIFO")
+    assert len(node.devices()) == 32 and pids(node) == started
+    write(node, sliced(2))  # a regular file again: applied, by the same services
+    node.wait_devices(count=16, timeout=30)
+    wait_until(lambda: "REFUSED" not in status(node), 30, "the refusal cleared")
+    assert pids(node) == started
+
+
+def test_a_1_gib_config_is_refused_without_reading_it(make_node: Any, short_tmp: Path) -> None:
+    node = make_node(config=sliced(4))
+    node.wait_devices(count=32, timeout=30)
+    big = short_tmp / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: reading it whole costs 1 GiB of memory, not of disk
+    os.replace(big, node.env["CONFIG_FILE"])
+    wait_until(lambda: "larger than 1048576 bytes" in status(node), 30, "the refusal naming the bound")
+    for name in ("plugin-server", "health-monitor", "registrar"):
+        assert _peak_kib(node.services[name].pid) < 256 * 1024, f"{name} read the file"
+    assert len(node.devices()) == 32
+
+
+def test_a_config_written_in_place_is_applied_only_once_complete(make_node: Any, procs: Any) -> None:
+    """A file truncated and rewritten in place can be read half-written and still be valid YAML:
+    the first half below is a config of its own (no replicas: 8 devices, not 32)."""
+    node = make_node(config=sliced(2))
+    node.wait_devices(count=16, timeout=30)
+    full = sliced(4)
+    half = full[:full.index("sharing:")]  # "version: v1\n": valid, and the default config
+    path = node.env["CONFIG_FILE"]
+    with open(path, "w") as f:  # same inode: `cat part1 > file; cat part2 >> file` in a shell
+        f.write(half)
+    # The services see the half (its close is an event) while the writer is not done: either they
+    # wait for it to settle, or they apply it and the kubelet gets 8 devices.
+    wait_until(lambda: len(node.devices()) != 16 or all(
+        "changed in place" in procs.log(n) for n in ("plugin-server", "health-monitor")), 30, "the half noticed")
+    assert len(node.devices()) == 16, "half a file was applied"
+    with open(path, "a") as f:
+        f.write(full[len(half):])
+    node.wait_devices(count=32, timeout=30)
+    shown = status(node)
+    assert "1 reloads applied" in shown and "2 reloads applied" not in shown, shown

@@ -4,6 +4,7 @@ receive. Each is one short SettingsError (exit 2), never a traceback, a hang or 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -150,3 +151,19 @@ def test_a_node_larger_than_the_replica_bound_assumes_is_refused_not_streamed(tm
         build_resources(state, load(tmp_path, text.format(MAX_REPLICAS)))
     assert "nvidia.com/gpu" in str(err.value) and "4 MiB" in str(err.value)
     assert len(build_resources(state, load(tmp_path, text.format(2)))["nvidia.com/gpu"]) == 2 * len(gpus)
+
+
+def test_a_fifo_as_the_config_file_is_refused_at_once(tmp_path: Path) -> None:
+    """Every service opened it blocking at start, before its watchdog ran, and hung for good."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(SettingsError, match="not a regular file \\(a FIFO\\)"):
+        resolve(environ={"CONFIG_FILE": str(fifo)})
+
+
+def test_a_1_gib_config_file_is_refused_from_its_size(tmp_path: Path) -> None:
+    big = tmp_path / "config.yaml"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: a read of it all would take ~1 GiB of memory
+    with pytest.raises(SettingsError, match="larger than 1048576 bytes"):
+        resolve(environ={"CONFIG_FILE": str(big)})
