@@ -13,10 +13,13 @@ supervisord restarts this component alone. Extra `stuck` sources name operations
 threads that must not block for that long (the monitor's event thread). The heartbeat ping
 wakes the loop once per CHECK_S, beside the bus's 1 s heartbeat.
 
-Every answered check also sets the mtime of `<run dir>/<service>.alive` (content: the pid) to
-the time the loop last answered: the DaemonSet's liveness probe (sh, no Python) and
-`gpu-plugin status` read it. A Python thread cannot help if something holds the GIL for good;
-faulthandler's C thread, re-armed at every check, then dumps every thread and exits.
+Every answered check also sets the mtime of `<run dir>/<service>.alive` (content: the pid and
+the limit) to the time the loop last answered: the DaemonSet's liveness probe (sh, no Python),
+`gpu-plugin status` and gpu-plugin-supervisord read it. A Python thread cannot help if something
+holds the GIL for good; faulthandler's C thread, re-armed at every check, then dumps every thread
+and exits. Nothing in the process helps when the whole process stops (SIGSTOP, a cgroup freeze, a
+page fault that never completes): the thread stops with it. gpu-plugin-supervisord then sees the
+file stop changing and kills the process after `silence_limit(limit)` (services/supervisord.py).
 
 30 s: everything the services run on their loops takes milliseconds, except NVML init and
 discovery at the health-monitor's start, which take a few seconds on an 8-GPU node.
@@ -36,37 +39,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from common.heartbeat import DEFAULT_LIMIT_S, alive_path, check_interval
 from common.lifecycle import ServiceMain
 from common.settings import Settings
 
-DEFAULT_LIMIT_S = 30.0
-CHECK_S = 5.0
 EXIT_HUNG = 3  # distinct from 1 (a failure) and 78 (a permanent one) in the container log
 
 Stuck = Callable[[], list[tuple[str, float]]]  # (what, monotonic start) of operations in progress
-
-
-def alive_path(run_dir: Path, service: str) -> Path:
-    return run_dir / f"{service}.alive"
-
-
-def read_alive(run_dir: Path, service: str) -> tuple[int, float] | None:
-    """(pid, unix time the service's loop last answered), or None if there is no such file."""
-    path = alive_path(run_dir, service)
-    try:
-        pid = int(path.read_text().strip() or 0)
-        return pid, path.stat().st_mtime
-    except (OSError, ValueError):
-        return None
-
-
-def process_lives(pid: int, service: str) -> bool:
-    """Whether `pid` is a live process of `service` (a recycled pid running something else is not)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return service.encode() in cmdline
 
 
 class Watchdog:
@@ -76,7 +55,7 @@ class Watchdog:
         self._alive = alive_path(run_dir, service)
         self._pid_written = False  # a watchdog that exited (os._exit) left its predecessor's pid there
         self._limit = limit
-        self._check = min(CHECK_S, self._limit / 3)
+        self._check = check_interval(limit)
         self._stuck = stuck
         self._describe = describe
         self._loop = asyncio.get_running_loop()
@@ -156,7 +135,7 @@ class Watchdog:
             try:
                 fd = os.open(self._alive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
                 with os.fdopen(fd, "w") as f:
-                    f.write(f"{os.getpid()}\n")
+                    f.write(f"{os.getpid()} {self._limit:g}\n")
                 os.utime(self._alive, (when, when))
                 self._pid_written = True
             except OSError:

@@ -181,6 +181,27 @@ async def _kube_state(settings: Settings) -> KubeState | None:
     return await _state(settings, KUBE_SOCKET, KubeState, 2.0)
 
 
+def _services_line(settings: Settings) -> str:
+    """Each service's heartbeat (its watchdog's file): a stale one is a loop or a process stuck."""
+    from common.heartbeat import check_interval, process_lives, read_heartbeat, silence_limit
+
+    now = time.time()
+    parts = []
+    for name in SERVICES:
+        beat = read_heartbeat(settings.run_dir, name)
+        if beat is None or not process_lives(beat[0], name):
+            parts.append(f"{name} not running")
+            continue
+        pid, answered, limit = beat
+        age = now - answered
+        if age > 2 * check_interval(limit) + 1:
+            parts.append(f"{name} STALE (pid {pid}: loop last answered {age:.0f} s ago; restarted at "
+                         f"{limit:.0f} s if hung, {silence_limit(limit):.0f} s if frozen)")
+        else:
+            parts.append(f"{name} ok")
+    return "services: " + ", ".join(parts)
+
+
 async def _cordon(settings: Settings, args: argparse.Namespace) -> int:
     from common.cordons import CordonFileError, CordonStore
 
@@ -240,9 +261,11 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _status(settings: Settings, timeout: float) -> int:
+    from common.bus.messages import KUBE_SOCKET
+
     msg = await _health_state(settings, timeout)
     if msg is None:
-        from common.watchdog import process_lives, read_alive
+        from common.heartbeat import process_lives, read_alive
 
         # A frozen publisher replays nothing: tell "none there" from "there but silent" by its
         # watchdog's file (the pid, and the time its loop last answered).
@@ -271,7 +294,12 @@ async def _status(settings: Settings, timeout: float) -> int:
         if cfg.refused:
             print(f"config{who} REFUSED (sha256 {cfg.refused_digest or '?'}; the config above stays in effect): "
                   f"{cfg.refused}")
+    print(_services_line(settings))
     kube = await _kube_state(settings)
+    if kube is None and settings.bus_path(KUBE_SOCKET).exists():
+        # Its bus is bound but replays nothing: a frozen (or just restarting) kube-agent.
+        print("per-node config: NO STATE from the kube-agent within 2 s (see its heartbeat above); "
+              "the config in place stays")
     if kube is not None:
         api = "API reachable" if kube.api_reachable else f"API NOT reachable ({kube.error})"
         print(f"per-node config: node {kube.node or '?'}, label {kube.label or '(none)'}, selected "

@@ -224,3 +224,26 @@ def test_a_frozen_loop_is_restarted_by_its_own_watchdog_and_the_others_keep_runn
     finally:
         s.stop()
         s.cleanup()
+
+
+@pytest.mark.parametrize("victim", ["plugin-server", "registrar"])
+def test_a_frozen_process_is_killed_by_the_supervisor_and_restarted_alone(victim: str) -> None:
+    """SIGSTOP stops the watchdog thread with the loop: only the supervisor can tell. Without it the
+    process stayed for ever (a live pid), until the pod's liveness probe ended the whole pod."""
+    s = DevStack(fleet="dgx-h100-8", env={"GPU_PLUGIN_WATCHDOG_TIMEOUT": "2"})  # silence limit: 2 + 2 x 0.67 + 1 s
+    try:
+        s.start()
+        held(s)
+        pids = {p: s.pid(p) for p in PROGRAMS}
+        wait_until(lambda: (s.run_dir / f"{victim}.alive").exists(), 20, f"{victim}'s first heartbeat")
+        os.kill(pids[victim], signal.SIGSTOP)
+        wait_until(lambda: s.pid(victim) not in (0, pids[victim]), 60, f"the frozen {victim} to be restarted")
+        assert {p: s.pid(p) for p in PROGRAMS if p != victim} == {
+            p: pid for p, pid in pids.items() if p != victim}, "only the frozen component restarts"
+        log = s.logs()
+        assert f"{victim} (pid {pids[victim]}) frozen: no heartbeat for" in log, log
+        held(s, timeout=30)
+        allocate_ok(s)
+    finally:
+        s.stop()
+        s.cleanup()

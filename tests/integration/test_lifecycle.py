@@ -39,6 +39,29 @@ def test_status_into_a_closed_pipe_ends_quietly(procs: Procs, short_tmp: Path) -
     assert shell.stdout.rstrip("\n").endswith(f"plugin {VERSION}"), shell.stdout
 
 
+def test_status_names_each_service_by_its_heartbeat(procs: Procs, short_tmp: Path) -> None:
+    """A frozen service (here: a heartbeat file whose process lives but has not answered for a
+    minute) is named, not left out."""
+    run = short_tmp / "run"
+    procs.start("hm", "health-monitor", env=sim_env(run))
+    wait_until(lambda: (run / "health-monitor.alive").exists(), 30, "the monitor's heartbeat")
+    # A process that answers to the name and never beats: what a stopped kube-agent looks like here.
+    frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "kube-agent"])
+    try:
+        alive = run / "kube-agent.alive"
+        alive.write_text(f"{frozen.pid} 30\n")
+        os.utime(alive, (1, 1))
+        out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--timeout", "20"], cwd=REPO,
+                             env={**procs.env, **sim_env(run)}, capture_output=True, text=True, timeout=60)
+    finally:
+        frozen.kill()
+        frozen.wait()
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("services: "))
+    assert "health-monitor ok" in line and "plugin-server not running" in line, line
+    assert f"kube-agent STALE (pid {frozen.pid}: loop last answered" in line, line
+
+
 def run_service_until_exit(procs: Procs, name: str, service: str, env: dict[str, str]) -> int:
     p = procs.start(name, service, env=env)
     wait_until(lambda: p.poll() is not None, 60, f"{service} exiting")

@@ -523,7 +523,7 @@ def run_probe(run_dir: Path, ages: dict[str, float | None]) -> subprocess.Comple
     import os
     import time
 
-    from common.watchdog import alive_path
+    from common.heartbeat import alive_path
 
     now = time.time()
     for service, age in ages.items():
@@ -544,7 +544,7 @@ def test_liveness_probe_is_a_cheap_exec_with_room_for_the_in_process_watchdog() 
 
 
 def test_liveness_probe_passes_fresh_and_fails_stale_or_missing(tmp_path: Path) -> None:
-    from common.watchdog import CHECK_S, DEFAULT_LIMIT_S
+    from common.heartbeat import CHECK_S, DEFAULT_LIMIT_S
 
     services = ("health-monitor", "plugin-server", "registrar")
     fresh = dict.fromkeys(services, 1.0)
@@ -557,3 +557,9 @@ def test_liveness_probe_passes_fresh_and_fails_stale_or_missing(tmp_path: Path) 
     assert stale.returncode != 0 and "registrar" in stale.stdout + stale.stderr
     missing = run_probe(tmp_path, fresh | {"health-monitor": None})
     assert missing.returncode != 0 and "health-monitor" in missing.stdout + missing.stderr
+    # mps-control and kube-agent exit at start where they have nothing to do: checked when they run.
+    absent: dict[str, float | None] = {"mps-control": None, "kube-agent": None}
+    assert run_probe(tmp_path, fresh | absent).returncode == 0
+    for optional in absent:
+        frozen = run_probe(tmp_path, fresh | absent | {optional: 600.0})
+        assert frozen.returncode != 0 and optional in frozen.stdout + frozen.stderr

@@ -6,6 +6,7 @@ the end-to-end tests, which run the stack through it."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 from supervisor import options, poller, supervisord
 
@@ -51,3 +52,35 @@ def test_a_reaped_child_makes_the_next_poll_immediate() -> None:
     sup.due = False
     sup.reap()  # nothing exited
     assert not sup.due
+
+
+def test_heartbeats_a_beating_service_is_never_frozen_and_a_silent_one_is_after_its_limit(tmp_path: Path) -> None:
+    import os
+
+    from common.heartbeat import alive_path, silence_limit
+    from services.supervisord import Heartbeats
+
+    beats = Heartbeats(tmp_path, default_limit=30)
+    alive = alive_path(tmp_path, "plugin-server")
+    alive.write_text("100 3\n")  # pid 100, its watchdog limit 3 s
+    limit = silence_limit(3)
+    assert beats.frozen({"plugin-server": 100}, now=0) == []
+    for t in range(1, 100):  # the file changes at every check: never frozen, however long
+        os.utime(alive, (t, t))
+        assert beats.frozen({"plugin-server": 100}, now=t) == []
+    assert beats.frozen({"plugin-server": 100}, now=99 + limit) == []
+    assert beats.frozen({"plugin-server": 100}, now=99 + limit + 0.5) == [("plugin-server", 100, limit + 0.5)]
+
+
+def test_heartbeats_a_process_silent_since_its_start_is_timed_with_the_default_limit(tmp_path: Path) -> None:
+    from common.heartbeat import alive_path, silence_limit
+    from services.supervisord import Heartbeats
+
+    beats = Heartbeats(tmp_path, default_limit=10)
+    alive_path(tmp_path, "registrar").write_text("7 2\n")  # its predecessor's heartbeat, with another limit
+    assert beats.frozen({"registrar": 8, "kube-agent": 9}, now=0) == []
+    late = silence_limit(10) + 1
+    assert sorted(beats.frozen({"registrar": 8, "kube-agent": 9}, now=late)) == [
+        ("kube-agent", 9, late), ("registrar", 8, late)]
+    # A restarted process (a new pid) starts its own clock.
+    assert beats.frozen({"registrar": 11}, now=late + 1) == []

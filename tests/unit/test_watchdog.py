@@ -6,7 +6,8 @@ import asyncio
 import os
 from pathlib import Path
 
-from common.watchdog import Watchdog, alive_path, read_alive
+from common.heartbeat import alive_path, read_alive
+from common.watchdog import Watchdog
 from tests.conftest import wait_until
 
 
