@@ -14,6 +14,7 @@ Settings come from flags, then the environment, then the config file (see common
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -81,16 +82,29 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        rc = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a full disk is then one line, not a traceback
+        return rc
     except BrokenPipeError:
-        # `gpu-plugin status | head -1`: the reader is gone, which is not an error of ours. Point
-        # stdout at /dev/null so that the interpreter's final flush does not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # `gpu-plugin status | head -1`: the reader is gone, which is not an error of ours.
+        _drop_stdout()
         return 128 + signal.SIGPIPE  # what a shell shows for a tool ended by SIGPIPE
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) or e.filename is not None:
+            raise
+        # `gpu-plugin status > /dev/full`: the output cannot be written; say so, once.
+        _drop_stdout()
+        print(f"gpu-plugin: error: cannot write the output: {e.strerror}", file=sys.stderr)
+        return 1
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -39,6 +39,18 @@ def test_status_into_a_closed_pipe_ends_quietly(procs: Procs, short_tmp: Path) -
     assert shell.stdout.rstrip("\n").endswith(f"plugin {VERSION}"), shell.stdout
 
 
+def test_status_into_a_full_disk_is_one_line_not_a_traceback(procs: Procs, short_tmp: Path) -> None:
+    run = short_tmp / "run"
+    procs.start("hm", "health-monitor", env=sim_env(run))
+    wait_until(lambda: (run / "health.sock").exists(), 30, "the health bus")
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--timeout", "20"], cwd=REPO,
+                             env={**procs.env, **sim_env(run)}, stdout=full, stderr=subprocess.PIPE, text=True,
+                             timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr == "gpu-plugin: error: cannot write the output: No space left on device\n", out.stderr
+
+
 def test_status_names_each_service_by_its_heartbeat(procs: Procs, short_tmp: Path) -> None:
     """A frozen service (here: a heartbeat file whose process lives but has not answered for a
     minute) is named, not left out."""
