@@ -6,19 +6,41 @@ imports no more than this."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 
+# Line breaks and other control characters (C0, DEL, C1, Unicode's line and paragraph separators),
+# the tab excepted. A message quotes what others wrote (a node label, a config key, an API
+# error): a `\n` in a label forged a whole log line of ours, and NUL bytes reached the log.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r"}
 
-def configure_logging(service: str, level: str) -> None:
+
+def _escaped(match: re.Match[str]) -> str:
+    c = match.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character escaped: one line, whatever it quotes."""
+    return _CONTROL.sub(_escaped, text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A record is one line: its message is escaped (a traceback after it keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+
+def configure_logging(service: str, level: str, fmt: str | None = None) -> None:
     """One line per record on stderr; supervisord forwards it to the container log."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s {service}[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_HOLD)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(fmt or f"%(asctime)s {service}[%(process)d] %(levelname)s %(name)s: "
+                                                 "%(message)s"))
+    handler.addFilter(_HOLD)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 class _Held(logging.Filter):

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from common.logs import configure_logging
 from services.kube_agent.selection import (
     DST,
     ENV,
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config-manager: error: arguments {args} are not accepted; the interface is the environment "
               f"({', '.join(ENV)})", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="config-manager: %(message)s", stream=sys.stderr)
+    configure_logging("config-manager", "info", "config-manager: %(message)s")
     try:
         return run(os.environ)
     except (ConfigManagerError, OSError) as e:
