@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.files import read_bounded
-from common.settings.values import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, SettingsError, show
+from common.settings.values import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, SettingsError, show
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def _strict_loader() -> type[Any]:
         def __init__(self, stream: str) -> None:
             super().__init__(stream)
             self._depth = 0
+            self._nodes = 0
 
         def compose_node(self, parent: Any, index: Any) -> Any:
             event: Any = self.peek_event()  # type: ignore[no-untyped-call]
@@ -53,12 +54,29 @@ def _strict_loader() -> type[Any]:
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
                 raise _ConfigInputError(f"line {line}: YAML anchors and aliases (&, *, <<) are not accepted")
             self._depth += 1
+            self._nodes += 1
             try:
                 if self._depth > MAX_CONFIG_DEPTH:
                     raise _ConfigInputError(f"line {line}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+                if self._nodes > MAX_CONFIG_NODES:
+                    raise _ConfigInputError(f"line {line}: more than {MAX_CONFIG_NODES} values in one file")
                 return super().compose_node(parent, index)
             finally:
                 self._depth -= 1
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            """A key given twice is an error: YAML's last-wins silently dropped the first value."""
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = lines.setdefault(key, line)
+                except TypeError:  # an unhashable key: PyYAML's own error names it
+                    break
+                if first != line:
+                    raise _ConfigInputError(f"line {line}: duplicate key {show(key)} (first on line {first})")
+            return super().construct_mapping(node, deep)
 
     return StrictLoader
 
@@ -117,12 +135,30 @@ class Strict(dict[str, Any]):
     health policy); in NVIDIA's sections an unknown key is warned about, as its plugin does."""
 
 
-def warn_unknown(tree: Mapping[str, Any], known: Mapping[str, Any], prefix: str = "") -> None:
+SHOWN_UNKNOWN_KEYS = 5
+
+
+def warn_unknown(tree: Mapping[str, Any], known: Mapping[str, Any]) -> None:
+    """One warning for all unknown keys, naming a few: 60 000 of them were 60 000 log lines."""
+    unknown: list[str] = []
+    _unknown(tree, known, "", unknown)
+    if len(unknown) == 1:
+        log.warning("config file: unknown key %s is ignored", _clip(unknown[0]))
+    elif unknown:
+        more = f" and {len(unknown) - SHOWN_UNKNOWN_KEYS} more" if len(unknown) > SHOWN_UNKNOWN_KEYS else ""
+        log.warning("config file: %d unknown keys are ignored: %s%s", len(unknown),
+                    ", ".join(_clip(k) for k in unknown[:SHOWN_UNKNOWN_KEYS]), more)
+
+
+def _clip(key: str) -> str:
+    return key if len(key) <= 80 else key[:77] + "..."
+
+
+def _unknown(tree: Mapping[str, Any], known: Mapping[str, Any], prefix: str, found: list[str]) -> None:
     for key, value in tree.items():
         if key not in known and isinstance(known, Strict):
-            raise SettingsError(f"{prefix}{key}: unknown key; allowed: {', '.join(sorted(known))}")
+            raise SettingsError(f"{prefix}{_clip(str(key))}: unknown key; allowed: {', '.join(sorted(known))}")
         if key not in known:
-            log.warning("config file: unknown key %s%s is ignored (known: %s)", prefix, key,
-                        ", ".join(sorted(known)))
+            found.append(f"{prefix}{key}")
         elif isinstance(known[key], Mapping) and isinstance(value, Mapping):
-            warn_unknown(value, known[key], f"{prefix}{key}.")
+            _unknown(value, known[key], f"{prefix}{key}.", found)

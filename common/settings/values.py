@@ -36,6 +36,13 @@ DEVICE_DISCOVERY_STRATEGIES = ("auto", "nvml", "tegra")
 # Config file input bounds: NVIDIA's v1 files are a few hundred bytes and five levels deep.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_DEPTH = 32
+# Values (scalars, lists, mappings) in one file: a 100 000-item XID list took 4 s and 96 MB of
+# PyYAML's pure-Python composer before anything looked at it.
+MAX_CONFIG_NODES = 10_000
+# NVIDIA's XID catalogue ends below 200: a bigger number is a typo, not a future XID (10**23 was
+# accepted). A list names at most every XID there could be worth naming.
+MAX_XID = 65_535
+MAX_XID_ITEMS = 1024
 MAX_ERROR_CHARS = 600  # an error echoes input: it stays one readable log line
 
 # Below this the probe thread never rests (8 GPUs x 5 NVML calls take tens of ms on a real
@@ -214,12 +221,14 @@ def path(value: Any, where: str) -> Path:
 def xid_list(value: Any, where: str) -> frozenset[int]:
     """XIDs: a list (config file) or a comma list (flag, environment) of positive integers."""
     items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v.strip()]
+    if len(items) > MAX_XID_ITEMS:
+        raise SettingsError(f"{where}: {len(items)} items; at most {MAX_XID_ITEMS}")
     out = set()
     for i, item in enumerate(items):
-        if isinstance(item, str) and item.strip().isascii() and item.strip().isdigit():
+        if isinstance(item, str) and item.strip().isascii() and item.strip().isdigit() and len(item.strip()) < 10:
             item = int(item.strip())
-        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
-            raise SettingsError(f"{where}: item {i}: {show(item)} is not an XID (a positive integer)")
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 < item <= MAX_XID:
+            raise SettingsError(f"{where}: item {i}: {show(item)} is not an XID (an integer from 1 to {MAX_XID})")
         out.add(item)
     return frozenset(out)
 

@@ -109,7 +109,7 @@ def test_imex_and_flags_file_keys_are_known(tmp_path: Path, caplog: pytest.LogCa
 def test_unknown_imex_key_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         resolve(_parse([]), environ=_file(tmp_path, "imex:\n  channelIds: [0]\n"))
-    assert "unknown key imex.channelIds" in caplog.text
+    assert "config file: unknown key imex.channelIds is ignored" in caplog.text
 
 
 def test_cli_accepts_mps_root_and_refuses_tegra(capsys: pytest.CaptureFixture[str]) -> None:
