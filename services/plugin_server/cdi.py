@@ -21,6 +21,11 @@ half-written file would make every CDI device of this kind unresolvable (the pod
 start), so the spec is written to a temporary file in the same directory (a name the
 runtime ignores), fsynced, and renamed over the old one.
 
+Why every mounted path is resolved inside the driver root and checked first (driver_root.py,
+find_driver_files): the runtime bind-mounts a hostPath as root, following the host's symlinks, so a
+`libescape.so.<version> -> /etc/shadow` under the driver root would put the host's /etc/shadow into
+every GPU container. The spec names the resolved file, and only a regular file of the driver's.
+
 Why refuse to start without the driver: NVIDIA's plugin fails too; a spec that points at
 libraries or device nodes that are not there would only fail later, in every pod.
 """
@@ -33,16 +38,28 @@ import json
 import logging
 import os
 import posixpath
+import re
 import stat
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.bus.messages import DeviceState
+from common.files import kind_of
 from common.lifecycle import PermanentError
 from common.settings import Settings
 from services.plugin_server.allocation import CDI_KIND, CDI_VENDOR, host_path
+from services.plugin_server.driver_root import (
+    Found,
+    Missing,
+    Refusals,
+    Refused,
+    matching_names,
+    resolve,
+    resolve_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +84,13 @@ IPC_PATHS = ("/var/run/nvidia-persistenced/socket", "/var/run/nvidia-fabricmanag
 FIRMWARE_DIRS = ("/lib/firmware/updates/{release}", "/lib/firmware/updates", "/lib/firmware/{release}",
                  "/lib/firmware")
 IMEX_CHANNEL_DIR = "/dev/nvidia-caps-imex-channels"
+_SHARED_LIBRARY = re.compile(r"\.so(\.|$)")  # libx.so, libx.so.1, libx.so.580.159.04
+# GDS's mounts and what each must be (internal/discover/gds.go mounts both when present).
+GDS_MOUNTS: dict[str, Callable[[int], bool]] = {"/run/udev": stat.S_ISDIR, "/etc/cufile.json": stat.S_ISREG}
+
+
+# Why a resolved path is not one to name in the spec; None when it is.
+Check = Callable[[Found], str | None]
 
 
 class CdiError(PermanentError):
@@ -99,33 +123,177 @@ def _here(root: str, path: str) -> str:
     return host_path(root, path)
 
 
-def _relative(root: str, found: str) -> str:
-    rel = "/" + os.path.relpath(found, root).lstrip("/") if root not in ("", "/") else found
-    return posixpath.normpath(rel)
+def _not_device(found: Found, name: str) -> str | None:
+    """Why `found` (what `name` resolved to) is not the device node `name`; None when it is.
+
+    Why the name: a node's major and minor go into the spec and the container's device cgroup, so
+    `uverbs0 -> /dev/mem` under the dev root (inside it) would hand out /dev/mem; a link may move a node
+    (udev's do), not rename it."""
+    if not stat.S_ISCHR(found.st.st_mode):
+        return f"resolves to {found.path}, which is {kind_of(found.st.st_mode)}, not a character device"
+    if found.name != name:
+        return f"resolves to {found.path}, another name"
+    return None
 
 
-def device_node(path: str, r: Roots, *, dev_root: str | None = None, host_dev: str | None = None) -> dict[str, Any]:
-    """A CDI deviceNode for `path` (container path), read from the real file; CdiError when it is not one."""
-    seen = _here(r.dev if dev_root is None else dev_root, path)
-    try:
-        st = os.stat(seen)
-    except OSError as e:
-        raise CdiError(f"CDI spec: device node {path} not found at {seen}: {e.strerror}") from e
-    if not stat.S_ISCHR(st.st_mode):
-        raise CdiError(f"CDI spec: {seen} is not a character device")
+def _device_check(name: str) -> Check:
+    return lambda found: _not_device(found, name)
+
+
+def _node(found: Found, path: str, host_dev: str) -> dict[str, Any]:
     return {
         "path": path,
-        "hostPath": host_path(r.host_dev if host_dev is None else host_dev, path),
-        "major": os.major(st.st_rdev),
-        "minor": os.minor(st.st_rdev),
-        "fileMode": stat.S_IMODE(st.st_mode),
+        "hostPath": host_path(host_dev, found.path),  # no link left for the runtime to follow
+        "major": os.major(found.st.st_rdev),
+        "minor": os.minor(found.st.st_rdev),
+        "fileMode": stat.S_IMODE(found.st.st_mode),
         "permissions": "rwm",
     }
 
 
-def _mount(r: Roots, container_path: str) -> dict[str, Any]:
-    return {"hostPath": host_path(r.host_driver, container_path), "containerPath": container_path,
+def device_node(path: str, r: Roots, *, dev_root: str | None = None, host_dev: str | None = None) -> dict[str, Any]:
+    """A CDI deviceNode for `path` (container path), read from the real file resolved inside the dev root;
+    CdiError when it is missing, leaves the dev root or is not a character device of that name."""
+    root = r.dev if dev_root is None else dev_root
+    seen = _here(root, path)
+    try:
+        found = resolve(root, path)
+    except Missing as e:
+        raise CdiError(f"CDI spec: device node {path} not found at {seen}: {e}") from e
+    except Refused as e:
+        raise CdiError(f"CDI spec: device node {path} at {seen}: {e}") from e
+    why = _not_device(found, posixpath.basename(path))
+    if why is not None:
+        raise CdiError(f"CDI spec: {seen} is not a character device: {why}")
+    return _node(found, path, r.host_dev if host_dev is None else host_dev)
+
+
+def _present(root: str, path: str) -> bool:
+    """Something is at `path` under `root`: a missing file is skipped, anything else is looked at."""
+    try:
+        resolve(root, path)
+    except Missing:
+        return False
+    except Refused:
+        return True
+    return True
+
+
+def _mount(r: Roots, container_path: str, source: str | None = None) -> dict[str, Any]:
+    """`source`: the resolved path under the driver root (no symlink in it), mounted at `container_path`."""
+    return {"hostPath": host_path(r.host_driver, source or container_path), "containerPath": container_path,
             "options": list(MOUNT_OPTIONS)}
+
+
+def _accept(refused: Refusals, root: str, path: str, check: Check, *, within: Found | None = None,
+            quiet_missing: bool = True) -> Found | None:
+    """`path` resolved inside `root` (from `within`, already resolved, when given: `path` is then a name)
+    when `check` finds nothing wrong with it; else None, and the reason recorded in `refused`.
+
+    `quiet_missing`: a file that is simply not there is not worth a warning (nvcdi looks in many places);
+    a name that a scan found but that leads nowhere is."""
+    shown = _here(root, posixpath.join(within.path, path) if within is not None else path)
+    try:
+        found = resolve_entry(root, within, path) if within is not None else resolve(root, path)
+    except Missing as e:
+        # A link to nothing in the root's terms may well lead somewhere in the host's (an absolute target):
+        # worth the warning even where absence is not. (The lstat is a diagnosis only: nothing is mounted.)
+        dangling = os.path.islink(shown)
+        if dangling or not quiet_missing:
+            refused.add(shown, f"a symlink to nothing in the root ({e})" if dangling else str(e))
+        return None
+    except Refused as e:
+        refused.add(shown, str(e))
+        return None
+    why = check(found)
+    if why is not None:
+        refused.add(shown, why)
+        return None
+    return found
+
+
+def _not_regular(found: Found) -> str | None:
+    if not stat.S_ISREG(found.st.st_mode):
+        return f"resolves to {found.path}, which is {kind_of(found.st.st_mode)}"
+    return None
+
+
+def _is_dir(found: Found) -> str | None:
+    return None if stat.S_ISDIR(found.st.st_mode) else f"resolves to {found.path}, not a directory"
+
+
+def _library_check(lib_dirs: frozenset[str]) -> Check:
+    """A driver library: a regular file named like a shared library in one of the library directories
+    searched (or a vdpau/ in one).
+
+    Why both rules: with the driver root `/` everything is inside the root, so `libescape.so.<version>
+    -> /etc/shadow` is stopped only by where its target lives and what it is called. A driver's
+    libraries live where the loader and nvcdi look, under shared-library names (on real installs the
+    versioned files are regular files there; a link, e.g. Debian's into nvidia/current, stays there)."""
+    def check(found: Found) -> str | None:
+        parent = found.parent
+        if (why := _not_regular(found)) is not None:
+            return why
+        if parent not in lib_dirs and not (posixpath.basename(parent) == "vdpau"
+                                           and posixpath.dirname(parent) in lib_dirs):
+            return f"resolves to {found.path}, outside the library directories"
+        if not _SHARED_LIBRARY.search(found.name):
+            return f"resolves to {found.path}, not named like a shared library"
+        return None
+    return check
+
+
+def _firmware_check(firmware_dirs: Iterable[str]) -> Check:
+    """GSP firmware: a regular *.bin under one of the firmware directories (where the driver puts its
+    blobs; a link elsewhere is not firmware, whatever its name)."""
+    prefixes = tuple(d.rstrip("/") + "/" for d in firmware_dirs)
+
+    def check(found: Found) -> str | None:
+        if (why := _not_regular(found)) is not None:
+            return why
+        if not found.path.startswith(prefixes):
+            return f"resolves to {found.path}, outside the firmware directories"
+        if not found.name.endswith(".bin"):
+            return f"resolves to {found.path}, not named like firmware (*.bin)"
+        return None
+    return check
+
+
+def _binary_check(name: str) -> Check:
+    """A driver binary: a regular, executable file of the binary's own name. Why the name and not a
+    directory: Debian's /usr/bin/nvidia-smi -> /etc/alternatives/... -> /usr/lib/nvidia/current/nvidia-smi
+    keeps it; a link to /bin/sh, or to a file holding a secret, does not."""
+    def check(found: Found) -> str | None:
+        if (why := _not_regular(found)) is not None:
+            return why
+        if not found.st.st_mode & 0o111:
+            return f"resolves to {found.path}, not executable"
+        if found.name != name:
+            return f"resolves to {found.path}, another name"
+        return None
+    return check
+
+
+def _same_name_check(name: str, kind: Callable[[int], bool] | None = None) -> Check:
+    """An IPC socket or directory (any kind: a socket is not a file to leak) or one of GDS's files
+    (`kind`): a link may move it inside the root, not rename it (`socket -> /etc/shadow`)."""
+    def check(found: Found) -> str | None:
+        if found.name != name:
+            return f"resolves to {found.path}, another name"
+        if kind is not None and not kind(found.st.st_mode):
+            return f"resolves to {found.path}, which is {kind_of(found.st.st_mode)}"
+        return None
+    return check
+
+
+def _dirs(refused: Refusals, root: str, paths: Iterable[str]) -> dict[str, Found]:
+    """Each of `paths` that resolves to a directory inside `root`, by its (normalised) container path."""
+    out: dict[str, Found] = {}
+    for p in paths:
+        found = _accept(refused, root, p, _is_dir)
+        if found is not None:
+            out[posixpath.normpath(p)] = found
+    return out
 
 
 @dataclass(frozen=True)
@@ -138,20 +306,49 @@ class DriverFiles:
     firmware: tuple[str, ...]
     binaries: tuple[str, ...]
     ipc: tuple[str, ...]
+    # container path -> the path under the driver root it resolved to (no symlink left): what is mounted
+    sources: Mapping[str, str]
+
+
+def _scan(refused: Refusals, root: str, directory: Found, patterns: tuple[str, ...]) -> list[str]:
+    try:
+        return matching_names(root, directory, patterns)
+    except OSError as e:  # the directory went away or became unreadable since it was resolved
+        refused.add(_here(root, directory.path), e.strerror or str(e))
+        return []
 
 
 def find_driver_files(r: Roots, version: str) -> DriverFiles:
     """Locates the driver's files of `version` under the driver root; CdiError names what is missing and
-    where it looked (NVIDIA's plugin cannot start a CDI strategy without them either)."""
+    where it looked (NVIDIA's plugin cannot start a CDI strategy without them either).
+
+    Every file is resolved inside the driver root (driver_root.py: chroot semantics) and checked before
+    it is named: libraries by _library_check, firmware by _firmware_check, binaries by _binary_check,
+    IPC sockets by _same_name_check. One that fails is left out of the spec, with one warning line for
+    all of them (a count and the first few): one stray link must not stop a node's GPUs being served,
+    and CUDA does not need a file that is not the driver's."""
     if not version:
         raise CdiError("CDI spec: the driver version is unknown (NVML has not answered yet)")
+    refused = Refusals()
+    try:
+        return _find_driver_files(r, version, refused)
+    finally:
+        if refused.count:
+            log.warning("CDI spec: %d files under the driver root %s left out (not safe to mount): %s",
+                        refused.count, r.driver, refused.summary())
+
+
+def _find_driver_files(r: Roots, version: str, refused: Refusals) -> DriverFiles:
+    root = r.driver
+    lib_dirs = _dirs(refused, root, LIBRARY_DIRS)
+    is_library = _library_check(frozenset(f.path for f in lib_dirs.values()))
     lib_dir = ""
     looked: list[str] = []
     for name in (f"libcuda.so.{version}", f"libnvidia-ml.so.{version}"):
         for d in LIBRARY_DIRS:
-            candidate = _here(r.driver, posixpath.join(d, name))
-            looked.append(candidate)
-            if os.path.isfile(candidate):
+            looked.append(_here(root, posixpath.join(d, name)))
+            where = lib_dirs.get(posixpath.normpath(d))
+            if where is not None and _accept(refused, root, name, is_library, within=where) is not None:
                 lib_dir = posixpath.normpath(d)
                 break
         if lib_dir:
@@ -159,28 +356,52 @@ def find_driver_files(r: Roots, version: str) -> DriverFiles:
     if not lib_dir:
         raise CdiError(
             f"CDI spec: the driver's libraries for driver {version} are missing: no libcuda.so.{version} or "
-            f"libnvidia-ml.so.{version} under the driver root {r.driver!r} (looked at {', '.join(looked)}); "
+            f"libnvidia-ml.so.{version} under the driver root {root!r} (looked at {', '.join(looked)}); "
             "mount the host's driver root there (DRIVER_ROOT_CTR_PATH) or use the envvar strategy")
-    libs: dict[str, None] = {}
-    for pattern in (f"*.so.{version}", f"vdpau/*.so.{version}", "libnvidia-nvvm70.so.*"):
-        for found in sorted(glob.glob(posixpath.join(_here(r.driver, lib_dir), pattern))):
-            if os.path.isfile(found):
-                libs[_relative(r.driver, found)] = None
+    sources: dict[str, str] = {}
+    libs: list[str] = []
+    scans: list[tuple[str, Found, tuple[str, ...]]] = [
+        (lib_dir, lib_dirs[lib_dir], (f"*.so.{version}", "libnvidia-nvvm70.so.*"))]
+    vdpau = _accept(refused, root, "vdpau", _is_dir, within=lib_dirs[lib_dir])
+    if vdpau is not None:
+        scans.append((posixpath.join(lib_dir, "vdpau"), vdpau, (f"*.so.{version}",)))
+    for container_dir, directory, patterns in scans:
+        for name in _scan(refused, root, directory, patterns):
+            found = _accept(refused, root, name, is_library, within=directory, quiet_missing=False)
+            if found is not None:
+                libs.append(posixpath.join(container_dir, name))
+                sources[libs[-1]] = found.path
     release = os.uname().release
-    firmware: dict[str, None] = {}
-    for d in FIRMWARE_DIRS:
-        base = _here(r.driver, posixpath.join(d.format(release=release), "nvidia", version))
-        for found in sorted(glob.glob(posixpath.join(base, "gsp*.bin"))):
-            firmware[_relative(r.driver, found)] = None
+    bases = [d.format(release=release) for d in FIRMWARE_DIRS]
+    is_firmware = _firmware_check(f.path for f in _dirs(refused, root, bases).values())
+    firmware: list[str] = []
+    for base in bases:
+        container_dir = posixpath.join(base, "nvidia", version)
+        fw_dir = _accept(refused, root, container_dir, _is_dir)
+        if fw_dir is None:
+            continue
+        for name in _scan(refused, root, fw_dir, ("gsp*.bin",)):
+            path = posixpath.join(container_dir, name)
+            found = _accept(refused, root, name, is_firmware, within=fw_dir, quiet_missing=False)
+            if found is not None and path not in sources:
+                firmware.append(path)
+                sources[path] = found.path
     binaries = []
     for name in BINARIES:
+        is_binary = _binary_check(name)
         for d in BINARY_DIRS:
-            found = _here(r.driver, posixpath.join(d, name))
-            if os.path.isfile(found) and os.access(found, os.X_OK):
+            found = _accept(refused, root, posixpath.join(d, name), is_binary)
+            if found is not None:
                 binaries.append(posixpath.join(d, name))
+                sources[binaries[-1]] = found.path
                 break
-    ipc = tuple(p for p in IPC_PATHS if os.path.exists(_here(r.driver, p)))
-    return DriverFiles(version, lib_dir, tuple(libs), tuple(firmware), tuple(binaries), ipc)
+    ipc = []
+    for p in IPC_PATHS:
+        found = _accept(refused, root, p, _same_name_check(posixpath.basename(p)))
+        if found is not None:
+            ipc.append(p)
+            sources[p] = found.path
+    return DriverFiles(version, lib_dir, tuple(libs), tuple(firmware), tuple(binaries), tuple(ipc), sources)
 
 
 def _hook(settings: Settings, name: str, *args: str) -> dict[str, Any]:
@@ -192,8 +413,9 @@ def _hook(settings: Settings, name: str, *args: str) -> dict[str, Any]:
 
 
 def common_edits(settings: Settings, r: Roots, files: DriverFiles) -> dict[str, Any]:
-    nodes = [device_node(p, r) for p in CONTROL_NODES if os.path.exists(_here(r.dev, p))]
-    mounts = [_mount(r, p) for p in (*files.libraries, *files.firmware, *files.binaries, *files.ipc)]
+    nodes = [device_node(p, r) for p in CONTROL_NODES if _present(r.dev, p)]
+    mounts = [_mount(r, p, files.sources.get(p)) for p in (*files.libraries, *files.firmware, *files.binaries,
+                                                             *files.ipc)]
     mounts.sort(key=lambda m: str(m["containerPath"]))
     hooks = []
     cuda = posixpath.join(files.lib_dir, f"libcuda.so.{files.version}")
@@ -285,25 +507,58 @@ def extra_specs(settings: Settings, channels: tuple[str, ...], gds_root: str = "
 
     `gds_root`: nvidia-fs nodes are always created at the host's /dev (internal/discover/gds.go)."""
     r = roots(settings)
+    refused = Refusals()
+    try:
+        return _extra_specs(settings, r, channels, gds_root, refused)
+    finally:
+        if refused.count:
+            log.warning("CDI spec: %d device nodes or files for GDS/MOFED left out (not safe to use): %s",
+                        refused.count, refused.summary())
+
+
+def _device_nodes(refused: Refusals, root: str, directory: str, pattern: str, host_dev: str) -> list[dict[str, Any]]:
+    """The device nodes in `directory` under the dev `root` whose names match `pattern`, each resolved inside
+    the root and a character device of its own name; one that is not is left out (a glob catches what is
+    there, not what NVIDIA's names promise)."""
+    where = _accept(refused, root, directory, _is_dir)
+    if where is None:
+        return []
+    try:
+        names = matching_names(root, where, (pattern,))
+    except OSError as e:
+        refused.add(_here(root, directory), e.strerror or str(e))
+        return []
+    nodes = []
+    for name in names:
+        found = _accept(refused, root, name, _device_check(name), within=where, quiet_missing=False)
+        if found is not None:
+            nodes.append(_node(found, posixpath.join(directory, name), host_dev))
+    return nodes
+
+
+def _extra_specs(settings: Settings, r: Roots, channels: tuple[str, ...], gds_root: str,
+                 refused: Refusals) -> dict[str, dict[str, Any]]:
     specs: dict[str, dict[str, Any]] = {}
     if settings.gds_enabled:
-        found = sorted(glob.glob(_here(gds_root, "/dev/nvidia-fs*")))
-        if not found:
+        gds = _device_nodes(refused, gds_root, "/dev", "nvidia-fs*", gds_root)
+        if not gds:
             raise CdiError(f"gdsEnabled with a CDI strategy: no {_here(gds_root, '/dev/nvidia-fs*')} device nodes "
                            "(is nvidia-fs loaded?)")
-        edits: dict[str, Any] = {"deviceNodes": [
-            device_node(_relative(gds_root, p), r, dev_root=gds_root, host_dev=gds_root) for p in found]}
-        mounts = [_mount(r, p) for p in ("/run/udev", "/etc/cufile.json") if os.path.exists(_here(r.driver, p))]
+        edits: dict[str, Any] = {"deviceNodes": gds}
+        mounts = []
+        for p, kind in GDS_MOUNTS.items():
+            found = _accept(refused, r.driver, p, _same_name_check(posixpath.basename(p), kind))
+            if found is not None:
+                mounts.append(_mount(r, p, found.path))
         if mounts:
             edits["mounts"] = mounts
         specs["gds"] = _class_spec("gds", [{"name": "all", "containerEdits": edits}])
     if settings.mofed_enabled:
-        found = sorted(glob.glob(_here(r.dev, "/dev/infiniband/uverbs*")))
-        found += [p for p in (_here(r.dev, "/dev/infiniband/rdma_cm"),) if os.path.exists(p)]
-        if not found:
+        nodes = _device_nodes(refused, r.dev, "/dev/infiniband", "uverbs*", r.host_dev)
+        nodes += _device_nodes(refused, r.dev, "/dev/infiniband", "rdma_cm", r.host_dev)
+        if not nodes:
             raise CdiError(f"mofedEnabled with a CDI strategy: no {_here(r.dev, '/dev/infiniband')}/uverbs* or "
                            "rdma_cm device nodes")
-        nodes = [device_node(_relative(r.dev, p), r) for p in found]
         specs["mofed"] = _class_spec("mofed", [{"name": "all", "containerEdits": {"deviceNodes": nodes}}])
     if channels:
         paths = {c: f"{IMEX_CHANNEL_DIR}/channel{c}" for c in channels}
