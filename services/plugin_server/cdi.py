@@ -33,7 +33,6 @@ libraries or device nodes that are not there would only fail later, in every pod
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -56,6 +55,8 @@ from services.plugin_server.driver_root import (
     Missing,
     Refusals,
     Refused,
+    TooMany,
+    first_match,
     matching_names,
     resolve,
     resolve_entry,
@@ -84,6 +85,12 @@ IPC_PATHS = ("/var/run/nvidia-persistenced/socket", "/var/run/nvidia-fabricmanag
 FIRMWARE_DIRS = ("/lib/firmware/updates/{release}", "/lib/firmware/updates", "/lib/firmware/{release}",
                  "/lib/firmware")
 IMEX_CHANNEL_DIR = "/dev/nvidia-caps-imex-channels"
+# What the driver root may offer before the spec is refused (find_driver_files says why refused): a
+# driver installs some 40 to 80 versioned libraries and a handful of GSP firmware files; a node has
+# tens of InfiniBand verbs devices (thousands with every SR-IOV function on the host) and 16 nvidia-fs.
+MAX_LIBRARIES = 512
+MAX_FIRMWARE = 64
+MAX_DEVICE_NODES = 4096
 _SHARED_LIBRARY = re.compile(r"\.so(\.|$)")  # libx.so, libx.so.1, libx.so.580.159.04
 # GDS's mounts and what each must be (internal/discover/gds.go mounts both when present).
 GDS_MOUNTS: dict[str, Callable[[int], bool]] = {"/run/udev": stat.S_ISDIR, "/etc/cufile.json": stat.S_ISREG}
@@ -310,12 +317,18 @@ class DriverFiles:
     sources: Mapping[str, str]
 
 
-def _scan(refused: Refusals, root: str, directory: Found, patterns: tuple[str, ...]) -> list[str]:
+def _scan(refused: Refusals, root: str, directory: Found, patterns: tuple[str, ...], budget: int, what: str,
+          bound: int) -> list[str]:
     try:
-        return matching_names(root, directory, patterns)
+        return matching_names(root, directory, patterns, budget)
     except OSError as e:  # the directory went away or became unreadable since it was resolved
         refused.add(_here(root, directory.path), e.strerror or str(e))
         return []
+    except TooMany as e:
+        raise CdiError(
+            f"CDI spec: more than {bound} {what} ({', '.join(patterns)}) under the driver root {root!r}, the "
+            f"last in {e.directory}: a driver installs far fewer, so this is not (only) a driver install; "
+            "point the driver root at the driver (NVIDIA_DRIVER_ROOT, DRIVER_ROOT_CTR_PATH)") from e
 
 
 def find_driver_files(r: Roots, version: str) -> DriverFiles:
@@ -326,7 +339,14 @@ def find_driver_files(r: Roots, version: str) -> DriverFiles:
     it is named: libraries by _library_check, firmware by _firmware_check, binaries by _binary_check,
     IPC sockets by _same_name_check. One that fails is left out of the spec, with one warning line for
     all of them (a count and the first few): one stray link must not stop a node's GPUs being served,
-    and CUDA does not need a file that is not the driver's."""
+    and CUDA does not need a file that is not the driver's.
+
+    Bounds: more than MAX_LIBRARIES names matching the library patterns, or MAX_FIRMWARE firmware names,
+    is a CdiError naming the bound (it stops the plugin-server, exit 78 with the cause recorded). Why not
+    keep the first N with a warning: a directory is read in no particular order, so the first N would be
+    an arbitrary part of the driver, perhaps without libcuda, and every GPU pod would fail in its own way
+    later; a root with that many is a wrong driver root (or a hostile one), which the operator is better
+    told at once, in one line."""
     if not version:
         raise CdiError("CDI spec: the driver version is unknown (NVML has not answered yet)")
     refused = Refusals()
@@ -365,8 +385,12 @@ def _find_driver_files(r: Roots, version: str, refused: Refusals) -> DriverFiles
     vdpau = _accept(refused, root, "vdpau", _is_dir, within=lib_dirs[lib_dir])
     if vdpau is not None:
         scans.append((posixpath.join(lib_dir, "vdpau"), vdpau, (f"*.so.{version}",)))
+    budget = MAX_LIBRARIES
     for container_dir, directory, patterns in scans:
-        for name in _scan(refused, root, directory, patterns):
+        names = _scan(refused, root, directory, patterns, budget, "files named like the driver's libraries",
+                      MAX_LIBRARIES)
+        budget -= len(names)
+        for name in names:
             found = _accept(refused, root, name, is_library, within=directory, quiet_missing=False)
             if found is not None:
                 libs.append(posixpath.join(container_dir, name))
@@ -375,12 +399,15 @@ def _find_driver_files(r: Roots, version: str, refused: Refusals) -> DriverFiles
     bases = [d.format(release=release) for d in FIRMWARE_DIRS]
     is_firmware = _firmware_check(f.path for f in _dirs(refused, root, bases).values())
     firmware: list[str] = []
+    budget = MAX_FIRMWARE
     for base in bases:
         container_dir = posixpath.join(base, "nvidia", version)
         fw_dir = _accept(refused, root, container_dir, _is_dir)
         if fw_dir is None:
             continue
-        for name in _scan(refused, root, fw_dir, ("gsp*.bin",)):
+        names = _scan(refused, root, fw_dir, ("gsp*.bin",), budget, "GSP firmware files", MAX_FIRMWARE)
+        budget -= len(names)
+        for name in names:
             path = posixpath.join(container_dir, name)
             found = _accept(refused, root, name, is_firmware, within=fw_dir, quiet_missing=False)
             if found is not None and path not in sources:
@@ -468,7 +495,9 @@ def check_driver_files(settings: Settings) -> None:
     if not os.path.exists(ctl):
         problems.append(f"missing {ctl}")
     libs = [_here(r.driver, posixpath.join(d, f"{n}.so.*")) for d in LIBRARY_DIRS for n in ("libcuda", "libnvidia-ml")]
-    if not any(glob.glob(p) for p in libs):
+    # A presence check: the first name found ends each directory's scan (find_driver_files checks the files).
+    dirs = _dirs(Refusals(), r.driver, LIBRARY_DIRS).values()
+    if not any(first_match(r.driver, d, ("libcuda.so.*", "libnvidia-ml.so.*")) for d in dirs):
         problems.append(f"no libcuda.so.* or libnvidia-ml.so.* under {r.driver} (looked in "
                         f"{', '.join(sorted({posixpath.dirname(p) for p in libs}))})")
     if problems:
@@ -519,15 +548,19 @@ def extra_specs(settings: Settings, channels: tuple[str, ...], gds_root: str = "
 def _device_nodes(refused: Refusals, root: str, directory: str, pattern: str, host_dev: str) -> list[dict[str, Any]]:
     """The device nodes in `directory` under the dev `root` whose names match `pattern`, each resolved inside
     the root and a character device of its own name; one that is not is left out (a glob catches what is
-    there, not what NVIDIA's names promise)."""
+    there, not what NVIDIA's names promise). More than MAX_DEVICE_NODES matches is a CdiError, for the
+    reason find_driver_files gives."""
     where = _accept(refused, root, directory, _is_dir)
     if where is None:
         return []
     try:
-        names = matching_names(root, where, (pattern,))
+        names = matching_names(root, where, (pattern,), MAX_DEVICE_NODES)
     except OSError as e:
         refused.add(_here(root, directory), e.strerror or str(e))
         return []
+    except TooMany as e:
+        raise CdiError(f"CDI spec: more than {MAX_DEVICE_NODES} {pattern} device nodes in {e.directory}: "
+                       "not a node's devices; check the dev root (NVIDIA_DEV_ROOT)") from e
     nodes = []
     for name in names:
         found = _accept(refused, root, name, _device_check(name), within=where, quiet_missing=False)

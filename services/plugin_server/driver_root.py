@@ -1,4 +1,4 @@
-"""Paths under the driver root or the dev root, resolved the way a chroot sees them.
+"""Paths under the driver root or the dev root, resolved the way a chroot sees them, and bounded scans.
 
 Why: the container runtime bind-mounts a CDI spec's hostPath as root, following the host's symlinks.
 The driver root is not ours: a containerized driver, a host directory, or `/` itself. A symlink in it
@@ -30,6 +30,15 @@ class Refused(Exception):
 
 class Missing(Refused):
     """Nothing there (or a link to nothing): for an optional file, a normal absence."""
+
+
+class TooMany(Exception):
+    """More names matched than the bound allows; the scan stopped there."""
+
+    def __init__(self, directory: str, limit: int) -> None:
+        super().__init__(f"more than {limit} matching names in {directory}")
+        self.directory = directory
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -114,18 +123,40 @@ def resolve_entry(root: str, directory: Found, name: str) -> Found:
     return _walk(root, [p for p in directory.path.split("/") if p], [name])
 
 
-def matching_names(root: str, directory: Found, patterns: tuple[str, ...]) -> list[str]:
-    """The names in `directory` that match one of the glob `patterns` (hidden names never, as glob), sorted."""
+def matching_names(root: str, directory: Found, patterns: tuple[str, ...], limit: int) -> list[str]:
+    """The names in `directory` that match one of the glob `patterns` (hidden names never, as glob), sorted.
+
+    Why a scan and a bound: a directory is read one entry at a time and only matches are kept, so a
+    directory of 100 000 names costs one pass and no memory, and more than `limit` matches raise
+    TooMany at the first one past it instead of being collected."""
+    found: list[str] = []
     with os.scandir(at(root, directory.path)) as entries:
-        return sorted(e.name for e in entries
-                      if not e.name.startswith(".") and any(fnmatch.fnmatchcase(e.name, p) for p in patterns))
+        for entry in entries:
+            if entry.name.startswith(".") or not any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
+                continue
+            if len(found) >= limit:
+                raise TooMany(at(root, directory.path), limit)
+            found.append(entry.name)
+    return sorted(found)
+
+
+def first_match(root: str, directory: Found, patterns: tuple[str, ...]) -> str | None:
+    """The first name in `directory` matching one of `patterns`; None when none or unreadable."""
+    try:
+        with os.scandir(at(root, directory.path)) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
+                    return entry.name
+    except OSError:
+        return None
+    return None
 
 
 class Refusals:
     """Paths left out of a spec and why, told in one warning line: a count and the first few.
 
     Why one line: 100 000 planted links would otherwise be 100 000 log lines per spec. The paths seen
-    are kept to count each once (a file may be looked at twice)."""
+    are kept to count each once (a file may be looked at twice); the scans' bounds bound them."""
 
     EXAMPLES = 3
 

@@ -1,6 +1,6 @@
 """The CDI spec against a hostile or broken driver root (issue 18): what the spec mounts is resolved
-inside the driver root, is a regular file of the driver's (libraries, firmware, binaries), and what is
-not is left out with one warning line. Real files in tmp_path, no mocks."""
+inside the driver root, is a regular file of the driver's (libraries, firmware, binaries), leaves out
+what is not with one warning line, and the counts are bounded. Real files in tmp_path, no mocks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import stat
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,15 @@ import pytest
 
 from common.bus.messages import HEALTHY, DeviceState
 from common.settings import Settings, resolve
-from services.plugin_server.cdi import CdiError, build_spec, extra_specs
+from services.plugin_server.cdi import (
+    MAX_DEVICE_NODES,
+    MAX_FIRMWARE,
+    MAX_LIBRARIES,
+    CdiError,
+    build_spec,
+    check_driver_files,
+    extra_specs,
+)
 from services.plugin_server.driver_root import Missing, Refused
 from services.plugin_server.driver_root import resolve as resolve_in_root
 from tests.fakedriver import LIB_DIR, VERSION, file, make_driver_root, node
@@ -187,6 +196,50 @@ def test_a_hundred_bad_entries_are_one_warning_line(tmp_path: Path, root: Path,
     assert warning.count("does not exist under the root") == 3
 
 
+# ---- bounds ----
+
+def _many(directory: Path, names: list[str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.close(os.open(directory / name, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def test_a_hundred_thousand_libraries_are_refused_in_bounded_memory(root: Path) -> None:
+    lib = root / LIB_DIR.lstrip("/")
+    _many(lib, [f"libmany{i:06}.so.{VERSION}" for i in range(100_000)])
+    try:
+        tracemalloc.start()
+        try:
+            with pytest.raises(CdiError, match=rf"more than {MAX_LIBRARIES} files named like the driver's libraries"):
+                _spec(root)
+            check_driver_files(_settings(root))  # a presence check: the first name found is enough
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 2 * 1024 * 1024, f"{peak} bytes: the names were collected, not scanned"
+    finally:
+        shutil.rmtree(lib)  # 100 000 files: not left for pytest's own cleanup, runs later
+
+
+def test_library_bound_is_inclusive(root: Path) -> None:
+    # The fake driver has 5 names that match (4 libraries, 1 in vdpau/): up to the bound, all are mounted.
+    lib = root / LIB_DIR.lstrip("/")
+    _many(lib, [f"libfill{i:03}.so.{VERSION}" for i in range(MAX_LIBRARIES - 5)])
+    assert len([m for m in _mounts(_spec(root)) if ".so." in m]) == MAX_LIBRARIES
+    _many(lib, [f"libover.so.{VERSION}"])
+    with pytest.raises(CdiError, match=rf"more than {MAX_LIBRARIES} .* under the driver root '{root}'"):
+        _spec(root)
+
+
+def test_firmware_bound(root: Path) -> None:
+    fw = root / FIRMWARE_DIR.lstrip("/")
+    _many(fw, [f"gsp_x{i:02}.bin" for i in range(MAX_FIRMWARE - 2)])  # the fake has two
+    assert len([m for m in _mounts(_spec(root)) if m.startswith(FIRMWARE_DIR)]) == MAX_FIRMWARE
+    _many(fw, ["gsp_over.bin"])
+    with pytest.raises(CdiError, match=rf"more than {MAX_FIRMWARE} GSP firmware files"):
+        _spec(root)
+
+
 # ---- GDS and MOFED device nodes ----
 
 def _extras_env(root: Path) -> dict[str, str]:
@@ -229,6 +282,14 @@ def test_a_looping_device_node_is_left_out_not_fatal(tmp_path: Path, caplog: pyt
     mofed = specs["k8s.device-plugin.nvidia.com-mofed.json"]["devices"][0]["containerEdits"]
     assert [n["path"] for n in mofed["deviceNodes"]] == ["/dev/infiniband/uverbs0"]
     assert "(a loop)" in _one_warning(caplog)
+
+
+def test_extra_device_nodes_bound(tmp_path: Path) -> None:
+    root = tmp_path / "driver"
+    _many(root / "dev/infiniband", [f"uverbs{i}" for i in range(MAX_DEVICE_NODES + 1)])
+    env = {**_extras_env(root), "GDS_ENABLED": "false"}
+    with pytest.raises(CdiError, match=rf"more than {MAX_DEVICE_NODES} uverbs\* device nodes"):
+        extra_specs(resolve(environ=env), ())
 
 
 # ---- a normal tree is unchanged ----
