@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -124,6 +125,23 @@ def exit_permanently(service: str, cause: str) -> int:
     log.error("%s cannot continue (a restart will not help): %s", service, cause)
     record_exit_cause(service, cause)
     return EX_CONFIG
+
+
+def check_dir_can_exist(path: Path, what: str) -> None:
+    """Raises PermanentError when `path` names a directory below a file (KUBELET_SOCKET=
+    /etc/passwd/kubelet.sock): no restart makes it a directory, so the container ends at once with
+    the cause instead of three tracebacks and the crash-loop path. A missing directory is fine:
+    the kubelet creates its own at start, and we create ours."""
+    for part in (path, *path.parents):
+        try:
+            st = os.stat(part)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise PermanentError(f"{what} {path}: cannot look at {part}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise PermanentError(f"{what} {path}: {part} is not a directory")
+        return
 
 
 def ensure_private_dir(path: Path) -> None:

@@ -24,7 +24,7 @@ import grpc
 from common.bus.messages import MPS_SOCKET, ConfigInfo, EndpointState, HealthState, PluginEvent, PluginState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
-from common.lifecycle import PermanentError, run_until_stopped
+from common.lifecycle import PermanentError, check_dir_can_exist, run_until_stopped
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings, SettingsError
 from services.plugin_server import cdi
@@ -364,6 +364,7 @@ class PluginServer:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._announce_settings()
+        check_dir_can_exist(self.settings.device_plugin_dir, "device-plugin dir")
         self.settings.device_plugin_dir.mkdir(parents=True, exist_ok=True)
         self._mark_changed()
         try:

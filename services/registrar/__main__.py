@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.bus.messages import PLUGIN_SOCKET, REGISTRAR_SOCKET
 from common.bus.sockets import BusPublisher
-from common.lifecycle import ensure_private_dir, run_service, service_entry
+from common.lifecycle import check_dir_can_exist, ensure_private_dir, run_service, service_entry
 from common.reload import Reloader
 from common.settings import Settings
 from common.watchdog import watched
@@ -33,6 +33,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         log.info('kubelet socket is "": not registering with the kubelet')
         await stop.wait()
         return
+    check_dir_can_exist(Path(settings.kubelet_socket).parent, "kubelet socket's directory")
     publisher = BusPublisher(settings.bus_path(REGISTRAR_SOCKET))
     try:
         await Registrar(Path(settings.kubelet_socket), publisher, settings.bus_path(PLUGIN_SOCKET),

@@ -71,6 +71,23 @@ def test_a_bad_setting_ends_the_container_at_once_with_the_cause_last(make_stack
         assert log.count(f"spawned: '{program}'") == 1, log
 
 
+def test_a_kubelet_socket_below_a_file_ends_the_container_at_once_with_the_cause_last(
+        make_stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """KUBELET_SOCKET=/etc/passwd/kubelet.sock: no restart makes a file a directory. It took three
+    plugin-server tracebacks and the crash-loop path (8.4 s) to end."""
+    blocker = tmp_path / "passwd"
+    blocker.write_text("root:x:0:0::/root:/bin/sh\n")
+    s = make_stack(env={"KUBELET_SOCKET": str(blocker / "kubelet.sock")})
+    s.start()
+    code, log = ended(s)
+    assert code != 0, log
+    assert f"{blocker} is not a directory" in last_line(log), log
+    assert "Traceback" not in log, log
+    for program in ("plugin-server", "registrar"):
+        assert log.count(f"spawned: '{program}'") == 1, log
+    assert blocker.read_text() == "root:x:0:0::/root:/bin/sh\n"
+
+
 def test_no_driver_with_fail_on_init_error_ends_the_container_with_the_cause_last(
         make_stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     desc = tmp_path / "no-driver.json"
