@@ -2,12 +2,14 @@
 put first on PATH) beside the three services and the kubelet simulator, all real processes on
 real sockets. Scenarios: 8 GPUs x 4 replicas with rename, the daemon's limits, a killed daemon
 (replicas Unhealthy at the kubelet, then back), a refusing daemon, a GPU fault, MPS beside
-time-slicing, SIGTERM (daemon quit, pipe dir removed), no MPS (exit 0 at once), no binary."""
+time-slicing, SIGTERM (daemon quit, pipe dir removed), no MPS (exit 0 at once), no binary, a
+daemon left by a killed mps-control (it ends with its test's directory: nothing outlives the test)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -57,6 +59,14 @@ def daemon_pid(node: Node, resource: str = MPS_RES) -> int:
         return int((pipe(node, resource) / "nvidia-cuda-mps-control.pid").read_text())
     except (OSError, ValueError):
         return 0
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: a daemon that exited waits there for init to reap it)."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
 
 
 def mps_state(node: Node) -> dict[str, Any]:
@@ -227,6 +237,19 @@ def test_a_stale_pid_file_never_adopts_or_kills_another_process(tmp_path: Path) 
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_daemon_left_by_a_killed_mps_control_ends_with_its_directory(make_node: Any, short_tmp: Path) -> None:
+    """The daemon outlives mps-control (a real one keeps its clients running and is adopted later), but
+    the fake's must not outlive its test: it ends once its pipe directory is removed."""
+    node = mps_node(make_node, short_tmp)
+    node.wait_devices(MPS_RES, count=32, timeout=60)
+    pid = daemon_pid(node)
+    node.services["mps-control"].kill()
+    node.services["mps-control"].wait()
+    assert alive(pid) and control(node, "get_default_active_thread_percentage\n").stdout.split() == ["25.0"]
+    shutil.rmtree(short_tmp / "mps")
+    wait_until(lambda: not alive(pid), 10, "the orphaned daemon gone with its directory")
 
 
 def test_an_mps_root_that_is_not_the_hosts_is_refused(procs: Any, short_tmp: Path) -> None:
