@@ -17,6 +17,9 @@ import pytest
 
 from devtools.devstack import spawn, terminate
 
+# The session-wide leak check (a run leaves no process behind): its hooks, registered with this conftest.
+from tests.leakcheck import pytest_configure, pytest_runtest_teardown, pytest_sessionfinish  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
