@@ -513,6 +513,13 @@ def _class_spec(cls: str, devices: list[dict[str, Any]]) -> dict[str, Any]:
     return {"cdiVersion": CDI_VERSION, "kind": f"{CDI_VENDOR}/{cls}", "devices": devices}
 
 
+def _is_char_device(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def imex_channels(settings: Settings) -> tuple[str, ...]:
     """The IMEX channel IDs to hand out: those whose node exists; a required one that does not is fatal."""
     r = roots(settings)
@@ -520,7 +527,9 @@ def imex_channels(settings: Settings) -> tuple[str, ...]:
     for cid in settings.imex_channel_ids:
         path = f"{IMEX_CHANNEL_DIR}/channel{cid}"
         candidates = dict.fromkeys((_here(r.dev, path), path))
-        if any(os.path.exists(c) and stat.S_ISCHR(os.stat(c).st_mode) for c in candidates):
+        # lstat: the runtime reads the node's numbers from hostPath, following a link there
+        # (channel0 -> /dev/mem); the driver creates channels with mknod, never as links.
+        if any(_is_char_device(c) for c in candidates):
             log.info("IMEX channel channel%d selected", cid)
             out.append(str(cid))
         elif settings.imex_required:

@@ -72,6 +72,18 @@ def test_imex_channel_found_missing_or_required(tmp_path: Path) -> None:
     assert imex_channels(resolve(environ={**env, "IMEX_REQUIRED": "true"})) == ("0",)
 
 
+def test_an_imex_channel_that_is_a_symlink_is_not_handed_out(tmp_path: Path) -> None:
+    """The runtime reads a node's numbers from hostPath, following a link: channel0 -> /dev/null
+    (or /dev/mem) would have given every GPU container that device."""
+    root = tmp_path / "driver"
+    (root / "dev/nvidia-caps-imex-channels").mkdir(parents=True)
+    (root / "dev/nvidia-caps-imex-channels/channel0").symlink_to("/dev/null")
+    env = {"NVIDIA_DRIVER_ROOT": str(root), "DRIVER_ROOT_CTR_PATH": "/nonexistent", "IMEX_CHANNEL_IDS": "0"}
+    assert imex_channels(resolve(environ=env)) == ()
+    with pytest.raises(CdiError, match="requested IMEX channel channel0 does not exist"):
+        imex_channels(resolve(environ={**env, "IMEX_REQUIRED": "true"}))
+
+
 def test_extra_specs(tmp_path: Path) -> None:
     root = tmp_path / "driver"
     node(root, "/dev/infiniband/uverbs0", 231, 192)
