@@ -12,6 +12,11 @@ published down (its replicas turn Unhealthy at the kubelet) and restarted, with 
 Watching is cheap: the daemon's pid (its pid file) every CHECK_S, and a real command over its
 pipe every PROBE_S (a process spawn each). On SIGTERM each daemon gets `quit`, its GPUs go
 back to DEFAULT compute mode and its pipe directory is removed, as NVIDIA's does on stop.
+
+The pid file is the daemon's own, in its pipe directory on the host: it outlives the container,
+and after an unclean end its pid may be anyone's (pid reuse; another PID namespace; with hostPID
+a host process). A pid counts as this resource's daemon only when `not_our_daemon` finds nothing
+against it; nothing else is adopted, watched as the daemon, sent `quit` or killed.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
 from common.bus.messages import DeviceState, HealthState, MpsDaemon, MpsState
 from common.bus.sockets import BusPublisher, BusSubscriber
+from common.files import read_bounded
 from common.lifecycle import PermanentError, run_until_stopped
 from common.mps import CONTROL_BIN, active_thread_percentage, gpus_of, log_dir, pinned_mem_limit, pipe_dir
 from common.settings import Replicated, Settings, SharedResource
@@ -39,16 +46,50 @@ COMMAND_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 BACKOFF_MAX_S = 30.0
 PID_FILE = "nvidia-cuda-mps-control.pid"
+PID_FILE_MAX_BYTES = 32  # a pid and a newline: anything longer was not written by the daemon
 
 
+def not_our_daemon(pid: int, pipe_dir: str) -> str:
+    """Why process `pid` is not the MPS control daemon serving `pipe_dir`; "" when it is.
 
-def is_mps_daemon(pid: int) -> bool:
-    """Whether `pid` is a live nvidia-cuda-mps-control process (by its command line)."""
+    Its name proves little: any process may call itself nvidia-cuda-mps-control. What binds a
+    daemon to its pipe directory is the environment it was started with: it serves
+    $CUDA_MPS_PIPE_DIRECTORY, which mps-control sets to `pipe_dir` (as NVIDIA's does). A daemon
+    of another pipe directory (another resource's, the host's own MPS), or a process that only
+    took the name, does not match. It also runs as our user: mps-control started it (this one,
+    or an earlier one of the same pod spec, for an adopted daemon).
+
+    Not checked: the executable (/proc/<pid>/exe is the interpreter for the fake, a script, and
+    changes with a driver upgrade), nor `-d` in the command line (not verified on a real daemon).
+    So a control client started with this pipe directory would pass; mps-control never reads the
+    pid file while a client of its own runs, so only someone else's client that got a dead
+    daemon's pid could, and only while it runs.
+    """
+    proc = f"/proc/{pid}"
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(proc, "status").read_text()
+        argv = Path(proc, "cmdline").read_bytes().split(b"\0")
     except OSError:
-        return False
-    return any(os.path.basename(a).startswith(CONTROL_BIN.encode()) for a in argv[:2])
+        return f"pid {pid} is not running"
+    uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), "?")
+    if uid != str(os.getuid()):
+        return f"pid {pid} runs as uid {uid}, not as mps-control's ({os.getuid()})"
+    name = CONTROL_BIN.encode()
+    # argv[1] for a script (the fake): its interpreter comes first.
+    if name not in (os.path.basename(argv[0]), os.path.basename(argv[1]) if len(argv) > 1 else b""):
+        return f"pid {pid} is not {CONTROL_BIN} ({b' '.join(argv).decode(errors='replace').strip()!r})"
+    try:
+        env = Path(proc, "environ").read_bytes().split(b"\0")
+    except OSError as e:
+        return f"pid {pid} is called {CONTROL_BIN} but its environment is not readable ({e.strerror})"
+    served = next((v.split(b"=", 1)[1].decode(errors="replace") for v in env
+                   if v.startswith(b"CUDA_MPS_PIPE_DIRECTORY=")), None)
+    if served is None:
+        return f"pid {pid} is called {CONTROL_BIN} but was not started with a CUDA_MPS_PIPE_DIRECTORY"
+    if served != pipe_dir:
+        return f"pid {pid} is the {CONTROL_BIN} of another pipe directory ({served})"
+    return ""
+
 
 class MpsError(RuntimeError):
     """A daemon could not be started, configured or reached; the message says which step."""
@@ -100,18 +141,40 @@ class Daemon:
             new = dataclasses.replace(new, since=time.time())
         self.state = new
 
-    def pid(self) -> int:
-        """The daemon's pid when it runs, else 0.
-
-        The pid file lies on the host (the MPS root) and outlives the container: after an unclean
-        end its pid may be anyone's in a new PID namespace (or the host's, with hostPID). Only a
-        live process that is an MPS control daemon counts: nothing else is adopted, sent `quit`
-        or killed."""
+    def who(self) -> tuple[int, str]:
+        """(the pid in the pid file or 0, why it is not our daemon: "" when it is)."""
+        path = Path(self.pipe_dir, PID_FILE)
         try:
-            pid = int(Path(self.pipe_dir, PID_FILE).read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-        return pid if pid > 0 and is_mps_daemon(pid) else 0
+            # Not followed if a link: the pipe directory is on the host, where others may plant one.
+            data = read_bounded(path, PID_FILE_MAX_BYTES, follow=False).strip()
+        except FileNotFoundError:
+            return 0, f"no {path}"
+        except OSError as e:
+            return 0, f"{path}: {e.strerror or e}"
+        if not data.isdigit() or int(data) == 0:  # bytes.isdigit: ASCII digits only
+            return 0, f"{path} holds no pid ({data!r})"
+        pid = int(data)
+        return pid, not_our_daemon(pid, self.pipe_dir)
+
+    def pid(self) -> int:
+        """The daemon's pid when it runs, else 0 (see `not_our_daemon` for what counts)."""
+        pid, why = self.who()
+        return 0 if why else pid
+
+    def _kill(self, pid: int) -> None:
+        """SIGKILL to `pid` if it is still our daemon: the pidfd, opened before the check, pins the
+        process, so a pid that changed hands after the check is never hit."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # gone
+        try:
+            if not not_our_daemon(pid, self.pipe_dir):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass  # it ended meanwhile
+        finally:
+            os.close(fd)
 
     async def command(self, text: str) -> str:
         rc, out = await _run([self._control], self.env, text + "\n")
@@ -132,12 +195,16 @@ class Daemon:
         await self._compute_mode("EXCLUSIVE_PROCESS")
         os.makedirs(self.pipe_dir, 0o755, exist_ok=True)
         os.makedirs(self.log_dir, 0o755, exist_ok=True)
-        if self.pid():
+        pid, why = self.who()
+        if not why:
             # Left by an mps-control that died without stopping it: its clients keep running, so it is
             # adopted (and configured again) rather than killed.
-            log.info("adopting the running MPS control daemon for %s (pid %d)", self.resource, self.pid())
+            log.info("adopting the running MPS control daemon for %s (pid %d)", self.resource, pid)
         else:
-            # A pid file naming no MPS daemon was left by a container that ended uncleanly: remove it,
+            if pid:
+                log.warning("MPS %s: the pid file names pid %d, not our daemon (%s): left alone", self.resource,
+                            pid, why)
+            # A pid file naming no daemon of ours was left by a container that ended uncleanly: remove it,
             # so that neither the new daemon nor a later stop takes its pid for ours.
             Path(self.pipe_dir, PID_FILE).unlink(missing_ok=True)
             log.info("starting the MPS control daemon for %s (%d GPUs, %d replicas each), pipe %s", self.resource,
@@ -145,9 +212,9 @@ class Daemon:
             rc, out = await _run([self._control, "-d"], self.env)
             if rc != 0:
                 raise MpsError(f"{CONTROL_BIN} -d: {out or f'exit status {rc}'}")
-        pid = self.pid()
-        if not pid:
-            raise MpsError(f"{CONTROL_BIN} -d returned but no daemon runs (no live pid in {self.pipe_dir})")
+        pid, why = self.who()
+        if why:
+            raise MpsError(f"{CONTROL_BIN} -d returned but no daemon of ours runs on {self.pipe_dir}: {why}")
         self._set(up=True, pid=pid)
         limits: list[str] = []
         for g in self.gpus:
@@ -167,9 +234,9 @@ class Daemon:
         """Notices a daemon that died or stopped answering, and (re)starts it when due."""
         now = time.monotonic()
         if self.state.up:
-            pid = self.pid()
-            error = "" if pid else f"the MPS control daemon (pid {self.state.pid}) is gone"
-            if pid and now >= self.next_probe:
+            _, why = self.who()
+            error = f"the MPS control daemon (pid {self.state.pid}) is gone: {why}" if why else ""
+            if not why and now >= self.next_probe:
                 self.next_probe = now + PROBE_S
                 try:
                     await self.command("get_default_active_thread_percentage")
@@ -204,12 +271,11 @@ class Daemon:
             with contextlib.suppress(MpsError):
                 await self.command("quit")
             deadline = time.monotonic() + STOP_TIMEOUT_S
-            while self.pid() and time.monotonic() < deadline:
+            while self.pid() == pid and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)  # polling a pid we cannot wait on (the daemon is not our child)
-            if self.pid():
+            if self.pid() == pid:
                 log.warning("MPS daemon for %s (pid %d) did not quit: killing it", self.resource, pid)
-                with contextlib.suppress(OSError):
-                    os.kill(pid, 9)
+                self._kill(pid)
         shutil.rmtree(self.pipe_dir, ignore_errors=True)
 
     async def stop(self) -> None:

@@ -2,20 +2,30 @@
 put first on PATH) beside the three services and the kubelet simulator, all real processes on
 real sockets. Scenarios: 8 GPUs x 4 replicas with rename, the daemon's limits, a killed daemon
 (replicas Unhealthy at the kubelet, then back), a refusing daemon, a GPU fault, MPS beside
-time-slicing, SIGTERM (daemon quit, pipe dir removed), no MPS (exit 0 at once), no binary, a
-daemon left by a killed mps-control (it ends with its test's directory: nothing outlives the test)."""
+time-slicing, SIGTERM (daemon quit, pipe dir removed), no MPS (exit 0 at once), no binary, a pid
+file naming a process that is not our daemon (never adopted nor killed), a daemon left by a
+killed mps-control (it ends with its test's directory: nothing outlives the test)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from common.bus.messages import DeviceState
 from common.lifecycle import EX_CONFIG
+from common.settings import SharedResource, resolve
+from services.mps_control import control as mps_control
 from tests.conftest import BIN, REPO, wait_until
 from tests.integration.node import Node
 
@@ -67,6 +77,27 @@ def alive(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return False
+
+
+def start_fake_daemon(pipe_dir: Path) -> int:
+    """An MPS control daemon of the fake serving `pipe_dir` (not mps-control's); its pid."""
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(pipe_dir.parent)}
+    subprocess.run([str(FAKE_MPS / "nvidia-cuda-mps-control"), "-d"], env=env, check=True, timeout=30)
+    return int((pipe_dir / mps_control.PID_FILE).read_text())
+
+
+def execed(argv: list[str], executable: str | None = None) -> subprocess.Popen[bytes]:
+    """A process that runs `argv`, returned once it does (until its exec, /proc shows its parent's
+    command line, or none)."""
+    p = subprocess.Popen(argv, executable=executable)
+    wait_until(lambda: Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv],
+               10, f"{argv} started")
+    return p
+
+
+def named_like_the_daemon() -> subprocess.Popen[bytes]:
+    """A process whose argv[0] is nvidia-cuda-mps-control (anyone may call itself so): a renamed sleep."""
+    return execed(["nvidia-cuda-mps-control", "300"], executable=shutil.which("sleep"))
 
 
 def mps_state(node: Node) -> dict[str, Any]:
@@ -204,39 +235,149 @@ def test_quick_failures_become_permanent_on_the_third(procs: Any, short_tmp: Pat
     assert "failed 3 times in a row within 10 s of its start" in last, last
 
 
-def test_a_stale_pid_file_never_adopts_or_kills_another_process(tmp_path: Path) -> None:
+def direct_daemon(root: Path) -> mps_control.Daemon:
+    """mps-control's Daemon for one GPU with 2 replicas under `root`, driven by the test itself."""
+    settings = resolve(environ={"GPU_PLUGIN_MPS_CONTAINER_ROOT": str(root)})
+    gpu = DeviceState(id="GPU-0", kind="gpu", index="0", name="x", health="Healthy", reason="", since=0,
+                      memory_mb=80000)
+    return mps_control.Daemon("nvidia.com/gpu", SharedResource("nvidia.com/gpu", "", 2, None), [gpu], settings,
+                              str(FAKE_MPS / "nvidia-cuda-mps-control"), str(FAKE_MPS / "nvidia-smi"))
+
+
+@pytest.fixture
+def bystander(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[int]:
+    """The pid of a process that is not this resource's daemon, SIGKILLed at teardown."""
+    if request.param == "another MPS daemon":
+        # A real control daemon, of another pipe directory (another resource's, or the host's own MPS).
+        pid = start_fake_daemon(short_tmp / "other" / "pipe")
+        yield pid
+        with contextlib.suppress(ProcessLookupError):  # already gone (reaped) if a test killed it
+            os.kill(pid, signal.SIGKILL)
+        return
+    p = execed(["sleep", "300"]) if request.param == "a sleep" else named_like_the_daemon()
+    yield p.pid
+    p.kill()
+    p.wait()
+
+
+BYSTANDERS = ["a sleep", "named like the daemon", "another MPS daemon"]
+
+
+@pytest.mark.parametrize("bystander", BYSTANDERS, indirect=True)
+def test_a_stale_pid_file_never_adopts_or_kills_another_process(short_tmp: Path, bystander: int) -> None:
     """The pid file lies on the host and outlives the container: its pid may be anyone's now."""
-    import asyncio
-
-    from common.bus.messages import DeviceState
-    from common.settings import SharedResource, resolve
-    from services.mps_control import control
-
-    env = {"GPU_PLUGIN_MPS_CONTAINER_ROOT": str(tmp_path), "FAKE_MPS_FAULT_FILE": str(tmp_path / "fault")}
-    settings = resolve(environ=env)
-    bystander = subprocess.Popen(["sleep", "300"])
+    daemon = direct_daemon(short_tmp)
+    pipe_dir = Path(daemon.pipe_dir)
+    pipe_dir.mkdir(parents=True)
+    (pipe_dir / mps_control.PID_FILE).write_text(f"{bystander}\n")  # left by a killed container
+    asyncio.run(daemon.check())
     try:
-        pipe_dir = Path(control.pipe_dir(str(tmp_path), "nvidia.com/gpu"))
-        pipe_dir.mkdir(parents=True)
-        (pipe_dir / control.PID_FILE).write_text(f"{bystander.pid}\n")  # left by a killed container
-        gpu = DeviceState(id="GPU-0", kind="gpu", index="0", name="x", health="Healthy", reason="", since=0,
-                          memory_mb=80000)
-        fake = REPO / "devtools" / "fake_mps"
-        daemon = control.Daemon("nvidia.com/gpu", SharedResource("nvidia.com/gpu", "", 2, None), [gpu], settings,
-                                str(fake / "nvidia-cuda-mps-control"), str(fake / "nvidia-smi"))
-        old = dict(os.environ)
-        os.environ.update(env)
-        try:
-            asyncio.run(daemon.check())
-            assert daemon.state.ready and daemon.state.pid != bystander.pid, "a daemon of its own was started"
-            asyncio.run(daemon.stop())
-        finally:
-            os.environ.clear()
-            os.environ.update(old)
-        assert bystander.poll() is None, "the process that got the stale pid must be left alone"
+        assert daemon.state.ready and daemon.state.pid != bystander, "a daemon of its own was started"
     finally:
-        bystander.kill()
-        bystander.wait()
+        asyncio.run(daemon.stop())
+    assert alive(bystander), "the process that got the stale pid must be left alone"
+
+
+@pytest.mark.parametrize("bystander", BYSTANDERS[1:], indirect=True)
+def test_stop_never_kills_a_process_the_pid_file_names_that_is_not_our_daemon(short_tmp: Path,
+                                                                                bystander: int) -> None:
+    """The daemon crashed (its pid file stays) and its pid went to another process before the pod stops."""
+    daemon = direct_daemon(short_tmp)
+    asyncio.run(daemon.check())
+    ours = daemon.state.pid
+    assert daemon.state.ready and alive(ours)
+    os.kill(ours, signal.SIGKILL)
+    wait_until(lambda: not alive(ours), 10, "the daemon dead")
+    (Path(daemon.pipe_dir) / mps_control.PID_FILE).write_text(f"{bystander}\n")
+    asyncio.run(daemon.stop())
+    assert alive(bystander), "only our daemon is ever sent quit or SIGKILL"
+    assert not Path(daemon.pipe_dir).exists()
+
+
+def test_the_pid_file_is_read_as_a_file_we_do_not_own(short_tmp: Path) -> None:
+    """A FIFO does not block the read, a symlink is not followed (even to our daemon's pid), a large
+    file or one without a pid names nobody; each says why."""
+    daemon = direct_daemon(short_tmp)
+    pipe_dir = Path(daemon.pipe_dir)
+    ours = start_fake_daemon(pipe_dir)
+    pid_file = pipe_dir / mps_control.PID_FILE
+    assert daemon.pid() == ours
+    moved = short_tmp / "elsewhere.pid"
+    pid_file.rename(moved)
+    pid_file.symlink_to(moved)
+    assert daemon.pid() == 0
+    assert daemon.who() == (0, f"{pid_file}: not a regular file (a symlink)")
+    pid_file.unlink()
+    pid_file.write_text(f"{ours}".ljust(64))
+    assert daemon.pid() == 0
+    assert daemon.who() == (0, f"{pid_file}: larger than 32 bytes (64)")
+    pid_file.write_text("\uff11\uff12")  # digits (fullwidth), but not ASCII ones: int() would take them
+    assert daemon.who()[0] == 0 and "holds no pid" in daemon.who()[1]
+    pid_file.unlink()
+    os.mkfifo(pid_file)
+    answer: list[int] = []
+    reader = threading.Thread(target=lambda: answer.append(daemon.pid()), daemon=True)
+    reader.start()
+    try:
+        reader.join(10)
+        assert answer == [0], "the read must not block"
+        assert daemon.who() == (0, f"{pid_file}: not a regular file (a FIFO)")
+    finally:
+        if reader.is_alive():  # unblocks a read that waits for a writer (the old read_text did)
+            os.close(os.open(pid_file, os.O_WRONLY | os.O_NONBLOCK))
+    pid_file.unlink()
+    pid_file.write_text(str(ours))
+    asyncio.run(daemon.stop())
+    wait_until(lambda: not alive(ours), 10, "our daemon quit")
+
+
+def test_what_the_daemon_check_says_of_each_process(short_tmp: Path) -> None:
+    pipe_dir = short_tmp / "mps" / "r" / "pipe"
+    ours = start_fake_daemon(pipe_dir)
+    other = start_fake_daemon(short_tmp / "other" / "pipe")
+    look_alike = named_like_the_daemon()
+    sleeper = execed(["sleep", "300"])
+    try:
+        assert mps_control.not_our_daemon(ours, str(pipe_dir)) == ""
+        assert mps_control.not_our_daemon(other, str(pipe_dir)) == (
+            f"pid {other} is the nvidia-cuda-mps-control of another pipe directory ({short_tmp}/other/pipe)")
+        assert mps_control.not_our_daemon(look_alike.pid, str(pipe_dir)) == (
+            f"pid {look_alike.pid} is called nvidia-cuda-mps-control but was not started with a "
+            "CUDA_MPS_PIPE_DIRECTORY")
+        assert mps_control.not_our_daemon(sleeper.pid, str(pipe_dir)) == (
+            f"pid {sleeper.pid} is not nvidia-cuda-mps-control ('sleep 300')")
+        sleeper.kill()
+        sleeper.wait()
+        assert mps_control.not_our_daemon(sleeper.pid, str(pipe_dir)) == f"pid {sleeper.pid} is not running"
+    finally:
+        for p in (look_alike, sleeper):
+            p.kill()
+            p.wait()
+        for pid in (ours, other):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_daemon_pid_taken_over_by_a_look_alike_is_a_gone_daemon(make_node: Any, short_tmp: Path) -> None:
+    """The daemon dies and its pid goes to a process called nvidia-cuda-mps-control: the replicas turn
+    Unhealthy (no daemon serves them), a new daemon is started, and the look-alike is left alone."""
+    node = mps_node(make_node, short_tmp)
+    node.wait_devices(MPS_RES, count=32, timeout=60)
+    first = daemon_pid(node)
+    impostor = named_like_the_daemon()
+    try:
+        os.kill(first, signal.SIGKILL)
+        # The crash leaves the pid file; pid reuse, simulated, puts the look-alike's pid in it.
+        (pipe(node) / mps_control.PID_FILE).write_text(f"{impostor.pid}\n")
+        node.wait_devices(MPS_RES, count=32, healthy=0, timeout=30)
+        node.wait_devices(MPS_RES, count=32, timeout=60)
+        assert daemon_pid(node) not in (0, first, impostor.pid)
+        assert "is gone" in node.procs.log("mps-control")
+        assert node.procs.stop(node.services["mps-control"], timeout=30) == 0
+        assert impostor.poll() is None, "neither the restart nor the stop may kill a process that is not the daemon"
+    finally:
+        impostor.kill()
+        impostor.wait()
 
 
 def test_a_daemon_left_by_a_killed_mps_control_ends_with_its_directory(make_node: Any, short_tmp: Path) -> None:
