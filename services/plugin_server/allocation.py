@@ -1,8 +1,9 @@
-"""Allocate: pure functions from requested device IDs to a ContainerAllocateResponse.
+"""Allocate: pure functions from requested device IDs to a ContainerAllocateResponse; and the
+checks of a GetPreferredAllocation request.
 
 Validation comes first and names the offending IDs, with NVIDIA's wording, because an
 Allocate error fails the pod for good (UnexpectedAdmissionError) and the operator needs
-to know why.
+to know why. A refused request is INVALID_ARGUMENT; the messages list a few IDs, then a count.
 
 The answer matches NVIDIA's plugin (v0.20.0) for every device-list strategy:
 - envvar: NVIDIA_VISIBLE_DEVICES=<id>,<id>.
@@ -105,18 +106,68 @@ def validate(
     if unknown:
         raise AllocationError(f"{prefix}: unknown device: {_names(unknown)}")
     if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        duplicates: list[str] = []
-        for i in ids:
-            if i in seen and i not in duplicates:
-                duplicates.append(i)
-            seen.add(i)
-        raise AllocationError(f"{prefix}: duplicate device: {_names(duplicates)}")
+        raise AllocationError(f"{prefix}: duplicate device: {_names(_duplicates(ids))}")
     unhealthy = [i for i in ids if devices[i].health != HEALTHY]
     if unhealthy:
         raise AllocationError(f"{prefix}: unhealthy device: {_names(unhealthy)}")
     if settings is not None and len(ids) > 1 and any(_one_only(devices[i], settings) for i in ids):
         raise AllocationError(f"{prefix}: maximum request size for shared resources is 1; found {len(ids)}")
+
+
+def _duplicates(ids: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    out: dict[str, None] = {}
+    for i in ids:
+        if i in seen:
+            out[i] = None
+        seen.add(i)
+    return list(out)
+
+
+def preferred_candidates(
+    resource: str, available: Sequence[str], must_include: Sequence[str], size: int,
+    devices: Mapping[str, PluginDevice],
+) -> Sequence[str]:
+    """Checks one ContainerPreferredAllocationRequest; returns the IDs of `available` to choose from.
+
+    Raises AllocationError unless the request is one the kubelet sends (devicemanager's
+    devicesToAllocate: sets of the IDs we listed, must_include the devices already chosen and
+    inside available, allocation_size the container's total, at least 1 and never more than
+    available holds): a size below 1, an ID not served, an ID twice, must_include outside
+    available, more must_include than the size, or a size `available` cannot fill. An answer to
+    such a request was a guess the kubelet never asked for.
+
+    Unhealthy IDs are not refused: the kubelet offers what its last ListAndWatch update said was
+    Healthy, and a device can turn Unhealthy here before that update reaches it. A refusal would
+    fail the pod's admission for good over that race, so the device is passed over instead while
+    enough others remain (and the Allocate that follows succeeds); when none do, the answer keeps
+    it and Allocate says which device is unhealthy. must_include is kept as the kubelet chose it.
+    """
+    prefix = f'invalid preferred allocation request for "{resource}"'
+    if size < 1:
+        raise AllocationError(f"{prefix}: allocation_size must be at least 1; got {size}")
+    unknown = [i for i in available if i not in devices] + [i for i in must_include if i not in devices]
+    if unknown:
+        raise AllocationError(f"{prefix}: unknown device: {_names(list(dict.fromkeys(unknown)))}")
+    avail = set(available)
+    twice = _duplicates(available) if len(avail) != len(available) else []
+    if len(set(must_include)) != len(must_include):
+        twice += _duplicates(must_include)
+    if twice:
+        raise AllocationError(f"{prefix}: duplicate device: {_names(twice)}")
+    outside = [i for i in must_include if i not in avail]
+    if outside:
+        raise AllocationError(f"{prefix}: must_include_deviceIDs not in available_deviceIDs: {_names(outside)}")
+    if len(must_include) > size:
+        raise AllocationError(f"{prefix}: must_include_deviceIDs holds {len(must_include)} devices, more than "
+                              f"allocation_size {size}")
+    if size > len(available):
+        raise AllocationError(f"{prefix}: allocation_size {size} is more than the {len(available)} available devices")
+    must = set(must_include)
+    unhealthy = {i for i in available if devices[i].health != HEALTHY and i not in must}
+    if unhealthy and len(available) - len(unhealthy) >= size:
+        return [i for i in available if i not in unhealthy]
+    return available
 
 
 def _one_only(dev: PluginDevice, settings: Settings) -> bool:

@@ -2,8 +2,9 @@
 
 Why a module of its own, pure and precomputed:
 - An error in GetPreferredAllocation fails the pod's admission (kubelet API), so nothing
-  here raises for a well-formed request: odd sizes, must-include IDs outside `available`
-  and IDs the topology does not know all get a usable answer.
+  here raises: odd sizes, must-include IDs outside `available` and IDs the topology does
+  not know all get a usable answer. (The servicer refuses, with INVALID_ARGUMENT, requests
+  the kubelet never sends before they get here: `allocation.preferred_candidates`.)
 - NVIDIA's plugin queries NVML for links on every call (~600 ms per pair on some systems,
   NVIDIA #774). Here the links come once, with the health-monitor's state, and `Topology`
   turns them into tables when that state changes; a request only reads them. No NVML,

@@ -11,7 +11,13 @@ import grpc
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
-from services.plugin_server.allocation import NO_EXTRAS, AllocationError, Extras, container_response
+from services.plugin_server.allocation import (
+    NO_EXTRAS,
+    AllocationError,
+    Extras,
+    container_response,
+    preferred_candidates,
+)
 from services.plugin_server.device_table import ResourceTable
 from services.plugin_server.preferred import preferred_gpus, preferred_shared
 
@@ -100,11 +106,21 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
     ) -> pb.PreferredAllocationResponse:
         resp = pb.PreferredAllocationResponse()
         table = self._table
-        for req in request.container_requests:
-            available, must, size = list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size
+        devices = table.devices
+        try:
+            if not request.container_requests:
+                raise AllocationError(f'invalid preferred allocation request for "{table.resource}": '
+                                      "no container requests")
+            checked = [(preferred_candidates(table.resource, req.available_deviceIDs, req.must_include_deviceIDs,
+                                             req.allocation_size, devices), list(req.must_include_deviceIDs),
+                        req.allocation_size) for req in request.container_requests]
+        except AllocationError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        for candidates, must, size in checked:
+            available = list(candidates)
             try:
                 if table.shared:
-                    ids = preferred_shared(table.devices, available, must, size,
+                    ids = preferred_shared(devices, available, must, size,
                                            self._settings.shared_devices_allocation_policy)
                 else:
                     ids = preferred_gpus(table.topology, available, must, size)

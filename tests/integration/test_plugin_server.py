@@ -192,3 +192,92 @@ def test_nvml_lost_after_discovery_keeps_devices_listed_unhealthy(env: Env) -> N
         assert [d.health for d in client.next_update().devices] == ["Healthy"] * 4
     finally:
         client.close()
+
+
+def _refusal(client: PluginClient, request: pb.PreferredAllocationRequest) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.GetPreferredAllocation(request, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    details: str = err.value.details()
+    assert details.startswith('invalid preferred allocation request for "nvidia.com/gpu"'), details
+    return details
+
+
+def test_preferred_allocation_refuses_what_the_kubelet_never_sends(env: Env) -> None:
+    # The kubelet asks with allocation_size >= 1, IDs it was given by ListAndWatch, must_include
+    # inside available, no ID twice and a size that `available` can fill. Anything else was
+    # answered: IDs we do not serve, more IDs than there are, an empty OK for size -1.
+    env.endpoint()
+    ids = [d.id for d in env.health.devices]
+    client = PluginClient(env.sock)
+
+    def ask(available: list[str], must: list[str], size: int) -> pb.PreferredAllocationRequest:
+        return pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
+            available_deviceIDs=available, must_include_deviceIDs=must, allocation_size=size)])
+
+    many = [f"GPU-nope-{i:03d}" for i in range(300)]
+    cases: list[tuple[pb.PreferredAllocationRequest, str]] = [
+        (ask(ids, [], -1), "allocation_size must be at least 1; got -1"),
+        (ask(ids, [], 0), "allocation_size must be at least 1; got 0"),
+        (ask(ids, [], -(2**31)), f"got {-(2**31)}"),
+        (ask([*ids, "GPU-nope"], [], 2), "unknown device: GPU-nope"),
+        (ask(ids, ["GPU-nope"], 2), "unknown device: GPU-nope"),
+        (ask([ids[0], ids[1], ids[0]], [], 2), f"duplicate device: {ids[0]}"),
+        (ask(ids, [ids[2], ids[2]], 2), f"duplicate device: {ids[2]}"),
+        (ask(ids[:2], [ids[3]], 2), f"must_include_deviceIDs not in available_deviceIDs: {ids[3]}"),
+        (ask(ids, ids[:3], 2), "must_include_deviceIDs holds 3 devices, more than allocation_size 2"),
+        (ask(ids[:2], [], 3), "allocation_size 3 is more than the 2 available devices"),
+        (ask(ids, [], 2**31 - 1), f"allocation_size {2**31 - 1} is more than the 4 available devices"),
+        (pb.PreferredAllocationRequest(), "no container requests"),
+        (ask([*ids, *many], [], 2), "unknown device: GPU-nope-000, GPU-nope-001"),
+    ]
+    try:
+        for request, expected in cases:
+            details = _refusal(client, request)
+            assert expected in details, (expected, details)
+            assert len(details) < 2000, "a few IDs, then a count"
+        assert "(and 290 more)" in _refusal(client, ask([*ids, *many], [], 2))
+        # A second container request that is bad fails the whole call, as Allocate does.
+        bad_second = pb.PreferredAllocationRequest(container_requests=[
+            pb.ContainerPreferredAllocationRequest(available_deviceIDs=ids, allocation_size=1),
+            pb.ContainerPreferredAllocationRequest(available_deviceIDs=ids, allocation_size=9)])
+        assert "allocation_size 9" in _refusal(client, bad_second)
+        # What the kubelet does send is answered, up to a size equal to everything available.
+        for size in range(1, 5):
+            resp = client.stub.GetPreferredAllocation(ask(ids, [ids[3]], size), timeout=5)
+            chosen = list(resp.container_responses[0].deviceIDs)
+            assert len(chosen) == size and chosen[0] == ids[3] and set(chosen) <= set(ids)
+        resp = client.stub.GetPreferredAllocation(ask(ids[:2], ids[:2], 2), timeout=5)
+        assert list(resp.container_responses[0].deviceIDs) == ids[:2], "must_include filling the size"
+    finally:
+        client.close()
+
+
+def test_preferred_allocation_passes_over_a_device_turned_unhealthy_meanwhile(env: Env) -> None:
+    # The kubelet offers what it last saw Healthy; a device may have turned Unhealthy since. That
+    # race must not fail the pod: it is answered, without the device while enough others remain.
+    env.endpoint()
+    ids = [d.id for d in env.health.devices]
+    client = PluginClient(env.sock)
+    try:
+        client.watch()
+        client.next_update()
+        devs = list(env.health.devices)
+        devs[0] = dataclasses.replace(devs[0], health=UNHEALTHY, reason="XID 79")
+        env.health.publish(devs)
+        assert client.next_update().devices[0].health == "Unhealthy"
+
+        def preferred(must: list[str], size: int) -> list[str]:
+            resp = client.stub.GetPreferredAllocation(pb.PreferredAllocationRequest(container_requests=[
+                pb.ContainerPreferredAllocationRequest(available_deviceIDs=ids, must_include_deviceIDs=must,
+                                                       allocation_size=size)]), timeout=5)
+            return list(resp.container_responses[0].deviceIDs)
+
+        for size in (1, 2, 3):
+            chosen = preferred([], size)
+            assert len(chosen) == size and ids[0] not in chosen, chosen
+        assert sorted(preferred([], 4)) == sorted(ids), "no healthy set that big: the kubelet's Allocate says why"
+        assert preferred([ids[0]], 2)[0] == ids[0], "the kubelet's own choice is kept"
+    finally:
+        client.close()
+

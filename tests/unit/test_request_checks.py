@@ -1,0 +1,94 @@
+"""What GetPreferredAllocation and Allocate refuse before answering."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, Health
+from services.plugin_server.allocation import (
+    MAX_REPORTED_IDS,
+    AllocationError,
+    preferred_candidates,
+)
+from services.plugin_server.device_table import PluginDevice
+
+R = "nvidia.com/gpu"
+IDS = [f"GPU-{n}" for n in range(6)]
+
+
+def _dev(i: str, health: Health = HEALTHY) -> PluginDevice:
+    state = DeviceState(id=i, kind="gpu", index=i[-1], name="NVIDIA H100", health=health, reason="", since=0.0)
+    return PluginDevice(i, health, 0, state)
+
+
+DEVICES = {i: _dev(i) for i in IDS}
+
+# name, available, must_include, size, message after the prefix
+REFUSED: list[tuple[str, list[str], list[str], int, str]] = [
+    ("size-minus-one", IDS, [], -1, "allocation_size must be at least 1; got -1"),
+    ("size-zero", IDS, [], 0, "allocation_size must be at least 1; got 0"),
+    ("size-int32-min", IDS, [], -(2**31), f"allocation_size must be at least 1; got {-(2**31)}"),
+    ("unknown-available", [*IDS, "GPU-x"], [], 1, "unknown device: GPU-x"),
+    ("unknown-must", IDS, ["GPU-y"], 1, "unknown device: GPU-y"),
+    ("unknown-both-once", ["GPU-x", *IDS], ["GPU-x"], 1, "unknown device: GPU-x"),
+    ("duplicate-available", [IDS[0], IDS[1], IDS[0], IDS[0]], [], 1, f"duplicate device: {IDS[0]}"),
+    ("duplicate-must", IDS, [IDS[1], IDS[1]], 2, f"duplicate device: {IDS[1]}"),
+    ("must-outside-available", IDS[:2], [IDS[4], IDS[5]], 2,
+     f"must_include_deviceIDs not in available_deviceIDs: {IDS[4]}, {IDS[5]}"),
+    ("must-over-size", IDS, IDS[:3], 2, "must_include_deviceIDs holds 3 devices, more than allocation_size 2"),
+    ("size-over-available", IDS[:2], [], 3, "allocation_size 3 is more than the 2 available devices"),
+    ("nothing-available", [], [], 1, "allocation_size 1 is more than the 0 available devices"),
+]
+
+
+@pytest.mark.parametrize(("available", "must", "size", "message"), [r[1:] for r in REFUSED],
+                         ids=[r[0] for r in REFUSED])
+def test_preferred_request_refused(available: list[str], must: list[str], size: int, message: str) -> None:
+    with pytest.raises(AllocationError) as err:
+        preferred_candidates(R, available, must, size, DEVICES)
+    assert str(err.value) == f'invalid preferred allocation request for "{R}": {message}'
+
+
+def test_preferred_refusal_names_a_few_ids_then_a_count() -> None:
+    unknown = [f"GPU-{'x' * 500}-{n}" for n in range(5000)]
+    with pytest.raises(AllocationError) as err:
+        preferred_candidates(R, [*IDS, *unknown], [], 1, DEVICES)
+    message = str(err.value)
+    assert message.endswith(f"(and {5000 - MAX_REPORTED_IDS} more)")
+    assert len(message) < 2000
+
+
+@pytest.mark.parametrize(("available", "must", "size"), [
+    (IDS, [], 1), (IDS, [], 6), (IDS, IDS[:2], 2), (IDS, IDS[:2], 6), (IDS[2:4], [IDS[3]], 1),
+], ids=["one", "all", "must-fills-size", "must-then-all", "must-is-size"])
+def test_preferred_request_the_kubelet_sends_is_answered(available: list[str], must: list[str], size: int) -> None:
+    assert list(preferred_candidates(R, available, must, size, DEVICES)) == available
+
+
+def test_a_device_turned_unhealthy_is_passed_over_while_others_remain() -> None:
+    devices = {**DEVICES, IDS[1]: _dev(IDS[1], UNHEALTHY), IDS[4]: _dev(IDS[4], UNHEALTHY)}
+    healthy = [i for i in IDS if i not in (IDS[1], IDS[4])]
+    assert list(preferred_candidates(R, IDS, [], 4, devices)) == healthy
+    assert list(preferred_candidates(R, IDS, [IDS[1]], 4, devices)) == [i for i in IDS if i != IDS[4]], \
+        "must_include is the kubelet's choice: kept"
+    assert list(preferred_candidates(R, IDS, [], 5, devices)) == IDS, "not enough healthy: all, no refusal"
+
+
+@settings(max_examples=300, deadline=None)
+@given(available=st.lists(st.sampled_from([*IDS, "GPU-x"]), max_size=8),
+       must=st.lists(st.sampled_from([*IDS, "GPU-x"]), max_size=4), size=st.integers(-3, 9))
+def test_preferred_request_refused_exactly_when_the_kubelet_would_never_send_it(
+    available: list[str], must: list[str], size: int
+) -> None:
+    legal = (set(available) | set(must) <= set(IDS) and len(set(available)) == len(available)
+             and len(set(must)) == len(must) and set(must) <= set(available) and size >= 1
+             and len(must) <= size <= len(available))
+    try:
+        out = preferred_candidates(R, available, must, size, DEVICES)
+    except AllocationError:
+        assert not legal
+    else:
+        assert legal and list(out) == available
+
