@@ -114,6 +114,21 @@ def validate(
         raise AllocationError(f"{prefix}: maximum request size for shared resources is 1; found {len(ids)}")
 
 
+def check_disjoint(resource: str, requests: Sequence[Sequence[str]]) -> None:
+    """Raises AllocationError when a device ID is named by two container requests of one Allocate:
+    each container would be answered as if the device were its own. (The kubelet sends one.)"""
+    if len(requests) < 2:
+        return
+    seen: set[str] = set()
+    shared: dict[str, None] = {}
+    for ids in requests:
+        shared.update(dict.fromkeys(i for i in ids if i in seen))
+        seen.update(ids)
+    if shared:
+        raise AllocationError(f'invalid allocation request for "{resource}": invalid request: device requested by '
+                              f"more than one container: {_names(list(shared))}")
+
+
 def _duplicates(ids: Sequence[str]) -> list[str]:
     seen: set[str] = set()
     out: dict[str, None] = {}

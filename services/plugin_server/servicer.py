@@ -15,6 +15,7 @@ from services.plugin_server.allocation import (
     NO_EXTRAS,
     AllocationError,
     Extras,
+    check_disjoint,
     container_response,
     preferred_candidates,
 )
@@ -137,6 +138,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         try:
             if not request.container_requests:
                 raise AllocationError(f'invalid allocation request for "{self._table.resource}": no container requests')
+            check_disjoint(self._table.resource, [req.devices_ids for req in request.container_requests])
             for req in request.container_requests:
                 ids = list(req.devices_ids)
                 resp.container_responses.append(container_response(self._table.resource, ids, devices, self._settings,

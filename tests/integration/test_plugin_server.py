@@ -281,3 +281,29 @@ def test_preferred_allocation_passes_over_a_device_turned_unhealthy_meanwhile(en
     finally:
         client.close()
 
+
+def test_allocate_refuses_a_device_given_to_two_containers(env: Env) -> None:
+    env.endpoint()
+    ids = [d.id for d in env.health.devices]
+    client = PluginClient(env.sock)
+
+    def allocate(*containers: list[str]) -> pb.AllocateResponse:
+        resp: pb.AllocateResponse = client.stub.Allocate(pb.AllocateRequest(container_requests=[
+            pb.ContainerAllocateRequest(devices_ids=c) for c in containers]), timeout=5)
+        return resp
+
+    try:
+        for containers in ([[ids[0]], [ids[0]]], [[ids[0], ids[1]], [ids[2]], [ids[1], ids[3]]]):
+            with pytest.raises(grpc.RpcError) as err:
+                allocate(*containers)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            shared = ids[0] if len(containers) == 2 else ids[1]
+            assert err.value.details() == ('invalid allocation request for "nvidia.com/gpu": invalid request: '
+                                           f"device requested by more than one container: {shared}")
+        with pytest.raises(grpc.RpcError) as err:
+            allocate([ids[0]], ["GPU-nope"])
+        assert "unknown device: GPU-nope" in err.value.details(), "unknown IDs: refused as before"
+        assert len(allocate([ids[0], ids[1]], [ids[2]]).container_responses) == 2
+    finally:
+        client.close()
+

@@ -10,6 +10,7 @@ from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, Health
 from services.plugin_server.allocation import (
     MAX_REPORTED_IDS,
     AllocationError,
+    check_disjoint,
     preferred_candidates,
 )
 from services.plugin_server.device_table import PluginDevice
@@ -91,4 +92,21 @@ def test_preferred_request_refused_exactly_when_the_kubelet_would_never_send_it(
         assert not legal
     else:
         assert legal and list(out) == available
+
+
+@pytest.mark.parametrize(("containers", "shared"), [
+    ([[IDS[0]], [IDS[0]]], [IDS[0]]),
+    ([[IDS[0], IDS[1]], [IDS[2]], [IDS[3], IDS[1], IDS[0]]], [IDS[1], IDS[0]]),
+    ([IDS, IDS], IDS),
+])
+def test_a_device_in_two_containers_is_refused(containers: list[list[str]], shared: list[str]) -> None:
+    with pytest.raises(AllocationError) as err:
+        check_disjoint(R, containers)
+    assert str(err.value) == (f'invalid allocation request for "{R}": invalid request: device requested by more than '
+                              f"one container: {', '.join(shared)}")
+
+
+@pytest.mark.parametrize("containers", [[], [[IDS[0], IDS[0]]], [[IDS[0]], [IDS[1]]], [[IDS[0]], []]])
+def test_disjoint_containers_pass(containers: list[list[str]]) -> None:
+    check_disjoint(R, containers)  # a duplicate inside one container is `validate`'s to name
 
