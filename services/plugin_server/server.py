@@ -32,12 +32,31 @@ from services.plugin_server.allocation import Extras
 from services.plugin_server.device_table import MpsReadiness, ResourceTable, build_resources, serve, socket_name
 from services.plugin_server.mps_watch import watch_mps
 from services.plugin_server.preferred import Topology
-from services.plugin_server.servicer import DevicePluginServicer, plugin_options
+from services.plugin_server.servicer import (
+    REPLACED,
+    RETIRED,
+    STOPPING,
+    DevicePluginServicer,
+    plugin_options,
+)
 
 log = logging.getLogger(__name__)
 
 RECHECK_S = 5.0  # backstop for filesystem changes inotify cannot see (e.g. a new mount)
 START_ATTEMPTS = 5  # starts in a row per change; a removal after the last one is a new change
+
+PENDING_CALLS = 4096
+"""Calls gRPC core holds for the server before our event loop has picked them up. Its defaults
+(1 000, then refusing more and more at random up to 3 000) cancelled calls of a burst before the
+servicer saw them, with no log line: of 2 000 ListAndWatch streams opened at once, 50 to 160 ended
+CANCELLED. With this many, one fixed line, a burst of up to 4 096 calls reaches the servicer,
+which answers and logs each (a stream beyond MAX_STREAMS: RESOURCE_EXHAUSTED); past it, gRPC's
+own protection still bounds the memory a flood takes."""
+
+GRPC_OPTIONS = [
+    ("grpc.server.max_pending_requests", PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+]
 
 
 class Endpoint:
@@ -65,7 +84,7 @@ class Endpoint:
             if self._grpc is not None:
                 log.warning("socket %s was removed or replaced: re-creating it", self.path)
             for _ in range(START_ATTEMPTS):
-                await self._stop(grace=0)
+                await self._stop(grace=0, reason=REPLACED)
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 await self._start()
                 if self.socket_id:
@@ -80,7 +99,7 @@ class Endpoint:
             log.info("removing stale socket %s", self.path)
             self.path.unlink()
         self.servicer = self._new_servicer()
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=GRPC_OPTIONS)
         pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
         old_umask = os.umask(0o077)  # the socket is for the kubelet (root) only
         try:
@@ -102,16 +121,18 @@ class Endpoint:
     def alive(self) -> bool:
         return self._grpc is not None and bool(self.socket_id) and file_id(self.path) == self.socket_id
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, reason: str = STOPPING) -> None:
         async with self._lock:
-            await self._stop(grace)
+            await self._stop(grace, reason)
 
-    async def _stop(self, grace: float | None) -> None:
+    async def _stop(self, grace: float | None, reason: str) -> None:
         if self.servicer is not None:
-            await self.servicer.close()
+            await self.servicer.close(reason)
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
+        if self.servicer is not None:
+            self.servicer.stream_log.flush()  # the process may be about to exit: no waiting for the window
         if self.socket_id and file_id(self.path) == self.socket_id:
             self.path.unlink(missing_ok=True)
         self.socket_id = ""
@@ -314,7 +335,7 @@ class PluginServer:
                     log.info("resource %s is no longer offered: stopping its endpoint", name)
                     ep = self.endpoints.pop(name)
                     ep.retired = True  # the socket watcher may hold it in a snapshot
-                    await ep.stop(grace=0.5)
+                    await ep.stop(grace=0.5, reason=RETIRED)
         self._mark_changed()
 
     # -- sockets ----------------------------------------------------------------------

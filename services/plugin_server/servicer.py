@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -23,6 +26,69 @@ from services.plugin_server.device_table import ResourceTable
 from services.plugin_server.preferred import preferred_gpus, preferred_shared
 
 log = logging.getLogger(__name__)
+
+MAX_STREAMS = 256
+"""ListAndWatch streams one resource socket serves at once; the next is refused with
+RESOURCE_EXHAUSTED. The kubelet holds one (two for a moment when it replaces an endpoint), so this
+leaves room for any watcher beside it, while a flood is kept from costing memory (~25 KB a stream)
+and, on every device change, event-loop time (~35 us a stream, measured at 2 000) that the
+kubelet's own update and every Allocate would wait behind."""
+
+CLIENT_GONE = "the client went away"
+STOPPING = "the plugin-server is stopping"
+REPLACED = "its socket was removed or replaced: the endpoint is re-created"
+RETIRED = "the resource is no longer offered"
+OVER_LIMIT = f"over the limit of {MAX_STREAMS} open streams"
+
+
+class StreamLog:
+    """Says how each ListAndWatch stream ended (or why it was refused), once, without letting a
+    flood of them flood the log: in any window of `window_s`, the first `burst` get a line each;
+    the others are counted by outcome and told in one line when the window closes (or at
+    `flush`). 2 000 streams refused at once are a few lines, not 2 000 warnings.
+
+    An outcome reads "<ended|refused|failed> (<why>)"; its level is the caller's.
+    """
+
+    def __init__(self, resource: str, open_now: Callable[[], int], *, burst: int = 5, window_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._resource = resource
+        self._open_now = open_now
+        self._burst = burst
+        self._window_s = window_s
+        self._clock = clock
+        self._window_start = -math.inf
+        self._told = 0
+        self._held: Counter[tuple[str, int]] = Counter()  # (outcome, level) -> how many
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, level: int, outcome: str, lived: float | None = None) -> None:
+        now = self._clock()
+        if self._timer is None and now - self._window_start >= self._window_s:
+            self._window_start, self._told = now, 0
+        if self._told < self._burst:
+            self._told += 1
+            after = "" if lived is None else f" after {lived:.1f} s"
+            log.log(level, "ListAndWatch stream on %s %s%s; %d open", self._resource, outcome, after, self._open_now())
+            return
+        self._held[(outcome, level)] += 1
+        if self._timer is None:
+            delay = max(self._window_start + self._window_s - now, 0.0)
+            self._timer = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Tells what is held now (the window's end, or the server's)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._held:
+            return
+        level = max(lv for _, lv in self._held)
+        counts = ", ".join(f"{n} {outcome}" for (outcome, _), n in self._held.most_common())
+        log.log(level, "ListAndWatch streams on %s, beyond the lines above: %s; %d open", self._resource, counts,
+                self._open_now())
+        self._held.clear()
+        self._window_start = -math.inf  # the next end opens a window of its own
 
 
 def plugin_options() -> pb.DevicePluginOptions:
@@ -62,6 +128,8 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         # process of the node): the registrar tells the kubelet's stream from others by it.
         self.stream_opened: list[float] = []
         self._closing = False
+        self._close_reason = STOPPING
+        self.stream_log = StreamLog(table.resource, lambda: self.streams)
 
     def use_settings(self, settings: Settings, extras: Extras) -> None:
         """A config reload: the next Allocate answers with these (one running is not affected)."""
@@ -79,9 +147,17 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
     async def ListAndWatch(
         self, request: pb.Empty, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ListAndWatchResponse]:
+        if self.streams >= MAX_STREAMS:
+            self.stream_log.note(logging.WARNING, f"refused ({OVER_LIMIT})")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.streams} ListAndWatch streams are open on {self._table.resource}, "
+                                f"the most served at once")
         opened = time.monotonic()
         self.stream_opened.append(opened)
         self._on_streams(self.streams)
+        # Unless `close` ends it (every stop of ours calls it first), a stream ends by gRPC
+        # cancelling this handler: the client cancelled, hung up or passed its deadline.
+        level, outcome = logging.INFO, f"ended ({CLIENT_GONE})"
         try:
             seen = -1
             while not self._closing:
@@ -89,17 +165,24 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                     seen = self._table.version
                     yield self._table.response
                 await self._table.wait_changed(seen, lambda: self._closing)
+        except Exception as e:
+            level, outcome = logging.ERROR, f"failed ({type(e).__name__}: {e})"
+            raise
         finally:
             self.stream_opened.remove(opened)
             self._on_streams(self.streams)
+            if self._closing and level == logging.INFO:
+                outcome = f"ended ({self._close_reason})"
+            self.stream_log.note(level, outcome, time.monotonic() - opened)
 
-    async def close(self) -> None:
-        """Ends every ListAndWatch stream with OK, before the server stops.
+    async def close(self, reason: str = STOPPING) -> None:
+        """Ends every ListAndWatch stream with OK, before the server stops; `reason` is logged for each.
 
         Why: a stream still open when the server stops is cancelled under gRPC, which logs an
         ERROR with a CancelledError traceback on every normal stop.
         """
         self._closing = True
+        self._close_reason = reason
         await self._table.wake()
 
     async def GetPreferredAllocation(

@@ -3,12 +3,15 @@ answer or a clear gRPC status, and the server keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import re
 import select
 import socket
 import struct
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +26,10 @@ from hypothesis import strategies as st
 from common.bus.codec import MAX_PAYLOAD, encode
 from common.bus.messages import UNHEALTHY, HealthState, PluginState
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
+from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from devtools.bus_flood import SubscriptionFlood
 from devtools.devstack import RESOURCE, DevStack
+from services.plugin_server.servicer import MAX_STREAMS
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.conftest import MakeNode
@@ -215,6 +220,79 @@ def test_list_and_watch_churn_and_two_streams(server: Server) -> None:
         a.close()
         b.close()
     wait_until(lambda: _streams(server) == baseline, 10, "closed streams counted out")
+
+
+FLOOD = 2000  # gRPC core's default backlog limit starts at 1 000 calls waiting: this goes past it
+
+
+async def _open_streams(sock: Path, n: int) -> tuple[Counter[str], list[str]]:
+    """Opens `n` ListAndWatch streams at once; how each began (served: the device list came;
+    else its status code), and the details of the refusals. The streams are cancelled at the end."""
+    async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+        stub = pb_grpc.DevicePluginStub(channel)
+        calls = [stub.ListAndWatch(pb.Empty()) for _ in range(n)]
+        details: list[str] = []
+
+        async def first(call: grpc.aio.UnaryStreamCall[pb.Empty, pb.ListAndWatchResponse]) -> str:
+            try:
+                resp = await call.read()
+            except grpc.aio.AioRpcError as e:
+                details.append(e.details() or "")
+                code: str = e.code().name
+                return code
+            assert isinstance(resp, pb.ListAndWatchResponse) and len(resp.devices) == 8
+            return "served"
+
+        outcomes = Counter(await asyncio.gather(*(first(c) for c in calls)))
+        for c in calls:
+            c.cancel()
+    return outcomes, details
+
+
+_ONE = re.compile(r"ListAndWatch stream on \S+ (refused|ended|failed) \(([^)]*)\)")
+_MANY = re.compile(r"(\d+) (refused|ended|failed) \(([^)]*)\)")
+
+
+def _stream_log(text: str) -> tuple[Counter[str], int]:
+    """Stream outcomes told by the plugin-server's log ("refused (why)": count), and in how many lines."""
+    told: Counter[str] = Counter()
+    lines = 0
+    for line in text.splitlines():
+        if "ListAndWatch streams on " in line:
+            lines += 1
+            for n, verb, why in _MANY.findall(line):
+                told[f"{verb} ({why})"] += int(n)
+        elif m := _ONE.search(line):
+            lines += 1
+            told[f"{m[1]} ({m[2]})"] += 1
+    return told, lines
+
+
+def test_list_and_watch_flood_every_stream_is_answered_and_logged(procs: Procs, short_tmp: Path) -> None:
+    # 2 000 streams at once: 50 to 160 ended CANCELLED, refused by gRPC core before the servicer
+    # saw them (its backlog of calls our loop had not picked up yet), and nothing said so.
+    run, dp = short_tmp / "run", short_tmp / "dp"
+    server = AloneServer(run, dp / "nvidia-gpu.sock", FakeHealthMonitor(run, gpus(8)))
+    try:
+        proc = procs.start("ps", "plugin-server", env={"GPU_PLUGIN_RUN_DIR": str(run),
+                                                       "KUBELET_SOCKET": str(dp / "kubelet.sock")})
+        wait_until(server.sock.exists, 15, "the plugin socket")
+        wait_until(server.alive, 10, "the server answering")
+        outcomes, details = asyncio.run(_open_streams(server.sock, FLOOD))
+        assert outcomes == {"served": MAX_STREAMS, "RESOURCE_EXHAUSTED": FLOOD - MAX_STREAMS}, outcomes
+        assert all(f"{MAX_STREAMS} ListAndWatch streams" in d for d in details), details[:3]
+        refused = f"refused (over the limit of {MAX_STREAMS} open streams)"
+        went = "ended (the client went away)"
+        wait_until(lambda: _stream_log(procs.log("ps"))[0] == {refused: FLOOD - MAX_STREAMS, went: MAX_STREAMS}, 15,
+                   "every stream's end in the log")
+        _, lines = _stream_log(procs.log("ps"))
+        assert lines <= 40, f"{FLOOD} stream ends told in {lines} lines"
+        wait_until(lambda: _streams(server) == 0, 10, "every stream counted out")
+        assert server.alive()
+    finally:
+        server.client.close()
+        server.health.close()
+    assert proc.poll() is None
 
 
 def test_concurrent_allocates_while_a_device_flaps(server: Server) -> None:

@@ -307,3 +307,40 @@ def test_allocate_refuses_a_device_given_to_two_containers(env: Env) -> None:
     finally:
         client.close()
 
+
+def _stream_ends(log: str) -> list[str]:
+    return [line.split(" ListAndWatch ", 1)[1] for line in log.splitlines() if " ListAndWatch stream" in line]
+
+
+def test_every_stream_end_is_logged_with_its_cause(env: Env) -> None:
+    old = env.endpoint().socket_id
+    gone, replaced = PluginClient(env.sock), PluginClient(env.sock)
+    try:
+        for c in (gone, replaced):
+            c.watch()
+            c.next_update()
+        gone.close()
+        wait_until(lambda: any("ended (the client went away)" in e for e in _stream_ends(env.procs.log("ps"))), 10,
+                   "the client's leaving in the log")
+        env.sock.unlink()
+        env.endpoint(lambda e: e.socket_id not in ("", old))
+        wait_until(lambda: replaced._stream is not None and replaced._stream.done(), 10, "the old stream ended")
+        assert replaced._stream.code() == grpc.StatusCode.OK
+    finally:
+        gone.close()
+        replaced.close()
+    stopping = PluginClient(env.sock)
+    try:
+        stopping.watch()
+        stopping.next_update()
+        _, proc = env.procs.procs[-1]
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        stopping.close()
+    ends = _stream_ends(env.procs.log("ps"))
+    assert len(ends) == 3, ends
+    assert ends[0].startswith("stream on nvidia.com/gpu ended (the client went away) after "), ends
+    assert ends[1].startswith("stream on nvidia.com/gpu ended (its socket was removed or replaced: "
+                              "the endpoint is re-created) after "), ends
+    assert ends[2].startswith("stream on nvidia.com/gpu ended (the plugin-server is stopping) after "), ends

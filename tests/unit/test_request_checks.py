@@ -1,6 +1,10 @@
-"""What GetPreferredAllocation and Allocate refuse before answering."""
+"""What GetPreferredAllocation and Allocate refuse before answering, and how ListAndWatch
+stream ends are told in the log (each once, a flood in a few lines)."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +18,7 @@ from services.plugin_server.allocation import (
     preferred_candidates,
 )
 from services.plugin_server.device_table import PluginDevice
+from services.plugin_server.servicer import StreamLog
 
 R = "nvidia.com/gpu"
 IDS = [f"GPU-{n}" for n in range(6)]
@@ -110,3 +115,80 @@ def test_a_device_in_two_containers_is_refused(containers: list[list[str]], shar
 def test_disjoint_containers_pass(containers: list[list[str]]) -> None:
     check_disjoint(R, containers)  # a duplicate inside one container is `validate`'s to name
 
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if "ListAndWatch" in r.getMessage()]
+
+
+def test_stream_log_tells_a_few_ends_one_by_one(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    clock = FakeClock()
+
+    async def run() -> None:
+        sl = StreamLog(R, lambda: 1, burst=3, clock=clock)
+        sl.note(logging.INFO, "ended (the client went away)", 12.34)
+        sl.note(logging.WARNING, "refused (over the limit)")
+        clock.now += 5
+        for _ in range(3):
+            sl.note(logging.INFO, "ended (the plugin-server is stopping)", 1.0)
+        sl.flush()
+
+    asyncio.run(run())
+    assert _lines(caplog) == [
+        (logging.INFO, f"ListAndWatch stream on {R} ended (the client went away) after 12.3 s; 1 open"),
+        (logging.WARNING, f"ListAndWatch stream on {R} refused (over the limit); 1 open"),
+    ] + [(logging.INFO, f"ListAndWatch stream on {R} ended (the plugin-server is stopping) after 1.0 s; 1 open")] * 3
+
+
+def test_stream_log_sums_up_a_flood_once_per_window(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    clock = FakeClock()
+
+    async def run() -> None:
+        open_now = 256
+        sl = StreamLog(R, lambda: open_now, burst=2, window_s=0.05, clock=clock)
+        for _ in range(1500):
+            sl.note(logging.WARNING, "refused (over the limit)")
+        for _ in range(10):
+            sl.note(logging.INFO, "ended (the client went away)", 0.5)
+        clock.now += 0.05
+        await asyncio.sleep(0.2)  # the window's end: the summary, without any further end
+        open_now = 0
+        for _ in range(2):
+            sl.note(logging.INFO, "ended (the client went away)", 0.5)
+
+    asyncio.run(run())
+    lines = _lines(caplog)
+    assert lines == [
+        (logging.WARNING, f"ListAndWatch stream on {R} refused (over the limit); 256 open"),
+        (logging.WARNING, f"ListAndWatch stream on {R} refused (over the limit); 256 open"),
+        (logging.WARNING, f"ListAndWatch streams on {R}, beyond the lines above: 1498 refused (over the limit), "
+                          "10 ended (the client went away); 256 open"),
+        (logging.INFO, f"ListAndWatch stream on {R} ended (the client went away) after 0.5 s; 0 open"),
+        (logging.INFO, f"ListAndWatch stream on {R} ended (the client went away) after 0.5 s; 0 open"),
+    ], "each end told once; after a summary, a new window"
+
+
+def test_stream_log_flush_tells_what_is_held_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def run() -> None:
+        sl = StreamLog(R, lambda: 0, burst=1, window_s=3600)
+        for _ in range(4):
+            sl.note(logging.INFO, "ended (the plugin-server is stopping)", 2.0)
+        sl.flush()
+        sl.flush()
+
+    asyncio.run(run())
+    assert [m for _, m in _lines(caplog)] == [
+        f"ListAndWatch stream on {R} ended (the plugin-server is stopping) after 2.0 s; 0 open",
+        f"ListAndWatch streams on {R}, beyond the lines above: 3 ended (the plugin-server is stopping); 0 open",
+    ]
