@@ -154,7 +154,7 @@ def pytest_sessionfinish(session: pytest.Session) -> Generator[None, object, obj
     if problems:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.ensure_newline()
+            reporter.write("\n")  # the progress line is not ended yet
             reporter.write_sep("=", "leak check: FAILED", red=True)
             for line in problems:
                 reporter.write_line(line)
