@@ -8,6 +8,12 @@ Status answers (403, 500, 503...), watches dropped mid-stream, and the whole ser
 coming back on the same port. Every request is recorded (method, path, query) so that tests can
 check the agent asks for nothing beyond its RBAC (get/list/watch of its own Node).
 
+And answers the real server never gives, but a client can still get (a proxy's error page, a
+connection cut mid-body, a misrouted or corrupted answer, an object grown huge): `fault` makes every
+GET and list answer one of FAULTS until it is cleared, `bad_event` sends one to the open watches.
+The huge object is written as it is generated, a MiB at a time: the test stays frugal, and a client
+that stops reading stops the writing.
+
 Development tool only: the product never imports it.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,7 +40,8 @@ class _Watch:
     node: str
     version: int
     bookmarks: bool
-    queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+    # An event; a fault's name (a bad event, devtools only); {} ends the watch cleanly; None cuts it.
+    queue: asyncio.Queue[dict[str, Any] | str | None] = field(default_factory=asyncio.Queue)
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -42,6 +50,23 @@ def status(code: int, reason: str, message: str) -> dict[str, Any]:
 
 
 REASONS = {403: "Forbidden", 404: "NotFound", 410: "Expired", 500: "InternalError", 503: "ServiceUnavailable"}
+
+# What a fault answers instead of the Node (in a list: of the NodeList; in a watch: of the event):
+FAULTS = (
+    "pod",           # a Pod of the same name (kind Pod; in a list, a PodList)
+    "status",        # a Status with code 200 (a Status where an object was due)
+    "other-name",    # another Node, without the label
+    "two-nodes",     # a NodeList of this Node and another (a GET or an event: a NodeList)
+    "labels-list",   # metadata.labels a list of "key=value"
+    "label-number",  # every label value a number
+    "invalid",       # metadata.resourceVersion a number (what the client library refused to decode)
+    "not-json",      # a proxy's HTML error page, with 200 and Content-Type application/json
+    "truncated",     # the first half of the JSON, its length declared as such
+    "cut",           # the full length declared, half of it sent, the connection closed
+    "huge",          # this Node with 200 MB of annotations (huge_bytes), chunked, generated while sent
+)
+EVENT_FAULTS = (*FAULTS, "unknown-type")  # unknown-type: an event of type RENAMED
+NOT_JSON = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 
 
 class KubeApiEmulator:
@@ -55,6 +80,9 @@ class KubeApiEmulator:
         self.failures: list[int] = []  # HTTP codes to answer the next requests with, in order
         self.gone = 0  # watches answered 410 Gone
         self.black_hole = False  # watches opened now get headers, then nothing ever (a dead route)
+        self.fault: str | None = None  # every GET and list is answered with this one of FAULTS while set
+        self.faulted = 0  # answers given with a fault (GET, list, watch event)
+        self.huge_bytes = 200 << 20
         self._watches: list[_Watch] = []
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
@@ -108,6 +136,23 @@ class KubeApiEmulator:
         self.version += 1
         self.nodes[name]["metadata"]["resourceVersion"] = str(self.version)
         self._event("MODIFIED", name)
+
+    def delete_node(self, name: str) -> None:
+        node = self.nodes.pop(name)
+        self.version += 1
+        node["metadata"]["resourceVersion"] = str(self.version)
+        obj = json.loads(json.dumps(node))
+        self.history.append((self.version, "DELETED", obj))
+        for w in self._watches:
+            if w.node == name:
+                w.queue.put_nowait({"type": "DELETED", "object": obj})
+
+    def bad_event(self, fault: str) -> None:
+        """One of EVENT_FAULTS to every open watch, as the next event."""
+        if fault not in EVENT_FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(EVENT_FAULTS)}")
+        for w in self._watches:
+            w.queue.put_nowait(fault)
 
     def compact(self) -> None:
         """Other objects changed, then history before now was compacted away: a watch resuming
@@ -173,11 +218,92 @@ class KubeApiEmulator:
                 await writer.wait_closed()
 
     async def _send(self, writer: asyncio.StreamWriter, code: int, body: dict[str, Any]) -> bool:
-        data = json.dumps(body).encode()
+        return await self._send_bytes(writer, code, json.dumps(body).encode())
+
+    async def _send_bytes(self, writer: asyncio.StreamWriter, code: int, data: bytes,
+                          length: int | None = None) -> bool:
+        """`length`: the Content-Length declared, when it is not the data's (a body cut short)."""
         writer.write(f"HTTP/1.1 {code} {REASONS.get(code, 'OK')}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+                     f"Content-Length: {len(data) if length is None else length}\r\n\r\n".encode() + data)
         await writer.drain()
-        return True
+        return length is None  # a body cut short ends the connection
+
+    # -- faults -----------------------------------------------------------------------
+    def _stub(self) -> dict[str, Any]:
+        """What a fault is made from when the Node asked for does not exist."""
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": "unknown", "labels": {}, "uid": "uid-unknown", "resourceVersion": str(self.version)}}
+
+    def _other(self, node: dict[str, Any]) -> dict[str, Any]:
+        other: dict[str, Any] = json.loads(json.dumps(node))
+        other["metadata"].update(name=node["metadata"]["name"] + "-other", labels={},
+                                 uid=node["metadata"]["uid"] + "-other")
+        return other
+
+    def _bad_object(self, fault: str, node: dict[str, Any]) -> dict[str, Any]:
+        """The object a fault answers instead of `node` (for the faults that are well-formed JSON)."""
+        meta = node["metadata"]
+        if fault == "pod":
+            return {"apiVersion": "v1", "kind": "Pod", "spec": {"nodeName": meta["name"]},
+                    "metadata": {"name": meta["name"], "namespace": "default", "uid": "uid-pod",
+                                 "resourceVersion": meta["resourceVersion"]}}
+        if fault == "status":
+            return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}
+        if fault == "other-name":
+            return self._other(node)
+        if fault == "two-nodes":
+            return self._list([node, self._other(node)])
+        bad: dict[str, Any] = json.loads(json.dumps(node))
+        if fault == "labels-list":
+            bad["metadata"]["labels"] = [f"{k}={v}" for k, v in meta["labels"].items()]
+        elif fault == "label-number":
+            bad["metadata"]["labels"] = {**{k: len(v) for k, v in meta["labels"].items()}, "example.com/gpus": 8}
+        elif fault == "invalid":
+            bad["metadata"]["resourceVersion"] = int(meta["resourceVersion"])
+        else:
+            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+        return bad
+
+    def _list(self, items: list[dict[str, Any]], kind: str = "NodeList") -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": kind, "items": items, "metadata": {"resourceVersion": str(self.version)}}
+
+    def _huge(self, node: dict[str, Any], before: bytes, after: bytes) -> Iterator[bytes]:
+        """`node` with huge_bytes of annotations, between `before` and `after`, a MiB per piece."""
+        meta = {**node["metadata"], "annotations": {}}
+        head, tail = json.dumps({**node, "metadata": meta}).encode().split(b'"annotations": {}')
+        yield before + head + b'"annotations": {'
+        filler = b"x" * (1 << 20)
+        for i in range(max(1, self.huge_bytes >> 20)):
+            yield b'%s"example.com/blob-%d": "%s"' % (b"," if i else b"", i, filler)
+        yield b"}" + tail + after
+
+    async def _send_fault(self, writer: asyncio.StreamWriter, fault: str, node: dict[str, Any] | None,
+                          listed: bool) -> bool:
+        """A GET (or, `listed`, a list) answered with `fault`; False when the connection is to end."""
+        self.faulted += 1
+        node = node or self._stub()
+        if fault == "huge":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            before = b'{"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "%d"}, "items": [' % (
+                self.version) if listed else b""
+            for piece in self._huge(node, before, b"]}" if listed else b""):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        if fault == "not-json":
+            return await self._send_bytes(writer, 200, NOT_JSON)
+        if fault in ("truncated", "cut"):
+            full = json.dumps(self._list([node]) if listed else node).encode()
+            declared = None if fault == "truncated" else len(full)
+            return await self._send_bytes(writer, 200, full[:len(full) // 2], declared)
+        if listed and fault == "pod":
+            return await self._send(writer, 200, self._list([self._bad_object(fault, node)], "PodList"))
+        bad = self._bad_object(fault, node)
+        if listed and fault not in ("status", "two-nodes"):
+            bad = self._list([bad])
+        return await self._send(writer, 200, bad)
 
     async def _answer(self, method: str, path: str, query: dict[str, str], writer: asyncio.StreamWriter) -> bool:
         if self.failures:
@@ -186,16 +312,16 @@ class KubeApiEmulator:
         if method != "GET" or not path.startswith("/api/v1/nodes"):
             return await self._send(writer, 403, status(403, "Forbidden", f"{method} {path} is forbidden"))
         name = path[len("/api/v1/nodes/"):] if path.startswith("/api/v1/nodes/") else ""
+        selector = query.get("fieldSelector", "")
+        wanted = selector.removeprefix("metadata.name=") if selector.startswith("metadata.name=") else None
+        if self.fault is not None and query.get("watch") not in ("true", "1"):
+            return await self._send_fault(writer, self.fault, self.nodes.get(name or wanted or ""), not name)
         if name:
             if name not in self.nodes:
                 return await self._send(writer, 404, status(404, "NotFound", f'nodes "{name}" not found'))
             return await self._send(writer, 200, self.nodes[name])
-        selector = query.get("fieldSelector", "")
-        wanted = selector.removeprefix("metadata.name=") if selector.startswith("metadata.name=") else None
         if query.get("watch") not in ("true", "1"):
-            items = [n for k, n in self.nodes.items() if wanted in (None, k)]
-            return await self._send(writer, 200, {"apiVersion": "v1", "kind": "NodeList", "items": items,
-                                                  "metadata": {"resourceVersion": str(self.version)}})
+            return await self._send(writer, 200, self._list([n for k, n in self.nodes.items() if wanted in (None, k)]))
         if wanted is None:
             return await self._send(writer, 403, status(403, "Forbidden", "watching every node is forbidden"))
         await self._watch(writer, wanted, int(query.get("resourceVersion") or 0),
@@ -206,9 +332,11 @@ class KubeApiEmulator:
                      timeout: float) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
 
-        def chunk(event: dict[str, Any]) -> None:
-            data = json.dumps(event).encode() + b"\n"
+        def raw(data: bytes) -> None:
             writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+        def chunk(event: dict[str, Any]) -> None:
+            raw(json.dumps(event).encode() + b"\n")
 
         if since and since < self.compacted:
             self.gone += 1
@@ -238,6 +366,10 @@ class KubeApiEmulator:
                     event = {}
                 if event is None:
                     break  # dropped: the connection is cut without the final chunk
+                if isinstance(event, str):
+                    if not await self._bad_event(raw, writer, event, self.nodes.get(node)):
+                        break
+                    continue
                 if not event:
                     writer.write(b"0\r\n\r\n")
                     await writer.drain()
@@ -246,3 +378,25 @@ class KubeApiEmulator:
                 await writer.drain()
         finally:
             self._watches.remove(watch)
+
+    async def _bad_event(self, raw: Callable[[bytes], None], writer: asyncio.StreamWriter, fault: str,
+                         node: dict[str, Any] | None) -> bool:
+        """One bad watch event through `raw` (a chunk writer); False when the watch is to be cut."""
+        self.faulted += 1
+        node = node or self._stub()
+        if fault == "huge":
+            for piece in self._huge(node, b'{"type": "MODIFIED", "object": ', b"}\n"):
+                raw(piece)
+                await writer.drain()
+            return True
+        line = json.dumps({"type": "MODIFIED", "object": node}).encode()
+        if fault == "not-json":
+            raw(NOT_JSON + b"\n")
+        elif fault in ("truncated", "cut"):
+            raw(line[:len(line) // 2] + (b"\n" if fault == "truncated" else b""))
+        elif fault == "unknown-type":
+            raw(json.dumps({"type": "RENAMED", "object": node}).encode() + b"\n")
+        else:
+            raw(json.dumps({"type": "MODIFIED", "object": self._bad_object(fault, node)}).encode() + b"\n")
+        await writer.drain()
+        return fault != "cut"
