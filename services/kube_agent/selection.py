@@ -14,13 +14,18 @@ config-manager's init container and its sidecar are this code.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import read_text_bounded
 from common.settings import SettingsError, resolve
+from common.settings.values import MAX_CONFIG_BYTES
+
+log = logging.getLogger(__name__)
 
 # NVIDIA's environment interface (config-manager); the kube-agent reads the same variables.
 ONESHOT = "ONESHOT"
@@ -76,12 +81,37 @@ class Selection:
     unknown: str = ""  # a label value naming no config (reported; the selection ignores it)
 
 
+# The entries left out at the last look, per directory: each is logged when it first goes bad, not
+# at every selection (a ConfigMap's keys are few; the set is what the directory holds now).
+_left_out: dict[Path, set[str]] = {}
+
+
 def available(srcdir: Path) -> list[str]:
-    """Config names in a mounted ConfigMap: its keys, without the `..data` bookkeeping entries."""
+    """Config names in a mounted ConfigMap: its keys, without the `..data` bookkeeping entries.
+
+    An entry that cannot be looked at (a symlink loop, one it may not read) is left out and
+    logged, naming it: it used to fail the whole listing, so that no config, however valid, could
+    be selected while it was there.
+    """
+    names: list[str] = []
+    bad: dict[str, str] = {}
     try:
-        return sorted(e.name for e in os.scandir(srcdir) if not e.name.startswith(".") and e.is_file())
+        with os.scandir(srcdir) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    if e.is_file():  # follows the key's symlink into ..data, as the kubelet lays it out
+                        names.append(e.name)
+                except OSError as err:
+                    bad[e.name] = err.strerror or type(err).__name__
     except OSError as e:
         raise SelectionError(f"{SRCDIR} {srcdir}: {e.strerror}") from e
+    before = _left_out.get(srcdir, set())
+    for name in sorted(bad.keys() - before):
+        log.warning("config %r in %s left out: %s", name, srcdir, bad[name])
+    _left_out[srcdir] = set(bad)
+    return sorted(names)
 
 
 def select(rules: Rules, names: list[str], label_value: str | None) -> Selection:
@@ -118,7 +148,8 @@ def content(rules: Rules, name: str | None) -> str:
     except SettingsError as e:
         raise SelectionError(f"config {name}: {e}") from e
     try:
-        return src.read_text()
+        # A ConfigMap key is a symlink into ..data: followed, and the file it names read with bounds.
+        return read_text_bounded(src, MAX_CONFIG_BYTES)
     except (OSError, UnicodeDecodeError) as e:
         raise SelectionError(f"config {name}: {e}") from e
 
@@ -131,7 +162,8 @@ def write_atomically(dst: Path, text: str) -> bool:
     """Replaces `dst` by rename (a reader never sees half a file); False when it already holds `text`,
     so that an unchanged selection costs the services nothing."""
     try:
-        if dst.read_text() == text:
+        # Read with bounds, as any file others can replace: a FIFO or a huge file there is replaced, not read.
+        if read_text_bounded(dst, MAX_CONFIG_BYTES) == text:
             return False
     except (OSError, UnicodeDecodeError):
         pass
