@@ -79,6 +79,11 @@ class KubeAgent:
     # -- selection --------------------------------------------------------------------
     async def reselect(self) -> None:
         """Selects again from the current label and ConfigMap; writes the result if it changed."""
+        if self.node and not self.label_known and self.selection is None and self.dst.exists():
+            # Started while the API is away or answers badly, with a config in place (selected with
+            # the label, by the init container or before a restart): a selection without the label
+            # would replace it (a node went from 64 devices to 8). It stays until the label is read.
+            return
         try:
             sel = select(self.rules, available(self.rules.srcdir), self.label)
             self.unknown = sel.unknown

@@ -295,3 +295,25 @@ def test_a_symlink_loop_in_the_configmap_is_left_out(agent: Agent, api: Api) -> 
     log = agent.procs.log("kube-agent")
     assert len([line for line in log.splitlines() if "'loop'" in line and "left out" in line]) == 1, log
     agent.running()
+
+
+def only_configs(bus: BusWatch, *names: str) -> None:
+    """No state the agent published while the API misbehaved had another config active."""
+    seen = {m.config for m in bus.seen if isinstance(m, KubeState)}
+    assert seen <= set(names), f"configs active meanwhile: {seen}"
+
+
+def test_api_failing_at_restart_keeps_the_config_in_place(agent: Agent, api: Api) -> None:
+    """As with a bad answer: the ConfigMap follower's first look used to select without the label."""
+    config_map(agent.src, {"default": DEFAULT, "ts-4": TS4, "ts-8": TS8})
+    agent.dst.write_text(TS4)
+    api.do(api.emu.add_node, "node-1", {LABEL: "ts-8"})
+    api.emu.failures.extend([503] * 5)  # answered again after 0.5 + 1 + 2 + 4 s of retries
+    agent.start()
+    with agent.bus() as bus:
+        wait_until(lambda: len(api.emu.requests) >= 2, 30, "the start's read, then the follower's")
+        assert agent.config() == TS4
+        agent.wait_state(bus, lambda m: not m.api_reachable and "HTTP 503" in m.error)
+        agent.wait_config(TS8)
+        only_configs(bus, "", "ts-8")
+    agent.running()
