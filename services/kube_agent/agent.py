@@ -3,10 +3,20 @@
 It is the only process that talks to the Kubernetes API server (as the health-monitor is the only
 NVML user), and it needs only get/list/watch on its own Node. It reads the Node once (a list, in
 the API's terms, that gives the resourceVersion to watch from), then watches it; a watch that ends
-is resumed by the client from the last version seen, and a 410 Gone (the version is too old) or
-any error starts over with a fresh read. While the API is unreachable the active config stays as
-it is (what the init container selected, or the last selection), and the agent retries with a
-growing pause; the reason is on the bus (`kube.state`).
+is resumed from the last version seen, and a 410 Gone (the version is too old) or any error starts
+over with a fresh read. While the API is unreachable the active config stays as it is (what the
+init container selected, or the last selection), and the agent retries with a growing pause; the
+reason is on the bus (`kube.state`).
+
+Every answer is checked before it is used, and one that fails a check is a failed read like an
+unreachable server (the config stays, the reason is on the bus, retried): at most MAX_ANSWER_BYTES
+is read (a watch: per event), it must be JSON of the kind asked for (a Node, a NodeList of at most
+one item, a watch event of a known type) and name this node, and its labels must be strings. The
+client library (lightkube) is used for what it does well, finding the cluster and authenticating
+(in-cluster token rotation, exec plugins, TLS); its reading is not: it read a body whole before
+any check (a 200 MB Node cost 456 MB at the peak, 251 MB kept), and its Node model turns any
+object into a Node (a Pod or a Status read as a Node without the label switched a node to the
+default config) or raises a validation error the agent exited on.
 
 The services follow the file it writes (common.reload): the agent never signals them. The write is
 atomic and skipped when the content is unchanged, so a label flapping between two names that hold
@@ -16,15 +26,21 @@ the same config costs the services nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Callable
+import re
+import reprlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx2
-from lightkube import AsyncClient, KubeConfig
-from lightkube.core.exceptions import ApiError, ConfigError
-from lightkube.resources.core_v1 import Node
+from lightkube import KubeConfig
+from lightkube.config import client_adapter
+from lightkube.core.exceptions import ConfigError
 
 from common.bus.messages import KubeState
 from common.bus.sockets import BusPublisher
@@ -39,22 +55,291 @@ RETRY_MAX_S = 30.0
 RECHECK_S = 60.0  # backstop for ConfigMap changes inotify cannot see
 # The client waits on a watch without a read timeout: a connection that dies silently (a node
 # losing its route, a black-holing load balancer) would hang it for good. The server ends each
-# watch at WATCH_SERVER_S (the client resumes it); one that outlives WATCH_RENEW_S is given up and
+# watch at WATCH_SERVER_S (it is resumed); one that outlives WATCH_RENEW_S is given up and
 # the node read again, so a label change is missed for at most that long.
 WATCH_SERVER_S = 240
 WATCH_RENEW_S = 300.0
-ClientFactory = Callable[[], AsyncClient]
+# What one answer (a GET, a list, one watch event) may hold. The API server stores no object
+# larger than etcd's request limit (1.5 MiB by default), and a Node is a few KB to ~100 KB
+# (images and conditions in its status): 8 MiB leaves room for a cluster that raised the limit,
+# and bounds what a wrong answer costs to about that, read and refused.
+MAX_ANSWER_BYTES = 8 << 20
+REQUEST_S = 10.0  # connect, and each read (the client library's default)
+READ_S = 60.0  # a GET or a list, whole: a server trickling bytes cannot hold the agent longer
+# A label value as the API server accepts one (it refuses any other): 63 characters at most.
+LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+ClientFactory = Callable[[], httpx2.AsyncClient]
 
 
-def default_client() -> AsyncClient:
+class BadAnswer(Exception):
+    """The server (or whatever answered in its place) answered, but not with this node: a failed read."""
+
+
+class ApiStatus(Exception):
+    """An HTTP error status or a watch's ERROR event, with the Status's code and message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"HTTP {code}: {message}")
+        self.code = code
+
+
+# What a read can fail with: none of it ends the agent, all of it keeps the config and is retried.
+# InvalidURL and StreamError are the HTTP client's own, outside its HTTPError.
+READ_ERRORS = (BadAnswer, ApiStatus, ConfigError, httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError,
+               OSError)
+
+
+def default_client() -> httpx2.AsyncClient:
     """In-cluster (the pod's service account), else KUBECONFIG, as kubectl finds its cluster."""
-    return AsyncClient(config=KubeConfig.from_env())
+    try:
+        config = KubeConfig.from_env().get()
+        if config is None:
+            raise ConfigError("the kubeconfig names no context")
+        return client_adapter.AsyncClient(config, client_adapter.ConnectionParams(timeout=httpx2.Timeout(REQUEST_S)))
+    except ConfigError:
+        raise
+    except Exception as e:  # a kubeconfig is a file we do not own: whatever its parser raises means "no access"
+        raise ConfigError(f"{type(e).__name__}: {e}") from e
 
 
-def label_of(node: Any, label: str) -> str | None:
-    labels = (node.metadata.labels or {}) if node.metadata is not None else {}
-    value = labels.get(label)
-    return None if value is None else str(value)
+def reason(e: BaseException) -> str:
+    """A failed read in a line for the log and the bus (bounded: an answer's text can be quoted)."""
+    if isinstance(e, BadAnswer):
+        text = f"answer refused: {e}"
+    elif isinstance(e, ApiStatus):
+        text = str(e)
+    elif isinstance(e, ConfigError):
+        text = f"no API access configured: {e}"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 80
+
+
+def show(value: Any) -> str:
+    """A value from an answer, quoted (control characters escaped: no forged log line) and cut short."""
+    return _SHOW.repr(value)
+
+
+def plain(message: str) -> str:
+    """A server's message, as `show` but without the quotes."""
+    return show(message)[1:-1]
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the agent takes from an answer about its Node."""
+
+    label: str | None  # the config label's value; None: no such label
+    version: str  # the resourceVersion, to watch from
+
+
+class NodeApi:
+    """get, list and watch of one Node: the requests the agent's RBAC allows, each answer read
+    within bounds and checked before anything is taken from it."""
+
+    def __init__(self, http: httpx2.AsyncClient, node: str, label: str, limit: int = MAX_ANSWER_BYTES) -> None:
+        self._http = http
+        self.node = node
+        self.label = label
+        self.limit = limit
+        self._selector = {"fieldSelector": f"metadata.name={node}"}
+        # identity: the bound is on the bytes received, and a compressed body cannot expand past it.
+        self._headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+
+    async def get(self) -> Seen:
+        what = f"GET of node {self.node}"
+        return self._node(await self._read_json(f"/api/v1/nodes/{quote(self.node, safe='')}", {}, what), what)
+
+    async def list(self) -> tuple[Seen | None, str]:
+        """The node (None: there is none of that name) and the list's version (now, to watch from)."""
+        what = f"list of node {self.node}"
+        answer = await self._read_json("/api/v1/nodes", self._selector, what)
+        if not isinstance(answer, dict) or answer.get("kind", "NodeList") != "NodeList":
+            raise BadAnswer(f"{what}: {self._kind(answer)} where a NodeList was expected")
+        meta, items = answer.get("metadata"), answer.get("items")
+        version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        if not isinstance(version, str) or not version:
+            raise BadAnswer(f"{what}: the NodeList has no metadata.resourceVersion to watch from")
+        if items is None:  # an empty list's items may be null
+            items = []
+        if not isinstance(items, list):
+            raise BadAnswer(f"{what}: the NodeList's items are {json_type(items)}, not an array")
+        if len(items) > 1:
+            raise BadAnswer(f"{what}: {len(items)} items in the NodeList, where one node name was asked for")
+        return (self._node(items[0], what, listed=True) if items else None), version
+
+    async def watch(self, version: str, server_timeout: int) -> AsyncGenerator[tuple[str, Seen | None], None]:
+        """(event type, what it says of the node) from `version` on: None for a BOOKMARK, which
+        only moves the version. A watch the server ends (at `server_timeout`) is resumed from the
+        last version seen, as the client library did; an ERROR event raises its Status."""
+        what = f"watch of node {self.node}"
+        params = {**self._selector, "watch": "true", "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(server_timeout)}
+        while True:
+            params["resourceVersion"] = version
+            # No read timeout: a watch is silent while the node does not change (the caller bounds it).
+            async with self._http.stream("GET", "/api/v1/nodes", params=params, headers=self._headers,
+                                         timeout=httpx2.Timeout(REQUEST_S, read=None)) as resp:
+                if resp.status_code != 200:
+                    raise self._status(resp.status_code, resp.reason_phrase, await self._body(resp, what))
+                self._identity(resp, what)
+                async for line in self._lines(resp, what):
+                    kind, seen = self._event(line, what)
+                    version = seen.version
+                    yield kind, (None if kind == "BOOKMARK" else seen)
+
+    # -- reading ----------------------------------------------------------------------
+    async def _read_json(self, path: str, params: dict[str, str], what: str) -> Any:
+        try:
+            async with asyncio.timeout(READ_S):
+                async with self._http.stream("GET", path, params=params, headers=self._headers) as resp:
+                    body = await self._body(resp, what)
+        except TimeoutError:
+            raise BadAnswer(f"{what}: no complete answer within {READ_S:.0f} s") from None
+        if resp.status_code != 200:
+            raise self._status(resp.status_code, resp.reason_phrase, body)
+        return self._json(body, what)
+
+    def _identity(self, resp: httpx2.Response, what: str) -> None:
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise BadAnswer(f"{what}: Content-Encoding {show(encoding)}, where identity was asked for")
+
+    async def _body(self, resp: httpx2.Response, what: str) -> bytearray:
+        """The body, refused past the bound: by its declared length before any of it is read,
+        else as soon as it is longer."""
+        self._identity(resp, what)
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            raise BadAnswer(f"{what}: {declared} bytes, larger than {self.limit} bytes")
+        body = bytearray()
+        async for chunk in resp.aiter_raw():
+            body += chunk
+            if len(body) > self.limit:
+                raise BadAnswer(f"{what}: larger than {self.limit} bytes")
+        return body
+
+    async def _lines(self, resp: httpx2.Response, what: str) -> AsyncIterator[bytes]:
+        """A watch's events, one per line; a line is refused past the bound (the client library's
+        line reader held a line of any length)."""
+        pending = bytearray()
+        async for chunk in resp.aiter_raw():
+            start = len(pending)  # only the new bytes are searched for the end of a line
+            pending += chunk
+            while (end := pending.find(b"\n", start)) >= 0:
+                line = bytes(pending[:end])
+                del pending[:end + 1]
+                start = 0
+                if len(line) > self.limit:
+                    raise BadAnswer(f"{what}: an event larger than {self.limit} bytes")
+                if line.strip():
+                    yield line
+            if len(pending) > self.limit:
+                raise BadAnswer(f"{what}: an event larger than {self.limit} bytes")
+        if pending.strip():
+            yield bytes(pending)
+
+    @staticmethod
+    def _json(body: bytes | bytearray, what: str) -> Any:
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise BadAnswer(f"{what}: not JSON ({e})") from None
+
+    @staticmethod
+    def _status(code: int, phrase: str, body: bytes | bytearray) -> ApiStatus:
+        """An error answer's Status message, where it has one."""
+        message = phrase
+        try:
+            answer = json.loads(body)
+        except (ValueError, RecursionError):
+            answer = None
+        if isinstance(answer, dict) and isinstance(answer.get("message"), str):
+            message = answer["message"]
+        return ApiStatus(code, plain(message))
+
+    # -- checking ---------------------------------------------------------------------
+    @staticmethod
+    def _kind(answer: Any) -> str:
+        if isinstance(answer, dict) and "kind" in answer:
+            return f"a {show(answer['kind'])}"
+        return json_type(answer)
+
+    def _node(self, obj: Any, what: str, listed: bool = False) -> Seen:
+        """A Node's label and version, when `obj` is this Node. Kind and apiVersion where given (a
+        list's items may go without them), the name, no namespace (a Node has none: a Pod of the
+        same name does), the labels a mapping of strings, the config label a valid label value."""
+        kind = obj.get("kind") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or kind not in ("Node", *((None,) if listed else ())):
+            raise BadAnswer(f"{what}: {self._kind(obj)} where a Node was expected")
+        if obj.get("apiVersion", "v1") != "v1":
+            raise BadAnswer(f"{what}: a Node of apiVersion {show(obj['apiVersion'])}, where v1 was asked for")
+        meta = obj.get("metadata")
+        if not isinstance(meta, dict):
+            raise BadAnswer(f"{what}: metadata is {json_type(meta)}, not an object")
+        if meta.get("name") != self.node:
+            raise BadAnswer(f"{what}: the Node is named {show(meta.get('name'))}")
+        if meta.get("namespace"):
+            raise BadAnswer(f"{what}: the Node has a namespace ({show(meta['namespace'])}): not a Node")
+        version = self._version(meta, what)
+        labels = meta.get("labels")
+        if labels is None:
+            labels = {}
+        if not isinstance(labels, dict):
+            raise BadAnswer(f"{what}: metadata.labels is {json_type(labels)}, not an object")
+        for key, value in labels.items():
+            if not isinstance(value, str):
+                raise BadAnswer(f"{what}: label {show(key)} has {json_type(value)}, not a string")
+        value = labels.get(self.label)
+        if value is not None and not LABEL_VALUE.fullmatch(value):
+            raise BadAnswer(f"{what}: label {self.label}={show(value)} is not a label value the API server accepts")
+        return Seen(value, version)
+
+    @staticmethod
+    def _version(meta: dict[str, Any], what: str) -> str:
+        version = meta.get("resourceVersion")
+        if not isinstance(version, str) or not version:
+            raise BadAnswer(f"{what}: metadata.resourceVersion is {show(version)}, not a version")
+        return version
+
+    def _event(self, line: bytes, what: str) -> tuple[str, Seen]:
+        event = self._json(line, what)
+        kind = event.get("type") if isinstance(event, dict) else None
+        if not isinstance(event, dict) or not isinstance(kind, str) or "object" not in event:
+            raise BadAnswer(f"{what}: {json_type(event)} that is not a watch event")
+        obj = event["object"]
+        if kind == "ERROR":
+            code = obj.get("code") if isinstance(obj, dict) else None
+            message = obj.get("message") if isinstance(obj, dict) else None
+            if not isinstance(code, int) or not isinstance(message, str):
+                raise BadAnswer(f"{what}: an ERROR event without a Status")
+            raise ApiStatus(code, plain(message))
+        if kind == "BOOKMARK":  # only a version: the object is a Node with nothing but metadata.resourceVersion
+            if not isinstance(obj, dict) or obj.get("kind", "Node") != "Node" or not isinstance(obj.get("metadata"),
+                                                                                                 dict):
+                raise BadAnswer(f"{what}: a BOOKMARK of {self._kind(obj)}, not of a Node")
+            return kind, Seen(None, self._version(obj["metadata"], what))
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            raise BadAnswer(f"{what}: an event of type {show(kind)}")
+        return kind, self._node(obj, f"{what}, {kind} event")
 
 
 class KubeAgent:
@@ -134,18 +419,18 @@ class KubeAgent:
 
     async def follow_node(self) -> None:
         """Forever: read the Node, watch it, and on any failure start over after a pause."""
-        client: AsyncClient | None = None
+        http: httpx2.AsyncClient | None = None
         pause = RETRY_MIN_S
         try:
             while True:
                 try:
-                    if client is None:
-                        client = self._client_factory()
+                    if http is None:
+                        http = self._client_factory()
+                    api = NodeApi(http, self.node, self.rules.label)
                     # A list, not a get: its version is the collection's (now), which a watch can
                     # resume from; a Node's own version may be older than the server's history.
-                    listed = client.list(Node, fields={"metadata.name": self.node})
-                    nodes = [n async for n in listed]
-                    if not nodes:
+                    seen, version = await api.list()
+                    if seen is None:
                         await self._unreachable(f"node {self.node} not found")
                         await asyncio.sleep(pause)  # a pause between attempts, not a wait for a condition
                         pause = min(pause * 2, RETRY_MAX_S)
@@ -153,40 +438,39 @@ class KubeAgent:
                     if not self.api_reachable:
                         log.info("API server reachable; node %s", self.node)
                     self.api_reachable, self.api_error = True, ""
-                    await self._label_is(label_of(nodes[0], self.rules.label))
+                    await self._label_is(seen.label)
                     self._publish()
-                    version = listed.resourceVersion
                     try:
-                        async with asyncio.timeout(self._renew_s):
-                            async for kind, obj in client.watch(
-                                    Node, fields={"metadata.name": self.node}, resource_version=version,
-                                    server_timeout=min(WATCH_SERVER_S, max(1, int(self._renew_s * 0.8)))):
+                        async with asyncio.timeout(self._renew_s), aclosing(api.watch(
+                                version, min(WATCH_SERVER_S, max(1, int(self._renew_s * 0.8))))) as events:
+                            async for kind, event in events:
                                 pause = RETRY_MIN_S  # the watch works: the next failure is retried soon
-                                if kind in ("ADDED", "MODIFIED"):
-                                    await self._label_is(label_of(obj, self.rules.label))
-                                # BOOKMARK: only a newer version (kept by the client); DELETED: a node
+                                if kind in ("ADDED", "MODIFIED") and event is not None:
+                                    await self._label_is(event.label)
+                                # BOOKMARK: only a newer version (kept by the watch); DELETED: a node
                                 # being removed keeps its config until this pod goes too.
                     except TimeoutError:
                         log.debug("watch of node %s renewed after %.0f s", self.node, self._renew_s)
                         continue
-                except ApiError as e:
-                    code = e.status.code if e.status is not None else 0
-                    if code == 410 and pause == RETRY_MIN_S:
+                except ApiStatus as e:
+                    if e.code == 410 and pause == RETRY_MIN_S:
                         log.info("watch of node %s: 410 Gone (version too old): reading it again", self.node)
                         pause *= 2  # at once this time; a second 410 in a row waits like any error
                         continue
-                    await self._unreachable(f"HTTP {code}: {e.status.message if e.status else e}")
+                    await self._unreachable(reason(e))
                 except ConfigError as e:
-                    await self._unreachable(f"no API access configured: {e}")
-                    client = None
-                except (httpx2.HTTPError, OSError) as e:
-                    await self._unreachable(f"{type(e).__name__}: {e}")
+                    await self._unreachable(reason(e))
+                    if http is not None:
+                        await http.aclose()
+                    http = None
+                except READ_ERRORS as e:
+                    await self._unreachable(reason(e))
                 # A pause between attempts, growing while the API stays away; not a wait for a condition.
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX_S)
         finally:
-            if client is not None:
-                await client.close()
+            if http is not None:
+                await http.aclose()
 
     # -- the ConfigMap ----------------------------------------------------------------
     async def follow_configs(self) -> None:
@@ -208,20 +492,19 @@ class KubeAgent:
             await self.reselect()
             return
         try:
-            client = self._client_factory()
+            http = self._client_factory()
             try:
-                node = await client.get(Node, name=self.node)
+                seen = await NodeApi(http, self.node, self.rules.label).get()
             finally:
-                await client.close()
-        except (ApiError, ConfigError, httpx2.HTTPError, OSError) as e:
-            log.warning("node label %s of node %s is not read: API server not reachable (%s); %s", self.rules.label,
-                        self.node, e, "keeping the config in place" if self.dst.exists()
-                        else "selecting without the node label")
-            self.api_error = f"{type(e).__name__}: {e}"
+                await http.aclose()
+        except READ_ERRORS as e:
+            log.warning("node label %s of node %s is not read (%s); %s", self.rules.label, self.node, reason(e),
+                        "keeping the config in place" if self.dst.exists() else "selecting without the node label")
+            self.api_error = reason(e)
             if not self.dst.exists():
                 await self.reselect()
             else:
                 self._publish()
             return
         self.api_reachable = True
-        await self._label_is(label_of(node, self.rules.label))
+        await self._label_is(seen.label)

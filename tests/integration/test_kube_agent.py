@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from common.bus.messages import KUBE_SOCKET, KubeState
-from devtools.kube_api import KubeApiEmulator
+from devtools.kube_api import EVENT_FAULTS, FAULTS, KubeApiEmulator
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.fakes import LoopThread
@@ -119,6 +119,13 @@ class Agent:
     def running(self) -> None:
         assert self.p is not None and self.p.poll() is None, f"the kube-agent exited ({self.p and self.p.returncode})"
 
+    def peak_rss_kb(self) -> int:
+        """VmHWM: the most memory the process ever held resident."""
+        assert self.p is not None
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
 @pytest.fixture
@@ -279,28 +286,88 @@ def test_a_silently_dead_watch_is_renewed(short_tmp: Path, api: Api) -> None:
         os.environ.pop("KUBECONFIG", None)
 
 
-def test_a_symlink_loop_in_the_configmap_is_left_out(agent: Agent, api: Api) -> None:
-    """One bad entry (a link to itself) used to fail every selection; now it is left out, named
-    once in the log, and the rest stays selectable."""
+# -- answers that are not our Node ----------------------------------------------------------------
+# What the reason on the bus names, per fault: the agent says what was wrong with the answer.
+REASON = {"pod": "Pod", "status": "Status", "other-name": "node-1-other", "two-nodes": "2 items",
+          "labels-list": "metadata.labels", "label-number": "a number", "invalid": "resourceVersion",
+          "not-json": "not JSON", "truncated": "not JSON", "cut": "RemoteProtocolError", "huge": "larger than",
+          "unknown-type": "RENAMED"}
+EVENT_REASON = {**REASON, "two-nodes": "NodeList", "cut": "incomplete chunked read"}
+GET_REASON = {**REASON, "two-nodes": "NodeList"}
+
+
+def following(agent: Agent, api: Api, label: str = "ts-4") -> None:
     config_map(agent.src, {"default": DEFAULT, "ts-4": TS4, "ts-8": TS8})
-    (agent.src / "loop").symlink_to("loop")
-    api.do(api.emu.add_node, "node-1", {LABEL: "ts-4"})
+    api.do(api.emu.add_node, "node-1", {LABEL: label})
     agent.start()
-    agent.wait_config(TS4)
-    api.do(api.emu.set_label, "node-1", LABEL, "ts-8")
-    agent.wait_config(TS8)
-    api.do(api.emu.set_label, "node-1", LABEL, "loop")
-    agent.state(lambda m: m.unknown == "loop" and m.config == "ts-8")
-    assert agent.config() == TS8
-    log = agent.procs.log("kube-agent")
-    assert len([line for line in log.splitlines() if "'loop'" in line and "left out" in line]) == 1, log
-    agent.running()
+    agent.wait_config({"ts-4": TS4, "ts-8": TS8}[label])
+    wait_until(lambda: api.emu.watching == 1, 30, "the agent watching")
 
 
 def only_configs(bus: BusWatch, *names: str) -> None:
     """No state the agent published while the API misbehaved had another config active."""
     seen = {m.config for m in bus.seen if isinstance(m, KubeState)}
     assert seen <= set(names), f"configs active meanwhile: {seen}"
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_bad_answer_to_the_list_is_a_failed_read(agent: Agent, api: Api, fault: str) -> None:
+    """The node read again (after its watch was cut) is answered with something that is not the
+    Node: the config stays, the reason is on the bus, the agent retries and does not exit; once
+    the API answers properly the label is followed again."""
+    following(agent, api)
+    with agent.bus() as bus:
+        api.emu.fault = fault
+        api.do(api.emu.drop_watches)
+        st = agent.wait_state(bus, lambda m: not m.api_reachable and REASON[fault] in m.error)
+        assert st.config == "ts-4" and st.label == "ts-4", st
+        wait_until(lambda: api.emu.faulted >= 2, 30, "a retry after the failed read")
+        agent.running()
+        assert agent.config() == TS4
+        api.emu.fault = None
+        api.do(api.emu.set_label, "node-1", LABEL, "ts-8")
+        agent.wait_config(TS8)
+        agent.wait_state(bus, lambda m: m.api_reachable and m.error == "" and m.config == "ts-8")
+        only_configs(bus, "ts-4", "ts-8")
+    agent.running()
+
+
+@pytest.mark.parametrize("fault", EVENT_FAULTS)
+def test_a_bad_watch_event_is_a_failed_read(agent: Agent, api: Api, fault: str) -> None:
+    following(agent, api)
+    with agent.bus() as bus:
+        api.do(api.emu.bad_event, fault)
+        st = agent.wait_state(bus, lambda m: not m.api_reachable and EVENT_REASON[fault] in m.error)
+        assert st.config == "ts-4", st
+        agent.running()
+        assert agent.config() == TS4
+        wait_until(lambda: api.emu.watching == 1, 30, "the agent watching again")
+        api.do(api.emu.set_label, "node-1", LABEL, "ts-8")
+        agent.wait_config(TS8)
+        agent.wait_state(bus, lambda m: m.api_reachable and m.error == "" and m.config == "ts-8")
+        only_configs(bus, "ts-4", "ts-8")
+    agent.running()
+
+
+@pytest.mark.parametrize("fault", ["pod", "status", "two-nodes", "labels-list", "invalid", "not-json", "huge"])
+def test_a_bad_answer_at_start_keeps_the_config_in_place(agent: Agent, api: Api, fault: str) -> None:
+    """A restart while the API answers badly: the config the node runs stays (it used to be
+    replaced by the label-less choice: 64 devices became 8 at the kubelet)."""
+    config_map(agent.src, {"default": DEFAULT, "ts-4": TS4, "ts-8": TS8})
+    agent.dst.write_text(TS4)
+    api.do(api.emu.add_node, "node-1", {LABEL: "ts-4"})
+    api.emu.fault = fault
+    agent.start()
+    with agent.bus() as bus:
+        agent.wait_state(bus, lambda m: not m.api_reachable and GET_REASON[fault] in m.error)
+        wait_until(lambda: api.emu.faulted >= 3, 30, "the start's read and two of the follower's")
+        agent.running()
+        assert agent.config() == TS4
+        api.emu.fault = None
+        api.do(api.emu.set_label, "node-1", LABEL, "ts-8")
+        agent.wait_config(TS8)
+        only_configs(bus, "", "ts-4", "ts-8")
+    agent.running()
 
 
 def test_api_failing_at_restart_keeps_the_config_in_place(agent: Agent, api: Api) -> None:
@@ -316,4 +383,70 @@ def test_api_failing_at_restart_keeps_the_config_in_place(agent: Agent, api: Api
         agent.wait_state(bus, lambda m: not m.api_reachable and "HTTP 503" in m.error)
         agent.wait_config(TS8)
         only_configs(bus, "", "ts-8")
+    agent.running()
+
+
+def test_a_bad_answer_at_first_start_selects_without_the_label(agent: Agent, api: Api) -> None:
+    """No config in place yet: the node must come up, so as with the API away, the label-less choice."""
+    config_map(agent.src, {"default": DEFAULT, "ts-4": TS4})
+    api.do(api.emu.add_node, "node-1", {LABEL: "ts-4"})
+    api.emu.fault = "pod"
+    agent.start()
+    agent.wait_config(DEFAULT)
+    agent.state(lambda m: not m.api_reachable and "Pod" in m.error and m.config == "default")
+    api.emu.fault = None
+    agent.wait_config(TS4)
+    agent.running()
+
+
+def test_deleted_and_bookmark_events_keep_the_config(agent: Agent, api: Api) -> None:
+    following(agent, api)
+    with agent.bus() as bus:
+        api.do(api.emu.bookmark)
+        api.do(api.emu.delete_node, "node-1")
+        api.do(api.emu.add_node, "node-1", {LABEL: "ts-8"})  # the node registers again: its ADDED is followed
+        agent.wait_config(TS8)
+        only_configs(bus, "ts-4", "ts-8")
+        assert not [m for m in bus.seen if isinstance(m, KubeState) and m.error], "no failed read"
+    assert "was removed" not in agent.procs.log("kube-agent")
+    agent.running()
+
+
+def test_a_huge_node_costs_about_the_bound(agent: Agent, api: Api) -> None:
+    """200 MB of annotations, as the list's answer and as a watch event: read up to the bound
+    (8 MiB), then refused; it cost 651 MB at the peak when it was read whole."""
+    following(agent, api)
+    before = agent.peak_rss_kb()
+    with agent.bus() as bus:
+        api.emu.fault = "huge"
+        api.do(api.emu.drop_watches)
+        agent.wait_state(bus, lambda m: not m.api_reachable and "larger than" in m.error)
+        wait_until(lambda: api.emu.faulted >= 2, 30, "a retry after the failed read")
+        api.emu.fault = None
+        wait_until(lambda: api.emu.watching == 1, 30, "the agent watching again")
+        api.do(api.emu.bad_event, "huge")
+        agent.wait_state(bus, lambda m: not m.api_reachable and "watch" in m.error and "larger than" in m.error)
+        agent.wait_state(bus, lambda m: m.api_reachable)
+    grown = agent.peak_rss_kb() - before
+    print(f"kube-agent peak RSS (VmHWM): {before} kB before, +{grown} kB after the 200 MB answers")
+    assert grown < 32 << 10, f"peak RSS grew by {grown} kB reading 200 MB answers"
+    assert agent.config() == TS4
+    agent.running()
+
+
+def test_a_symlink_loop_in_the_configmap_is_left_out(agent: Agent, api: Api) -> None:
+    """One bad entry (a link to itself) used to fail every selection; now it is left out, named
+    once in the log, and the rest stays selectable."""
+    config_map(agent.src, {"default": DEFAULT, "ts-4": TS4, "ts-8": TS8})
+    (agent.src / "loop").symlink_to("loop")
+    api.do(api.emu.add_node, "node-1", {LABEL: "ts-4"})
+    agent.start()
+    agent.wait_config(TS4)
+    api.do(api.emu.set_label, "node-1", LABEL, "ts-8")
+    agent.wait_config(TS8)
+    api.do(api.emu.set_label, "node-1", LABEL, "loop")
+    agent.state(lambda m: m.unknown == "loop" and m.config == "ts-8")
+    assert agent.config() == TS8
+    log = agent.procs.log("kube-agent")
+    assert len([line for line in log.splitlines() if "'loop'" in line and "left out" in line]) == 1, log
     agent.running()
