@@ -24,9 +24,10 @@ COPY common/ ./common/
 COPY services/ ./services/
 COPY protos/ ./protos/
 COPY supervisord.conf ./
-# The build backend is only for this step: it does not go into the image.
+# The build backend is only for this step, and pip only for the build (16 MB): neither goes into the image.
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
-    && pip uninstall --yes setuptools
+    && pip uninstall --yes setuptools \
+    && python -m pip uninstall --yes pip
 
 
 FROM python:3.11-slim

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench protos settings-table manifests clean
+.PHONY: demo test lint bench protos settings-table manifests image image-test clean
 
 # The product and, beside it, the development tools (kubelet simulator, simulated driver,
 # dev stack): a distribution of their own that never goes into the image.
@@ -32,6 +32,15 @@ bench: $(STAMP)
 	-$(MAKE) -s -C bench/cpp  # the C++ client: needs libgrpc++-dev (bench/cpp/Makefile)
 	$(BIN)/python bench/run.py
 
+# The image, with podman (no Docker engine needed; apt-get install podman buildah runc mmdebstrap uidmap):
+# scripts/image.py says why each step. IMAGE=... names it (default localhost/gpu-device-plugin:dev).
+image: $(STAMP)
+	$(BIN)/python scripts/image.py
+
+# The built image run as Kubernetes runs it (tests/image: not part of `make test`).
+image-test: image
+	$(BIN)/pytest -q tests/image
+
 protos: $(STAMP)
 	PATH=$(BIN):$$PATH scripts/gen-protos.sh
 
@@ -43,4 +52,4 @@ manifests: $(STAMP)
 	$(BIN)/python scripts/render_manifests.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .image
