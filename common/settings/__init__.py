@@ -61,7 +61,6 @@ from common.settings.values import (
     path,
     port,
     refused_list,
-    refused_true,
     string,
     xid_list,
 )
@@ -229,8 +228,9 @@ class Settings:
     mofed_enabled: bool = setting(
         ("--mofed-enabled",), "MOFED_ENABLED", _file("flags", "mofedEnabled"), False, boolean,
         "give every GPU container the MOFED devices (NVIDIA_MOFED=enabled; CDI: /dev/infiniband nodes)")
-    gdrcopy_enabled: bool = setting(("--gdrcopy-enabled",), "GDRCOPY_ENABLED", _file("flags", "gdrcopyEnabled"), False,
-                                    refused_true("GDRCopy injection is not implemented"), "not served (must be false)")
+    gdrcopy_enabled: bool = setting(
+        ("--gdrcopy-enabled",), "GDRCOPY_ENABLED", _file("flags", "gdrcopyEnabled"), False, boolean,
+        "give every GPU container GDRCopy (NVIDIA_GDRCOPY=enabled; CDI: the /dev/gdrdrv node)")
     imex_channel_ids: tuple[int, ...] = setting(("--imex-channel-ids",), "IMEX_CHANNEL_IDS",
                                                 _file("imex", "channelIDs"), "", imex_channel_ids,
                                                 "IMEX channels given to every GPU container: [] or [0]")

@@ -205,15 +205,6 @@ def refused_list(what: str) -> Callable[[Any, str], tuple[str, ...]]:
     return parse
 
 
-def refused_true(what: str) -> Callable[[Any, str], bool]:
-    def parse(value: Any, where: str) -> bool:
-        if boolean(value, where):
-            raise SettingsError(f"{where}: true is not served: {what}")
-        return False
-
-    return parse
-
-
 def path(value: Any, where: str) -> Path:
     return Path(string(value, where))
 

@@ -12,6 +12,9 @@ The answer matches NVIDIA's plugin (v0.20.0) for every device-list strategy:
 - cdi-annotations / cdi-cri: the CDI names k8s.device-plugin.nvidia.com/gpu=<id> in one
   annotation / in cdi_devices. With only CDI strategies there is no NVIDIA_VISIBLE_DEVICES
   and no DeviceSpecs: the runtime takes everything from the CDI spec (see `cdi`).
+- gdrcopyEnabled, gdsEnabled, mofedEnabled: NVIDIA_GDRCOPY / NVIDIA_GDS / NVIDIA_MOFED=enabled with a
+  non-CDI strategy; with a CDI strategy the names <vendor>/gdrcopy=all, gds=all, mofed=all after the
+  devices (and the IMEX channels), whose specs `cdi.extra_specs` writes.
 - pass_device_specs (with a non-CDI strategy): the GPU's /dev/nvidia<minor> and, for a MIG
   device, its GI/CI capability nodes, host paths under the dev root.
 - MPS replicas, with every strategy (CDI-only included, as NVIDIA's): CUDA_MPS_PIPE_DIRECTORY=
@@ -58,8 +61,11 @@ class Extras:
     mofed: bool = False
     imex_channels: tuple[str, ...] = ()  # IDs whose device node exists (or is required)
 
-    def cdi_names(self) -> list[str]:
+    def cdi_names(self, gdrcopy: bool = False) -> list[str]:
+        """NVIDIA's order: the IMEX channels, then the gated classes gdrcopy, gds, mofed (AdditionalDevices)."""
         names = [f"{CDI_VENDOR}/imex-channel={c}" for c in self.imex_channels]
+        if gdrcopy:
+            names.append(f"{CDI_VENDOR}/gdrcopy=all")
         if self.gds:
             names.append(f"{CDI_VENDOR}/gds=all")
         if self.mofed:
@@ -245,7 +251,7 @@ def container_response(
     resp = pb.ContainerAllocateResponse()
     strategies = settings.device_list_strategy
     if "cdi-annotations" in strategies or "cdi-cri" in strategies:
-        qualified = [f"{CDI_KIND}={name}" for name in names] + extras.cdi_names()
+        qualified = [f"{CDI_KIND}={name}" for name in names] + extras.cdi_names(settings.gdrcopy_enabled)
         if "cdi-annotations" in strategies:
             key = f"{settings.cdi_annotation_prefix}{CDI_ANNOTATION_NAME}_{annotation_id()}"
             resp.annotations[key] = ",".join(qualified)
@@ -273,7 +279,11 @@ def container_response(
         resp.devices.extend(
             pb.DeviceSpec(container_path=p, host_path=host_path(settings.dev_root, p), permissions="rw")
             for p in (f"{IMEX_CHANNEL_DIR}/channel{c}" for c in extras.imex_channels))
-    # The legacy runtime hook injects GPUDirect Storage and MOFED from these, as for NVIDIA's plugin.
+    # The legacy runtime hook injects GDRCopy, GPUDirect Storage and MOFED from these, as for NVIDIA's plugin.
+    # GDRCopy is read from the settings of this call: unlike the IMEX channels nothing about it is found at
+    # start, so a reload that turns it on or off applies to the next Allocate.
+    if settings.gdrcopy_enabled:
+        resp.envs["NVIDIA_GDRCOPY"] = "enabled"
     if extras.gds:
         resp.envs["NVIDIA_GDS"] = "enabled"
     if extras.mofed:

@@ -9,8 +9,8 @@ driver root and dev root): per GPU and per MIG device its device nodes; common t
 control nodes, the driver's libraries of the running driver version, its GSP firmware, its
 binaries, its IPC sockets, NVIDIA_VISIBLE_DEVICES=void, NVIDIA_CTK_LIBCUDA_DIR and the
 createContainer hooks. Device nodes carry major, minor and mode read from the real files.
-GDS, MOFED and IMEX channels get their own specs (kinds .../gds, .../mofed, .../imex-channel),
-as NVIDIA's plugin writes them.
+GDRCopy, GDS, MOFED and IMEX channels get their own specs (kinds .../gdrcopy, .../gds, .../mofed,
+.../imex-channel), as NVIDIA's plugin writes them.
 
 Roots: the files are read where this container sees them (the container driver root, NVIDIA's
 /driver-root, when mounted; else the driver root itself) and named in the spec by their host
@@ -85,6 +85,8 @@ IPC_PATHS = ("/var/run/nvidia-persistenced/socket", "/var/run/nvidia-fabricmanag
 FIRMWARE_DIRS = ("/lib/firmware/updates/{release}", "/lib/firmware/updates", "/lib/firmware/{release}",
                  "/lib/firmware")
 IMEX_CHANNEL_DIR = "/dev/nvidia-caps-imex-channels"
+# nvcdi's gdrcopy mode (internal/discover/gdrcopy.go): the gdrdrv module's one node, under the dev root.
+GDRCOPY_NODE = "/dev/gdrdrv"
 # What the driver root may offer before the spec is refused (find_driver_files says why refused): a
 # driver installs some 40 to 80 versioned libraries and a handful of GSP firmware files; a node has
 # tens of InfiniBand verbs devices (thousands with every SR-IOV function on the host) and 16 nvidia-fs.
@@ -507,7 +509,7 @@ def check_driver_files(settings: Settings) -> None:
             + "; ".join(problems))
 
 
-# -- GDS, MOFED, IMEX: NVIDIA's additional CDI classes -----------------------------------------
+# -- GDRCopy, GDS, MOFED, IMEX: NVIDIA's additional CDI classes ---------------------------------
 
 def _class_spec(cls: str, devices: list[dict[str, Any]]) -> dict[str, Any]:
     return {"cdiVersion": CDI_VERSION, "kind": f"{CDI_VENDOR}/{cls}", "devices": devices}
@@ -541,7 +543,8 @@ def imex_channels(settings: Settings) -> tuple[str, ...]:
 
 
 def extra_specs(settings: Settings, channels: tuple[str, ...], gds_root: str = "/") -> dict[str, dict[str, Any]]:
-    """Spec file name -> spec for the enabled GDS, MOFED and IMEX classes; CdiError when one has no devices.
+    """Spec file name -> spec for the enabled GDRCopy, GDS, MOFED and IMEX classes; CdiError when one has no
+    devices.
 
     `gds_root`: nvidia-fs nodes are always created at the host's /dev (internal/discover/gds.go)."""
     r = roots(settings)
@@ -550,7 +553,7 @@ def extra_specs(settings: Settings, channels: tuple[str, ...], gds_root: str = "
         return _extra_specs(settings, r, channels, gds_root, refused)
     finally:
         if refused.count:
-            log.warning("CDI spec: %d device nodes or files for GDS/MOFED left out (not safe to use): %s",
+            log.warning("CDI spec: %d device nodes or files for GDRCopy/GDS/MOFED left out (not safe to use): %s",
                         refused.count, refused.summary())
 
 
@@ -581,6 +584,15 @@ def _device_nodes(refused: Refusals, root: str, directory: str, pattern: str, ho
 def _extra_specs(settings: Settings, r: Roots, channels: tuple[str, ...], gds_root: str,
                  refused: Refusals) -> dict[str, dict[str, Any]]:
     specs: dict[str, dict[str, Any]] = {}
+    if settings.gdrcopy_enabled:
+        # The Operator sets GDRCOPY_ENABLED only where gdrdrv is loaded: a missing node is a broken node, as
+        # for GDS and MOFED, not a class to leave out quietly (every GPU container names gdrcopy=all).
+        found = _accept(refused, r.dev, GDRCOPY_NODE, _device_check(posixpath.basename(GDRCOPY_NODE)))
+        if found is None:
+            raise CdiError(f"gdrcopyEnabled with a CDI strategy: no {_here(r.dev, GDRCOPY_NODE)} character device "
+                           "(is the gdrdrv module loaded?)")
+        specs["gdrcopy"] = _class_spec("gdrcopy", [{"name": "all", "containerEdits": {
+            "deviceNodes": [_node(found, GDRCOPY_NODE, r.host_dev)]}}])
     if settings.gds_enabled:
         gds = _device_nodes(refused, gds_root, "/dev", "nvidia-fs*", gds_root)
         if not gds:

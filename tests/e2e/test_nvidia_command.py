@@ -1,7 +1,7 @@
 """`nvidia-device-plugin`, the command NVIDIA's chart and the GPU Operator start the container with,
 runs our whole stack: the real entry point, supervisord, the three services and the kubelet
-simulator. Its flags reach the services; the operator's environment (MPS_ROOT, PASS_DEVICE_SPECS)
-starts; a bad setting ends it before anything starts."""
+simulator. Its flags reach the services; the operator's environment (MPS_ROOT, PASS_DEVICE_SPECS,
+GDRCOPY_ENABLED) starts; a bad setting ends it before anything starts."""
 
 from __future__ import annotations
 
@@ -35,6 +35,22 @@ def test_nvidias_command_with_nvidias_flags_and_the_operators_environment_runs_t
         # exec: the same process is now the entry point, whose SIGTERM ends the stack with 0.
         cmdline = Path(f"/proc/{s.supervisord.pid}/cmdline").read_bytes().split(b"\0")
         assert cmdline[:2] == [b"/bin/sh", str(ENTRYPOINT).encode()], cmdline
+        assert s.stop(timeout=60) == 0, s.logs()
+
+
+def test_the_operators_gdrcopy_setting_runs_the_stack_and_reaches_allocate() -> None:
+    """The GPU Operator's entrypoint sets GDRCOPY_ENABLED=true on every node where gdrdrv is loaded: it
+    used to stop the container there; now every GPU container gets NVIDIA_GDRCOPY=enabled, as NVIDIA's."""
+    s = DevStack(env={**CHECKOUT, "GDRCOPY_ENABLED": "true"})
+    with s.finished_after():
+        s.start_kubelet()
+        s.supervisord = spawn([str(BIN / "nvidia-device-plugin")], s.env, s.root / "supervisord.log", cwd=s.root)
+        reply = s.kubelet.wait("nvidia.com/gpu", timeout=90, connected=True)
+        assert reply["ok"], s.logs()
+        ids = list(s.kubelet.state()["resources"]["nvidia.com/gpu"]["devices"])
+        answer = s.kubelet.allocate("nvidia.com/gpu", ids[:1])
+        assert answer["ok"], answer
+        assert answer["response"]["envs"] == {"NVIDIA_VISIBLE_DEVICES": ids[0], "NVIDIA_GDRCOPY": "enabled"}
         assert s.stop(timeout=60) == 0, s.logs()
 
 

@@ -1,8 +1,9 @@
-"""GDS, MOFED and IMEX channels in Allocate, as NVIDIA's plugin adds them per strategy
+"""GDRCopy, GDS, MOFED and IMEX channels in Allocate, as NVIDIA's plugin adds them per strategy
 (internal/plugin/server.go getAllocateResponse / updateResponseForCDI), and their CDI specs."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,61 @@ def test_extra_specs_without_devices_refuse(tmp_path: Path) -> None:
     with pytest.raises(CdiError, match="mofedEnabled with a CDI strategy: no"):
         extra_specs(resolve(environ={**env, "MOFED_ENABLED": "true"}), ())
     assert extra_specs(resolve(environ=env), ()) == {}
+
+
+# ---- GDRCopy: what the GPU Operator turns on wherever the gdrdrv module is loaded ----
+
+def test_gdrcopy_envvar_and_volume_mounts() -> None:
+    for strategy in ("envvar", "volume-mounts", "envvar,cdi-cri"):
+        resp = _answer(Extras(), DEVICE_LIST_STRATEGY=strategy, GDRCOPY_ENABLED="true")
+        assert resp.envs["NVIDIA_GDRCOPY"] == "enabled", strategy
+    assert "NVIDIA_GDRCOPY" not in _answer(Extras(), GDRCOPY_ENABLED="false").envs
+
+
+def test_gdrcopy_cdi_name_in_nvidias_order() -> None:
+    """NVIDIA's AdditionalDevices: the IMEX channels, then gdrcopy, gds, mofed (modes in that order)."""
+    resp = _answer(ALL, DEVICE_LIST_STRATEGY="cdi-annotations,cdi-cri", GDRCOPY_ENABLED="true")
+    names = [f"k8s.device-plugin.nvidia.com/gpu={G0}", "k8s.device-plugin.nvidia.com/imex-channel=0",
+             "k8s.device-plugin.nvidia.com/gdrcopy=all", "k8s.device-plugin.nvidia.com/gds=all",
+             "k8s.device-plugin.nvidia.com/mofed=all"]
+    assert [c.name for c in resp.cdi_devices] == names
+    assert dict(resp.annotations) == {"cdi.k8s.io/nvidia-device-plugin_u": ",".join(names)}
+    assert not resp.envs and not resp.mounts and not resp.devices
+
+
+def _gdrcopy_spec(host: str) -> dict[str, Any]:
+    return {"cdiVersion": "0.5.0", "kind": "k8s.device-plugin.nvidia.com/gdrcopy", "devices": [{"name": "all",
+            "containerEdits": {"deviceNodes": [{"path": "/dev/gdrdrv", "hostPath": f"{host}/dev/gdrdrv",
+                                                "major": 235, "minor": 0, "fileMode": 0o666,
+                                                "permissions": "rwm"}]}}]}
+
+
+def test_gdrcopy_spec_is_the_gdrdrv_node(tmp_path: Path) -> None:
+    root = tmp_path / "driver"
+    node(root, "/dev/gdrdrv", 235, 0)
+    env = {"NVIDIA_DRIVER_ROOT": str(root), "DRIVER_ROOT_CTR_PATH": "/nonexistent", "GDRCOPY_ENABLED": "true"}
+    assert extra_specs(resolve(environ=env), ()) == {
+        "k8s.device-plugin.nvidia.com-gdrcopy.json": _gdrcopy_spec(str(root))}
+    # The GPU Operator: read where the host's driver root is mounted here, named by its host path.
+    operator = {**env, "NVIDIA_DRIVER_ROOT": "/run/nvidia/driver", "DRIVER_ROOT_CTR_PATH": str(root)}
+    assert extra_specs(resolve(environ=operator), ()) == {
+        "k8s.device-plugin.nvidia.com-gdrcopy.json": _gdrcopy_spec("/run/nvidia/driver")}
+
+
+def test_gdrcopy_without_its_node_refuses(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "driver"
+    (root / "dev").mkdir(parents=True)
+    env = {"NVIDIA_DRIVER_ROOT": str(root), "DRIVER_ROOT_CTR_PATH": "/nonexistent", "GDRCOPY_ENABLED": "true"}
+    refusal = re.escape(f"gdrcopyEnabled with a CDI strategy: no {root}/dev/gdrdrv character device")
+    with pytest.raises(CdiError, match=refusal):
+        extra_specs(resolve(environ=env), ())
+    # A link to another node (the runtime would hand its numbers to every GPU container) is no gdrdrv either.
+    node(root, "/dev/mem", 1, 1)
+    (root / "dev/gdrdrv").symlink_to("mem")
+    with pytest.raises(CdiError, match=refusal):
+        extra_specs(resolve(environ=env), ())
+    assert f"{root}/dev/gdrdrv: resolves to /dev/mem, another name" in caplog.text
+    (root / "dev/gdrdrv").unlink()
+    (root / "dev/gdrdrv").write_text("")
+    with pytest.raises(CdiError, match=refusal):
+        extra_specs(resolve(environ=env), ())

@@ -1,7 +1,7 @@
 """NVIDIA's settings beyond the basic table: each is served, or refused at start with the reason.
 
 Names, aliases and rules as NVIDIA's plugin (cmd/nvidia-device-plugin/main.go, api/config/v1):
-NVIDIA_CDI_HOOK_PATH / NVIDIA_CTK_PATH, DRIVER_ROOT_CTR_PATH / CONTAINER_DRIVER_ROOT, GDS_ENABLED,
+NVIDIA_CDI_HOOK_PATH / NVIDIA_CTK_PATH, DRIVER_ROOT_CTR_PATH / CONTAINER_DRIVER_ROOT, GDRCOPY_ENABLED, GDS_ENABLED,
 MOFED_ENABLED, IMEX_CHANNEL_IDS ([] or [0]) and IMEX_REQUIRED, DEVICE_DISCOVERY_STRATEGY, MPS_ROOT.
 """
 
@@ -65,6 +65,10 @@ CASES: list[tuple[str, list[str], dict[str, str], str, str, Any]] = [
     ("mps-root-flag", ["--mps-root", "/mps"], {}, "", "mps_root", "/mps"),
     ("cdi-feature-flags-empty", [], {"CDI_FEATURE_FLAGS": ""}, "", "cdi_feature_flags", ()),
     ("gdrcopy-false", [], {"GDRCOPY_ENABLED": "false"}, "", "gdrcopy_enabled", False),
+    # What the GPU Operator's entrypoint sets on every node where the gdrdrv module is loaded.
+    ("gdrcopy-env", [], {"GDRCOPY_ENABLED": "true"}, "", "gdrcopy_enabled", True),
+    ("gdrcopy-flag", ["--gdrcopy-enabled"], {}, "", "gdrcopy_enabled", True),
+    ("gdrcopy-file", [], {}, "flags:\n  gdrcopyEnabled: true\n", "gdrcopy_enabled", True),
 ]
 
 
@@ -83,7 +87,7 @@ REFUSED: list[tuple[str, dict[str, str], str, str]] = [
     ("discovery-bogus", {"DEVICE_DISCOVERY_STRATEGY": "bogus"}, "", "is not one of auto, nvml, tegra"),
     ("cdi-feature-flags", {"CDI_FEATURE_FLAGS": "disable-ipc-discoverer"}, "",
      "CDI_FEATURE_FLAGS): disable-ipc-discoverer: nvcdi feature flags are not implemented"),
-    ("gdrcopy", {"GDRCOPY_ENABLED": "true"}, "", "GDRCopy injection is not implemented"),
+    ("gdrcopy-not-a-bool", {"GDRCOPY_ENABLED": "maybe"}, "", "GDRCOPY_ENABLED"),
     ("hook-relative", {"NVIDIA_CDI_HOOK_PATH": "nvidia-ctk"}, "", "is not an absolute path"),
     ("resources", {}, "resources:\n  gpus:\n  - pattern: '*'\n    name: gpu\n",
      "resources: custom resource naming is not supported"),
