@@ -14,7 +14,8 @@ GDRCopy, GDS, MOFED and IMEX channels get their own specs (kinds .../gdrcopy, ..
 
 Roots: the files are read where this container sees them (the container driver root, NVIDIA's
 /driver-root, when mounted; else the driver root itself) and named in the spec by their host
-path (under the driver root and the dev root), because the runtime reads the spec on the host.
+path, because the runtime reads the spec on the host: under the host's driver root, device nodes
+too where the driver root has a /dev (`roots` says when NVIDIA_DEV_ROOT names them).
 
 Why atomic: runtimes watch the CDI directory and re-read a spec as soon as it changes. A
 half-written file would make every CDI device of this kind unresolvable (the pod fails to
@@ -117,15 +118,27 @@ class Roots:
 
 
 def roots(settings: Settings) -> Roots:
-    """NVIDIA's rules: the container driver root when mounted, else the driver root (same path here);
-    the dev root defaults to the driver root, or "/" where that root has no /dev (root.getDevRoot)."""
+    """NVIDIA's rules (cmd/nvidia-device-plugin root.getDevRoot, internal/cdi getRootTransformer).
+
+    Files are read under the container driver root when it is mounted, else under the driver root itself
+    (the same path here), and named in the spec under the host's driver root.
+
+    Device nodes: where that root has a /dev, they are read there and named, as every other path found under
+    the root, under the host's driver root. NVIDIA_DEV_ROOT does not name them: NVIDIA maps its dev root to
+    NVIDIA_DEV_ROOT only when the dev root differs from the driver root, and getDevRoot makes them equal
+    whenever the root has a /dev (the nodes it read are the driver root's, whatever NVIDIA_DEV_ROOT says).
+
+    Where the root has no /dev, the nodes are the host's: read at this container's /dev (what the runtime
+    gave it) and named under NVIDIA_DEV_ROOT when it is set apart from the driver root, else under /. Here
+    NVIDIA names them under the driver root (its dev root defaults to it), a /dev it has just found missing
+    there (a driver root of libraries only, such as GKE's /home/kubernetes/bin/nvidia): every container
+    would fail to start."""
     driver = settings.container_driver_root if os.path.isdir(settings.container_driver_root) \
         else settings.driver_root
-    if settings.dev_root != settings.driver_root:
-        return Roots(driver, settings.driver_root, settings.dev_root, settings.dev_root)
     if os.path.isdir(host_path(driver, "/dev")):
         return Roots(driver, settings.driver_root, driver, settings.driver_root)
-    return Roots(driver, settings.driver_root, "/", "/")
+    host_dev = settings.dev_root if settings.dev_root != settings.driver_root else "/"
+    return Roots(driver, settings.driver_root, "/", host_dev)
 
 
 def _here(root: str, path: str) -> str:

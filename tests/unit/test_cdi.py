@@ -251,9 +251,14 @@ def test_check_driver_files_missing_names_both(tmp_path: Path) -> None:
     assert f"no libcuda.so.* or libnvidia-ml.so.* under {root}" in message
 
 
-def test_check_driver_files_dev_root_wins_over_driver_root(tmp_path: Path) -> None:
+def test_check_driver_files_looks_in_the_driver_roots_dev_whatever_the_dev_root(tmp_path: Path) -> None:
+    # NVIDIA's getDevRoot: a driver root with a /dev holds the nodes; NVIDIA_DEV_ROOT does not move them
+    # (it was read here before, against NVIDIA: tests/unit/test_cdi_roots.py has the scenarios).
     driver = make_driver_root(tmp_path / "driver", [0])
     empty = tmp_path / "dev-root"
     empty.mkdir()
-    with pytest.raises(CdiError, match=f"missing {empty}/dev/nvidiactl"):
-        check_driver_files(_settings(NVIDIA_DRIVER_ROOT=str(driver), NVIDIA_DEV_ROOT=str(empty)))
+    check_driver_files(_settings(NVIDIA_DRIVER_ROOT=str(driver), NVIDIA_DEV_ROOT=str(empty)))
+    bare = make_driver_root(tmp_path / "bare", [0], devices=False)
+    (bare / "dev").mkdir()
+    with pytest.raises(CdiError, match=f"missing {bare}/dev/nvidiactl"):
+        check_driver_files(_settings(NVIDIA_DRIVER_ROOT=str(bare), NVIDIA_DEV_ROOT=str(driver)))
