@@ -482,8 +482,14 @@ def build_spec(devices: list[DeviceState], settings: Settings, driver_version: s
     r = roots(settings)
     files = find_driver_files(r, driver_version)
     gpus = {d.id: d for d in devices if d.kind == "gpu"}
+    # nvcdi's "all" leaves MIG-enabled GPUs out (only their MIG devices are named): with the single and mixed
+    # strategies nothing serves them whole. With none they are served whole, so they stay (NVIDIA's spec
+    # lacks them there too, and a CDI allocation of one does not resolve).
+    whole_mig_gpus = settings.mig_strategy == "none"
     out: list[dict[str, Any]] = []
     for d in devices:
+        if d.kind == "gpu" and d.mig_enabled and not whole_mig_gpus:
+            continue
         name = d.id if settings.device_id_strategy == "uuid" else d.index
         if d.kind == "mig":
             gpu = gpus.get(d.parent)
@@ -499,7 +505,8 @@ def build_spec(devices: list[DeviceState], settings: Settings, driver_version: s
 
 def spec_key(devices: list[DeviceState], driver_version: str) -> tuple[Any, ...]:
     """What the spec depends on besides the files: unchanged key, unchanged spec (health flips are free)."""
-    return (driver_version, tuple((d.id, d.kind, d.index, d.minor, d.parent, tuple(d.caps)) for d in devices))
+    return (driver_version,
+            tuple((d.id, d.kind, d.index, d.minor, d.parent, tuple(d.caps), d.mig_enabled) for d in devices))
 
 
 def check_driver_files(settings: Settings) -> None:

@@ -122,6 +122,7 @@ def test_mig_and_replicas(tmp_path: Path) -> None:
     host = str(root)
     gpu7 = _node(host, "/dev/nvidia7", 195, 7)
     caps = {c: _node(host, f"/dev/nvidia-caps/nvidia-cap{c}", 511, c, 0o444) for c in (12, 13, 21, 22)}
+    # MIG strategy none: GPU 1 is served whole, so it is named (NVIDIA's nvcdi leaves it out even here).
     assert spec == _spec([
         {"name": "0", "containerEdits": {"deviceNodes": [_node(host, "/dev/nvidia3", 195, 3)]}},
         {"name": "1", "containerEdits": {"deviceNodes": [gpu7]}},
@@ -135,6 +136,30 @@ def test_mig_and_replicas(tmp_path: Path) -> None:
     replicated = build_spec(DEVICES, _settings(NVIDIA_DRIVER_ROOT=str(root), DEVICE_ID_STRATEGY="index",
                                                CONFIG_FILE=str(config)), VERSION)
     assert replicated == spec
+
+
+@pytest.mark.parametrize("strategy", ["mixed", "single"])
+def test_mig_enabled_gpus_are_left_out_where_only_their_mig_devices_are_served(tmp_path: Path, strategy: str) -> None:
+    """nvcdi's "all" names a MIG-enabled GPU only through its MIG devices: with the mixed (and single) strategy
+    the whole GPU is not served, and NVIDIA's spec does not list it. Its MIG devices keep its node."""
+    root = make_driver_root(tmp_path / "driver", [3, 7], [12, 13, 21, 22])
+    devices = DEVICES if strategy == "mixed" else DEVICES[1:]  # single: every GPU has MIG on
+    spec = build_spec(devices, _settings(NVIDIA_DRIVER_ROOT=str(root), DEVICE_ID_STRATEGY="index",
+                                         MIG_STRATEGY=strategy), VERSION)
+    host = str(root)
+    gpu7 = _node(host, "/dev/nvidia7", 195, 7)
+    caps = {c: _node(host, f"/dev/nvidia-caps/nvidia-cap{c}", 511, c, 0o444) for c in (12, 13, 21, 22)}
+    expected = [{"name": "0", "containerEdits": {"deviceNodes": [_node(host, "/dev/nvidia3", 195, 3)]}}] \
+        if strategy == "mixed" else []
+    expected += [{"name": "1:0", "containerEdits": {"deviceNodes": [gpu7, caps[12], caps[13]]}},
+                 {"name": "1:1", "containerEdits": {"deviceNodes": [gpu7, caps[21], caps[22]]}}]
+    assert spec == _spec(expected, _common(host))
+
+
+def test_a_gpu_turning_mig_on_changes_the_spec_key() -> None:
+    """Even before its first MIG device exists: the whole GPU leaves the spec (mixed, single)."""
+    on = _gpu(G1, 1, 7, mig=True)
+    assert cdi.spec_key([_gpu(G1, 1, 7)], VERSION) != cdi.spec_key([on], VERSION)
 
 
 def test_missing_libraries_name_what_and_where(tmp_path: Path) -> None:
