@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nvidia-device-plugin",
                                 description="NVIDIA's command line for this plugin: validates the settings, "
                                             "then runs the stack (health-monitor, plugin-server, registrar)")
-    p.add_argument("--version", action=_Version)
+    # -v as NVIDIA's: urfave/cli gives an app with a Version the flag --version, alias -v.
+    p.add_argument("--version", "-v", action=_Version)
     add_arguments(p)
     return p
 

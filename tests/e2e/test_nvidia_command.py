@@ -65,10 +65,11 @@ def test_a_bad_flag_ends_it_before_anything_starts(tmp_path: Path) -> None:
     assert not run_dir.exists(), "the entry point must not have run"
 
 
-def test_version() -> None:
+@pytest.mark.parametrize("flag", ["--version", "-v"])  # -v: NVIDIA's alias (urfave/cli's version flag)
+def test_version(flag: str) -> None:
     from common.version import VERSION
 
-    result = subprocess.run([str(BIN / "nvidia-device-plugin"), "--version"], capture_output=True, text=True,
+    result = subprocess.run([str(BIN / "nvidia-device-plugin"), flag], capture_output=True, text=True,
                             timeout=60)
     assert (result.returncode, result.stdout.strip()) == (0, f"gpu-device-plugin {VERSION}")
     assert VERSION == "0.1.0"
