@@ -1,5 +1,9 @@
 """mps-control: wiring only.
 
+It runs the MPS control daemons (our chart's layout) or, where NVIDIA's mps-control-daemon runs
+them in a pod of its own (GPU_PLUGIN_MPS_DAEMON=external, set by `nvidia-device-plugin`: see
+common.mps), watches them; either way the plugin-server hears of them on the same bus.
+
 Without sharing.mps it exits 0 at once, and supervisord (exitcodes=0, autorestart=unexpected)
 leaves it exited: a node without MPS pays one interpreter start, not a resident process.
 That exit needs startsecs=0, and with it supervisord never gives up on a program that keeps
@@ -11,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,18 +33,15 @@ QUICK_EXIT_S = 10.0
 MAX_QUICK_EXITS = 3
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
-    from common.bus.messages import HEALTH_SOCKET, MPS_SOCKET
-    from common.bus.sockets import BusPublisher
-    from common.lifecycle import ensure_private_dir
-    from services.mps_control.control import MpsControl
+def main_for(external: bool) -> Callable[[Settings, asyncio.Event], Awaitable[None]]:
+    async def main(settings: Settings, stop: asyncio.Event) -> None:
+        from common.bus.messages import HEALTH_SOCKET
+        from services.mps_control.control import BusDevices
+        from services.mps_control.service import serve
 
-    ensure_private_dir(settings.run_dir)
-    publisher = BusPublisher(settings.bus_path(MPS_SOCKET))
-    try:
-        await MpsControl(settings, publisher, settings.bus_path(HEALTH_SOCKET)).run(stop)
-    finally:
-        publisher.close()
+        await serve(settings, stop, BusDevices(settings.bus_path(HEALTH_SOCKET)), external)
+
+    return main
 
 
 def run(settings: Settings) -> int:
@@ -48,11 +51,18 @@ def run(settings: Settings) -> int:
         return 0
     # Imported past that exit: a node without MPS starts an interpreter, reads its settings and
     # stops, beside the services starting at the same time on the same cores.
-    from common.lifecycle import EX_CONFIG, exit_permanently, run_service
+    from common.lifecycle import EX_CONFIG, bad_setting, exit_permanently, run_service
+    from common.mps import EXTERNAL, daemon_layout
+    from common.settings import SettingsError
     from common.watchdog import watched
 
+    try:
+        external = daemon_layout(os.environ) == EXTERNAL
+    except SettingsError as e:
+        return bad_setting("mps-control", e)
+
     started = time.monotonic()
-    rc = run_service("mps-control", watched("mps-control", main), settings)
+    rc = run_service("mps-control", watched("mps-control", main_for(external)), settings)
     count = settings.run_dir / "mps-control.quick-exits"
     if rc in (0, EX_CONFIG) or time.monotonic() - started >= QUICK_EXIT_S:
         count.unlink(missing_ok=True)

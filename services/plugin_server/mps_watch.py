@@ -1,8 +1,9 @@
 """The plugin-server's view of mps-control: which MPS daemons are ready (mps.state).
 
 Why a separate subscription: the replicas' health depends on the daemon as much as on the GPU,
-and mps-control is the only process that runs the daemons. A silent mps-control keeps the last
-state (missing data is not a fault); its restart replays the state at once.
+and mps-control is the only process that knows the daemons: it runs them, or, in NVIDIA's layout,
+watches those of mps-control-daemon's pod, and reports them alike. A silent mps-control keeps the
+last state (missing data is not a fault); its restart replays the state at once.
 """
 
 from __future__ import annotations
