@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from common.mps import DAEMON_ENV as MPS_DAEMON_ENV
+from common.mps import EXTERNAL as MPS_DAEMON_EXTERNAL
 from common.settings import SPECS, SettingsError, add_arguments, resolve
 
 ENTRYPOINT = "/usr/local/bin/gpu-plugin-entrypoint"
@@ -70,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nvidia-device-plugin: cannot start: {e}", file=sys.stderr)
         return 1
     env = exec_environment(args, dict(os.environ))
+    # Only NVIDIA's chart and the GPU Operator start the image with this command (ours starts the
+    # entry point), and both run mps-control-daemon beside it: our stack watches those MPS daemons
+    # instead of running its own on the same pipe directories.
+    env.setdefault(MPS_DAEMON_ENV, MPS_DAEMON_EXTERNAL)
     entrypoint = env.get(ENTRYPOINT_ENV) or ENTRYPOINT
     conf = env.get(SUPERVISORD_CONF_ENV) or SUPERVISORD_CONF
     try:
