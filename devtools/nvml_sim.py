@@ -9,6 +9,7 @@ Description file (JSON). Any device field may instead be `{"error": <NVML code>}
 that call then raises `NvmlError(code)`, the way the recording shows it:
 
     {"driver_version": "580.159.04",
+     "cuda_driver_version": 13000,        # nvmlSystemGetCudaDriverVersion (absent: NOT_SUPPORTED)
      "init_error": 9,                     # optional: nvmlInit fails with this code
      "devices": [{"uuid": "GPU-...", "name": "NVIDIA H200", "minor": 0,
                   "pci_bus_id": "00000000:00:06.0", "memory_total": 150754820096,
@@ -35,6 +36,12 @@ NOT_SUPPORTED, as on the recorded H200. `topology`: peer UUID -> nvmlGpuTopology
 (or an error object); looked up on either GPU of the pair, a GPU with itself is INTERNAL (0),
 an unlisted pair NOT_SUPPORTED. Recorded answers kept only as data, with no call of their
 own (yet): `numa_node_id`, `retired_pages_pending`, `remapped_rows`.
+What feature discovery asks besides (each absent: NOT_SUPPORTED, or unknown for sysfs):
+`cuda_compute_capability` [major, minor]; `pci_class` (sysfs's "0x030200" or a number);
+`gpu_fabric_info` {"cluster_uuid": "<uuid>", "clique_id": n, "state": 3, "status": 0} (absent
+on GPUs outside a multi-node NVLink fabric, as on the recorded H200); and per MIG device
+`attributes` {"multiprocessors", "copy_engines", "decoders", "encoders", "jpegs", "ofas",
+"gpu_instance_slices", "compute_instance_slices", "memory_mb"} (nvmlDeviceGetAttributes).
 
 Faults arrive as JSON lines on a unix socket (`FaultClient`, `gpu-plugin inject`), served
 by a thread of the backend: {"op": "xid", "uuid": U, "xid": 79, "gi": .., "ci": ..},
@@ -62,7 +69,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,7 +93,9 @@ from common.nvml.backend import (
     NVML_TOPOLOGY_INTERNAL,
     WHOLE_GPU_INSTANCE,
     EventData,
+    FabricInfo,
     Handle,
+    MigAttributes,
     NvmlError,
     PciInfo,
 )
@@ -233,6 +242,10 @@ class SimulatedNvml:
         self._check()
         return str(self._desc.get("driver_version", "0.0"))
 
+    def system_get_cuda_driver_version(self) -> int:
+        self._check()
+        return int(_answer(self._desc.get("cuda_driver_version", {"error": NVML_ERROR_NOT_SUPPORTED})))
+
     def device_get_count(self) -> int:
         self._check()
         return len(self._gpus)
@@ -259,6 +272,26 @@ class SimulatedNvml:
 
     def device_get_memory_total(self, handle: Handle) -> int:
         return int(self._field(handle, "memory_total"))
+
+    def device_get_cuda_compute_capability(self, handle: Handle) -> tuple[int, int]:
+        major, minor = self._field(handle, "cuda_compute_capability")
+        return int(major), int(minor)
+
+    def device_get_attributes(self, mig_handle: Handle) -> MigAttributes:
+        a = self._field(mig_handle, "attributes")
+        return MigAttributes(**{f.name: int(a[f.name]) for f in fields(MigAttributes)})
+
+    def device_get_gpu_fabric_info(self, handle: Handle) -> FabricInfo:
+        info = self._field(self._gpu(handle), "gpu_fabric_info")
+        return FabricInfo(cluster_uuid=str(info["cluster_uuid"]), clique_id=int(info["clique_id"]),
+                          state=int(info["state"]), status=int(info.get("status", 0)))
+
+    def sysfs_pci_class(self, pci_bus_id: str) -> int | None:
+        for gpu in self._gpus:
+            if str(gpu.desc["pci_bus_id"]).lower() == pci_bus_id.lower():
+                value = gpu.desc.get("pci_class")
+                return int(value, 16) if isinstance(value, str) else None if value is None else int(value)
+        return None
 
     def device_get_mig_mode(self, handle: Handle) -> tuple[int, int]:
         cur, pending = self._field(handle, "mig_mode")

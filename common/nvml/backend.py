@@ -1,4 +1,4 @@
-"""The NVML access layer: the calls the health monitor makes, and nothing else.
+"""The NVML access layer: the calls the health monitor and feature discovery make, and nothing else.
 
 Two backends implement `NvmlBackend`: `real.RealNvml` (the only module that imports
 `pynvml`) and `simulated.SimulatedNvml` (a device-description file plus faults injected
@@ -78,6 +78,13 @@ NVML_TOPOLOGY_HOSTBRIDGE = 30  # the same PCIe host bridge
 NVML_TOPOLOGY_NODE = 40  # host bridges of the same NUMA node
 NVML_TOPOLOGY_SYSTEM = 50  # across NUMA nodes (SMP interconnect)
 
+# nvmlGpuFabricState_t: a GPU's registration with a multi-node NVLink fabric (GB200 NVL72 and the
+# like). Only COMPLETED gives a clique; GPUs outside such a fabric answer NOT_SUPPORTED.
+GPU_FABRIC_STATE_NOT_SUPPORTED = 0
+GPU_FABRIC_STATE_NOT_STARTED = 1
+GPU_FABRIC_STATE_IN_PROGRESS = 2
+GPU_FABRIC_STATE_COMPLETED = 3
+
 Handle = Any
 
 
@@ -92,6 +99,31 @@ class NvmlError(Exception):
 @dataclass(frozen=True)
 class PciInfo:
     bus_id: str  # NVML form, 8-digit domain: "00000000:00:06.0"
+
+
+@dataclass(frozen=True)
+class MigAttributes:
+    """nvmlDeviceGetAttributes of a MIG device: what its GPU instance holds (nvmlDeviceAttributes_t)."""
+
+    multiprocessors: int
+    copy_engines: int
+    decoders: int
+    encoders: int
+    jpegs: int
+    ofas: int
+    gpu_instance_slices: int
+    compute_instance_slices: int
+    memory_mb: int
+
+
+@dataclass(frozen=True)
+class FabricInfo:
+    """nvmlDeviceGetGpuFabricInfo: the GPU's place in a multi-node NVLink fabric."""
+
+    cluster_uuid: str  # the 16 bytes as a canonical UUID ("00000000-0000-0000-0000-000000000000": none)
+    clique_id: int
+    state: int  # GPU_FABRIC_STATE_*
+    status: int  # an NVML return code: the registration's own outcome
 
 
 @dataclass(frozen=True)
@@ -116,6 +148,10 @@ class NvmlBackend(Protocol):
     def shutdown(self) -> None: ...
     def library(self) -> str: ...  # what answers: the libnvidia-ml file, or the simulated description
     def system_get_driver_version(self) -> str: ...
+    def system_get_cuda_driver_version(self) -> int:
+        """The CUDA version the driver supports, as NVML encodes it: 1000 * major + 10 * minor (13000)."""
+        ...
+
     def device_get_count(self) -> int: ...
     def device_get_handle_by_index(self, index: int) -> Handle: ...
     def device_get_uuid(self, handle: Handle) -> str: ...
@@ -123,6 +159,22 @@ class NvmlBackend(Protocol):
     def device_get_minor_number(self, handle: Handle) -> int: ...
     def device_get_pci_info(self, handle: Handle) -> PciInfo: ...
     def device_get_memory_total(self, handle: Handle) -> int: ...
+    def device_get_cuda_compute_capability(self, handle: Handle) -> tuple[int, int]: ...
+    def device_get_attributes(self, mig_handle: Handle) -> MigAttributes:
+        """A MIG device's instance attributes; a whole GPU answers what its driver does (not used)."""
+        ...
+
+    def device_get_gpu_fabric_info(self, handle: Handle) -> FabricInfo:
+        """NOT_SUPPORTED on a GPU outside a multi-node NVLink fabric (the recorded H200, DGX H100)."""
+        ...
+
+    def sysfs_pci_class(self, pci_bus_id: str) -> int | None:
+        """The PCI class the kernel reports (0x030200: 3D controller, 0x030000: VGA); None when unknown.
+
+        Not an NVML call: NVIDIA's feature discovery reads it from sysfs for its gpu.mode label.
+        """
+        ...
+
     def device_get_mig_mode(self, handle: Handle) -> tuple[int, int]: ...
     def device_get_max_mig_device_count(self, handle: Handle) -> int: ...
     def device_get_mig_device_handle_by_index(self, handle: Handle, index: int) -> Handle: ...

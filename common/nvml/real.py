@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ from common.nvml.backend import (
     NVML_ERROR_LIBRARY_NOT_FOUND,
     NVML_ERROR_UNINITIALIZED,
     EventData,
+    FabricInfo,
     Handle,
+    MigAttributes,
     NvmlError,
     PciInfo,
 )
@@ -190,6 +193,9 @@ class RealNvml:
     def system_get_driver_version(self) -> str:
         return self._typed(_text, "nvmlSystemGetDriverVersion")
 
+    def system_get_cuda_driver_version(self) -> int:
+        return self._typed(int, "nvmlSystemGetCudaDriverVersion")
+
     def device_get_count(self) -> int:
         return self._typed(int, "nvmlDeviceGetCount")
 
@@ -212,6 +218,37 @@ class RealNvml:
 
     def device_get_memory_total(self, handle: Handle) -> int:
         return int(self._call("nvmlDeviceGetMemoryInfo", handle).total)
+
+    def device_get_cuda_compute_capability(self, handle: Handle) -> tuple[int, int]:
+        major, minor = self._call("nvmlDeviceGetCudaComputeCapability", handle)
+        return int(major), int(minor)
+
+    def device_get_attributes(self, mig_handle: Handle) -> MigAttributes:
+        a = self._call("nvmlDeviceGetAttributes", mig_handle)
+        return MigAttributes(
+            multiprocessors=int(a.multiprocessorCount),
+            copy_engines=int(a.sharedCopyEngineCount),
+            decoders=int(a.sharedDecoderCount),
+            encoders=int(a.sharedEncoderCount),
+            jpegs=int(a.sharedJpegCount),
+            ofas=int(a.sharedOfaCount),
+            gpu_instance_slices=int(a.gpuInstanceSliceCount),
+            compute_instance_slices=int(a.computeInstanceSliceCount),
+            memory_mb=int(a.memorySizeMB),
+        )
+
+    def device_get_gpu_fabric_info(self, handle: Handle) -> FabricInfo:
+        nvml = self._lib()
+        # pynvml fills a caller's struct here; the v1 struct is what NVIDIA's feature discovery asks
+        # for first (nvmlDeviceGetGpuFabricInfo), on every driver that has the call.
+        info = nvml.c_nvmlGpuFabricInfo_t()
+        self._call("nvmlDeviceGetGpuFabricInfo", handle, ctypes.byref(info))
+        return FabricInfo(
+            cluster_uuid=str(uuid.UUID(bytes=bytes(bytearray(info.clusterUuid)))),
+            clique_id=int(info.cliqueId),
+            state=int(info.state),
+            status=int(info.status),
+        )
 
     def device_get_mig_mode(self, handle: Handle) -> tuple[int, int]:
         current, pending = self._call("nvmlDeviceGetMigMode", handle)
@@ -246,6 +283,16 @@ class RealNvml:
         except (OSError, ValueError):
             return None  # no such device, no NUMA information: unknown, as NVIDIA's plugin treats it
         return node if node >= 0 else None
+
+    def sysfs_pci_class(self, pci_bus_id: str) -> int | None:
+        try:
+            address = sysfs_pci_address(pci_bus_id)
+        except ValueError:
+            return None
+        try:
+            return int((self._sysfs_root / "bus" / "pci" / "devices" / address / "class").read_text().strip(), 16)
+        except (OSError, ValueError):
+            return None
 
     # -- topology ---------------------------------------------------------------------
     def device_get_nvlink_state(self, handle: Handle, link: int) -> int:
