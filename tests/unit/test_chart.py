@@ -53,6 +53,9 @@ SERVICE_ENV = {n for s in SPECS for n in (s.env, *s.env_aliases) if n} | set(KUB
 
 TIME_SLICING = NVIDIA_EXAMPLES["time-slicing"]
 MIG_MIXED_CONFIG = "version: v1\nflags:\n  migStrategy: mixed\n"
+# NVIDIA's mps.root default, always mounted as NVIDIA's chart mounts it: the pipe and log directories at
+# /mps, the shm the MPS daemons share with their clients at /dev/shm.
+MPS_MOUNTS = {"/run/nvidia/mps": ("/mps", False), "/run/nvidia/mps/shm": ("/dev/shm", False)}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -72,6 +75,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                      "deviceDiscoveryStrategy": "nvml", "mps": {"root": "/run/nvidia/mps"}},
     # NVIDIA's MPS values: the MPS root mounted at /mps and its shm at /dev/shm, hostPID on request.
     "mps": {"mps": {"root": "/run/nvidia/mps", "enableHostPID": True}},
+    # NVIDIA's values with an MPS config: nothing about mps.* set, the default root serves it.
+    "mps-config-map": {"config": {"map": {"mps": NVIDIA_EXAMPLES["mps"]}}},
+    "mps-root-elsewhere": {"mps": {"root": "/var/run/gpu-mps"}},
+    # ours: no MPS root at all (sharing.mps then cannot start)
+    "no-mps-root": {"mps": {"root": ""}},
     "metrics-on": {"metrics": {"port": 9400, "service": {"enabled": True}, "podMonitor": {"enabled": True}},
                    "health": {"probeInterval": "5s", "recovery": {"policy": "never", "quietPeriod": "2m"}},
                    "stateDir": "/var/lib/kubelet/device-plugins/gpu-device-plugin", "logLevel": "debug",
@@ -226,7 +234,8 @@ def test_defaults_select_gpu_nodes_as_nvidias_chart_does() -> None:
     assert "nodeSelector" not in pod(ds)
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(ds)["tolerations"]
     assert pod(ds)["priorityClassName"] == "system-node-critical"
-    assert mounts(ds) == {"/var/lib/kubelet/device-plugins": ("/var/lib/kubelet/device-plugins", False)}
+    assert mounts(ds) == {"/var/lib/kubelet/device-plugins": ("/var/lib/kubelet/device-plugins", False),
+                          **MPS_MOUNTS}
 
 
 def test_mig_mixed() -> None:
@@ -246,18 +255,33 @@ def test_mig_monitoring_when_a_config_may_offer_mig(set_name: str, monitor: bool
 
 
 @pytest.mark.parametrize(("set_name", "expected"), [
-    ("cdi-cri", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}),
-    ("cdi-annotations-and-envvar", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}),
-    ("containerized-driver", {"/run/nvidia/driver": ("/driver-root", True)}),
+    ("cdi-cri", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True), **MPS_MOUNTS}),
+    ("cdi-annotations-and-envvar", {"/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True),
+                                    **MPS_MOUNTS}),
+    ("containerized-driver", {"/run/nvidia/driver": ("/driver-root", True), **MPS_MOUNTS}),
     ("operator-cdi", {"/var/run/cdi": ("/var/run/cdi", False), "/run/nvidia/driver": ("/driver-root", True),
-                      "/run/nvidia/mps": ("/mps", False), "/run/nvidia/mps/shm": ("/dev/shm", False)}),
-    ("mps", {"/run/nvidia/mps": ("/mps", False), "/run/nvidia/mps/shm": ("/dev/shm", False)}),
+                      **MPS_MOUNTS}),
+    ("mps", MPS_MOUNTS),
+    ("mps-config-map", MPS_MOUNTS),
+    ("mps-root-elsewhere", {"/var/run/gpu-mps": ("/mps", False), "/var/run/gpu-mps/shm": ("/dev/shm", False)}),
+    ("no-mps-root", {}),
 ])
 def test_each_strategy_gets_its_mounts(set_name: str, expected: dict[str, tuple[str, bool]]) -> None:
     ds = daemonset(set_name)
     dp = "/var/lib/kubelet/device-plugins"
     assert mounts(ds) == {dp: (dp, False), **expected}
     assert set(needed_host_paths(pod(ds))) == set(mounts(ds))
+
+
+def test_mps_root_as_nvidias_chart() -> None:
+    """mps.root defaults to /run/nvidia/mps and is mounted whatever the config: NVIDIA's values with an MPS
+    config in config.map (or one a node label picks later) find the MPS root there."""
+    for set_name in ("defaults", "mps-config-map"):
+        env = env_of(pod(daemonset(set_name))["containers"][0])
+        assert env["MPS_ROOT"] == "/run/nvidia/mps", set_name
+        assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility", "the MPS daemon's binaries and libcuda"
+    assert "MPS_ROOT" not in env_of(pod(daemonset("no-mps-root"))["containers"][0])
+    assert env_of(pod(daemonset("no-mps-root"))["containers"][0])["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
 
 
 def test_host_pid_only_on_request_and_only_for_mps() -> None:
@@ -356,7 +380,7 @@ def test_names_and_namespace_as_nvidias_chart() -> None:
     ({"nfd": {"enabled": True}}, "node-feature-discovery"),
     ({"devicePlugin": {"enabled": False}}, "deploys only the device plugin"),
     ({"devicePlugin": {"enableHostNetwork": True}}, "enableHostNetwork"),
-    ({"mps": {"enableHostPID": True}}, "only for MPS: set mps.root too"),
+    ({"mps": {"root": "", "enableHostPID": True}}, "only for MPS: set mps.root too"),
     ({"config": {"map": {"a": "version: v1\n", "b": "version: v1\n"}}}, "set config.default"),
     ({"config": {"map": {"a": "version: v1\n"}, "default": "b"}}, "config.default b is not in config.map"),
     ({"config": {"map": {"a": "version: v2\n"}}}, "config.map.a: version: v2 is not supported"),

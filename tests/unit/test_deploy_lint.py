@@ -306,7 +306,8 @@ def test_daemonset_security_posture(path: Path) -> None:
 
 def test_cdi_daemonset_mounts_what_cdi_needs() -> None:
     ds = the_daemonset(CDI_DAEMONSET)
-    assert set(needed_host_paths(_pod(ds))) == {DEVICE_PLUGIN_DIR, "/var/run/cdi", "/run/nvidia/driver"}
+    assert set(needed_host_paths(_pod(ds))) == {DEVICE_PLUGIN_DIR, "/var/run/cdi", "/run/nvidia/driver",
+                                                 "/run/nvidia/mps", "/run/nvidia/mps/shm"}
     env = {e["name"]: e.get("value") for e in _container(ds)["env"]}
     assert env["DEVICE_LIST_STRATEGY"] == "cdi-cri" and env["NVIDIA_DRIVER_ROOT"] == "/run/nvidia/driver"
 
@@ -344,13 +345,17 @@ def test_daemonset_settings() -> None:
     assert container["image"] == "ghcr.io/example/gpu-device-plugin:0.1.0"
     assert container["resources"]["limits"]["memory"] == "256Mi"
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    # NVIDIA's chart: the MPS root always set and mounted (mps.root), with the driver's compute part
+    # the MPS daemon needs; the host PID namespace only on request.
     expected_env = {
         "NVIDIA_VISIBLE_DEVICES": "all",
-        "NVIDIA_DRIVER_CAPABILITIES": "utility",
+        "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         "DEVICE_LIST_STRATEGY": "envvar",
+        "MPS_ROOT": "/run/nvidia/mps",
     }
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert {name: env.get(name) for name in expected_env} == expected_env
+    assert "hostPID" not in pod
     # Not given, not set: an environment variable would override a config file's flags.*.
     assert not {"MIG_STRATEGY", "FAIL_ON_INIT_ERROR", "DEVICE_ID_STRATEGY"} & set(env)
 
@@ -361,6 +366,15 @@ def _container(ds: dict[str, Any]) -> dict[str, Any]:
 
 def _pod(ds: dict[str, Any]) -> dict[str, Any]:
     return ds["spec"]["template"]["spec"]
+
+
+def _without_mps(ds: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as rendered with mps.root="": no MPS_ROOT, no MPS mounts."""
+    _container(ds)["env"] = [e for e in _container(ds)["env"] if e["name"] != "MPS_ROOT"]
+    _pod(ds)["volumes"] = [v for v in _pod(ds)["volumes"] if v["name"] not in ("mps-root", "mps-shm")]
+    _container(ds)["volumeMounts"] = [m for m in _container(ds)["volumeMounts"]
+                                      if m["name"] not in ("mps-root", "mps-shm")]
+    return ds
 
 
 @pytest.mark.parametrize(
@@ -392,7 +406,12 @@ def _pod(ds: dict[str, Any]) -> dict[str, Any]:
             id="caps-added",
         ),
         pytest.param(lambda ds: _pod(ds).update(hostNetwork=True), "hostNetwork", id="hostNetwork"),
-        pytest.param(lambda ds: _pod(ds).update(hostPID=True), "hostPID", id="hostPID"),
+        # hostPID is allowed beside an MPS root (mps.enableHostPID), which the static manifest now has:
+        # checked on the manifest without one; test_daemonset_settings checks it is not set by default.
+        pytest.param(lambda ds: _pod(_without_mps(ds)).update(hostPID=True), "hostPID", id="hostPID"),
+        pytest.param(lambda ds: _pod(_without_mps(ds))["volumes"].append(
+            {"name": "mps", "hostPath": {"path": "/run/nvidia/mps"}}), "/run/nvidia/mps is not needed",
+            id="mps-root-without-MPS_ROOT"),
         pytest.param(
             lambda ds: _pod(ds)["volumes"].append({"name": "dev", "hostPath": {"path": "/dev"}}),
             "hostPath",
