@@ -71,8 +71,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "external-config-map": {"config": {"name": "my-plugin-configs", "default": "ts"}},
     "containerized-driver": {"nvidiaDriverRoot": "/run/nvidia/driver"},
     "operator-cdi": {"nvidiaDriverRoot": "/run/nvidia/driver", "deviceListStrategy": "cdi-cri",
-                     "compatWithCPUManager": True, "gdsEnabled": True, "mofedEnabled": True,
-                     "deviceDiscoveryStrategy": "nvml", "mps": {"root": "/run/nvidia/mps"}},
+                     "compatWithCPUManager": True, "gdrcopyEnabled": True, "gdsEnabled": True,
+                     "mofedEnabled": True, "deviceDiscoveryStrategy": "nvml", "mps": {"root": "/run/nvidia/mps"}},
     # NVIDIA's MPS values: the MPS root mounted at /mps and its shm at /dev/shm, hostPID on request.
     "mps": {"mps": {"root": "/run/nvidia/mps", "enableHostPID": True}},
     # NVIDIA's values with an MPS config: nothing about mps.* set, the default root serves it.
@@ -295,9 +295,10 @@ def test_cdi_hook_path_and_operator_values_reach_the_plugin() -> None:
     assert env["NVIDIA_CDI_HOOK_PATH"] == "/usr/local/nvidia/toolkit/nvidia-cdi-hook"
     assert env["DEVICE_LIST_STRATEGY"] == "envvar,cdi-annotations"
     env = env_of(pod(daemonset("operator-cdi"))["containers"][0])
-    assert {k: env[k] for k in ("PASS_DEVICE_SPECS", "GDS_ENABLED", "MOFED_ENABLED", "DEVICE_DISCOVERY_STRATEGY",
-                                "MPS_ROOT", "NVIDIA_DRIVER_ROOT", "DRIVER_ROOT_CTR_PATH")} == {
-        "PASS_DEVICE_SPECS": "true", "GDS_ENABLED": "true", "MOFED_ENABLED": "true",
+    assert {k: env[k] for k in ("PASS_DEVICE_SPECS", "GDRCOPY_ENABLED", "GDS_ENABLED", "MOFED_ENABLED",
+                                "DEVICE_DISCOVERY_STRATEGY", "MPS_ROOT", "NVIDIA_DRIVER_ROOT",
+                                "DRIVER_ROOT_CTR_PATH")} == {
+        "PASS_DEVICE_SPECS": "true", "GDRCOPY_ENABLED": "true", "GDS_ENABLED": "true", "MOFED_ENABLED": "true",
         "DEVICE_DISCOVERY_STRATEGY": "nvml", "MPS_ROOT": "/run/nvidia/mps",
         "NVIDIA_DRIVER_ROOT": "/run/nvidia/driver", "DRIVER_ROOT_CTR_PATH": "/driver-root"}
 
@@ -373,7 +374,6 @@ def test_names_and_namespace_as_nvidias_chart() -> None:
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"gdrcopyEnabled": True}, "gdrcopyEnabled: GDRCopy is not served"),
     ({"cdi": {"featureFlags": "disable-multiple-csv-devices"}}, "cdi.featureFlags"),
     ({"deviceDiscoveryStrategy": "tegra"}, "tegra is not served"),
     ({"gfd": {"enabled": True}}, "gpu-feature-discovery is not part of this chart"),

@@ -5,9 +5,6 @@
 {{- if and (eq $ns "default") (not .Values.allowDefaultNamespace) -}}
 {{- fail "namespace \"default\": install into a namespace of its own (e.g. kube-system), or set allowDefaultNamespace=true" -}}
 {{- end -}}
-{{- if .Values.gdrcopyEnabled -}}
-{{- fail "gdrcopyEnabled: GDRCopy is not served by this plugin (the plugin refuses GDRCOPY_ENABLED=true); remove the value" -}}
-{{- end -}}
 {{- if .Values.cdi.featureFlags -}}
 {{- fail "cdi.featureFlags: CDI feature flags are not served by this plugin (it refuses CDI_FEATURE_FLAGS); remove the value" -}}
 {{- end -}}
