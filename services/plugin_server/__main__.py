@@ -16,7 +16,7 @@ from services.plugin_server.server import PluginServer
 # What a config reload changes in a running plugin-server, and what it uses but cannot change.
 LIVE = frozenset({"mig_strategy", "pass_device_specs", "device_list_strategy", "device_id_strategy",
                   "cdi_annotation_prefix", "shared_devices_allocation_policy", "gds_enabled", "mofed_enabled",
-                  "imex_channel_ids", "imex_required", "sharing"})
+                  "gdrcopy_enabled", "imex_channel_ids", "imex_required", "sharing"})
 RESTART = frozenset({"driver_root", "dev_root", "container_driver_root", "cdi_hook_path", "kubelet_socket",
                      "device_plugin_dir", "mps_root"})
 

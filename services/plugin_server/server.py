@@ -373,9 +373,10 @@ class PluginServer:
             log.info("MPS_ROOT / --mps-root is set (%s) but sharing.mps is not configured: no MPS", s.mps_root)
         channels = cdi.imex_channels(s)
         self.extras = Extras(gds=s.gds_enabled, mofed=s.mofed_enabled, imex_channels=channels)
-        if s.gds_enabled or s.mofed_enabled or channels:
-            log.info("every GPU container also gets:%s%s%s", " GPUDirect Storage" if s.gds_enabled else "",
-                     " MOFED" if s.mofed_enabled else "", f" IMEX channels {','.join(channels)}" if channels else "")
+        if s.gds_enabled or s.mofed_enabled or s.gdrcopy_enabled or channels:
+            log.info("every GPU container also gets:%s%s%s%s", " GPUDirect Storage" if s.gds_enabled else "",
+                     " MOFED" if s.mofed_enabled else "", " GDRCopy" if s.gdrcopy_enabled else "",
+                     f" IMEX channels {','.join(channels)}" if channels else "")
         if self._cdi:
             cdi.check_driver_files(s)
             for name, spec in cdi.extra_specs(s, channels).items():

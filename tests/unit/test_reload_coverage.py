@@ -10,8 +10,7 @@ from services.plugin_server import __main__ as plugin_server
 
 def test_every_file_setting_is_live_or_restart_only_somewhere() -> None:
     file_keyed = {s.name for s in SPECS if s.file_key is not None} | {"sharing"}
-    handled = (health_monitor.LIVE | health_monitor.RESTART | plugin_server.LIVE | plugin_server.RESTART
-               | {"gdrcopy_enabled"})  # refused when true: it cannot change to anything served
+    handled = health_monitor.LIVE | health_monitor.RESTART | plugin_server.LIVE | plugin_server.RESTART
     assert file_keyed - handled == set()
 
 
