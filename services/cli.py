@@ -21,9 +21,10 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from common.settings import Settings, SettingsError, add_arguments, resolve
+from common.version import VersionAction
 
 if TYPE_CHECKING:  # the services never load the bus's message types through here
     from common.bus.messages import HealthState, KubeState, PluginState, StateMessage
@@ -31,24 +32,10 @@ if TYPE_CHECKING:  # the services never load the bus's message types through her
 SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent")
 
 
-class _Version(argparse.Action):
-    """--version, reading the installed distribution's metadata only when asked: that costs every
-    process ~2 MB and ~20 ms, and most (registrar, plugin-server, the CLI) never need it."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        from common.version import VERSION
-
-        print(f"gpu-device-plugin {VERSION}")  # on stdout, as argparse's own version action
-        parser.exit()
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpu-plugin", description="Kubernetes device plugin for NVIDIA GPUs")
-    p.add_argument("--version", action=_Version)
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", required=True)
     for name in SERVICES:
         add_arguments(sub.add_parser(name, help=f"run the {name} service"))

@@ -15,11 +15,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from common.mps import DAEMON_ENV as MPS_DAEMON_ENV
 from common.mps import EXTERNAL as MPS_DAEMON_EXTERNAL
 from common.settings import SPECS, SettingsError, add_arguments, resolve
+from common.version import VersionAction
 
 ENTRYPOINT = "/usr/local/bin/gpu-plugin-entrypoint"
 SUPERVISORD_CONF = "/etc/gpu-plugin/supervisord.conf"
@@ -28,26 +28,13 @@ ENTRYPOINT_ENV = "GPU_PLUGIN_ENTRYPOINT"
 SUPERVISORD_CONF_ENV = "GPU_PLUGIN_SUPERVISORD_CONF"
 
 
-class _Version(argparse.Action):
-    """--version, with importlib.metadata (a fifth of this command's start) loaded only when asked."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        from common.version import VERSION
-
-        print(f"gpu-device-plugin {VERSION}")
-        parser.exit()
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nvidia-device-plugin",
                                 description="NVIDIA's command line for this plugin: validates the settings, "
                                             "then runs the stack (health-monitor, plugin-server, registrar)")
     # -v as NVIDIA's: urfave/cli gives an app with a Version the flag --version, alias -v.
-    p.add_argument("--version", "-v", action=_Version)
+    p.add_argument("--version", "-v", action=VersionAction)
     add_arguments(p)
     return p
 

@@ -34,12 +34,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from common.bus.messages import HealthState
 from common.lifecycle import FatalError, remember_args, run_service
 from common.mps import shm_dir
 from common.settings import Settings, SettingsError, add_arguments, resolve
+from common.version import VersionAction
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +51,11 @@ MAX_UNMOUNTS = 8
 MOUNT_TIMEOUT_S = 30.0
 
 
-class _Version(argparse.Action):
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        from common.version import VERSION
-
-        print(f"gpu-device-plugin {VERSION}")
-        parser.exit()
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=NAME, description="NVIDIA's MPS control daemon command: runs the MPS control "
                                                        "daemons of sharing.mps until SIGTERM")
-    p.add_argument("--version", action=_Version)
+    p.add_argument("--version", action=VersionAction)
     add_arguments(p)
     sub = p.add_subparsers(dest="command")
     sub.add_parser("mount-shm", help=f"mount a tmpfs ({SHM_OPTIONS}) at <MPS root>/shm for the daemons "
