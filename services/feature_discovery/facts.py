@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import Any
 
 from common.bus.messages import UNHEALTHY, DeviceState
 from common.nvml.backend import (
@@ -54,8 +55,29 @@ def collect(backend: NvmlBackend) -> NodeFacts:
             backend.shutdown()
 
 
+class _WithoutTopology:
+    """The backend, with NVLink and PCIe topology answered NOT_SUPPORTED without asking the driver.
+
+    Discovery also maps every GPU pair's links, for preferred allocation; no label needs them, and
+    those queries take up to hundreds of ms per pair on some systems (NVIDIA/k8s-device-plugin#774),
+    paid again on every pass while NVML is held.
+    """
+
+    def __init__(self, backend: NvmlBackend) -> None:
+        self._backend = backend
+
+    def device_get_nvlink_state(self, handle: Handle, link: int) -> int:
+        raise NvmlError(NVML_ERROR_NOT_SUPPORTED)
+
+    def device_get_topology_common_ancestor(self, handle1: Handle, handle2: Handle) -> int:
+        raise NvmlError(NVML_ERROR_NOT_SUPPORTED)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
 def _collect(backend: NvmlBackend) -> NodeFacts:
-    inventory = discover(backend, time.time())
+    inventory = discover(_WithoutTopology(backend), time.time())
     if inventory.unreadable:
         raise FactsError(f"error getting devices: {inventory.unreadable[0]}")
     broken = [d for d in inventory.devices if d.health == UNHEALTHY]

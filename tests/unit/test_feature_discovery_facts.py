@@ -71,3 +71,22 @@ def test_a_gpu_that_cannot_be_described_fails_the_pass(tmp_path: Path, field: st
 def test_no_gpus(tmp_path: Path) -> None:
     facts = collect(described(tmp_path, {"devices": []}))
     assert facts.devices == () and facts.gpus == []
+
+
+class Counting(SimulatedNvml):
+    topology_calls = 0
+
+    def device_get_nvlink_state(self, handle: object, link: int) -> int:
+        self.topology_calls += 1
+        return super().device_get_nvlink_state(handle, link)
+
+    def device_get_topology_common_ancestor(self, handle1: object, handle2: object) -> int:
+        self.topology_calls += 1
+        return super().device_get_topology_common_ancestor(handle1, handle2)
+
+
+def test_no_topology_is_asked() -> None:
+    # NVIDIA's GFD asks no NVLink or PCIe topology; discovery would (18 links x 8 GPUs, 28 pairs).
+    nvml = Counting(fleet_path("dgx-h100-8"))
+    assert len(collect(nvml).gpus) == 8
+    assert nvml.topology_calls == 0
