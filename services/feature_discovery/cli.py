@@ -122,11 +122,9 @@ class Discovery:
 
     def _reread(self) -> None:
         try:
-            options = parse(self._argv, self._environ)
+            self.options = parse(self._argv, self._environ)
         except SettingsError as e:
             raise Failed(f"unable to load config: {e}") from e
-        if options is not None:
-            self.options = options
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -178,8 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse(argv, os.environ)
     except SettingsError as e:
         return fail(str(e))
-    if options is None:
-        return 0
     configure_logging(PROG, options.settings.log_level)
     log.info("Running with config: %s", describe(options))
     # NVIDIA's GFD publishes a NodeFeature object by default since v0.19; this image writes the file

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from common.settings import SPECS, Settings, SettingsError, resolve
 from common.settings.config_file import load_config_file, lookup
 from common.settings.values import boolean, duration, string
+from common.version import VersionAction
 
 PROG = "gpu-feature-discovery"
 DEFAULT_OUTPUT_FILE = "/etc/kubernetes/node-feature-discovery/features.d/gfd"
@@ -130,7 +131,7 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="NVIDIA's GPU feature discovery: labels the node with its GPUs' features "
                                        "in an NFD features.d file")
-    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--version", "-v", action=VersionAction)  # urfave/cli's version flag and alias
     shared = {s.name: s for s in SPECS}
     for name, flags in _SHARED_FLAGS.items():
         spec = shared[name]
@@ -169,14 +170,9 @@ def _strategy_check(args: argparse.Namespace, environ: Mapping[str, str]) -> Non
                             "through NVML only (allowed: auto, nvml)")
 
 
-def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Options | None:
-    """The options; None when --version was asked (printed here). Raises SettingsError."""
+def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
+    """The options (--version prints it and exits). Raises SettingsError."""
     args = parser().parse_args(argv)
-    if args.version:
-        from common.version import VERSION
-
-        print(f"{PROG} (gpu-device-plugin) {VERSION}")
-        return None
     _strategy_check(args, environ)
     shared_args = argparse.Namespace(**{name: getattr(args, name) for name in _SHARED_FLAGS})
     settings = resolve(shared_args, _shared_environ(environ))

@@ -13,9 +13,7 @@ from services.feature_discovery.options import DEFAULT_MACHINE_TYPE_FILE, DEFAUL
 
 
 def opts(*argv: str, **environ: str) -> Options:
-    options = parse(list(argv), environ)
-    assert options is not None
-    return options
+    return parse(list(argv), environ)
 
 
 def test_nvidias_defaults() -> None:
@@ -141,6 +139,9 @@ def test_node_feature_api_from_the_config_file_is_refused(tmp_path: Path) -> Non
         parse([], {"CONFIG_FILE": str(config)})
 
 
-def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
-    assert parse(["--version"], {}) is None
-    assert "gpu-feature-discovery" in capsys.readouterr().out
+@pytest.mark.parametrize("flag", ["--version", "-v"])  # urfave/cli's version flag and its alias
+def test_version_is_printed(capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse([flag], {})
+    assert info.value.code == 0
+    assert "gpu-device-plugin" in capsys.readouterr().out
