@@ -38,13 +38,15 @@ def test_the_product_wheel_holds_no_development_tool(wheel: zipfile.ZipFile) -> 
 
 
 def test_the_product_wheel_installs_only_the_operator_command(wheel: zipfile.ZipFile) -> None:
-    """gpu-plugin, NVIDIA's two command names its chart and the GPU Operator start containers with, and
-    the supervisord the entry point runs."""
+    """gpu-plugin, the four command names NVIDIA's chart and the GPU Operator start containers of the
+    image with, and the supervisord the entry point runs."""
     (entry_points,) = [n for n in wheel.namelist() if n.endswith("entry_points.txt")]
     text = wheel.read(entry_points).decode()
     assert text.split() == ["[console_scripts]", "config-manager", "=", "services.config_manager:main",
+                            "gpu-feature-discovery", "=", "services.feature_discovery.cli:main",
                             "gpu-plugin", "=", "services.cli:main",
                             "gpu-plugin-supervisord", "=", "services.supervisord:main",
+                            "mps-control-daemon", "=", "services.mps_control.nvidia_daemon:main",
                             "nvidia-device-plugin", "=", "services.nvidia_entry:main"]
 
 
