@@ -504,6 +504,33 @@ int nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
     return leave(NVML_SUCCESS);
 }
 
+/* What gpu-feature-discovery asks besides the plugin: the CUDA version the driver supports and each
+ * GPU's compute capability (both as recorded: 13.0 and 9.0), and the fabric, which a GPU outside an
+ * NVLink domain does not have (nvidia-smi -q: "Fabric ... N/A"; NVML: not supported). */
+static int cuda_driver_version(int *version) {
+    pthread_mutex_lock(&lock);
+    if (!init_count) return leave(NVML_ERROR_UNINITIALIZED);
+    if (!version) return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *version = 13000;
+    return leave(NVML_SUCCESS);
+}
+int nvmlSystemGetCudaDriverVersion(int *version) { return cuda_driver_version(version); }
+int nvmlSystemGetCudaDriverVersion_v2(int *version) { return cuda_driver_version(version); }
+
+int nvmlDeviceGetCudaComputeCapability(nvmlDevice_t device, int *major, int *minor) {
+    int rc = enter_device(device, major && minor ? major : NULL);
+    if (rc) return rc;
+    *major = 9;
+    *minor = 0;
+    return leave(NVML_SUCCESS);
+}
+
+int nvmlDeviceGetGpuFabricInfo(nvmlDevice_t device, void *info) {
+    int rc = enter_device(device, info);
+    return rc ? rc : leave(NVML_ERROR_NOT_SUPPORTED);
+}
+int nvmlDeviceGetGpuFabricInfoV(nvmlDevice_t device, void *info) { return nvmlDeviceGetGpuFabricInfo(device, info); }
+
 int nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, unsigned int *pending) {
     int rc = enter_device(device, current && pending ? current : NULL);
     if (rc) return rc;
