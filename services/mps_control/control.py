@@ -501,7 +501,8 @@ class MpsControl:
         self._published: list[MpsDaemon] | None = None
         self._state: HealthState | None = None
         self._replan = False
-        self._ready: bytes | None = b""  # the `.ready` file's content as last written (None: removed; b"": unknown)
+        self._ready: bytes | None = None  # the `.ready` file's content as last written (None: removed)
+        self._ready_known = False  # a file may be left by a run that ended uncleanly
         self._control, self._smi = "", None
         if self.mps is not None:
             try:
@@ -554,20 +555,24 @@ class MpsControl:
         """`<root>/.ready` while every daemon run here is ready (what NVIDIA's plugin waits for)."""
         if self.external:
             return  # the other pod's file
-        ready = bool(self.daemons) and all(d.state.ready for d in self.daemons.values())
+        # Also with no daemon to run (no sharing.mps, or no GPU for it), once that is known: NVIDIA's
+        # writes it after starting what there is, even nothing ("waiting indefinitely").
+        known = self.mps is None or self._state is not None
+        ready = known and all(d.state.ready for d in self.daemons.values())
         content = b"".join(started_record(d.resource, d.gpus, d.replicas, d.state.active_thread_percentage,
                                           d.state.pinned_mem_limits) for d in self.daemons.values()) if ready else None
-        if content == self._ready:
+        if self._ready_known and content == self._ready:
             return
         path = ready_file(self.settings.mps_container_root)
         if content is None:
-            # Also a file left by a run that ended uncleanly: it is "" (unknown) at the start.
+            # Also a file left by a run that ended uncleanly (nothing is known at the start).
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # no daemon made it yet: none to run
             write_file(path, content)
             log.info("all MPS daemons ready: %s written", path)
-        self._ready = content
+        self._ready, self._ready_known = content, True
 
     async def _reconcile(self, state: HealthState) -> None:
         wanted = {name: (res, gpus) for name, res, gpus in plan(self.mps, state)} if self.mps is not None else {}

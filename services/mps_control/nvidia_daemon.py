@@ -195,9 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{NAME}: cannot start: {e}", file=sys.stderr)
         return 1
     remember_args(args)
+    from common.lifecycle import EX_CONFIG
     from common.watchdog import watched
 
-    return run_service(NAME, watched(NAME, _main), settings)
+    rc = run_service(NAME, watched(NAME, _main), settings)
+    # A container of its own, not a program of our supervisord: NVIDIA's exits 1 on any error (the
+    # cause is the last line either way), and 78 means nothing to the kubelet.
+    return 1 if rc == EX_CONFIG else rc
 
 
 if __name__ == "__main__":

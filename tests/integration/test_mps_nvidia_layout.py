@@ -168,12 +168,14 @@ def control_answer(pod: DaemonPod, tmp: Path) -> str:
 
 
 def test_without_sharing_mps_it_waits_and_follows_its_config(procs: Procs, short_tmp: Path) -> None:
-    """NVIDIA's waits indefinitely without MPS (a DaemonSet container that exits is restarted forever);
-    a config given later by its config-manager starts the daemons, and one without MPS stops them."""
+    """NVIDIA's waits indefinitely without MPS (a DaemonSet container that exits is restarted forever),
+    with `/mps/.ready` written: nothing to start, all of it started; a config given later by its
+    config-manager starts the daemons, and one without MPS stops them."""
     pod = DaemonPod(procs, short_tmp, config=NO_MPS)
     p = pod.start()
     wait_until(lambda: "sharing.mps is not configured: waiting" in pod.log(), 30, "the daemon saying it waits")
-    assert p.poll() is None and not root(short_tmp).exists()
+    wait_until(lambda: (root(short_tmp) / ".ready").exists(), 30, "an empty .ready")
+    assert p.poll() is None and (root(short_tmp) / ".ready").read_text() == ""
     pod.configure(MPS_2)
     assert wait_ready(short_tmp)["replicas"] == 2
     assert control_answer(pod, short_tmp) == "50.0"
@@ -182,10 +184,11 @@ def test_without_sharing_mps_it_waits_and_follows_its_config(procs: Procs, short
                60, "the daemon replaced for 4 replicas")
     assert control_answer(pod, short_tmp) == "25.0"
     pod.configure(NO_MPS)
-    wait_until(lambda: not pipe_of(short_tmp).exists() and not (root(short_tmp) / ".ready").exists(), 60,
-               "the daemon stopped")
+    wait_until(lambda: not pipe_of(short_tmp).exists() and (root(short_tmp) / ".ready").exists()
+               and (root(short_tmp) / ".ready").read_text() == "", 60, "the daemon stopped, nothing left to start")
     assert p.poll() is None, "still waiting for a config with MPS"
     assert pod.stop() == 0
+    assert not (root(short_tmp) / ".ready").exists(), "removed at the end, as NVIDIA's stopDaemons does"
 
 
 def test_without_any_config_it_waits_until_sigterm(procs: Procs, short_tmp: Path) -> None:
