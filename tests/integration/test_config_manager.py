@@ -119,3 +119,26 @@ def test_the_operators_sidecar_follows_the_configmap_and_signals(tmp_path: Path)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_the_sidecar_without_an_api_server_keeps_the_config_in_place_and_runs(tmp_path: Path) -> None:
+    """NVIDIA's chart's sidecar after its init container wrote the config, with no API server to read
+    the label from: the config stays and the sidecar keeps following (it exited 1, "no config
+    selected", and was restarted for as long as the API was away)."""
+    src = config_map(tmp_path, {"default": TIME_SLICING, "other": MIG_MIXED})
+    e = env(tmp_path, src, ONESHOT="false")
+    dst = Path(e["CONFIG_FILE_DST"])
+    dst.write_text(MIG_MIXED)  # what the init container selected by the label, before the API went away
+    log = tmp_path / "sidecar.log"
+    with log.open("wb") as out:
+        p = subprocess.Popen([str(BIN / "config-manager")], env=e, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "following the node label" in log.read_text(), 60, f"the sidecar following\n{log}")
+        assert "the config in place" in log.read_text() and dst.read_text() == MIG_MIXED
+        assert p.poll() is None
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
