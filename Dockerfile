@@ -55,7 +55,12 @@ COPY scripts/entrypoint.sh /usr/local/bin/gpu-plugin-entrypoint
 # PATH: NVIDIA's chart and the GPU Operator start the containers with them.
 
 # The bus sockets live here (mode 0700: only the container's own processes may use them).
-RUN install -d -m 0700 /run/gpu-device-plugin
+# lsmod: the GPU Operator's device-plugin entrypoint looks for the gdrdrv, nvidia-fs and mofed
+# modules with it (NVIDIA's image has busybox's); without it those devices are never given.
+RUN install -d -m 0700 /run/gpu-device-plugin \
+    && apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kmod >/dev/null \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 
 # No USER instruction on purpose: the processes run as root. The kubelet's device-plugins directory
 # (/var/lib/kubelet/device-plugins, a hostPath) is owned by root with mode 0755, and the plugin must

@@ -219,7 +219,10 @@ def test_the_operator_entrypoint_detects_kernel_modules_with_lsmod_in_the_image(
     assert "lsmod" not in res.stderr, f"the entry point's module detection does not run in our image: {res}"
     listed = podman("run", "--rm", "--network", "none", "--pull", "never", "--entrypoint", "/bin/sh", IMAGE,
                     "-c", "lsmod", timeout=60)
-    assert listed.returncode == 0 and listed.stdout.startswith("Module"), listed.stdout + listed.stderr
+    if Path("/proc/modules").exists():
+        assert listed.returncode == 0 and listed.stdout.startswith("Module"), listed.stdout + listed.stderr
+    else:  # a kernel built without loadable modules (this project's VMs): lsmod runs and says so
+        assert "could not open /proc/modules" in listed.stderr, listed.stdout + listed.stderr
 
 
 # -- gpu-feature-discovery -----------------------------------------------------------------------
