@@ -56,7 +56,7 @@ def _to_wire(obj: Any) -> dict[str, Any]:
     cls: type = obj.__class__
     for name, nested in _plan(cls):
         value = getattr(obj, name)
-        if nested:
+        if nested and value is not None:  # None: an optional nested field (`X | None`) left unset
             value = [_to_wire(v) for v in value] if isinstance(value, list) else _to_wire(value)
         out[name] = value
     return out

@@ -12,7 +12,9 @@ Rules of the protocol:
   once to every new subscriber. Subscribers never need deltas.
 - `*.event` topics are for humans, metrics and tests; nothing depends on receiving them.
 - `v` is SCHEMA_VERSION. A message of another version is rejected and counted. Unknown
-  extra keys are ignored so that a newer publisher can add optional fields.
+  extra keys are ignored so that a newer publisher can add optional fields: a field added with a
+  default that means "unknown" keeps the version (an older subscriber ignores it, an older
+  publisher's message decodes with the default); only a change an older peer would misread bumps it.
 """
 
 from __future__ import annotations
@@ -107,6 +109,31 @@ class StateMessage(Message):
 
 
 @dataclass(frozen=True)
+class MigAttributesState:
+    """A MIG device's instance attributes (nvmlDeviceGetAttributes), as gpu-feature-discovery labels them."""
+
+    multiprocessors: int
+    copy_engines: int
+    decoders: int
+    encoders: int
+    jpegs: int
+    ofas: int
+    gpu_instance_slices: int
+    compute_instance_slices: int
+    memory_mb: int
+
+
+@dataclass(frozen=True)
+class FabricState:
+    """A GPU's place in a multi-node NVLink fabric (nvmlDeviceGetGpuFabricInfo): its clique label."""
+
+    cluster_uuid: str  # canonical UUID; all zeros: in no cluster
+    clique_id: int
+    state: int  # NVML's GPU_FABRIC_STATE_*
+    status: int  # an NVML return code: the registration's own outcome
+
+
+@dataclass(frozen=True)
 class DeviceState:
     """One schedulable device as the health-monitor sees it: a whole GPU or a MIG device."""
 
@@ -131,6 +158,15 @@ class DeviceState:
     xid_count: int = 0  # XIDs seen on this device since the monitor started, any class
     sbe_count: int = 0  # single-bit (corrected) ECC events
     dbe_count: int = 0  # double-bit (uncorrected) ECC events
+    # What NVIDIA's gpu-feature-discovery asks beyond the above, read once at discovery (fixed while
+    # the driver runs) so that feature-labels labels the node from the bus without NVML of its own.
+    # The defaults are "unknown", which is also what a monitor from before these fields sends.
+    compute_major: int = -1  # GPUs: CUDA compute capability; -1: unknown (the driver refused it)
+    compute_minor: int = -1
+    mig_capable: bool = False  # GPUs: the driver answers for MIG mode at all
+    pci_class: int = -1  # GPUs: the sysfs PCI class (0x030200 3D controller); -1: unknown
+    fabric: FabricState | None = None  # GPUs: None when not in a multi-node NVLink fabric (or unknown)
+    mig_attributes: MigAttributesState | None = None  # MIG devices; None: unknown
 
 
 @dataclass(frozen=True)
@@ -157,6 +193,9 @@ class HealthState(StateMessage):
     nvml_library: str = ""  # the libnvidia-ml file loaded ("simulated:<file>"); "" from older monitors
     plugin_version: str = ""  # the monitor's gpu-device-plugin version; "" from older monitors
     config: ConfigInfo = field(default_factory=lambda: ConfigInfo())  # an older monitor's: empty
+    # NVML's encoding (1000 * major + 10 * minor), read once with the driver version; 0: unknown (an older
+    # monitor, or NVML refused it).
+    cuda_driver_version: int = 0
 
 
 @dataclass(frozen=True)

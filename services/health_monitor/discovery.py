@@ -11,13 +11,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, PairLink, is_device_id
+from common.bus.messages import (
+    HEALTHY,
+    UNHEALTHY,
+    DeviceState,
+    FabricState,
+    MigAttributesState,
+    PairLink,
+    is_device_id,
+)
 from common.nvml.backend import (
     NVLINK_STATE_ACTIVE,
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_NOT_FOUND,
+    NVML_ERROR_NOT_SUPPORTED,
     NVML_NVLINK_MAX_LINKS,
     Handle,
     NvmlBackend,
@@ -186,10 +197,55 @@ def _describe(
         numa_node=backend.sysfs_numa_node(pci),
         memory_mb=backend.device_get_memory_total(handle) // (1024 * 1024),
     )
+    gpu = _with_feature_facts(backend, handle, gpu)
     migs = _describe_migs(backend, handle, gpu, now)
     if migs or _mig_mode_on(backend, handle):
         gpu = dataclasses.replace(gpu, mig_enabled=True)
     return gpu, migs
+
+
+T = TypeVar("T")
+
+
+def _optional(what: str, uuid: str, ask: Callable[[], T]) -> T | None:
+    """A fact only the labels need: unknown when the driver refuses it, so that it never decides a
+    GPU's health (a lost GPU is the probes' to find: the first probe runs before the first state)."""
+    try:
+        return ask()
+    except NvmlError as e:
+        if e.code != NVML_ERROR_NOT_SUPPORTED:
+            log.warning("%s: %s unknown: %s", uuid, what, e)
+        return None
+
+
+def _with_feature_facts(backend: NvmlBackend, handle: Handle, gpu: DeviceState) -> DeviceState:
+    """What NVIDIA's gpu-feature-discovery asks of a GPU beyond discovery, asked once here: none of it
+    changes while the driver runs, and feature-labels then needs no NVML of its own."""
+    cc = _optional("compute capability", gpu.id, lambda: backend.device_get_cuda_compute_capability(handle))
+    # go-nvlib IsMigCapable: the driver answers for MIG mode at all (NOT_SUPPORTED: not capable).
+    mig_capable = _optional("MIG mode", gpu.id, lambda: backend.device_get_mig_mode(handle)) is not None
+    fabric = _optional("fabric", gpu.id, lambda: backend.device_get_gpu_fabric_info(handle))
+    pci_class = backend.sysfs_pci_class(gpu.pci_bus_id)
+    return dataclasses.replace(
+        gpu,
+        compute_major=cc[0] if cc is not None else -1,
+        compute_minor=cc[1] if cc is not None else -1,
+        mig_capable=mig_capable,
+        pci_class=pci_class if pci_class is not None else -1,
+        fabric=None if fabric is None else FabricState(cluster_uuid=fabric.cluster_uuid, clique_id=fabric.clique_id,
+                                                       state=fabric.state, status=fabric.status),
+    )
+
+
+def _mig_attributes(backend: NvmlBackend, mig_handle: Handle, uuid: str) -> MigAttributesState | None:
+    a = _optional("MIG attributes", uuid, lambda: backend.device_get_attributes(mig_handle))
+    if a is None:
+        return None
+    return MigAttributesState(
+        multiprocessors=a.multiprocessors, copy_engines=a.copy_engines, decoders=a.decoders, encoders=a.encoders,
+        jpegs=a.jpegs, ofas=a.ofas, gpu_instance_slices=a.gpu_instance_slices,
+        compute_instance_slices=a.compute_instance_slices, memory_mb=a.memory_mb,
+    )
 
 
 def _mig_mode_on(backend: NvmlBackend, handle: Handle) -> bool:
@@ -219,9 +275,10 @@ def _describe_migs(backend: NvmlBackend, handle: Handle, gpu: DeviceState, now: 
                 continue  # an empty slot
             raise
         name = backend.device_get_name(mh)
+        uuid = backend.device_get_uuid(mh)
         migs.append(
             DeviceState(
-                id=backend.device_get_uuid(mh),
+                id=uuid,
                 kind="mig",
                 index=f"{gpu.index}:{len(migs)}",
                 name=name,
@@ -236,6 +293,7 @@ def _describe_migs(backend: NvmlBackend, handle: Handle, gpu: DeviceState, now: 
                 compute_instance_id=(ci := backend.device_get_compute_instance_id(mh)),
                 profile=_mig_profile(name),
                 caps=backend.mig_cap_minors(gpu.minor, gi, ci),
+                mig_attributes=_mig_attributes(backend, mh, uuid),
             )
         )
     return migs

@@ -113,6 +113,7 @@ class HealthMonitor:
         self._nvml_ok = False
         self._error = "starting"
         self._driver = ""
+        self._cuda_driver = 0  # NVML's encoding; 0 unknown
         self._stopping = threading.Event()
         self._probe_now = asyncio.Event()
         self._prober = Prober(backend, probe_deadline, self._probe_now.set)
@@ -139,6 +140,7 @@ class HealthMonitor:
                 nvml_library=self._nvml.library(),
                 plugin_version=VERSION,
                 config=self.config,
+                cuda_driver_version=self._cuda_driver,
             )
         )
 
@@ -189,6 +191,10 @@ class HealthMonitor:
             if not await self._init_nvml(stop):
                 return
             self._driver = self._nvml.system_get_driver_version()
+            try:  # for feature-labels' cuda.runtime-version labels: once, as the driver version
+                self._cuda_driver = self._nvml.system_get_cuda_driver_version()
+            except NvmlError as e:
+                log.warning("CUDA driver version unknown: %s", e)
             log.info("NVML library: %s", self._nvml.library())
             # In threads, under the probe deadline: a GPU that hangs here is listed Unhealthy
             # with the call named, and the loop (heartbeats, the watchdog) keeps running.

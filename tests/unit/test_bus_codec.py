@@ -22,10 +22,12 @@ from common.bus.messages import (
     UNHEALTHY,
     DeviceState,
     EndpointState,
+    FabricState,
     HealthEvent,
     HealthState,
     KubeState,
     Message,
+    MigAttributesState,
     MpsDaemon,
     MpsState,
     PairLink,
@@ -525,3 +527,58 @@ def test_resent_at_matches_only_the_same_bytes_with_a_new_time() -> None:
     assert resent_at(held, beat[:-1] + b"\x00") is None  # a changed tail
     assert resent_at(held, beat[:-1]) is None  # a cut one
     assert resent_at(msgpack.packb({"sent_at": 1}), msgpack.packb({"sent_at": 1})) is None  # no float64 time
+
+
+# What gpu-feature-discovery asks beyond discovery, on the bus for feature-labels (optional fields).
+GPU_WITH_FACTS = dataclasses.replace(
+    GPU0, compute_major=9, compute_minor=0, mig_capable=True, pci_class=0x030200,
+    fabric=FabricState(cluster_uuid="6e0a7c9c-1d0b-4b1e-8f6e-0d9c5b2a4e11", clique_id=32766, state=3, status=0),
+)
+MIG_WITH_FACTS = dataclasses.replace(MIG, mig_attributes=MigAttributesState(
+    multiprocessors=16, copy_engines=1, decoders=1, encoders=0, jpegs=1, ofas=0, gpu_instance_slices=1,
+    compute_instance_slices=1, memory_mb=16384))
+HEALTH_STATE_WITH_FACTS = dataclasses.replace(HEALTH_STATE, devices=[GPU_WITH_FACTS, GPU1_NO_NUMA, MIG_WITH_FACTS],
+                                              cuda_driver_version=13000)
+
+
+def test_the_feature_facts_round_trip() -> None:
+    assert decode(*encode(HEALTH_STATE_WITH_FACTS)) == HEALTH_STATE_WITH_FACTS
+    body = _body(HEALTH_STATE_WITH_FACTS)
+    assert body["devices"][1]["fabric"] is None and body["devices"][2]["mig_attributes"]["multiprocessors"] == 16
+
+
+def test_a_health_state_from_a_monitor_without_the_feature_facts_decodes_with_them_unknown() -> None:
+    body = _body(HEALTH_STATE_WITH_FACTS)
+    del body["cuda_driver_version"]
+    for device in body["devices"]:
+        for key in ("compute_major", "compute_minor", "mig_capable", "pci_class", "fabric", "mig_attributes"):
+            del device[key]
+    msg = decode(b"health.state", _pack(body))
+    assert msg == HEALTH_STATE  # the same version: the new fields are optional, their defaults "unknown"
+    assert isinstance(msg, HealthState) and msg.cuda_driver_version == 0 and msg.devices[0].compute_major == -1
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "where"),
+    [
+        (("cuda_driver_version",), "13.0", "health.state.cuda_driver_version"),
+        (("devices", 0, "compute_major"), True, "health.state.devices[0].compute_major"),
+        (("devices", 0, "mig_capable"), 1, "health.state.devices[0].mig_capable"),
+        (("devices", 0, "pci_class"), "0x030200", "health.state.devices[0].pci_class"),
+        (("devices", 0, "fabric"), "none", "health.state.devices[0].fabric"),
+        (("devices", 0, "fabric", "clique_id"), 1.5, "health.state.devices[0].fabric.clique_id"),
+        (("devices", 0, "fabric", "cluster_uuid"), None, "health.state.devices[0].fabric.cluster_uuid"),
+        (("devices", 2, "mig_attributes", "memory_mb"), "16384", "health.state.devices[2].mig_attributes.memory_mb"),
+        (("devices", 2, "mig_attributes"), [16, 1], "health.state.devices[2].mig_attributes"),
+    ],
+)
+def test_bad_feature_facts_are_refused_naming_the_field(path: tuple[Any, ...], value: Any, where: str) -> None:
+    with pytest.raises(BusDecodeError, match="^" + re.escape(where) + ":"):
+        decode(b"health.state", _mutated(HEALTH_STATE_WITH_FACTS, path, value))
+
+
+def test_a_feature_fact_missing_inside_its_record_is_refused() -> None:
+    body = _body(HEALTH_STATE_WITH_FACTS)
+    del body["devices"][2]["mig_attributes"]["ofas"]
+    with pytest.raises(BusDecodeError, match=r"^health\.state\.devices\[2\]\.mig_attributes: missing field 'ofas'"):
+        decode(b"health.state", _pack(body))
