@@ -57,6 +57,9 @@ COPY scripts/entrypoint.sh /usr/local/bin/gpu-plugin-entrypoint
 # The bus sockets live here (mode 0700: only the container's own processes may use them).
 # lsmod: the GPU Operator's device-plugin entrypoint looks for the gdrdrv, nvidia-fs and mofed
 # modules with it (NVIDIA's image has busybox's); without it those devices are never given.
+# Not pinned (DL3008): the base's Debian release decides kmod's version, and a pin of one release's
+# version fails the build on the next (python:3.11-slim moves between releases).
+# hadolint ignore=DL3008
 RUN install -d -m 0700 /run/gpu-device-plugin \
     && apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kmod >/dev/null \
