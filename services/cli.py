@@ -3,6 +3,7 @@
     gpu-plugin health-monitor | plugin-server | registrar     the three supervised services
     gpu-plugin mps-control                                     the MPS control daemons (sharing.mps only)
     gpu-plugin kube-agent                                      per-node configuration (the node label)
+    gpu-plugin feature-labels                                  GPU feature labels from the health bus (gfd.enabled)
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
@@ -29,7 +30,7 @@ from common.version import VersionAction
 if TYPE_CHECKING:  # the services never load the bus's message types through here
     from common.bus.messages import HealthState, KubeState, PluginState, StateMessage
 
-SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent")
+SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent", "feature-labels")
 
 
 
@@ -141,6 +142,8 @@ def _run_service(name: str, settings: Settings) -> int:
         from services.mps_control.__main__ import run
     elif name == "kube-agent":
         from services.kube_agent.__main__ import run
+    elif name == "feature-labels":
+        from services.feature_labels.__main__ import run
     else:
         from services.registrar.__main__ import run
     return run(settings)

@@ -39,7 +39,7 @@ from supervisor.states import ProcessStates
 from common.heartbeat import DEFAULT_LIMIT_S, read_heartbeat, silence_limit
 
 # The programs whose watchdog keeps a heartbeat file (every Python service of ours).
-HEARTBEAT_PROGRAMS = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent")
+HEARTBEAT_PROGRAMS = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent", "feature-labels")
 HEARTBEAT_CHECK_S = 1.0
 
 
