@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 from common.logs import configure_logging
 from common.settings import Settings, SettingsError
 from common.settings.values import boolean
+from services.feature_labels import GATE
 
 if TYPE_CHECKING:
     import asyncio
 
 SERVICE = "feature-labels"
-GATE = "GPU_PLUGIN_FEATURE_LABELS"
 # What a config reload changes in a running feature-labels (the labels follow them at once).
 LIVE = frozenset({"sharing", "mig_strategy"})
 RESTART = frozenset({"run_dir"})

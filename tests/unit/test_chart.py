@@ -24,6 +24,7 @@ from helm_python import Chart, HelmRenderError, HelmValuesError
 
 from common.settings import SPECS, SettingsError, resolve
 from services import config_manager
+from services.feature_labels import ENV as FEATURE_LABELS_ENV
 from services.kube_agent.selection import ENV as KUBE_AGENT_ENV
 from tests.unit.test_deploy_lint import (
     DOCKERFILE,
@@ -48,8 +49,8 @@ MEASURED_RSS_BYTES = 157 * 2**20
 # Read by the NVIDIA container runtime, not by our code: which GPUs and driver parts the container gets.
 RUNTIME_ENV = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "NVIDIA_MIG_MONITOR_DEVICES"}
 # Every variable the services read: the declared settings (NVIDIA's DP_* switches among them)
-# and the kube-agent's selection variables.
-SERVICE_ENV = {n for s in SPECS for n in (s.env, *s.env_aliases) if n} | set(KUBE_AGENT_ENV)
+# the kube-agent's selection variables and feature-labels' gate and GFD variables.
+SERVICE_ENV = {n for s in SPECS for n in (s.env, *s.env_aliases) if n} | set(KUBE_AGENT_ENV) | set(FEATURE_LABELS_ENV)
 
 TIME_SLICING = NVIDIA_EXAMPLES["time-slicing"]
 MIG_MIXED_CONFIG = "version: v1\nflags:\n  migStrategy: mixed\n"
@@ -80,6 +81,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "mps-root-elsewhere": {"mps": {"root": "/var/run/gpu-mps"}},
     # ours: no MPS root at all (sharing.mps then cannot start)
     "no-mps-root": {"mps": {"root": ""}},
+    # NVIDIA's values: gfd.enabled=true, here served by feature-labels in the plugin's pod.
+    "gfd": {"gfd": {"enabled": True, "noTimestamp": True}},
     "metrics-on": {"metrics": {"port": 9400, "service": {"enabled": True}, "podMonitor": {"enabled": True}},
                    "health": {"probeInterval": "5s", "recovery": {"policy": "never", "quietPeriod": "2m"}},
                    "stateDir": "/var/lib/kubelet/device-plugins/gpu-device-plugin", "logLevel": "debug",
@@ -368,6 +371,22 @@ def test_names_and_namespace_as_nvidias_chart() -> None:
     assert pod(ds)["containers"][0]["image"] == "r.example/p:v9"
 
 
+def test_gfd_enabled_labels_from_our_pod_with_nvidias_features_d_and_no_more_rights() -> None:
+    """NVIDIA's gfd.enabled: feature-labels on (supervisord.conf's gate), NVIDIA's features.d directory
+    mounted for its file, and nothing else: no second pod, no privileges, no RBAC (a file, not the API)."""
+    ds = daemonset("gfd")
+    env = env_of(pod(ds)["containers"][0])
+    assert env["GPU_PLUGIN_FEATURE_LABELS"] == "true" and env["GFD_NO_TIMESTAMP"] == "true"
+    assert "GFD_OUTPUT_FILE" not in env  # NVIDIA's default path, mounted at the same place
+    features = "/etc/kubernetes/node-feature-discovery/features.d"
+    assert mounts(ds) == {**mounts(daemonset("defaults")), features: (features, False)}
+    assert [d["kind"] for d in docs("gfd")] == [d["kind"] for d in docs("defaults")]  # no RBAC, no other pod
+    defaults = env_of(pod(daemonset("defaults"))["containers"][0])
+    assert "GPU_PLUGIN_FEATURE_LABELS" not in defaults and "GFD_NO_TIMESTAMP" not in defaults
+    (ds,) = [d for d in render({"gfd": {"enabled": True}}) if d["kind"] == "DaemonSet"]
+    assert "GFD_NO_TIMESTAMP" not in env_of(pod(ds)["containers"][0])  # null: the command's default
+
+
 # --------------------------------------------------------------------------------------------------
 # refused: NVIDIA features we do not serve fail the render, naming the value; typos fail the schema
 # --------------------------------------------------------------------------------------------------
@@ -376,7 +395,12 @@ def test_names_and_namespace_as_nvidias_chart() -> None:
 @pytest.mark.parametrize(("values", "message"), [
     ({"cdi": {"featureFlags": "disable-multiple-csv-devices"}}, "cdi.featureFlags"),
     ({"deviceDiscoveryStrategy": "tegra"}, "tegra is not served"),
-    ({"gfd": {"enabled": True}}, "gpu-feature-discovery is not part of this chart"),
+    ({"gfd": {"enabled": True, "sleepInterval": "30s"}}, "gfd.sleepInterval: not served"),
+    ({"gfd": {"enabled": True, "nameOverride": "gpu-feature-discovery"}}, "gfd.nameOverride: not served"),
+    ({"gfd": {"namespaceOverride": "gfd"}}, "gfd.namespaceOverride: not served"),
+    ({"gfd": {"enabled": True, "securityContext": {"privileged": True}}}, "gfd.securityContext: not served"),
+    ({"gfd": {"enabled": True, "enableHostNetwork": True, "sleepInterval": "1m"}},
+     "gfd.sleepInterval, gfd.enableHostNetwork: not served"),
     ({"nfd": {"enabled": True}}, "node-feature-discovery"),
     ({"devicePlugin": {"enabled": False}}, "deploys only the device plugin"),
     ({"devicePlugin": {"enableHostNetwork": True}}, "enableHostNetwork"),

@@ -75,6 +75,9 @@ def validation_errors(docs: list[dict[str, Any]], version: str) -> list[str]:
     return errors
 
 
+FEATURES_D = "/etc/kubernetes/node-feature-discovery/features.d"
+
+
 def needed_host_paths(pod: dict[str, Any]) -> dict[str, tuple[str, bool, str]]:
     """host path -> (mount path, read-only, why) for what the container's settings need, and nothing else."""
     env: dict[str, str] = {}
@@ -90,6 +93,9 @@ def needed_host_paths(pod: dict[str, Any]) -> dict[str, tuple[str, bool, str]]:
         # NVIDIA's mps.root mounts: the daemons' pipe and log directories, and the shm they share with clients
         needed[mps_root] = ("/mps", False, "MPS pipe and log directories (mps-control writes them)")
         needed[f"{mps_root}/shm"] = ("/dev/shm", False, "the shared memory of the MPS daemons and their clients")
+    if env.get("GPU_PLUGIN_FEATURE_LABELS") == "true":
+        # gfd.enabled: feature-labels writes NVIDIA's GFD file there, for NFD's worker on the host
+        needed[FEATURES_D] = (FEATURES_D, False, "the GPU feature labels for NFD's worker")
     if cdi or driver_root != "/":
         # libnvidia-ml (containerized driver) and the driver's files the CDI spec lists are read there
         needed[driver_root] = (env.get("DRIVER_ROOT_CTR_PATH", "/driver-root"), True,
@@ -576,8 +582,9 @@ def test_liveness_probe_passes_fresh_and_fails_stale_or_missing(tmp_path: Path) 
     assert stale.returncode != 0 and "registrar" in stale.stdout + stale.stderr
     missing = run_probe(tmp_path, fresh | {"health-monitor": None})
     assert missing.returncode != 0 and "health-monitor" in missing.stdout + missing.stderr
-    # mps-control and kube-agent exit at start where they have nothing to do: checked when they run.
-    absent: dict[str, float | None] = {"mps-control": None, "kube-agent": None}
+    # mps-control, kube-agent and feature-labels exit at start where they have nothing to do: checked when
+    # they run.
+    absent: dict[str, float | None] = {"mps-control": None, "kube-agent": None, "feature-labels": None}
     assert run_probe(tmp_path, fresh | absent).returncode == 0
     for optional in absent:
         frozen = run_probe(tmp_path, fresh | absent | {optional: 600.0})

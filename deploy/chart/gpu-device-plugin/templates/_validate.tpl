@@ -17,8 +17,15 @@
 {{- if .Values.devicePlugin.enableHostNetwork -}}
 {{- fail "devicePlugin.enableHostNetwork: not served: the plugin needs no network namespace of the host (unix sockets only)" -}}
 {{- end -}}
-{{- if .Values.gfd.enabled -}}
-{{- fail "gfd.enabled: gpu-feature-discovery is not part of this chart; install NVIDIA's GFD chart beside it" -}}
+{{- /* gfd.enabled is served in this pod (feature-labels); the values of NVIDIA's separate GFD pod are not. */ -}}
+{{- $gfdUnserved := list -}}
+{{- range $key := list "sleepInterval" "nameOverride" "namespaceOverride" "securityContext" "enableHostNetwork" -}}
+{{- if not (empty (index $.Values.gfd $key)) -}}
+{{- $gfdUnserved = append $gfdUnserved (printf "gfd.%s" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if $gfdUnserved -}}
+{{- fail (printf "%s: not served: the GPU feature labels are made inside the plugin's pod by feature-labels (no GFD pod of its own to name, place or secure) and follow the health bus and the config at once (no sleep interval); remove the value" (join ", " $gfdUnserved)) -}}
 {{- end -}}
 {{- if .Values.nfd.enabled -}}
 {{- fail "nfd.enabled: node-feature-discovery is not part of this chart; install NFD's own chart beside it" -}}
