@@ -93,6 +93,13 @@ def node_facts(state: HealthState) -> NodeFacts | None:
     if any(d.kind == "gpu" for d in state.devices) and state.cuda_driver_version == 0:
         raise LabelError("the health-monitor publishes no CUDA driver version (NVML refused it, or the monitor "
                          "predates the feature facts)")
+    # The labels describe one GPU per model, but gpu-feature-discovery's pass asks every GPU and fails on
+    # any refusal (services.feature_discovery.facts): so does this, whichever GPU the labels would show.
+    for d in state.devices:
+        if d.kind == "gpu" and d.compute_major < 0:
+            raise LabelError(f"failed to determine CUDA compute capability of GPU {d.id}")
+        if d.kind == "mig" and d.mig_attributes is None:
+            raise LabelError(f"unable to get attributes of MIG device {d.id}")
     return NodeFacts(driver_version=state.driver_version, cuda_driver_version=state.cuda_driver_version,
                      devices=tuple(_device(d) for d in state.devices))
 
