@@ -21,24 +21,12 @@ import pytest
 
 from devtools.nvml_sim import fleet_path
 from tests.conftest import BIN, Procs, wait_until
+from tests.unit.test_feature_discovery_labels import VERSION_LABELS
 
 GFD = "services.feature_discovery"
 
-# nvml.go newVersionLabeler: "580.159.04" split on dots; NVML's 13000 -> 13000/1000 . 13000%1000/10.
-VERSIONS = {
-    "nvidia.com/cuda.driver.major": "580",
-    "nvidia.com/cuda.driver.minor": "159",
-    "nvidia.com/cuda.driver.rev": "04",
-    "nvidia.com/cuda.runtime.major": "13",
-    "nvidia.com/cuda.runtime.minor": "0",
-    "nvidia.com/cuda.driver-version.major": "580",
-    "nvidia.com/cuda.driver-version.minor": "159",
-    "nvidia.com/cuda.driver-version.revision": "04",
-    "nvidia.com/cuda.driver-version.full": "580.159.04",
-    "nvidia.com/cuda.runtime-version.major": "13",
-    "nvidia.com/cuda.runtime-version.minor": "0",
-    "nvidia.com/cuda.runtime-version.full": "13.0",
-}
+# nvml.go newVersionLabeler (the unit tests' table: driver 580.159.04, CUDA 13000).
+VERSIONS = VERSION_LABELS
 # resource.go NewGPUResourceLabeler for 8 H100s without sharing, plus the node-wide labelers.
 DGX_H100 = {
     "nvidia.com/gpu.machine": "DGX-H100",  # machine-type.go: the DMI product name, blanks made dashes
