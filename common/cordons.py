@@ -13,14 +13,13 @@ import fcntl
 import json
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.files import read_bounded
+from common.files import read_bounded, replace_file
 
 FILE = "cordons.json"
 # Far beyond what `gpu-plugin cordon` writes for any node (a few hundred bytes per device):
@@ -106,16 +105,7 @@ class CordonStore:
 
     def _write(self, cordons: dict[str, Cordon]) -> None:
         body = {d: {"reason": c.reason, "time": c.time} for d, c in sorted(cordons.items())}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".cordons.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(body, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        replace_file(self.path, json.dumps(body, indent=1).encode(), 0o600)
 
     def cordon(self, device: str, reason: str) -> None:
         if len(reason) > MAX_REASON_CHARS:

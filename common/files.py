@@ -15,13 +15,20 @@ root read (or mount) whatever it names. Here a file is checked before and after 
 
 Errors are OSErrors (existing `except OSError` paths keep working) whose `strerror` says what is
 wrong in words an operator can act on.
+
+And one way to write a file others read while it changes (the config the services follow, the
+cordons, a CDI spec the runtime reads, NFD's labels, the MPS ready files): a temporary file in
+the same directory, complete and synced, renamed over the old one, so a reader sees the old
+content or the new, never half of either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
@@ -74,3 +81,27 @@ def read_bounded(path: str | Path, limit: int, *, follow: bool = True) -> bytes:
 def read_text_bounded(path: str | Path, limit: int, *, follow: bool = True) -> str:
     """`read_bounded` decoded as UTF-8 (UnicodeDecodeError is the caller's to name)."""
     return read_bounded(path, limit, follow=follow).decode("utf-8")
+
+
+def replace_file(path: str | Path, data: bytes, mode: int = 0o644, *, sync_dir: bool = False) -> None:
+    """Writes `data` to `path` by rename, with `mode` whatever the umask; `sync_dir`: the rename
+    itself survives a crash too (a file a restarted reader must find). OSError when it cannot."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync_dir:
+        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

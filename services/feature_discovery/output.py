@@ -9,12 +9,11 @@ with a dot: the worker skips hidden files, so it never reads one as a feature fi
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from common.files import replace_file
 
 FILE_MODE = 0o644  # NVIDIA's: the worker may run as another user
 
@@ -31,19 +30,7 @@ def write(path: str, labels: Mapping[str, str]) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
-    target = Path(path).absolute()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), FILE_MODE)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(Path(path).absolute(), data, FILE_MODE)
 
 
 def remove(path: str) -> None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.files import read_text_bounded
+from common.files import read_text_bounded, replace_file
 from common.settings import SettingsError, resolve
 from common.settings.values import MAX_CONFIG_BYTES
 
@@ -167,13 +166,5 @@ def write_atomically(dst: Path, text: str) -> bool:
             return False
     except (OSError, UnicodeDecodeError):
         pass
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_file(dst, text.encode(), 0o644)
     return True

@@ -41,14 +41,13 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
 
 from common.bus.messages import DeviceState, HealthState, MpsDaemon, MpsState
 from common.bus.sockets import BusPublisher, BusSubscriber
-from common.files import read_bounded
+from common.files import read_bounded, replace_file
 from common.lifecycle import PermanentError, run_until_stopped
 from common.mps import (
     CONTROL_BIN,
@@ -144,21 +143,6 @@ def started_record(resource: str, gpus: list[DeviceState], replicas: int, pct: i
     """The `.started` file's content: what the daemon serves, for whoever watches it from another pod."""
     return json.dumps({"resource": resource, "devices": [g.id for g in gpus], "replicas": replicas,
                        "active_thread_percentage": pct, "pinned_mem_limits": limits}, sort_keys=True).encode() + b"\n"
-
-
-def write_file(path: str, data: bytes) -> None:
-    """Replaces `path` by a complete file (a reader in another pod never sees half of it)."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # read by the plugin's pod, whatever this one's umask
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class _Resource(abc.ABC):
@@ -298,7 +282,8 @@ class Daemon(_Resource):
                 limits.append(f"{g.index}={limit}")
         pct = active_thread_percentage(self.replicas)
         await self.command(f"set_default_active_thread_percentage {pct}")
-        write_file(self.started_file, started_record(self.resource, self.gpus, self.replicas, pct, limits))
+        # 0644: read by the plugin's pod, whatever this one's umask; by rename: never half of it.
+        replace_file(self.started_file, started_record(self.resource, self.gpus, self.replicas, pct, limits))
         self._set(ready=True, active_thread_percentage=pct, pinned_mem_limits=limits, last_error="")
         self.backoff = 1.0
         self.next_probe = time.monotonic() + PROBE_S
@@ -570,7 +555,7 @@ class MpsControl:
                 os.unlink(path)
         else:
             os.makedirs(os.path.dirname(path), exist_ok=True)  # no daemon made it yet: none to run
-            write_file(path, content)
+            replace_file(path, content)
             log.info("all MPS daemons ready: %s written", path)
         self._ready, self._ready_known = content, True
 

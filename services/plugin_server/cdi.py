@@ -40,14 +40,13 @@ import os
 import posixpath
 import re
 import stat
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.bus.messages import DeviceState
-from common.files import kind_of
+from common.files import kind_of, replace_file
 from common.lifecycle import PermanentError
 from common.settings import Settings
 from services.plugin_server.allocation import CDI_KIND, CDI_VENDOR, host_path
@@ -651,23 +650,7 @@ def write_spec(spec_dir: Path, spec: dict[str, Any], name: str = SPEC_FILE) -> P
     data = json.dumps(spec, indent=2).encode() + b"\n"
     try:
         spec_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=spec_dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fchmod(f.fileno(), 0o644)
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(spec_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
-        finally:
-            os.close(dir_fd)
+        replace_file(target, data, 0o644, sync_dir=True)  # the runtime reads it at any moment
     except OSError as e:
         raise CdiError(f"CDI spec {target}: cannot write: {e.strerror or e}") from e
     return target

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.files import InputFileError, read_bounded, read_text_bounded
+from common.files import InputFileError, read_bounded, read_text_bounded, replace_file
 
 
 def test_a_regular_file_is_read_whole(tmp_path: Path) -> None:
@@ -78,3 +78,25 @@ def test_a_symlink_loop_is_an_oserror(tmp_path: Path) -> None:
 def test_a_missing_file_is_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_bounded(tmp_path / "nothing", 100)
+
+
+def test_replace_file_swaps_in_a_complete_file_with_its_mode_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "spec.json"
+    target.write_text("old")
+    before = os.umask(0o077)  # the caller's umask must not decide who may read it
+    try:
+        replace_file(target, b"new", 0o644, sync_dir=True)
+    finally:
+        os.umask(before)
+    assert target.read_bytes() == b"new" and (target.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["spec.json"]
+
+
+def test_replace_file_that_fails_leaves_what_was_there_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "spec.json"
+    target.mkdir()  # a directory in the way: the rename fails once the data is written
+    (target / "kept").write_text("x")
+    with pytest.raises(IsADirectoryError):
+        replace_file(target, b"new")
+    assert (target / "kept").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["spec.json"]
