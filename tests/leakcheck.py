@@ -33,6 +33,7 @@ import pytest
 
 MARKER = "GPU_PLUGIN_TEST_RUN"
 GRACE_S = 3.0  # a daemon that notices its test's directory is gone exits within a fraction of this
+CANARY_S = 5.0  # for the canary's environment to be readable
 _RUN_ID = pytest.StashKey[str]()
 
 
@@ -100,6 +101,12 @@ def leaks(run_id: str) -> list[str]:
                         "since were not tracked")
     canary = subprocess.Popen(["sleep", "60"], env={**os.environ, MARKER: run_id})
     try:
+        # Popen returns once the child's exec closed its error pipe, which the kernel does before
+        # it lays out the new program's environment: /proc/<pid>/environ can still read empty for
+        # a moment (seen once in a loaded full run). The canary is looked for until a deadline.
+        deadline = time.monotonic() + CANARY_S
+        while not _carries(canary.pid, run_id) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling /proc: there is nothing to wait on
         found = carriers(run_id)
     finally:
         canary.kill()
