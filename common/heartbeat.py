@@ -14,6 +14,8 @@ from common.files import read_bounded
 
 DEFAULT_LIMIT_S = 30.0
 CHECK_S = 5.0
+# Every supervised Python program of ours: each runs under a watchdog that keeps a heartbeat file.
+SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent", "feature-labels")
 
 
 def alive_path(run_dir: Path, service: str) -> Path:
@@ -30,12 +32,6 @@ def silence_limit(limit: float) -> float:
     after the last answer, then `limit`, seen at the next check), so that a hung loop is still
     reported by the watchdog that knows where it is stuck."""
     return limit + 2 * check_interval(limit) + 1.0
-
-
-def read_alive(run_dir: Path, service: str) -> tuple[int, float] | None:
-    """(pid, unix time the service's loop last answered), or None if there is no such file."""
-    found = read_heartbeat(run_dir, service)
-    return None if found is None else (found[0], found[1])
 
 
 def read_heartbeat(run_dir: Path, service: str) -> tuple[int, float, float] | None:

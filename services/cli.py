@@ -24,13 +24,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+from common.heartbeat import SERVICES
 from common.settings import Settings, SettingsError, add_arguments, resolve
 from common.version import VersionAction
 
 if TYPE_CHECKING:  # the services never load the bus's message types through here
     from common.bus.messages import HealthState, KubeState, PluginState, StateMessage
 
-SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent", "feature-labels")
 
 
 
@@ -269,13 +269,13 @@ async def _status(settings: Settings, timeout: float) -> int:
 
     msg = await _health_state(settings, timeout)
     if msg is None:
-        from common.heartbeat import process_lives, read_alive
+        from common.heartbeat import process_lives, read_heartbeat
 
         # A frozen publisher replays nothing: tell "none there" from "there but silent" by its
         # watchdog's file (the pid, and the time its loop last answered).
-        alive = read_alive(settings.run_dir, "health-monitor")
+        alive = read_heartbeat(settings.run_dir, "health-monitor")
         if alive is not None and process_lives(alive[0], "health-monitor"):
-            pid, answered = alive
+            pid, answered, _ = alive
             print(f"health-monitor STALE: process {pid} lives but sent no state within {timeout:.0f} s; its loop "
                   f"last answered {time.time() - answered:.0f} s ago (hung? its watchdog restarts it)")
             return 1

@@ -36,10 +36,8 @@ from typing import Any
 from supervisor import supervisord
 from supervisor.states import ProcessStates
 
-from common.heartbeat import DEFAULT_LIMIT_S, read_heartbeat, silence_limit
+from common.heartbeat import DEFAULT_LIMIT_S, SERVICES, read_heartbeat, silence_limit
 
-# The programs whose watchdog keeps a heartbeat file (every Python service of ours).
-HEARTBEAT_PROGRAMS = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent", "feature-labels")
 HEARTBEAT_CHECK_S = 1.0
 
 
@@ -93,7 +91,7 @@ class PromptSupervisor(supervisord.Supervisor):  # type: ignore[misc]
             return
         self._next_heartbeat_check = now + HEARTBEAT_CHECK_S
         running = {p.config.name: p.pid for g in self.process_groups.values() for p in g.processes.values()
-                   if p.config.name in HEARTBEAT_PROGRAMS and p.pid and p.get_state() == ProcessStates.RUNNING}
+                   if p.config.name in SERVICES and p.pid and p.get_state() == ProcessStates.RUNNING}
         for name, pid, silent in self.heartbeats.frozen(running, now):
             self.options.logger.warn(
                 f"{name} (pid {pid}) frozen: no heartbeat for {silent:.0f} s (its watchdog would have ended a "

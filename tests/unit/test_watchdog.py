@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from common.heartbeat import alive_path, read_alive
+from common.heartbeat import alive_path, read_heartbeat
 from common.watchdog import Watchdog
 from tests.conftest import wait_until
 
@@ -19,7 +19,7 @@ def test_a_restarted_service_writes_its_own_pid_over_its_predecessors(tmp_path: 
         with Watchdog("health-monitor", tmp_path, limit=3.0):
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, wait_until,
-                                       lambda: (read_alive(tmp_path, "health-monitor") or (0,))[0] == os.getpid(),
+                                       lambda: (read_heartbeat(tmp_path, "health-monitor") or (0,))[0] == os.getpid(),
                                        10.0, "the alive file naming this process")
 
     asyncio.run(run())
