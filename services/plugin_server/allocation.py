@@ -54,17 +54,19 @@ _CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
 
 @dataclass(frozen=True)
 class Extras:
-    """What every container with GPUs also gets, decided once at start (NVIDIA's gdsEnabled, mofedEnabled and
-    IMEX channels): kept out of Settings because the IMEX channels depend on device nodes found at start."""
+    """What every container with GPUs also gets (NVIDIA's gdrcopyEnabled, gdsEnabled, mofedEnabled and IMEX
+    channels), made again at start and at each reload: kept out of Settings because the IMEX channels depend
+    on device nodes found then."""
 
+    gdrcopy: bool = False
     gds: bool = False
     mofed: bool = False
     imex_channels: tuple[str, ...] = ()  # IDs whose device node exists (or is required)
 
-    def cdi_names(self, gdrcopy: bool = False) -> list[str]:
+    def cdi_names(self) -> list[str]:
         """NVIDIA's order: the IMEX channels, then the gated classes gdrcopy, gds, mofed (AdditionalDevices)."""
         names = [f"{CDI_VENDOR}/imex-channel={c}" for c in self.imex_channels]
-        if gdrcopy:
+        if self.gdrcopy:
             names.append(f"{CDI_VENDOR}/gdrcopy=all")
         if self.gds:
             names.append(f"{CDI_VENDOR}/gds=all")
@@ -111,8 +113,8 @@ def validate(
     unknown = [i for i in ids if i not in devices]
     if unknown:
         raise AllocationError(f"{prefix}: unknown device: {_names(unknown)}")
-    if len(set(ids)) != len(ids):
-        raise AllocationError(f"{prefix}: duplicate device: {_names(_duplicates(ids))}")
+    if duplicates := _duplicates(ids):
+        raise AllocationError(f"{prefix}: duplicate device: {_names(duplicates)}")
     unhealthy = [i for i in ids if devices[i].health != HEALTHY]
     if unhealthy:
         raise AllocationError(f"{prefix}: unhealthy device: {_names(unhealthy)}")
@@ -171,9 +173,7 @@ def preferred_candidates(
     if unknown:
         raise AllocationError(f"{prefix}: unknown device: {_names(list(dict.fromkeys(unknown)))}")
     avail = set(available)
-    twice = _duplicates(available) if len(avail) != len(available) else []
-    if len(set(must_include)) != len(must_include):
-        twice += _duplicates(must_include)
+    twice = _duplicates(available) + _duplicates(must_include)
     if twice:
         raise AllocationError(f"{prefix}: duplicate device: {_names(twice)}")
     outside = [i for i in must_include if i not in avail]
@@ -251,7 +251,7 @@ def container_response(
     resp = pb.ContainerAllocateResponse()
     strategies = settings.device_list_strategy
     if "cdi-annotations" in strategies or "cdi-cri" in strategies:
-        qualified = [f"{CDI_KIND}={name}" for name in names] + extras.cdi_names(settings.gdrcopy_enabled)
+        qualified = [f"{CDI_KIND}={name}" for name in names] + extras.cdi_names()
         if "cdi-annotations" in strategies:
             key = f"{settings.cdi_annotation_prefix}{CDI_ANNOTATION_NAME}_{annotation_id()}"
             resp.annotations[key] = ",".join(qualified)
@@ -280,9 +280,7 @@ def container_response(
             pb.DeviceSpec(container_path=p, host_path=host_path(settings.dev_root, p), permissions="rw")
             for p in (f"{IMEX_CHANNEL_DIR}/channel{c}" for c in extras.imex_channels))
     # The legacy runtime hook injects GDRCopy, GPUDirect Storage and MOFED from these, as for NVIDIA's plugin.
-    # GDRCopy is read from the settings of this call: unlike the IMEX channels nothing about it is found at
-    # start, so a reload that turns it on or off applies to the next Allocate.
-    if settings.gdrcopy_enabled:
+    if extras.gdrcopy:
         resp.envs["NVIDIA_GDRCOPY"] = "enabled"
     if extras.gds:
         resp.envs["NVIDIA_GDS"] = "enabled"

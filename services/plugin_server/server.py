@@ -172,7 +172,8 @@ class PluginServer:
         self._cdi_spec: dict[str, Any] | None = None
         self._cdi_key: tuple[Any, ...] | None = None
         self._extra_specs: list[str] = []
-        self.extras = Extras(gds=settings.gds_enabled, mofed=settings.mofed_enabled)
+        self.extras = Extras(gdrcopy=settings.gdrcopy_enabled, gds=settings.gds_enabled,
+                             mofed=settings.mofed_enabled)
         self.mps = MpsReadiness({}, set())
         # Health states, MPS reports and reloads all rebuild the resources: one at a time, each from
         # the latest state and settings, or a slower rebuild could undo a newer one (or leave a
@@ -372,7 +373,8 @@ class PluginServer:
         elif s.mps_root:
             log.info("MPS_ROOT / --mps-root is set (%s) but sharing.mps is not configured: no MPS", s.mps_root)
         channels = cdi.imex_channels(s)
-        self.extras = Extras(gds=s.gds_enabled, mofed=s.mofed_enabled, imex_channels=channels)
+        self.extras = Extras(gdrcopy=s.gdrcopy_enabled, gds=s.gds_enabled, mofed=s.mofed_enabled,
+                             imex_channels=channels)
         if s.gds_enabled or s.mofed_enabled or s.gdrcopy_enabled or channels:
             log.info("every GPU container also gets:%s%s%s%s", " GPUDirect Storage" if s.gds_enabled else "",
                      " MOFED" if s.mofed_enabled else "", " GDRCopy" if s.gdrcopy_enabled else "",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -132,14 +133,14 @@ def test_extra_specs_without_devices_refuse(tmp_path: Path) -> None:
 
 def test_gdrcopy_envvar_and_volume_mounts() -> None:
     for strategy in ("envvar", "volume-mounts", "envvar,cdi-cri"):
-        resp = _answer(Extras(), DEVICE_LIST_STRATEGY=strategy, GDRCOPY_ENABLED="true")
+        resp = _answer(Extras(gdrcopy=True), DEVICE_LIST_STRATEGY=strategy)
         assert resp.envs["NVIDIA_GDRCOPY"] == "enabled", strategy
-    assert "NVIDIA_GDRCOPY" not in _answer(Extras(), GDRCOPY_ENABLED="false").envs
+    assert "NVIDIA_GDRCOPY" not in _answer(Extras()).envs
 
 
 def test_gdrcopy_cdi_name_in_nvidias_order() -> None:
     """NVIDIA's AdditionalDevices: the IMEX channels, then gdrcopy, gds, mofed (modes in that order)."""
-    resp = _answer(ALL, DEVICE_LIST_STRATEGY="cdi-annotations,cdi-cri", GDRCOPY_ENABLED="true")
+    resp = _answer(dataclasses.replace(ALL, gdrcopy=True), DEVICE_LIST_STRATEGY="cdi-annotations,cdi-cri")
     names = [f"k8s.device-plugin.nvidia.com/gpu={G0}", "k8s.device-plugin.nvidia.com/imex-channel=0",
              "k8s.device-plugin.nvidia.com/gdrcopy=all", "k8s.device-plugin.nvidia.com/gds=all",
              "k8s.device-plugin.nvidia.com/mofed=all"]
