@@ -105,13 +105,11 @@ async def _run(environ: Mapping[str, str], oneshot: bool, signal_after: bool) ->
         raise ConfigManagerError(str(e)) from e
     agent = KubeAgent(rules, environ.get(NODE_NAME, ""), Path(environ[DST]), None)
     await agent.start()
-    if agent.selection is None:
-        # The label was not read (no API server) and a config is in place: it stays, as the
-        # kube-agent keeps it; a sidecar that exited here restarted for as long as the API was away.
-        if agent.select_error or not Path(environ[DST]).exists():
-            raise ConfigManagerError(agent.select_error or "no config selected")
-        log.warning("the node label was not read (%s): the config in place at %s stays", agent.api_error or
-                    "API server not reachable", environ[DST])
+    # Nothing selected is fine when the label was not read (no API server) and a config is in place:
+    # it stays, as the kube-agent keeps it (a sidecar that exited here restarted for as long as the
+    # API was away); the agent has said so on the log.
+    if agent.selection is None and (agent.select_error or not agent.dst.exists()):
+        raise ConfigManagerError(agent.select_error or "no config selected")
     if oneshot:
         return 0
     log.info("following the node label and %s", rules.srcdir)

@@ -28,7 +28,6 @@ ENTRYPOINT_ENV = "GPU_PLUGIN_ENTRYPOINT"
 SUPERVISORD_CONF_ENV = "GPU_PLUGIN_SUPERVISORD_CONF"
 
 
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nvidia-device-plugin",
                                 description="NVIDIA's command line for this plugin: validates the settings, "

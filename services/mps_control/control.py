@@ -64,6 +64,7 @@ from common.settings import Replicated, Settings, SettingsError, SharedResource
 log = logging.getLogger(__name__)
 
 CHECK_S = 1.0  # pid check: no process spawned
+_UNKNOWN = object()  # a file's content not looked at yet
 PROBE_S = 10.0  # a command over the pipe: one short process
 COMMAND_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -486,8 +487,9 @@ class MpsControl:
         self._published: list[MpsDaemon] | None = None
         self._state: HealthState | None = None
         self._replan = False
-        self._ready: bytes | None = None  # the `.ready` file's content as last written (None: removed)
-        self._ready_known = False  # a file may be left by a run that ended uncleanly
+        # The `.ready` file's content as last written (None: removed); unknown at the start (a file may
+        # be left by a run that ended uncleanly), so the first look always writes or removes it.
+        self._ready: bytes | object | None = _UNKNOWN
         self._control, self._smi = "", None
         if self.mps is not None:
             try:
@@ -546,7 +548,7 @@ class MpsControl:
         ready = known and all(d.state.ready for d in self.daemons.values())
         content = b"".join(started_record(d.resource, d.gpus, d.replicas, d.state.active_thread_percentage,
                                           d.state.pinned_mem_limits) for d in self.daemons.values()) if ready else None
-        if self._ready_known and content == self._ready:
+        if content == self._ready:
             return
         path = ready_file(self.settings.mps_container_root)
         if content is None:
@@ -557,7 +559,7 @@ class MpsControl:
             os.makedirs(os.path.dirname(path), exist_ok=True)  # no daemon made it yet: none to run
             replace_file(path, content)
             log.info("all MPS daemons ready: %s written", path)
-        self._ready, self._ready_known = content, True
+        self._ready = content
 
     async def _reconcile(self, state: HealthState) -> None:
         wanted = {name: (res, gpus) for name, res, gpus in plan(self.mps, state)} if self.mps is not None else {}

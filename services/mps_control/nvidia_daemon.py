@@ -36,20 +36,21 @@ import time
 from collections.abc import Callable, Sequence
 
 from common.bus.messages import HealthState
-from common.lifecycle import FatalError, remember_args, run_service
+from common.lifecycle import EX_CONFIG, FatalError, remember_args, run_service
+from common.logs import configure_logging
 from common.mps import shm_dir
-from common.settings import Settings, SettingsError, add_arguments, resolve
+from common.settings import SPECS, Settings, SettingsError, add_arguments, resolve
 from common.version import VersionAction
 
 log = logging.getLogger(__name__)
 
 NAME = "mps-control-daemon"
-CONTAINER_ROOT_ENV = "GPU_PLUGIN_MPS_CONTAINER_ROOT"
+# The setting's own environment name (not a copy of it): the init container's only input.
+CONTAINER_ROOT_ENV = next(spec.env or "" for spec in SPECS if spec.name == "mps_container_root")
 # NVIDIA's mount of the shm (cmd/mps-control-daemon/mount): 64 MiB, no devices, setuid or exec.
 SHM_OPTIONS = "rw,nosuid,nodev,noexec,relatime,size=65536k"
 MAX_UNMOUNTS = 8
 MOUNT_TIMEOUT_S = 30.0
-
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,7 +173,7 @@ def mount_shm(root: str, run: Runner = run_tool, mounted: Callable[[str], bool] 
 
 
 def _mount_shm_command() -> int:
-    logging.basicConfig(level=logging.INFO, format=f"{NAME} mount-shm: %(message)s")
+    configure_logging(NAME, "info", f"{NAME} mount-shm: %(message)s")
     # Only where the MPS root is: the init container has no config (nor needs one) and NVIDIA's is /mps.
     given = {CONTAINER_ROOT_ENV: os.environ[CONTAINER_ROOT_ENV]} if CONTAINER_ROOT_ENV in os.environ else {}
     try:
@@ -195,7 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{NAME}: cannot start: {e}", file=sys.stderr)
         return 1
     remember_args(args)
-    from common.lifecycle import EX_CONFIG
     from common.watchdog import watched
 
     rc = run_service(NAME, watched(NAME, _main), settings)
