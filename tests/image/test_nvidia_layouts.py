@@ -180,7 +180,7 @@ def test_config_manager_sidecar_keeps_the_config_and_runs_until_sigterm_without_
     assert started.running(), f"exit {started.proc.returncode}: {started.stderr}"
     assert dst.read_text() == before
     rc, took = node.stop(started, STOP_GRACE_S)
-    assert rc == 0 and took < STOP_GRACE_S, f"exit {rc} after {took:.1f} s: {started.stderr}"
+    assert rc == 0, f"exit {rc} after {took:.1f} s: {started.stderr}"  # 137 had the grace run out
 
 
 # -- nvidia-device-plugin ------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_gfd_without_a_driver_and_fail_on_init_error_false_labels_until_sigterm_
     assert started.running(), f"exit {started.proc.returncode}: {started.stderr}"
     _assert_no_driver_labels(out.read_text(), since, time.time())
     rc, took = node.stop(started, STOP_GRACE_S)
-    assert rc == 0 and took < STOP_GRACE_S, f"exit {rc} after {took:.1f} s: {started.stderr}"
+    assert rc == 0, f"exit {rc} after {took:.1f} s: {started.stderr}"  # 137 had the grace run out
     assert not out.exists(), "the labels outlived the daemon"
 
 
@@ -341,7 +341,7 @@ def test_mps_control_daemon_without_an_mps_config_waits_with_mps_ready_until_sig
     # NVIDIA's logs that it waits just before it creates the file: a few seconds for the file.
     wait_until(ready.exists, 5, "/mps/.ready, which NVIDIA's creates while it waits without sharing.mps")
     rc, took = node.stop(started, STOP_GRACE_S)
-    assert rc == 0 and took < STOP_GRACE_S, f"exit {rc} after {took:.1f} s: {started.stderr}"
+    assert rc == 0, f"exit {rc} after {took:.1f} s: {started.stderr}"  # 137 had the grace run out
     assert not ready.exists(), "/mps/.ready outlived the daemon"
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from common.bus.messages import HealthState
 from tests.conftest import Procs, wait_until
+from tests.integration.busclient import wait_for_message
 from tests.integration.node import Node
 from tests.integration.test_feature_discovery import DGX_H100, TIME_SLICING, Gfd, without_timestamp
 
@@ -95,8 +98,11 @@ def test_an_xid_79_changes_the_unhealthy_count_and_heartbeats_rewrite_nothing(
     after = labels.wait(lambda ls: ls.get(UNHEALTHY) == "1", "gpu.unhealthy.count 1 after XID 79")
     assert without_timestamp(after) == {**without_timestamp(before), UNHEALTHY: "1"}
     assert without_timestamp(after) == {**DGX_H100, UNHEALTHY: "1"}
-    # The monitor's states of the XID (its count, then the transition) and a second of heartbeats
-    # between: the file was written for the first labels and for the changed count only.
+    # Two heartbeats of the monitor after it (same state, new sent_at) reach the program too: the
+    # file was written for the first labels and for the changed count only.
+    since = time.time()
+    wait_for_message(node.run / "health.sock", lambda m: isinstance(m, HealthState) and m.sent_at >= since + 2.0,
+                     15.0, topics=("health.state",))
     assert labels.writes() == 2, procs.log("feature-labels")
 
 

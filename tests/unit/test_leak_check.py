@@ -49,11 +49,11 @@ def test_a_leaked_process_fails_the_run_and_is_killed(short_tmp: Path, mode: lis
     pid_file = short_tmp / "leaked.pid"
     (short_tmp / "test_inner.py").write_text(INNER.replace("PID_FILE", repr(str(pid_file))))
     (short_tmp / "pytest.ini").write_text("[pytest]\n")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.leakcheck", "-p", "no:cacheprovider", *mode,
-                          "-q", "test_inner.py"], cwd=short_tmp, env={**os.environ, "PYTHONPATH": str(REPO)},
-                         capture_output=True, text=True, timeout=120)
-    pid = int(pid_file.read_text())
     try:
+        out = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.leakcheck", "-p", "no:cacheprovider",
+                              *mode, "-q", "test_inner.py"], cwd=short_tmp,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+        pid = int(pid_file.read_text())
         text = out.stdout + out.stderr
         assert out.returncode == pytest.ExitCode.TESTS_FAILED, text
         assert "leak check: FAILED" in out.stdout, text
@@ -63,8 +63,9 @@ def test_a_leaked_process_fails_the_run_and_is_killed(short_tmp: Path, mode: lis
         assert "3 passed, 1 error" in out.stdout, text
         wait_until(lambda: not alive(pid), 10, "the leaked process killed by the check")
     finally:
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        # Also when the inner run timed out: its sleep carries the inner run's ID, not ours.
+        if pid_file.exists() and alive(leaked := int(pid_file.read_text())):
+            os.kill(leaked, signal.SIGKILL)
 
 
 def test_this_run_is_leak_checked(request: pytest.FixtureRequest) -> None:
