@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from common.bus.messages import DeviceState
 from common.nvml.backend import GPU_FABRIC_STATE_COMPLETED, NVML_SUCCESS, FabricInfo, MigAttributes
 from common.settings import Replicated, Sharing
 
@@ -71,6 +72,41 @@ class NodeFacts:
 
     def migs_of(self, gpu: Device) -> list[Device]:
         return [d for d in self.devices if d.kind == "mig" and d.parent == gpu.id]
+
+
+def device_of(d: DeviceState) -> Device:
+    """A bus DeviceState as the labels see it (the health-monitor's discovery read its facts)."""
+    if d.kind == "mig":
+        a = d.mig_attributes
+        return Device(id=d.id, kind="mig", name=d.name, memory_mb=d.memory_mb, parent=d.parent, profile=d.profile,
+                      attributes=None if a is None else MigAttributes(
+                          multiprocessors=a.multiprocessors, copy_engines=a.copy_engines, decoders=a.decoders,
+                          encoders=a.encoders, jpegs=a.jpegs, ofas=a.ofas, gpu_instance_slices=a.gpu_instance_slices,
+                          compute_instance_slices=a.compute_instance_slices, memory_mb=a.memory_mb))
+    f = d.fabric
+    return Device(
+        id=d.id, kind="gpu", name=d.name, memory_mb=d.memory_mb, mig_enabled=d.mig_enabled, mig_capable=d.mig_capable,
+        compute_capability=(d.compute_major, d.compute_minor) if d.compute_major >= 0 else None,
+        pci_class=d.pci_class if d.pci_class >= 0 else None,
+        fabric=None if f is None else FabricInfo(cluster_uuid=f.cluster_uuid, clique_id=f.clique_id, state=f.state,
+                                                 status=f.status),
+    )
+
+
+def facts_of(driver_version: str, cuda_driver_version: int, devices: Sequence[DeviceState]) -> NodeFacts:
+    """The node's facts from discovery's device list (the bus's, or a pass's own): one source for both
+    the gpu-feature-discovery command and feature-labels. Raises LabelError where they cannot describe
+    the node: NVIDIA's pass asks every GPU and fails on any refusal, whichever GPU the labels show."""
+    if any(d.kind == "gpu" for d in devices) and cuda_driver_version == 0:
+        raise LabelError("no CUDA driver version (NVML refused it, or the health-monitor predates the feature "
+                         "facts)")
+    for d in devices:
+        if d.kind == "gpu" and d.compute_major < 0:
+            raise LabelError(f"failed to determine CUDA compute capability of GPU {d.id}")
+        if d.kind == "mig" and d.mig_attributes is None:
+            raise LabelError(f"unable to get attributes of MIG device {d.id}")
+    return NodeFacts(driver_version=driver_version, cuda_driver_version=cuda_driver_version,
+                     devices=tuple(device_of(d) for d in devices))
 
 
 def node_labels(facts: NodeFacts | None, mig_strategy: str, sharing: Sharing, machine_type: str,

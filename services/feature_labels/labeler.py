@@ -28,14 +28,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.bus.messages import UNHEALTHY, DeviceState, HealthState
+from common.bus.messages import UNHEALTHY, HealthState
 from common.bus.sockets import BusSubscriber
 from common.lifecycle import run_until_stopped
-from common.nvml.backend import FabricInfo, MigAttributes
 from common.settings import Settings, SettingsError
 from common.settings.values import boolean, string
 from services.feature_discovery import output
-from services.feature_discovery.labels import Device, LabelError, NodeFacts, node_labels
+from services.feature_discovery.labels import LabelError, NodeFacts, facts_of, node_labels
 from services.feature_discovery.options import DEFAULT_MACHINE_TYPE_FILE, DEFAULT_OUTPUT_FILE
 
 log = logging.getLogger(__name__)
@@ -67,41 +66,12 @@ class Options:
         return cls(output_file=out, machine_type_file=machine, no_timestamp=no_ts)
 
 
-def _device(d: DeviceState) -> Device:
-    if d.kind == "mig":
-        a = d.mig_attributes
-        return Device(id=d.id, kind="mig", name=d.name, memory_mb=d.memory_mb, parent=d.parent, profile=d.profile,
-                      attributes=None if a is None else MigAttributes(
-                          multiprocessors=a.multiprocessors, copy_engines=a.copy_engines, decoders=a.decoders,
-                          encoders=a.encoders, jpegs=a.jpegs, ofas=a.ofas, gpu_instance_slices=a.gpu_instance_slices,
-                          compute_instance_slices=a.compute_instance_slices, memory_mb=a.memory_mb))
-    f = d.fabric
-    return Device(
-        id=d.id, kind="gpu", name=d.name, memory_mb=d.memory_mb, mig_enabled=d.mig_enabled, mig_capable=d.mig_capable,
-        compute_capability=(d.compute_major, d.compute_minor) if d.compute_major >= 0 else None,
-        pci_class=d.pci_class if d.pci_class >= 0 else None,
-        fabric=None if f is None else FabricInfo(cluster_uuid=f.cluster_uuid, clique_id=f.clique_id, state=f.state,
-                                                 status=f.status),
-    )
-
-
 def node_facts(state: HealthState) -> NodeFacts | None:
     """The labels' input from a health state; None where NVML could not be used (NVIDIA's null
     resource manager: no device labels). Raises LabelError where the state cannot describe the node."""
     if not state.nvml_ok:
         return None
-    if any(d.kind == "gpu" for d in state.devices) and state.cuda_driver_version == 0:
-        raise LabelError("the health-monitor publishes no CUDA driver version (NVML refused it, or the monitor "
-                         "predates the feature facts)")
-    # The labels describe one GPU per model, but gpu-feature-discovery's pass asks every GPU and fails on
-    # any refusal (services.feature_discovery.facts): so does this, whichever GPU the labels would show.
-    for d in state.devices:
-        if d.kind == "gpu" and d.compute_major < 0:
-            raise LabelError(f"failed to determine CUDA compute capability of GPU {d.id}")
-        if d.kind == "mig" and d.mig_attributes is None:
-            raise LabelError(f"unable to get attributes of MIG device {d.id}")
-    return NodeFacts(driver_version=state.driver_version, cuda_driver_version=state.cuda_driver_version,
-                     devices=tuple(_device(d) for d in state.devices))
+    return facts_of(state.driver_version, state.cuda_driver_version, state.devices)
 
 
 def labels_of(state: HealthState, settings: Settings, machine: str) -> dict[str, str]:

@@ -57,7 +57,7 @@ def test_mig_mode_not_supported_is_not_mig_capable(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("field", "match"), [
     ("name", "GPU lost"),  # discovery lists it Unhealthy: the pass fails instead of labeling 7 of 8
-    ("cuda_compute_capability", "GPU is lost"),
+    ("cuda_compute_capability", "failed to determine CUDA compute capability of GPU"),  # discovery logs NVML's reason
 ])
 def test_a_gpu_that_cannot_be_described_fails_the_pass(tmp_path: Path, field: str, match: str) -> None:
     desc = json.loads(fleet_path("dgx-h100-8").read_text())
