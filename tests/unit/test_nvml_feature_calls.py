@@ -13,7 +13,6 @@ import json
 import sys
 import types
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,12 @@ from common.nvml.backend import (
 )
 from common.nvml.real import RealNvml
 from devtools.nvml_sim import SimulatedNvml, fleet_path
+from tests.unit.test_nvml_simulated import code_of
 
 REC_CUDA_DRIVER = 13000
 REC_COMPUTE_CAPABILITY = (9, 0)
 REC_BUS_ID = "00000000:00:06.0"
 PCI_CLASS_3D = 0x030200
-
-
-def code_of(call: Any) -> int:
-    with pytest.raises(NvmlError) as info:
-        call()
-    return info.value.code
-
-
-@pytest.fixture
-def h200() -> Iterator[SimulatedNvml]:
-    nvml = SimulatedNvml(fleet_path("h200"))
-    nvml.init()
-    yield nvml
-    nvml.shutdown()
 
 
 def test_h200_cuda_version_and_compute_capability_are_the_recorded_ones(h200: SimulatedNvml) -> None:

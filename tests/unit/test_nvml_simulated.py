@@ -78,14 +78,6 @@ def code_of(call: Callable[[], Any]) -> int:
     return info.value.code
 
 
-@pytest.fixture
-def h200() -> Iterator[SimulatedNvml]:
-    nvml = SimulatedNvml(fleet_path("h200"))
-    nvml.init()
-    yield nvml
-    nvml.shutdown()
-
-
 # --- recorded values ---------------------------------------------------------------------------
 RECORDED_VALUES: list[tuple[str, Callable[[NvmlBackend, Any], Any], Any]] = [
     ("driver", lambda n, h: n.system_get_driver_version(), REC_DRIVER),
