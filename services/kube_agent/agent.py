@@ -9,14 +9,12 @@ init container selected, or the last selection), and the agent retries with a gr
 reason is on the bus (`kube.state`).
 
 Every answer is checked before it is used, and one that fails a check is a failed read like an
-unreachable server (the config stays, the reason is on the bus, retried): at most MAX_ANSWER_BYTES
-is read (a watch: per event), it must be JSON of the kind asked for (a Node, a NodeList of at most
-one item, a watch event of a known type) and name this node, and its labels must be strings. The
-client library (lightkube) is used for what it does well, finding the cluster and authenticating
-(in-cluster token rotation, exec plugins, TLS); its reading is not: it read a body whole before
-any check (a 200 MB Node cost 456 MB at the peak, 251 MB kept), and its Node model turns any
-object into a Node (a Pod or a Status read as a Node without the label switched a node to the
-default config) or raises a validation error the agent exited on.
+unreachable server (the config stays, the reason is on the bus, retried): read within the bounds
+of common.kubeapi, it must be JSON of the kind asked for (a Node, a NodeList of at most one item,
+a watch event of a known type) and name this node, and its labels must be strings. The client
+library's Node model is not used: it turned any object into a Node (a Pod or a Status read as a
+Node without the label switched a node to the default config) or raised a validation error the
+agent exited on.
 
 The services follow the file it writes (common.reload): the agent never signals them. The write is
 atomic and skipped when the content is unchanged, so a label flapping between two names that hold
@@ -26,27 +24,44 @@ the same config costs the services nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-import reprlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx2
-from lightkube import KubeConfig
-from lightkube.config import client_adapter
-from lightkube.core.exceptions import ConfigError
-
 from common.bus.messages import KubeState
 from common.bus.sockets import BusPublisher
 from common.fswatch import DirWatcher
+from common.kubeapi import (
+    HEADERS,
+    MAX_ANSWER_BYTES,
+    READ_ERRORS,
+    WATCH_TIMEOUT,
+    ApiStatus,
+    BadAnswer,
+    ClientFactory,
+    ConfigError,
+    Http,
+    body_of,
+    default_client,
+    json_type,
+    kind_of,
+    lines_of,
+    parse_json,
+    plain,
+    reason,
+    request,
+    show,
+    status_of,
+)
 from services.kube_agent.selection import Rules, Selection, SelectionError, available, content, digest, select
 from services.kube_agent.selection import write_atomically as write
+
+__all__ = ["ApiStatus", "BadAnswer", "KubeAgent", "NodeApi", "Seen", "default_client", "reason"]
 
 log = logging.getLogger(__name__)
 
@@ -59,88 +74,8 @@ RECHECK_S = 60.0  # backstop for ConfigMap changes inotify cannot see
 # the node read again, so a label change is missed for at most that long.
 WATCH_SERVER_S = 240
 WATCH_RENEW_S = 300.0
-# What one answer (a GET, a list, one watch event) may hold. The API server stores no object
-# larger than etcd's request limit (1.5 MiB by default), and a Node is a few KB to ~100 KB
-# (images and conditions in its status): 8 MiB leaves room for a cluster that raised the limit,
-# and bounds what a wrong answer costs to about that, read and refused.
-MAX_ANSWER_BYTES = 8 << 20
-REQUEST_S = 10.0  # connect, and each read (the client library's default)
-READ_S = 60.0  # a GET or a list, whole: a server trickling bytes cannot hold the agent longer
 # A label value as the API server accepts one (it refuses any other): 63 characters at most.
 LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
-ClientFactory = Callable[[], httpx2.AsyncClient]
-
-
-class BadAnswer(Exception):
-    """The server (or whatever answered in its place) answered, but not with this node: a failed read."""
-
-
-class ApiStatus(Exception):
-    """An HTTP error status or a watch's ERROR event, with the Status's code and message."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"HTTP {code}: {message}")
-        self.code = code
-
-
-# What a read can fail with: none of it ends the agent, all of it keeps the config and is retried.
-# InvalidURL and StreamError are the HTTP client's own, outside its HTTPError.
-READ_ERRORS = (BadAnswer, ApiStatus, ConfigError, httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError,
-               OSError)
-
-
-def default_client() -> httpx2.AsyncClient:
-    """In-cluster (the pod's service account), else KUBECONFIG, as kubectl finds its cluster."""
-    try:
-        config = KubeConfig.from_env().get()
-        if config is None:
-            raise ConfigError("the kubeconfig names no context")
-        return client_adapter.AsyncClient(config, client_adapter.ConnectionParams(timeout=httpx2.Timeout(REQUEST_S)))
-    except ConfigError:
-        raise
-    except Exception as e:  # a kubeconfig is a file we do not own: whatever its parser raises means "no access"
-        raise ConfigError(f"{type(e).__name__}: {e}") from e
-
-
-def reason(e: BaseException) -> str:
-    """A failed read in a line for the log and the bus (bounded: an answer's text can be quoted)."""
-    if isinstance(e, BadAnswer):
-        text = f"answer refused: {e}"
-    elif isinstance(e, ApiStatus):
-        text = str(e)
-    elif isinstance(e, ConfigError):
-        text = f"no API access configured: {e}"
-    else:
-        text = f"{type(e).__name__}: {e}"
-    return text if len(text) <= 400 else text[:400] + "..."
-
-
-_SHOW = reprlib.Repr()
-_SHOW.maxstring = _SHOW.maxother = 80
-
-
-def show(value: Any) -> str:
-    """A value from an answer, quoted (control characters escaped: no forged log line) and cut short."""
-    return _SHOW.repr(value)
-
-
-def plain(message: str) -> str:
-    """A server's message, as `show` but without the quotes."""
-    return show(message)[1:-1]
-
-
-def json_type(value: Any) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return "null"
 
 
 @dataclass(frozen=True)
@@ -155,14 +90,12 @@ class NodeApi:
     """get, list and watch of one Node: the requests the agent's RBAC allows, each answer read
     within bounds and checked before anything is taken from it."""
 
-    def __init__(self, http: httpx2.AsyncClient, node: str, label: str, limit: int = MAX_ANSWER_BYTES) -> None:
+    def __init__(self, http: Http, node: str, label: str, limit: int = MAX_ANSWER_BYTES) -> None:
         self._http = http
         self.node = node
         self.label = label
         self.limit = limit
         self._selector = {"fieldSelector": f"metadata.name={node}"}
-        # identity: the bound is on the bytes received, and a compressed body cannot expand past it.
-        self._headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
 
     async def get(self) -> Seen:
         what = f"GET of node {self.node}"
@@ -173,7 +106,7 @@ class NodeApi:
         what = f"list of node {self.node}"
         answer = await self._read_json("/api/v1/nodes", self._selector, what)
         if not isinstance(answer, dict) or answer.get("kind", "NodeList") != "NodeList":
-            raise BadAnswer(f"{what}: {self._kind(answer)} where a NodeList was expected")
+            raise BadAnswer(f"{what}: {kind_of(answer)} where a NodeList was expected")
         meta, items = answer.get("metadata"), answer.get("items")
         version = meta.get("resourceVersion") if isinstance(meta, dict) else None
         if not isinstance(version, str) or not version:
@@ -196,100 +129,27 @@ class NodeApi:
         while True:
             params["resourceVersion"] = version
             # No read timeout: a watch is silent while the node does not change (the caller bounds it).
-            async with self._http.stream("GET", "/api/v1/nodes", params=params, headers=self._headers,
-                                         timeout=httpx2.Timeout(REQUEST_S, read=None)) as resp:
+            async with self._http.stream("GET", "/api/v1/nodes", params=params, headers=HEADERS,
+                                         timeout=WATCH_TIMEOUT) as resp:
                 if resp.status_code != 200:
-                    raise self._status(resp.status_code, resp.reason_phrase, await self._body(resp, what))
-                self._identity(resp, what)
-                async for line in self._lines(resp, what):
+                    raise status_of(resp.status_code, resp.reason_phrase, await body_of(resp, what, self.limit))
+                async for line in lines_of(resp, what, self.limit):
                     kind, seen = self._event(line, what)
                     version = seen.version
                     yield kind, (None if kind == "BOOKMARK" else seen)
 
     # -- reading ----------------------------------------------------------------------
     async def _read_json(self, path: str, params: dict[str, str], what: str) -> Any:
-        try:
-            async with asyncio.timeout(READ_S):
-                async with self._http.stream("GET", path, params=params, headers=self._headers) as resp:
-                    body = await self._body(resp, what)
-        except TimeoutError:
-            raise BadAnswer(f"{what}: no complete answer within {READ_S:.0f} s") from None
-        if resp.status_code != 200:
-            raise self._status(resp.status_code, resp.reason_phrase, body)
-        return self._json(body, what)
-
-    def _identity(self, resp: httpx2.Response, what: str) -> None:
-        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise BadAnswer(f"{what}: Content-Encoding {show(encoding)}, where identity was asked for")
-
-    async def _body(self, resp: httpx2.Response, what: str) -> bytearray:
-        """The body, refused past the bound: by its declared length before any of it is read,
-        else as soon as it is longer."""
-        self._identity(resp, what)
-        declared = resp.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            raise BadAnswer(f"{what}: {declared} bytes, larger than {self.limit} bytes")
-        body = bytearray()
-        async for chunk in resp.aiter_raw():
-            body += chunk
-            if len(body) > self.limit:
-                raise BadAnswer(f"{what}: larger than {self.limit} bytes")
-        return body
-
-    async def _lines(self, resp: httpx2.Response, what: str) -> AsyncIterator[bytes]:
-        """A watch's events, one per line; a line is refused past the bound (the client library's
-        line reader held a line of any length)."""
-        pending = bytearray()
-        async for chunk in resp.aiter_raw():
-            start = len(pending)  # only the new bytes are searched for the end of a line
-            pending += chunk
-            while (end := pending.find(b"\n", start)) >= 0:
-                line = bytes(pending[:end])
-                del pending[:end + 1]
-                start = 0
-                if len(line) > self.limit:
-                    raise BadAnswer(f"{what}: an event larger than {self.limit} bytes")
-                if line.strip():
-                    yield line
-            if len(pending) > self.limit:
-                raise BadAnswer(f"{what}: an event larger than {self.limit} bytes")
-        if pending.strip():
-            yield bytes(pending)
-
-    @staticmethod
-    def _json(body: bytes | bytearray, what: str) -> Any:
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise BadAnswer(f"{what}: not JSON ({e})") from None
-
-    @staticmethod
-    def _status(code: int, phrase: str, body: bytes | bytearray) -> ApiStatus:
-        """An error answer's Status message, where it has one."""
-        message = phrase
-        try:
-            answer = json.loads(body)
-        except (ValueError, RecursionError):
-            answer = None
-        if isinstance(answer, dict) and isinstance(answer.get("message"), str):
-            message = answer["message"]
-        return ApiStatus(code, plain(message))
+        return await request(self._http, "GET", path, what, params=params, limit=self.limit)
 
     # -- checking ---------------------------------------------------------------------
-    @staticmethod
-    def _kind(answer: Any) -> str:
-        if isinstance(answer, dict) and "kind" in answer:
-            return f"a {show(answer['kind'])}"
-        return json_type(answer)
-
     def _node(self, obj: Any, what: str, listed: bool = False) -> Seen:
         """A Node's label and version, when `obj` is this Node. Kind and apiVersion where given (a
         list's items may go without them), the name, no namespace (a Node has none: a Pod of the
         same name does), the labels a mapping of strings, the config label a valid label value."""
         kind = obj.get("kind") if isinstance(obj, dict) else None
         if not isinstance(obj, dict) or kind not in ("Node", *((None,) if listed else ())):
-            raise BadAnswer(f"{what}: {self._kind(obj)} where a Node was expected")
+            raise BadAnswer(f"{what}: {kind_of(obj)} where a Node was expected")
         if obj.get("apiVersion", "v1") != "v1":
             raise BadAnswer(f"{what}: a Node of apiVersion {show(obj['apiVersion'])}, where v1 was asked for")
         meta = obj.get("metadata")
@@ -321,7 +181,7 @@ class NodeApi:
         return version
 
     def _event(self, line: bytes, what: str) -> tuple[str, Seen]:
-        event = self._json(line, what)
+        event = parse_json(line, what)
         kind = event.get("type") if isinstance(event, dict) else None
         if not isinstance(event, dict) or not isinstance(kind, str) or "object" not in event:
             raise BadAnswer(f"{what}: {json_type(event)} that is not a watch event")
@@ -335,7 +195,7 @@ class NodeApi:
         if kind == "BOOKMARK":  # only a version: the object is a Node with nothing but metadata.resourceVersion
             if not isinstance(obj, dict) or obj.get("kind", "Node") != "Node" or not isinstance(obj.get("metadata"),
                                                                                                  dict):
-                raise BadAnswer(f"{what}: a BOOKMARK of {self._kind(obj)}, not of a Node")
+                raise BadAnswer(f"{what}: a BOOKMARK of {kind_of(obj)}, not of a Node")
             return kind, Seen(None, self._version(obj["metadata"], what))
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             raise BadAnswer(f"{what}: an event of type {show(kind)}")
@@ -419,7 +279,7 @@ class KubeAgent:
 
     async def follow_node(self) -> None:
         """Forever: read the Node, watch it, and on any failure start over after a pause."""
-        http: httpx2.AsyncClient | None = None
+        http: Http | None = None
         pause = RETRY_MIN_S
         try:
             while True:
