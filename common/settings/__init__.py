@@ -166,6 +166,12 @@ class Settings:
     # -- health (ours, under `health:`; and NVIDIA's DP_* variables) -------------------------
     metrics_port: int = setting(("--metrics-port",), "METRICS_PORT", _file("health", "metricsPort"), 0, port,
                                 "health-monitor: serve Prometheus metrics on this TCP port (0: off, no listener)")
+    node_condition: bool = setting(
+        ("--node-condition",), "HEALTH_NODE_CONDITION", _file("health", "node", "condition"), False, boolean,
+        "kube-agent: GPU health as the Node condition GPUUnhealthy (patches nodes/status; needs NODE_NAME)")
+    node_events: bool = setting(
+        ("--node-events",), "HEALTH_NODE_EVENTS", _file("health", "node", "events"), False, boolean,
+        "kube-agent: Events on the Node for health changes, cordons and config changes (needs NODE_NAME)")
     probe_interval: float = setting(
         ("--health-probe-interval",), "HEALTH_PROBE_INTERVAL", _file("health", "probeInterval"), "10s",
         duration(MIN_PROBE_INTERVAL_S), "how often every GPU is probed (at least 100ms)")
@@ -278,7 +284,7 @@ _OTHER_FILE_KEYS: dict[str, Any] = {
     "sharing": None,  # checked by parse_sharing
 }
 # Our own sections, where an unknown key is an error (a typo would silently change the policy).
-_STRICT = (("health",), ("health", "xids"), ("health", "ecc"), ("health", "recovery"))
+_STRICT = (("health",), ("health", "xids"), ("health", "ecc"), ("health", "recovery"), ("health", "node"))
 
 
 def _known_file_keys() -> dict[str, Any]:
