@@ -1,4 +1,5 @@
-"""An emulated Kubernetes API server for tests: Nodes only, over plain HTTP/1.1, as the real one answers.
+"""An emulated Kubernetes API server for tests: Nodes (and NFD's NodeFeatures, in their own section
+at the end), over plain HTTP/1.1, as the real one answers.
 
 What the kube-agent uses, with the real server's behaviour at the edges: `GET /api/v1/nodes/<name>`
 (404 as a Status), `GET /api/v1/nodes?watch=true&fieldSelector=metadata.name=<name>&resourceVersion=N`
@@ -33,6 +34,7 @@ class Request:
     method: str
     path: str
     query: dict[str, str]
+    body: bytes = b""  # what a write sent
 
 
 @dataclass
@@ -83,6 +85,7 @@ class KubeApiEmulator:
         self.fault: str | None = None  # every GET and list is answered with this one of FAULTS while set
         self.faulted = 0  # answers given with a fault (GET, list, watch event)
         self.huge_bytes = 200 << 20
+        self.nodefeatures = NodeFeatures()  # NFD's objects, which gpu-feature-discovery writes
         self._watches: list[_Watch] = []
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
@@ -202,12 +205,11 @@ class KubeApiEmulator:
                 for line in lines[1:]:
                     if line.lower().startswith("content-length:"):
                         length = int(line.split(":", 1)[1])
-                if length:
-                    await reader.readexactly(length)
+                body = await reader.readexactly(length) if length else b""
                 url = urlsplit(target)
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                self.requests.append(Request(method, url.path, query))
-                if not await self._answer(method, url.path, query, writer):
+                self.requests.append(Request(method, url.path, query, body))
+                if not await self._answer(method, url.path, query, writer, body):
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
@@ -305,10 +307,13 @@ class KubeApiEmulator:
             bad = self._list([bad])
         return await self._send(writer, 200, bad)
 
-    async def _answer(self, method: str, path: str, query: dict[str, str], writer: asyncio.StreamWriter) -> bool:
+    async def _answer(self, method: str, path: str, query: dict[str, str], writer: asyncio.StreamWriter,
+                      body: bytes = b"") -> bool:
         if self.failures:
             code = self.failures.pop(0)
             return await self._send(writer, code, status(code, REASONS.get(code, "Error"), f"injected {code}"))
+        if path.startswith(NODEFEATURES_PREFIX):
+            return await self._send(writer, *self.nodefeatures.answer(method, path, body))
         if method != "GET" or not path.startswith("/api/v1/nodes"):
             return await self._send(writer, 403, status(403, "Forbidden", f"{method} {path} is forbidden"))
         name = path[len("/api/v1/nodes/"):] if path.startswith("/api/v1/nodes/") else ""
@@ -400,3 +405,134 @@ class KubeApiEmulator:
             raw(json.dumps({"type": "MODIFIED", "object": self._bad_object(fault, node)}).encode() + b"\n")
         await writer.drain()
         return fault != "cut"
+
+
+# -- NodeFeatures ----------------------------------------------------------------------------------
+# NFD's custom resource (nfd.k8s-sigs.io/v1alpha1, namespaced), which gpu-feature-discovery creates and
+# updates with its labels, as the real server answers: GET (404 as a Status), a list, POST (201;
+# 409 AlreadyExists), PUT (the resourceVersion sent must be the stored one, else 409 Conflict; none
+# at all is 422 Invalid, as for every custom resource). Any other verb is answered 403, as NVIDIA's
+# RBAC (get, list, watch, create, update) would. Injected `failures` come first, as for Nodes.
+# `races` makes the next writes lose a race to another writer (the object created, or its
+# resourceVersion moved on, just before), so that a client's re-read can be seen; `fault` answers
+# every NodeFeature with one of NODEFEATURE_FAULTS.
+
+NODEFEATURES_PREFIX = "/apis/nfd.k8s-sigs.io/v1alpha1/namespaces/"
+NODEFEATURE_API_VERSION = "nfd.k8s-sigs.io/v1alpha1"
+NODE_NAME_LABEL = "nfd.node.kubernetes.io/node-name"
+_RESOURCE = "nodefeatures.nfd.k8s-sigs.io"
+NODEFEATURE_FAULTS = (
+    "other-name",    # a NodeFeature of another name
+    "node",          # a Node of the same name (a misrouted answer)
+    "no-version",    # the NodeFeature without metadata.resourceVersion
+    "labels-list",   # spec.labels a list of "key=value"
+    "other-labels",  # spec.labels not the ones stored (a write's answer that does not show the write)
+)
+_REASONS = {400: "BadRequest", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid"}
+Answer = tuple[int, dict[str, Any]]
+
+
+def _failure(code: int, message: str, reason: str = "") -> Answer:
+    return code, status(code, reason or _REASONS.get(code, "Error"), message)
+
+
+def _faulted(fault: str, obj: dict[str, Any]) -> dict[str, Any]:
+    bad: dict[str, Any] = json.loads(json.dumps(obj))
+    meta = bad["metadata"]
+    if fault == "other-name":
+        meta["name"] += "-other"
+    elif fault == "node":
+        bad = {"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": meta["name"], "uid": "uid-node", "resourceVersion": meta["resourceVersion"], "labels": {}}}
+    elif fault == "no-version":
+        del meta["resourceVersion"]
+    elif fault == "labels-list":
+        bad["spec"]["labels"] = [f"{k}={v}" for k, v in (bad["spec"].get("labels") or {}).items()]
+    elif fault == "other-labels":
+        bad["spec"]["labels"] = {"example.com/other": "true"}
+    else:
+        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(NODEFEATURE_FAULTS)}")
+    return bad
+
+
+class NodeFeatures:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> NodeFeature
+        self.version = 5000  # their own resourceVersions (opaque to clients, as the real ones)
+        self.races = 0
+        self.fault: str | None = None
+
+    def add(self, namespace: str, name: str, labels: dict[str, str] | None = None, node: str = "") -> dict[str, Any]:
+        """A NodeFeature as another writer (or an earlier pod) left it."""
+        self.version += 1
+        obj = {"apiVersion": NODEFEATURE_API_VERSION, "kind": "NodeFeature",
+               "metadata": {"name": name, "namespace": namespace, "uid": f"uid-nf-{name}",
+                            "resourceVersion": str(self.version), "generation": 1,
+                            "labels": {NODE_NAME_LABEL: node} if node else {}},
+               "spec": {"features": {"flags": {}, "attributes": {}, "instances": {}},
+                        "labels": dict(labels or {})}}
+        self.objects[(namespace, name)] = obj
+        return obj
+
+    def _race(self, namespace: str, name: str) -> None:
+        """Another writer goes first: creates the object, or moves its resourceVersion on."""
+        self.races -= 1
+        current = self.objects.get((namespace, name))
+        if current is None:
+            self.add(namespace, name, {"example.com/other-writer": "true"})
+        else:
+            self.version += 1
+            current["metadata"]["resourceVersion"] = str(self.version)
+
+    def _object(self, code: int, obj: dict[str, Any]) -> Answer:
+        return code, obj if self.fault is None else _faulted(self.fault, obj)
+
+    def answer(self, method: str, path: str, body: bytes) -> Answer:
+        parts = path[len(NODEFEATURES_PREFIX):].split("/")
+        if len(parts) not in (2, 3) or parts[1] != "nodefeatures" or not all(parts):
+            return _failure(404, "the server could not find the requested resource")
+        namespace, name = parts[0], parts[2] if len(parts) == 3 else ""
+        if method == "GET" and name:
+            found = self.objects.get((namespace, name))
+            return _failure(404, f'{_RESOURCE} "{name}" not found') if found is None else self._object(200, found)
+        if method == "GET":
+            return 200, {"apiVersion": NODEFEATURE_API_VERSION, "kind": "NodeFeatureList",
+                         "metadata": {"resourceVersion": str(self.version)},
+                         "items": [obj for (ns, _), obj in self.objects.items() if ns == namespace]}
+        if (method, bool(name)) not in (("POST", False), ("PUT", True)):
+            return _failure(403, f"{method} {path} is forbidden")
+        try:
+            sent = json.loads(body)
+        except ValueError as e:
+            return _failure(400, f"not JSON: {e}")
+        meta = sent.get("metadata") if isinstance(sent, dict) else None
+        if not isinstance(meta, dict) or sent.get("kind") != "NodeFeature" or \
+                sent.get("apiVersion") != NODEFEATURE_API_VERSION or not isinstance(meta.get("name"), str) or \
+                meta.get("namespace", namespace) != namespace or (name and meta["name"] != name):
+            return _failure(400, "the body is not a NodeFeature of this name and namespace")
+        name = meta["name"]
+        if self.races > 0:
+            self._race(namespace, name)
+        stored = self.objects.get((namespace, name))
+        self.version += 1
+        if method == "POST":
+            if stored is not None:
+                return _failure(409, f'{_RESOURCE} "{name}" already exists', "AlreadyExists")
+            created = {**sent, "metadata": {**meta, "namespace": namespace, "uid": f"uid-nf-{name}-{self.version}",
+                                            "resourceVersion": str(self.version), "generation": 1}}
+            self.objects[(namespace, name)] = created
+            return self._object(201, created)
+        if stored is None:
+            return _failure(404, f'{_RESOURCE} "{name}" not found')
+        if not meta.get("resourceVersion"):
+            return _failure(422, f'{_RESOURCE} "{name}" is invalid: metadata.resourceVersion: Invalid value: 0x0: '
+                                 "must be specified for an update")
+        if meta["resourceVersion"] != stored["metadata"]["resourceVersion"]:
+            return _failure(409, f'Operation cannot be fulfilled on {_RESOURCE} "{name}": the object has been '
+                                 "modified; please apply your changes to the latest version and try again")
+        old = stored["metadata"]
+        generation = old.get("generation", 1) + (sent.get("spec") != stored.get("spec"))
+        updated = {**sent, "metadata": {**meta, "namespace": namespace, "uid": old["uid"],
+                                        "resourceVersion": str(self.version), "generation": generation}}
+        self.objects[(namespace, name)] = updated
+        return self._object(200, updated)
