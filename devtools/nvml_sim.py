@@ -42,6 +42,10 @@ What feature discovery asks besides (each absent: NOT_SUPPORTED, or unknown for 
 on GPUs outside a multi-node NVLink fabric, as on the recorded H200); and per MIG device
 `attributes` {"multiprocessors", "copy_engines", "decoders", "encoders", "jpegs", "ofas",
 "gpu_instance_slices", "compute_instance_slices", "memory_mb"} (nvmlDeviceGetAttributes).
+`vgpu` {"host_driver_version": "595.71.03", "host_driver_branch": "r596_25"} (ASCII, 10 bytes at
+most each) makes the GPU a vGPU guest's: its PCI config space (`config_space`, what sysfs shows a
+reader with CAP_SYS_ADMIN) then carries the host driver record that NVIDIA's feature discovery reads;
+without it the space is a passthrough GPU's. Either goes through the real parser (common.nvml.vgpu).
 
 Faults arrive as JSON lines on a unix socket (`FaultClient`, `gpu-plugin inject`), served
 by a thread of the backend: {"op": "xid", "uuid": U, "xid": 79, "gi": .., "ci": ..},
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -98,7 +103,9 @@ from common.nvml.backend import (
     MigAttributes,
     NvmlError,
     PciInfo,
+    VgpuInfo,
 )
+from common.nvml.vgpu import CONVENTIONAL_SIZE, PCI_VENDOR_NVIDIA, read_host_driver
 
 if TYPE_CHECKING:  # the settings (and YAML) stay out of scripts that only replay a fleet
     from common.settings import Settings
@@ -109,6 +116,9 @@ XID_GPU_LOST = 79  # "GPU has fallen off the bus"
 # XIDs after which the driver advises a GPU reset (double-bit ECC, lost, row-remap failure, ...).
 XIDS_NEEDING_RESET = frozenset({48, 63, 64, 74, 79, 92, 94, 95, 119, 120})
 FLEETS = ("h200", "dgx-h100-8", "dgx-h100-8-mig")
+
+
+_VGPU_FIELD = 10  # the width of each field of a vGPU's host driver record
 
 
 class DescriptionError(ValueError):
@@ -162,7 +172,40 @@ def load_description(path: Path) -> dict[str, Any]:
         for key in ("uuid", "name", "minor", "pci_bus_id", "memory_total"):
             if not isinstance(dev, dict) or key not in dev:
                 raise DescriptionError(f"device description {path}: devices[{i}] lacks '{key}'")
+        if "vgpu" in dev:
+            vgpu = dev["vgpu"]
+            if not (isinstance(vgpu, dict) and set(vgpu) == {"host_driver_version", "host_driver_branch"}
+                    and all(isinstance(v, str) and v.isascii() and len(v) <= _VGPU_FIELD for v in vgpu.values())):
+                raise DescriptionError(f"device description {path}: devices[{i}].vgpu: expected "
+                                       f"host_driver_version and host_driver_branch, ASCII of at most "
+                                       f"{_VGPU_FIELD} characters")
     return data
+
+
+def config_space(vgpu: dict[str, str] | None) -> bytes:
+    """A GPU's PCI config space as sysfs shows it to CAP_SYS_ADMIN, the conventional 256 bytes: an
+    NVIDIA 3D controller listing its capabilities. A passthrough GPU's list is power management (0x60),
+    MSI (0x68), PCI Express (0x78) and a vendor-specific capability without the vGPU signature
+    (0xb4); a vGPU's is the vendor-specific capability first (0xd0: "VF", then record 0 with the
+    host driver's version and branch, NUL-padded), then MSI (0x68), as a vGPU function shows it."""
+    space = bytearray(CONVENTIONAL_SIZE)
+    space[0:2] = PCI_VENDOR_NVIDIA.to_bytes(2, "little")
+    space[0x06] = 0x10  # status: a capability list follows
+    space[0x09:0x0C] = bytes([0x00, 0x02, 0x03])  # class 0x030200 (programming interface, subclass, base)
+    if vgpu is None:
+        chain = [(0x60, 0x01, bytes(6)), (0x68, 0x05, bytes(14)), (0x78, 0x10, bytes(58)),
+                 (0xB4, 0x09, bytes([0x01, 0x00]) + bytes(15))]
+    else:
+        record = bytes([0x00, 2 + 2 * _VGPU_FIELD]) + b"".join(
+            vgpu[k].encode("ascii").ljust(_VGPU_FIELD, b"\0") for k in ("host_driver_version", "host_driver_branch"))
+        chain = [(0xD0, 0x09, b"VF" + record), (0x68, 0x05, bytes(14))]
+    space[0x34] = chain[0][0]
+    for n, (at, cap_id, body) in enumerate(chain):
+        following = chain[n + 1][0] if n + 1 < len(chain) else 0
+        # Byte 2 is the length only in a vendor-specific capability; the others' bodies start there.
+        head = bytes([cap_id, following, 3 + len(body)]) if cap_id == 0x09 else bytes([cap_id, following])
+        space[at:at + len(head) + len(body)] = head + body
+    return bytes(space)
 
 
 class SimulatedNvml:
@@ -291,6 +334,12 @@ class SimulatedNvml:
             if str(gpu.desc["pci_bus_id"]).lower() == pci_bus_id.lower():
                 value = gpu.desc.get("pci_class")
                 return int(value, 16) if isinstance(value, str) else None if value is None else int(value)
+        return None
+
+    def sysfs_vgpu(self, pci_bus_id: str) -> VgpuInfo | None:
+        for gpu in self._gpus:
+            if str(gpu.desc["pci_bus_id"]).lower() == pci_bus_id.lower():
+                return read_host_driver(functools.partial(config_space, gpu.desc.get("vgpu")), pci_bus_id)
         return None
 
     def device_get_mig_mode(self, handle: Handle) -> tuple[int, int]:

@@ -134,6 +134,14 @@ class FabricState:
 
 
 @dataclass(frozen=True)
+class VgpuState:
+    """The vGPU manager of the hypervisor a vGPU guest's GPU is served by, from its PCI config space."""
+
+    host_driver_version: str  # e.g. "595.71.03"
+    host_driver_branch: str  # e.g. "r596_25"
+
+
+@dataclass(frozen=True)
 class DeviceState:
     """One schedulable device as the health-monitor sees it: a whole GPU or a MIG device."""
 
@@ -167,6 +175,7 @@ class DeviceState:
     pci_class: int = -1  # GPUs: the sysfs PCI class (0x030200 3D controller); -1: unknown
     fabric: FabricState | None = None  # GPUs: None when not in a multi-node NVLink fabric (or unknown)
     mig_attributes: MigAttributesState | None = None  # MIG devices; None: unknown
+    vgpu: VgpuState | None = None  # GPUs: set on a vGPU; None: not one, or its config space cannot say
 
 
 @dataclass(frozen=True)

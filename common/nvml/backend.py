@@ -127,6 +127,14 @@ class FabricInfo:
 
 
 @dataclass(frozen=True)
+class VgpuInfo:
+    """The vGPU manager of the hypervisor a vGPU guest runs on, as its PCI config space names it."""
+
+    host_driver_version: str  # e.g. "595.71.03"
+    host_driver_branch: str  # e.g. "r596_25"
+
+
+@dataclass(frozen=True)
 class EventData:
     """One NVML event, with the device already resolved to its UUID."""
 
@@ -172,6 +180,14 @@ class NvmlBackend(Protocol):
         """The PCI class the kernel reports (0x030200: 3D controller, 0x030000: VGA); None when unknown.
 
         Not an NVML call: NVIDIA's feature discovery reads it from sysfs for its gpu.mode label.
+        """
+        ...
+
+    def sysfs_vgpu(self, pci_bus_id: str) -> VgpuInfo | None:
+        """The vGPU host driver when the PCI device is a vGPU; None when it is not, or its config space
+        cannot say (common.nvml.vgpu logs why, once). Never raises.
+
+        Not an NVML call: NVIDIA's feature discovery reads the config space in sysfs for its vgpu.* labels.
         """
         ...
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from common.files import read_bounded
 from common.nvml.backend import (
     ECC_COUNTER_VOLATILE,
     FI_DEV_GET_GPU_RECOVERY_ACTION,
@@ -27,7 +28,9 @@ from common.nvml.backend import (
     MigAttributes,
     NvmlError,
     PciInfo,
+    VgpuInfo,
 )
+from common.nvml.vgpu import CONFIG_SPACE_MAX, read_host_driver
 
 if TYPE_CHECKING:
     from common.nvml.backend import NvmlBackend
@@ -293,6 +296,14 @@ class RealNvml:
             return int((self._sysfs_root / "bus" / "pci" / "devices" / address / "class").read_text().strip(), 16)
         except (OSError, ValueError):
             return None
+
+    def sysfs_vgpu(self, pci_bus_id: str) -> VgpuInfo | None:
+        try:
+            address = sysfs_pci_address(pci_bus_id)
+        except ValueError:
+            return None
+        config = self._sysfs_root / "bus" / "pci" / "devices" / address / "config"
+        return read_host_driver(lambda: read_bounded(config, CONFIG_SPACE_MAX), address)
 
     # -- topology ---------------------------------------------------------------------
     def device_get_nvlink_state(self, handle: Handle, link: int) -> int:

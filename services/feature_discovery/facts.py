@@ -1,8 +1,8 @@
 """What NVML says of the node, as the labels need it: one pass, NVML initialised and shut down.
 
 The device list is the health monitor's discovery (the same DeviceStates the bus carries, with
-what GFD asks beyond it: compute capability, MIG attributes, PCI class, fabric); the versions
-are asked here. NVIDIA's feature discovery initialises NVML for each labeling
+what GFD asks beyond it: compute capability, MIG attributes, PCI class, fabric, vGPU host driver);
+the versions are asked here. NVIDIA's feature discovery initialises NVML for each labeling
 pass and shuts it down after it, holding nothing in between: so does this.
 
 Unlike the health monitor, which lists a GPU it cannot describe as Unhealthy and serves the
@@ -80,7 +80,7 @@ def _collect(backend: NvmlBackend) -> NodeFacts:
         return NodeFacts(driver_version="", cuda_driver_version=0, devices=())
     try:
         # Discovery read what the labels need beyond the device list (compute capability, MIG mode and
-        # attributes, PCI class, fabric): asked once per pass, not again here.
+        # attributes, PCI class, fabric, vGPU host driver): asked once per pass, not again here.
         return facts_of(backend.system_get_driver_version(), backend.system_get_cuda_driver_version(),
                         inventory.devices)
     except LabelError as e:

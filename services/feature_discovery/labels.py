@@ -1,8 +1,8 @@
 """NVIDIA's GPU feature discovery labels, computed from facts: no NVML, no files, no clock.
 
 The input is the node's device list as the health bus carries it (a `DeviceState`'s id, kind,
-name, memory, parent, MIG profile and mode) plus what GFD asks NVML beyond it (compute
-capability, MIG attributes, PCI class, fabric), the driver and CUDA versions, the settings
+name, memory, parent, MIG profile and mode) plus what GFD asks NVML and sysfs beyond it (compute
+capability, MIG attributes, PCI class, fabric, vGPU host driver), the driver and CUDA versions, the settings
 and the machine type. `node_labels` answers the labels NVIDIA's gpu-feature-discovery v0.20
 writes for the same node and config (cmd/gpu-feature-discovery and internal/lm of
 NVIDIA/k8s-device-plugin): each rule below names the labeler it follows. Because nothing
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.bus.messages import DeviceState
-from common.nvml.backend import GPU_FABRIC_STATE_COMPLETED, NVML_SUCCESS, FabricInfo, MigAttributes
+from common.nvml.backend import GPU_FABRIC_STATE_COMPLETED, NVML_SUCCESS, FabricInfo, MigAttributes, VgpuInfo
 from common.settings import Replicated, Sharing
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Device:
     attributes: MigAttributes | None = None  # MIG devices; None: NVML refused them
     pci_class: int | None = None  # GPUs; None: sysfs does not say
     fabric: FabricInfo | None = None  # GPUs; None: not in a multi-node NVLink fabric
+    vgpu: VgpuInfo | None = None  # GPUs; None: not a vGPU (or its PCI config space could not say)
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,15 @@ def device_of(d: DeviceState) -> Device:
                           multiprocessors=a.multiprocessors, copy_engines=a.copy_engines, decoders=a.decoders,
                           encoders=a.encoders, jpegs=a.jpegs, ofas=a.ofas, gpu_instance_slices=a.gpu_instance_slices,
                           compute_instance_slices=a.compute_instance_slices, memory_mb=a.memory_mb))
-    f = d.fabric
+    f, v = d.fabric, d.vgpu
     return Device(
         id=d.id, kind="gpu", name=d.name, memory_mb=d.memory_mb, mig_enabled=d.mig_enabled, mig_capable=d.mig_capable,
         compute_capability=(d.compute_major, d.compute_minor) if d.compute_major >= 0 else None,
         pci_class=d.pci_class if d.pci_class >= 0 else None,
         fabric=None if f is None else FabricInfo(cluster_uuid=f.cluster_uuid, clique_id=f.clique_id, state=f.state,
                                                  status=f.status),
+        vgpu=None if v is None else VgpuInfo(host_driver_version=v.host_driver_version,
+                                             host_driver_branch=v.host_driver_branch),
     )
 
 
@@ -120,13 +123,16 @@ def node_labels(facts: NodeFacts | None, mig_strategy: str, sharing: Sharing, ma
     labels["nvidia.com/gpu.machine"] = machine_type.replace(" ", "-")
     gpus = facts.gpus if facts is not None else []
     if facts is None or not gpus:
-        return dict(sorted(labels.items()))  # nvml.go: no devices, no device labels
+        # nvml.go: no devices, no device labels. Nor vgpu.*: NVIDIA's scan every NVIDIA PCI function in
+        # sysfs, with or without NVML; ours are read of the GPUs NVML lists, so here they are unknown.
+        return dict(sorted(labels.items()))
     labels.update(_version_labels(facts))
     labels["nvidia.com/mig.capable"] = _bool(any(g.mig_capable for g in gpus))
     labels.update(_sharing_labels(facts, sharing))
     labels.update(_resource_labels(facts, mig_strategy, sharing))
     labels["nvidia.com/gpu.mode"] = _gpu_mode(gpus)
     labels.update(_clique_labels(gpus))
+    labels.update(_vgpu_labels(gpus))
     return dict(sorted(labels.items()))
 
 
@@ -401,3 +407,15 @@ def _clique_labels(gpus: Sequence[Device]) -> dict[str, str]:
     if not clusters:
         return {}
     return {"nvidia.com/gpu.clique": f"{clusters.pop()}.{cliques.pop()}"}
+
+
+def _vgpu_labels(gpus: Sequence[Device]) -> dict[str, str]:
+    """vgpu.go vgpuLabeler: vgpu.present, and on a vGPU guest the host driver's version and branch (the
+    last vGPU's: NVIDIA's loop overwrites them, and one hypervisor serves them all). A config space
+    that could not be read or understood is "not a vGPU", as NVIDIA's labeler has made such errors
+    since #672: present false and a warning, where it failed the pass before."""
+    vgpus = [g.vgpu for g in gpus if g.vgpu is not None]
+    if not vgpus:
+        return {"nvidia.com/vgpu.present": "false"}
+    return {"nvidia.com/vgpu.present": "true", "nvidia.com/vgpu.host-driver-version": vgpus[-1].host_driver_version,
+            "nvidia.com/vgpu.host-driver-branch": vgpus[-1].host_driver_branch}

@@ -22,6 +22,7 @@ from common.bus.messages import (
     FabricState,
     MigAttributesState,
     PairLink,
+    VgpuState,
     is_device_id,
 )
 from common.nvml.backend import (
@@ -226,6 +227,7 @@ def _with_feature_facts(backend: NvmlBackend, handle: Handle, gpu: DeviceState) 
     mig_capable = _optional("MIG mode", gpu.id, lambda: backend.device_get_mig_mode(handle)) is not None
     fabric = _optional("fabric", gpu.id, lambda: backend.device_get_gpu_fabric_info(handle))
     pci_class = backend.sysfs_pci_class(gpu.pci_bus_id)
+    vgpu = backend.sysfs_vgpu(gpu.pci_bus_id)
     return dataclasses.replace(
         gpu,
         compute_major=cc[0] if cc is not None else -1,
@@ -234,6 +236,8 @@ def _with_feature_facts(backend: NvmlBackend, handle: Handle, gpu: DeviceState) 
         pci_class=pci_class if pci_class is not None else -1,
         fabric=None if fabric is None else FabricState(cluster_uuid=fabric.cluster_uuid, clique_id=fabric.clique_id,
                                                        state=fabric.state, status=fabric.status),
+        vgpu=None if vgpu is None else VgpuState(host_driver_version=vgpu.host_driver_version,
+                                                 host_driver_branch=vgpu.host_driver_branch),
     )
 
 

@@ -42,6 +42,7 @@ DGX_H100 = {
     "nvidia.com/gpu.compute.major": "9",
     "nvidia.com/gpu.compute.minor": "0",
     "nvidia.com/gpu.mode": "compute",  # getModeForClasses: every GPU 0x030200 (PCI3dControllerClass)
+    "nvidia.com/vgpu.present": "false",  # vgpu.go: no function with the "VF" capability (bare-metal H100s)
 }
 TIME_SLICING = "version: v1\nsharing:\n  timeSlicing:\n{rename}    resources:\n    - name: nvidia.com/gpu\n" \
                "      replicas: 4\n"

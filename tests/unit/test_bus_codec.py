@@ -36,6 +36,7 @@ from common.bus.messages import (
     RegistrarEvent,
     RegistrarState,
     Registration,
+    VgpuState,
 )
 
 GPU0 = DeviceState(
@@ -533,6 +534,7 @@ def test_resent_at_matches_only_the_same_bytes_with_a_new_time() -> None:
 GPU_WITH_FACTS = dataclasses.replace(
     GPU0, compute_major=9, compute_minor=0, mig_capable=True, pci_class=0x030200,
     fabric=FabricState(cluster_uuid="6e0a7c9c-1d0b-4b1e-8f6e-0d9c5b2a4e11", clique_id=32766, state=3, status=0),
+    vgpu=VgpuState(host_driver_version="595.71.03", host_driver_branch="r596_25"),
 )
 MIG_WITH_FACTS = dataclasses.replace(MIG, mig_attributes=MigAttributesState(
     multiprocessors=16, copy_engines=1, decoders=1, encoders=0, jpegs=1, ofas=0, gpu_instance_slices=1,
@@ -545,13 +547,14 @@ def test_the_feature_facts_round_trip() -> None:
     assert decode(*encode(HEALTH_STATE_WITH_FACTS)) == HEALTH_STATE_WITH_FACTS
     body = _body(HEALTH_STATE_WITH_FACTS)
     assert body["devices"][1]["fabric"] is None and body["devices"][2]["mig_attributes"]["multiprocessors"] == 16
+    assert body["devices"][0]["vgpu"]["host_driver_branch"] == "r596_25" and body["devices"][1]["vgpu"] is None
 
 
 def test_a_health_state_from_a_monitor_without_the_feature_facts_decodes_with_them_unknown() -> None:
     body = _body(HEALTH_STATE_WITH_FACTS)
     del body["cuda_driver_version"]
     for device in body["devices"]:
-        for key in ("compute_major", "compute_minor", "mig_capable", "pci_class", "fabric", "mig_attributes"):
+        for key in ("compute_major", "compute_minor", "mig_capable", "pci_class", "fabric", "mig_attributes", "vgpu"):
             del device[key]
     msg = decode(b"health.state", _pack(body))
     assert msg == HEALTH_STATE  # the same version: the new fields are optional, their defaults "unknown"
@@ -570,6 +573,8 @@ def test_a_health_state_from_a_monitor_without_the_feature_facts_decodes_with_th
         (("devices", 0, "fabric", "cluster_uuid"), None, "health.state.devices[0].fabric.cluster_uuid"),
         (("devices", 2, "mig_attributes", "memory_mb"), "16384", "health.state.devices[2].mig_attributes.memory_mb"),
         (("devices", 2, "mig_attributes"), [16, 1], "health.state.devices[2].mig_attributes"),
+        (("devices", 0, "vgpu"), "595.71.03", "health.state.devices[0].vgpu"),
+        (("devices", 0, "vgpu", "host_driver_version"), 595, "health.state.devices[0].vgpu.host_driver_version"),
     ],
 )
 def test_bad_feature_facts_are_refused_naming_the_field(path: tuple[Any, ...], value: Any, where: str) -> None:

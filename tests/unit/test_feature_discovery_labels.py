@@ -10,7 +10,13 @@ import re
 
 import pytest
 
-from common.nvml.backend import GPU_FABRIC_STATE_COMPLETED, GPU_FABRIC_STATE_IN_PROGRESS, FabricInfo, MigAttributes
+from common.nvml.backend import (
+    GPU_FABRIC_STATE_COMPLETED,
+    GPU_FABRIC_STATE_IN_PROGRESS,
+    FabricInfo,
+    MigAttributes,
+    VgpuInfo,
+)
 from common.settings import Replicated, SharedResource, Sharing
 from services.feature_discovery.labels import (
     PCI_CLASS_3D,
@@ -100,6 +106,7 @@ def test_eight_full_gpus_get_nvidias_whole_label_set() -> None:
         "nvidia.com/gpu.compute.major": "9",
         "nvidia.com/gpu.compute.minor": "0",
         "nvidia.com/gpu.mode": "compute",  # nvml.go getModeForClasses: 0x030200 = PCI3dControllerClass
+        "nvidia.com/vgpu.present": "false",  # vgpu.go: no vGPU among the NVIDIA PCI functions
     }
     assert node_labels(dgx(), "none", NO_SHARING, "DGX H100", TS) == expected
 
@@ -116,7 +123,8 @@ def test_no_timestamp_leaves_the_timestamp_out() -> None:
 @pytest.mark.parametrize("facts", [None, node()], ids=["nvml-unavailable", "no-gpus"])
 def test_without_devices_only_timestamp_and_machine(facts: NodeFacts | None) -> None:
     # main.go: the timestamp labeler always; labeler.go: the machine type when its file is set;
-    # nvml.go NewDeviceLabeler: no devices (the null manager has none), no device labels.
+    # nvml.go NewDeviceLabeler: no devices (the null manager has none), no device labels. NVIDIA's
+    # vgpu.present comes of its own sysfs scan here; ours of the GPUs NVML lists, so it is left out.
     assert node_labels(facts, "none", NO_SHARING, "unknown", TS) == {
         "nvidia.com/gfd.timestamp": str(TS), "nvidia.com/gpu.machine": "unknown"}
 
@@ -347,3 +355,25 @@ def test_compute_capability_refused_fails_the_labels() -> None:
 def test_unknown_strategy_fails() -> None:
     with pytest.raises(LabelError, match="unknown strategy: bogus"):
         node_labels(dgx(), "bogus", NO_SHARING, "x", TS)
+
+
+HOST = VgpuInfo(host_driver_version="595.71.03", host_driver_branch="r596_25")
+
+
+@pytest.mark.parametrize(("vgpus", "expected"), [
+    # vgpu.go: present with the host driver's version and branch, as read from record 0.
+    ((HOST,), {"nvidia.com/vgpu.present": "true", "nvidia.com/vgpu.host-driver-version": "595.71.03",
+               "nvidia.com/vgpu.host-driver-branch": "r596_25"}),
+    # Its loop over the vGPUs overwrites the two: the last one's stay.
+    ((VgpuInfo("580.95.02", "r581_36"), HOST), {"nvidia.com/vgpu.present": "true",
+                                                "nvidia.com/vgpu.host-driver-version": "595.71.03",
+                                                "nvidia.com/vgpu.host-driver-branch": "r596_25"}),
+    # A GPU whose config space could not say counts as no vGPU (since #672 a read error is present=false).
+    ((None, HOST), {"nvidia.com/vgpu.present": "true", "nvidia.com/vgpu.host-driver-version": "595.71.03",
+                    "nvidia.com/vgpu.host-driver-branch": "r596_25"}),
+    ((None, None), {"nvidia.com/vgpu.present": "false"}),
+], ids=["one-vgpu", "last-wins", "one-unread", "none"])
+def test_vgpu(vgpus: tuple[VgpuInfo | None, ...], expected: dict[str, str]) -> None:
+    labels = node_labels(node(*(gpu(i, vgpu=v) for i, v in enumerate(vgpus))), "none", NO_SHARING, "x", TS)
+    assert {k: v for k, v in labels.items() if k.startswith("nvidia.com/vgpu.")} == expected
+    assert labels["nvidia.com/gpu.count"] == str(len(vgpus))  # the vGPUs are GPUs to the other labelers

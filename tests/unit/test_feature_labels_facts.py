@@ -46,6 +46,21 @@ def test_discovery_publishes_the_feature_facts() -> None:
     assert state.cuda_driver_version == 13000
 
 
+def test_a_vgpu_guest_is_labelled_from_the_bus_as_by_the_command(tmp_path: Path) -> None:
+    # The simulated guest's config space goes through the real parser, in discovery for both.
+    desc = json.loads(fleet_path("h200").read_text())
+    desc["devices"][0]["vgpu"] = {"host_driver_version": "595.71.03", "host_driver_branch": "r596_25"}
+    path = tmp_path / "vgpu.json"
+    path.write_text(json.dumps(desc))
+    state = bus_state(SimulatedNvml(path))
+    assert state.devices[0].vgpu is not None
+    assert node_facts(state) == collect(SimulatedNvml(path))
+    labels = labels_of(state, resolve(environ={}), "VM")
+    assert {k: v for k, v in labels.items() if k.startswith("nvidia.com/vgpu.")} == {
+        "nvidia.com/vgpu.present": "true", "nvidia.com/vgpu.host-driver-version": "595.71.03",
+        "nvidia.com/vgpu.host-driver-branch": "r596_25"}
+
+
 def described(tmp_path: Path, gpu_change: dict[str, object]) -> SimulatedNvml:
     desc = json.loads(fleet_path("dgx-h100-8").read_text())
     desc["devices"][2].update(gpu_change)
