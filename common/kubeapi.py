@@ -76,10 +76,11 @@ READ_ERRORS = (BadAnswer, ApiStatus, ConfigError, httpx2.HTTPError, httpx2.Inval
                OSError)
 
 
-def default_client() -> httpx2.AsyncClient:
-    """In-cluster (the pod's service account), else KUBECONFIG, as kubectl finds its cluster."""
+def default_client(kubeconfig: str = "") -> httpx2.AsyncClient:
+    """In-cluster (the pod's service account), else KUBECONFIG, as kubectl finds its cluster; or the
+    kubeconfig file named (a command's --kubeconfig flag: NVIDIA's commands take that file first)."""
     try:
-        config = KubeConfig.from_env().get()
+        config = (KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()).get()
         if config is None:
             raise ConfigError("the kubeconfig names no context")
         return client_adapter.AsyncClient(config, client_adapter.ConnectionParams(timeout=httpx2.Timeout(REQUEST_S)))
