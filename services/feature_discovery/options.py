@@ -26,6 +26,7 @@ PROG = "gpu-feature-discovery"
 DEFAULT_OUTPUT_FILE = "/etc/kubernetes/node-feature-discovery/features.d/gfd"
 DEFAULT_MACHINE_TYPE_FILE = "/sys/class/dmi/id/product_name"
 DEFAULT_SLEEP_INTERVAL = "60s"
+DEFAULT_NAMESPACE = "default"  # internal/flags/node.go: --namespace's default
 INFINITE = "infinite"  # NVIDIA's since v0.19: label once, then stay up without labeling again
 MIN_SLEEP_INTERVAL_S = 0.1  # below this a pass follows a pass: NVML all the time for nothing
 
@@ -65,8 +66,10 @@ class Options:
     sleep_interval: float | None  # None: infinite
     output_file: str  # "": standard output
     machine_type_file: str  # "": "unknown"
-    node_name: str  # for the NodeFeature API only (not served); NVIDIA's chart sets it anyway
-    namespace: str
+    use_node_feature_api: bool  # the labels as a NodeFeature object, not the file (NVIDIA's default since v0.19)
+    node_name: str  # the NodeFeature API's: whose object it is
+    namespace: str  # the NodeFeature API's: where the object is
+    kubeconfig: str  # the NodeFeature API's: "" in-cluster (else KUBECONFIG's search), or this file
 
 
 @dataclass(frozen=True)
@@ -89,15 +92,6 @@ def _sleep_interval(value: Any, where: str) -> float | None:
     return duration(MIN_SLEEP_INTERVAL_S)(value, where)
 
 
-def _node_feature_api(value: Any, where: str) -> bool:
-    if boolean(value, where):
-        raise SettingsError(
-            f"{where}: true is not served: this image writes the labels to the features.d file that the NFD "
-            "worker reads (--output-file); publishing a NodeFeature object (nfd.k8s-sigs.io/v1alpha1) is not "
-            "implemented. Set --use-node-feature-api=false (GFD_USE_NODE_FEATURE_API=false)")
-    return False
-
-
 _OWN = (
     _Own("oneshot", ("--oneshot",), ("GFD_ONESHOT",), ("flags", "gfd", "oneshot"), False, boolean,
          "label once and exit", boolean=True),
@@ -111,13 +105,18 @@ _OWN = (
     _Own("machine_type_file", ("--machine-type-file",), ("GFD_MACHINE_TYPE_FILE",),
          ("flags", "gfd", "machineTypeFile"), DEFAULT_MACHINE_TYPE_FILE, string,
          "the file holding the node's DMI product name"),
+    # NVIDIA's default since v0.19 (k8s-device-plugin#1504): its chart and the GPU Operator set nothing,
+    # so a switched cluster publishes the object as NVIDIA's image did (false: the features.d file).
     _Own("use_node_feature_api", ("--use-node-feature-api",), ("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API"),
-         ("flags", "useNodeFeatureAPI"), False, _node_feature_api,
-         "publish a NodeFeature object instead of the file: not served (must be false)", boolean=True),
-    _Own("node_name", ("--node-name",), ("NODE_NAME",), None, "", string, "the node's name"),
-    _Own("namespace", ("--namespace",), ("NAMESPACE",), None, "", string, "the pod's namespace"),
+         ("flags", "useNodeFeatureAPI"), True, boolean,
+         "publish the labels as NFD's NodeFeature object nvidia-features-for-<node> (false: write "
+         "--output-file)", boolean=True),
+    _Own("node_name", ("--node-name",), ("NODE_NAME",), None, "", string,
+         "the node's name (the NodeFeature API's object is for it)"),
+    _Own("namespace", ("--namespace",), ("NAMESPACE",), None, DEFAULT_NAMESPACE, string,
+         "the namespace of the NodeFeature object (the pod's)"),
     _Own("kubeconfig", ("--kubeconfig",), ("KUBECONFIG",), None, "", string,
-         "API server access (only for the NodeFeature API, not served)"),
+         "API server access for the NodeFeature API (default: in-cluster)"),
 )
 
 
@@ -130,7 +129,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="NVIDIA's GPU feature discovery: labels the node with its GPUs' features "
-                                       "in an NFD features.d file")
+                                       "in NFD's NodeFeature object or features.d file")
     p.add_argument("--version", "-v", action=VersionAction)  # urfave/cli's version flag and alias
     shared = {s.name: s for s in SPECS}
     for name, flags in _SHARED_FLAGS.items():
@@ -183,8 +182,9 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
         values[own.name] = own.parse(raw, f"{own.name.replace('_', '-')} ({where})")
     return Options(settings=settings, oneshot=values["oneshot"], no_timestamp=values["no_timestamp"],
                    sleep_interval=values["sleep_interval"], output_file=values["output_file"],
-                   machine_type_file=values["machine_type_file"], node_name=values["node_name"],
-                   namespace=values["namespace"])
+                   machine_type_file=values["machine_type_file"],
+                   use_node_feature_api=values["use_node_feature_api"], node_name=values["node_name"],
+                   namespace=values["namespace"], kubeconfig=values["kubeconfig"])
 
 
 def _raw(own: _Own, args: argparse.Namespace, environ: Mapping[str, str],

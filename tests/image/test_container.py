@@ -100,14 +100,16 @@ def test_with_a_driver_root_it_registers_allocates_reports_a_fault_and_stops_wit
 
 
 def test_gpu_feature_discovery_labels_the_stand_in_drivers_gpus(tmp_path: Path) -> None:
-    """NVIDIA's GFD command from this image, as its chart runs it (--oneshot here), with the image's
-    real NVML backend on the stand-in driver: NVIDIA's label names and values for 8 H100s."""
+    """NVIDIA's GFD command from this image, as its chart runs it (--oneshot here, and the features.d
+    file: no API server here, and NVIDIA's default since v0.19 is the NodeFeature object), with the
+    image's real NVML backend on the stand-in driver: NVIDIA's label names and values for 8 H100s."""
     driver = build_gpu_driver_root(tmp_path / "driver-root", gpus=8)
     out = tmp_path / "features.d"
     out.mkdir()
     ran = podman("run", "--rm", "--network", "none", "-v", f"{driver.root}:/driver-root", "-v",
                  f"{out}:/etc/kubernetes/node-feature-discovery/features.d", "-e", "NVIDIA_DRIVER_ROOT=/",
-                 "--entrypoint", "gpu-feature-discovery", IMAGE, "--oneshot", "--no-timestamp", timeout=120)
+                 "--entrypoint", "gpu-feature-discovery", IMAGE, "--oneshot", "--no-timestamp",
+                 "--use-node-feature-api=false", timeout=120)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     labels = dict(line.split("=", 1) for line in (out / "gfd").read_text().splitlines())
     # NVIDIA's internal/lm: the product name with spaces as dashes, memory in MiB, CUDA 13.0 from

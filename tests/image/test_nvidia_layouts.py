@@ -252,7 +252,9 @@ def test_gfd_without_a_driver_exits_1_with_the_driver_cause_last(
         node_for: Callable[[Container], Node], c: Container) -> None:
     """cmd/gpu-feature-discovery with the layout's environment: fail-on-init-error is NVIDIA's
     default (true) in the chart and GFD_FAIL_ON_INIT_ERROR=true in the Operator, so without a driver
-    "failed to create resource manager: no valid resource detected", exit 1, no label file."""
+    "failed to create resource manager: no valid resource detected", exit 1, no label file. The
+    NodeFeature API (the default) is never reached: NVIDIA's start() makes the resource manager
+    before the API client, and ours asks the driver before it publishes."""
     node = node_for(c)
     node.run_init_containers(c)
     res = node.run(c, timeout=90)
@@ -267,7 +269,8 @@ def test_gfd_oneshot_without_a_driver_and_fail_on_init_error_false_writes_nvidia
         node_for: Callable[[Container], Node], c: Container) -> None:
     """The same container with GFD_ONESHOT=true and fail-on-init-error false (NVIDIA's null
     manager): the labels go to the features.d file (GFD_USE_NODE_FEATURE_API=false said outright:
-    one stored NVIDIA version defaults it to true), exit 0, the file kept."""
+    since v0.19 NVIDIA's default, and ours, is the NodeFeature object, and no API server runs here;
+    test_feature_discovery_nfd_api has the object), exit 0, the file kept."""
     node = node_for(c)
     node.run_init_containers(c)
     since = time.time()

@@ -1,5 +1,6 @@
 """gpu-feature-discovery as NVIDIA's chart runs it: a real process on the simulated driver, writing
-the NFD features.d file.
+the NFD features.d file (--use-node-feature-api=false; the NodeFeature object, NVIDIA's default since
+v0.19, is test_feature_discovery_nfd_api.py's).
 
 Every expected label value is written from NVIDIA/k8s-device-plugin's label code (internal/lm,
 v0.20), named next to it; the simulated fleets' facts are in devtools/fleets (DGX H100: eight
@@ -52,6 +53,8 @@ MPS = "version: v1\nsharing:\n  mps:\n    resources:\n    - name: nvidia.com/gpu
 class Gfd:
     """A gpu-feature-discovery process's surroundings: its features.d dir, machine type, config."""
 
+    OUTPUT_ENV = {"GFD_USE_NODE_FEATURE_API": "false"}  # the file, not NVIDIA's default NodeFeature object
+
     def __init__(self, procs: Procs, root: Path) -> None:
         self.procs = procs
         self.root = root
@@ -67,7 +70,7 @@ class Gfd:
         self.runs += 1
         base = {"NVML_BACKEND": "simulated", "SIMULATED_DEVICES": fleet,
                 "GPU_PLUGIN_RUN_DIR": str(self.root / f"run{self.runs}"),
-                "GFD_OUTPUT_FILE": str(self.output), "GFD_MACHINE_TYPE_FILE": str(self.machine)}
+                "GFD_OUTPUT_FILE": str(self.output), "GFD_MACHINE_TYPE_FILE": str(self.machine), **self.OUTPUT_ENV}
         if config is not None:
             path = self.root / f"config{self.runs}.yaml"
             path.write_text(config)
@@ -125,7 +128,8 @@ def test_the_installed_command(gfd: Gfd) -> None:
     env = {**os.environ, "NVML_BACKEND": "simulated", "SIMULATED_DEVICES": "h200",
            "GPU_PLUGIN_RUN_DIR": str(gfd.root / "run-cmd")}
     done = subprocess.run([str(BIN / "gpu-feature-discovery"), "--oneshot", "--no-timestamp", "-o", str(gfd.output),
-                           "--machine-type-file", ""], env=env, capture_output=True, timeout=60)
+                           "--machine-type-file", "", "--use-node-feature-api=false"], env=env, capture_output=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     labels = gfd.labels()
     assert labels["nvidia.com/gpu.product"] == "NVIDIA-H200"
@@ -269,8 +273,8 @@ def test_a_gpu_that_cannot_be_read_fails_the_pass(gfd: Gfd) -> None:
     (["--mig-strategy=bogus"], {}, "mig_strategy (flag --mig-strategy): 'bogus' is not one of none, single, mixed"),
     (["--sleep-interval", "soon"], {}, "sleep-interval (flag --sleep-interval): 'soon' is not a duration"),
     ([], {"GFD_ONESHOT": "maybe"}, "oneshot (environment GFD_ONESHOT): 'maybe' is not a boolean"),
-    (["--use-node-feature-api"], {}, "use-node-feature-api (flag --use-node-feature-api): true is not served"),
-    ([], {"GFD_USE_NODE_FEATURE_API": "true"}, "(environment GFD_USE_NODE_FEATURE_API): true is not served"),
+    ([], {"GFD_USE_NODE_FEATURE_API": "yes please"},
+     "use-node-feature-api (environment GFD_USE_NODE_FEATURE_API): 'yes please' is not a boolean"),
 ])
 def test_a_bad_setting_exits_1_naming_it(gfd: Gfd, args: list[str], env: dict[str, str], named: str) -> None:
     p = gfd.start(*args, **env)
@@ -282,8 +286,8 @@ def test_a_bad_setting_exits_1_naming_it(gfd: Gfd, args: list[str], env: dict[st
 def test_labels_to_standard_output(gfd: Gfd) -> None:
     env = {**os.environ, "NVML_BACKEND": "simulated", "SIMULATED_DEVICES": "dgx-h100-8",
            "GPU_PLUGIN_RUN_DIR": str(gfd.root / "run-stdout"), "GFD_MACHINE_TYPE_FILE": str(gfd.machine)}
-    done = subprocess.run([sys.executable, "-m", GFD, "--oneshot", "--no-timestamp", "--output-file="], env=env,
-                          capture_output=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", GFD, "--oneshot", "--no-timestamp", "--output-file=",
+                           "--use-node-feature-api=false"], env=env, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     # output.go ToFile(""): the labels on standard output, in the file's format; the log on stderr.
     assert dict(line.split("=", 1) for line in done.stdout.decode().splitlines()) == DGX_H100

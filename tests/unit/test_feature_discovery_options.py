@@ -24,6 +24,9 @@ def test_nvidias_defaults() -> None:
     assert o.output_file == DEFAULT_OUTPUT_FILE == "/etc/kubernetes/node-feature-discovery/features.d/gfd"
     assert o.machine_type_file == DEFAULT_MACHINE_TYPE_FILE == "/sys/class/dmi/id/product_name"
     assert (o.settings.mig_strategy, o.settings.fail_on_init_error) == ("none", True)
+    # main.go since v0.19 (k8s-device-plugin#1504): use-node-feature-api true; internal/flags/node.go:
+    # namespace "default", node-name unset; internal/flags/kubeclient.go: kubeconfig unset (in-cluster).
+    assert (o.use_node_feature_api, o.namespace, o.node_name, o.kubeconfig) == (True, "default", "", "")
 
 
 @pytest.mark.parametrize(("argv", "oneshot"), [
@@ -113,30 +116,30 @@ def test_a_bad_value_names_the_setting(argv: list[str], environ: dict[str, str],
         parse(argv, environ)
 
 
-@pytest.mark.parametrize(("argv", "environ", "named"), [
-    (["--use-node-feature-api"], {}, "flag --use-node-feature-api"),
-    (["--use-node-feature-api=true"], {}, "flag --use-node-feature-api"),
-    ([], {"GFD_USE_NODE_FEATURE_API": "true"}, "environment GFD_USE_NODE_FEATURE_API"),
-    ([], {"USE_NODE_FEATURE_API": "true"}, "environment USE_NODE_FEATURE_API"),
+@pytest.mark.parametrize(("argv", "environ", "used"), [
+    (["--use-node-feature-api=false"], {}, False),
+    (["--use-node-feature-api", "false"], {}, False),
+    (["--use-node-feature-api"], {"GFD_USE_NODE_FEATURE_API": "false"}, True),  # the flag first
+    ([], {"GFD_USE_NODE_FEATURE_API": "false"}, False),
+    ([], {"USE_NODE_FEATURE_API": "false"}, False),  # main.go's second variable
+    ([], {"GFD_USE_NODE_FEATURE_API": "true", "USE_NODE_FEATURE_API": "false"}, True),
 ])
-def test_node_feature_api_is_refused_not_ignored(argv: list[str], environ: dict[str, str], named: str) -> None:
-    with pytest.raises(SettingsError) as info:
-        parse(argv, environ)
-    assert named in str(info.value) and "NodeFeature" in str(info.value)
+def test_node_feature_api_flag_and_variables(argv: list[str], environ: dict[str, str], used: bool) -> None:
+    assert parse(argv, environ).use_node_feature_api is used
 
 
-def test_node_feature_api_false_is_accepted(tmp_path: Path) -> None:
+def test_node_feature_api_from_the_config_file(tmp_path: Path) -> None:
+    # api/config/v1 flags.useNodeFeatureAPI (what a config-manager-switched config can say).
     config = tmp_path / "c.yaml"
     config.write_text("version: v1\nflags:\n  useNodeFeatureAPI: false\n")
-    assert opts("--use-node-feature-api=false").oneshot is False
-    assert opts(GFD_USE_NODE_FEATURE_API="false", CONFIG_FILE=str(config)).oneshot is False
+    assert opts(CONFIG_FILE=str(config)).use_node_feature_api is False
+    assert opts("--use-node-feature-api", CONFIG_FILE=str(config)).use_node_feature_api is True
 
 
-def test_node_feature_api_from_the_config_file_is_refused(tmp_path: Path) -> None:
-    config = tmp_path / "c.yaml"
-    config.write_text("version: v1\nflags:\n  useNodeFeatureAPI: true\n")
-    with pytest.raises(SettingsError, match=re.escape("config file key flags.useNodeFeatureAPI")):
-        parse([], {"CONFIG_FILE": str(config)})
+def test_node_feature_api_access() -> None:
+    o = opts("--node-name", "n2", "--namespace", "gpu-operator", "--kubeconfig", "/k", NODE_NAME="n1", KUBECONFIG="/e")
+    assert (o.node_name, o.namespace, o.kubeconfig) == ("n2", "gpu-operator", "/k")
+    assert opts(KUBECONFIG="/e").kubeconfig == "/e"
 
 
 @pytest.mark.parametrize("flag", ["--version", "-v"])  # urfave/cli's version flag and its alias
