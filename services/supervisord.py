@@ -21,24 +21,162 @@ unchanged for `silence_limit` of the service's watchdog limit (41 s with the def
 on the supervisor's monotonic clock, so a wall-clock step kills nothing) gets SIGKILL, which a
 stopped process cannot ignore, and the restart that follows any unexpected exit. A process that
 froze before its first heartbeat (e.g. at start) is timed from when the supervisor first saw it.
+
+And one saving: our services are forked from the supervisor, not executed. Every service was its
+own interpreter importing asyncio, grpc, ZeroMQ, msgpack, protobuf and our code again: ~20-25 MB
+private each, most of it the same pages. The supervisor imports what they share (PRELOAD) once,
+freezes those objects out of the garbage collector (gc.freeze: a collection in a child would
+write to every object's header and copy the page), and where supervisord would exec
+`gpu-plugin <service>` the forked child runs that service in place (`_run_in_place`): its own pid,
+started, stopped, restarted alone and shown by supervisorctl as before, with the imported pages
+shared copy-on-write. Anything else a program names (sh, a tool that is not ours) is executed.
+
+What must never be imported (or done) in the supervisor before a fork: anything that starts a
+thread (a thread does not survive fork(), and a lock it held stays held in the child), opens a
+socket or a file descriptor a child would inherit, creates a ZeroMQ context, a gRPC channel or
+server, or loads libnvidia-ml (nvmlInit). The modules in PRELOAD only define things at import;
+`check_preloaded` verifies it where they are imported (one thread, no new descriptor) and a test
+holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import os
 import signal
+import sys
+import threading
 import time
-from collections.abc import Mapping
+import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from supervisor import options as supervisor_options
 from supervisor import supervisord
 from supervisor.states import ProcessStates
 
 from common.heartbeat import DEFAULT_LIMIT_S, SERVICES, read_heartbeat, silence_limit
 
 HEARTBEAT_CHECK_S = 1.0
+# What the services share, imported by the supervisor before it forks them (each service's own
+# extras, such as the Kubernetes client of the kube-agent, are imported by the service itself).
+PRELOAD = ("services.cli", "services.health_monitor.__main__", "services.plugin_server.__main__",
+           "services.registrar.__main__", "services.mps_control.__main__", "services.kube_agent.__main__",
+           "services.feature_labels.__main__", "common.nvml.factory", "pynvml", "ctypes")
+ENTRY = "gpu-plugin"  # the command whose services run in place of an exec
+PR_SET_NAME = 15
+
+
+class PreloadError(RuntimeError):
+    """A module imported before the forks did what none may: started a thread or opened a descriptor."""
+
+
+def _descriptors() -> set[int]:
+    """The open descriptors (the listing's own, closed by the time it returns, left out)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            os.fstat(int(name))
+            found.add(int(name))
+    return found
+
+
+def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
+    """Imports `modules` (those missing are left to the services: they say why); returns those imported."""
+    threads, fds = threading.active_count(), _descriptors()
+    loaded = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        loaded.append(name)
+    check_preloaded(threads, fds)
+    gc.freeze()
+    return loaded
+
+
+def check_preloaded(threads: int, fds: set[int]) -> None:
+    if threading.active_count() != threads or len(os.listdir("/proc/self/task")) != threads:
+        raise PreloadError("a preloaded module started a thread: it would not survive the fork")
+    opened = sorted(_descriptors() - fds)
+    if opened:
+        targets = []
+        for fd in opened:
+            try:
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                targets.append(f"descriptor {fd}")
+        raise PreloadError(f"a preloaded module opened {', '.join(targets)}: every child would inherit it")
+
+
+def _set_title(argv: Sequence[str]) -> None:
+    """`ps`, `top`, pgrep and our own checks (common.heartbeat.process_lives) name the service, not
+    the supervisor it was forked from: the name (comm) set, the argument area rewritten in place
+    as setproctitle does (its length cannot grow; what does not fit is cut)."""
+    import ctypes
+
+    name = os.path.basename(argv[1] if len(argv) > 1 else argv[0]).encode()[:15]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of stat
+    except (OSError, IndexError, ValueError):
+        return
+    if end <= start:
+        return
+    text = b"\0".join(a.encode() for a in argv)[:end - start - 1]
+    ctypes.memmove(start, text + b"\0" * (end - start - len(text)), end - start)
+
+
+def _run_in_place(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    """In the forked child, instead of exec: the service's command, then the process's end."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)  # supervisord's wakeup pipe, closed with every other inherited descriptor
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = list(argv)
+        _set_title(argv)
+        from services.cli import main as command
+
+        code = command(list(argv[1:]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # as an interpreter would: the traceback on stderr, exit 1
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+class ForkingOptions(supervisor_options.ServerOptions):  # type: ignore[misc]
+    """supervisord's options, whose fork and exec start our services in place."""
+
+    in_place = False  # set once PRELOAD is imported
+
+    def fork(self) -> int:
+        for stream in (sys.stdout, sys.stderr):  # a child must not write the parent's buffered output again
+            with contextlib.suppress(Exception):
+                stream.flush()
+        gc.freeze()  # what the supervisor built since: out of the children's collections too
+        pid: int = os.fork()
+        return pid
+
+    def execve(self, filename: str, argv: list[str], env: dict[str, str]) -> Any:
+        if self.in_place and os.path.basename(filename) == ENTRY and len(argv) > 1 and argv[1] in SERVICES:
+            _run_in_place(argv, env)
+        return os.execve(filename, argv, env)
 
 
 class Heartbeats:
@@ -146,5 +284,8 @@ def main(args: Any = None) -> None:
     run_dir = os.environ.get("GPU_PLUGIN_RUN_DIR")
     if run_dir:
         PromptSupervisor.heartbeats = Heartbeats(Path(run_dir), _default_limit())
+    preload()
+    ForkingOptions.in_place = True
     supervisord.Supervisor = PromptSupervisor  # supervisord.go() makes its Supervisor by this name
+    supervisord.ServerOptions = ForkingOptions  # and its options by this one
     supervisord.main(args)

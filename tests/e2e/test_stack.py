@@ -18,6 +18,18 @@ def ok_registrations(state: dict) -> int:  # type: ignore[type-arg]
     return sum(1 for r in state["registrations"] if r["ok"])
 
 
+def forked_in_place(stack: DevStack, program: str) -> None:
+    """`program` runs in a child of the supervisor that never executed a new interpreter: its
+    parent is the supervisor, and it is named as the service (an exec'd `gpu-plugin` would show
+    the interpreter's path and the script's in its command line)."""
+    pid = stack.pid(program)
+    status = Path(f"/proc/{pid}/status").read_text()
+    parent = int(status.split("PPid:")[1].split()[0])
+    assert Path(f"/proc/{parent}/comm").read_text().strip().startswith("gpu-plugin-supe"), "forked by the supervisor"
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == program[:15]
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0") == [b"gpu-plugin", program.encode()]
+
+
 def test_registration_device_list_allocate_and_xid(stack: DevStack) -> None:
     state = held(stack)
     assert ok_registrations(state) == 1
@@ -36,6 +48,7 @@ def test_registration_device_list_allocate_and_xid(stack: DevStack) -> None:
 def test_restart_of_each_component_alone(stack: DevStack, program: str) -> None:
     before = held(stack)
     old_pid = stack.pid(program)
+    forked_in_place(stack, program)
     stack.ctl("restart", program)
     wait_until(lambda: stack.pid(program) not in (0, old_pid), 20, f"{program} restarted")
     stack.wait_running()
@@ -51,6 +64,7 @@ def test_restart_of_each_component_alone(stack: DevStack, program: str) -> None:
         assert registrations == 0, "restarting the health-monitor or registrar must not re-register"
         assert after["disconnects"] == before["disconnects"]
     assert after["resources"][RESOURCE]["endpoint"] == "nvidia-gpu.sock"
+    forked_in_place(stack, program)  # restarted from the supervisor's imports too, not executed
     assert sorted(p.name for p in stack.dp_dir.iterdir()) == ["kubelet.sock", "nvidia-gpu.sock"]
     ids = list(after["resources"][RESOURCE]["devices"])
     assert stack.kubelet.allocate(RESOURCE, ids[:1])["ok"]

@@ -6,11 +6,15 @@ the end-to-end tests, which run the stack through it."""
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
-from supervisor import options, poller, supervisord
+import pytest
+from supervisor import options, poller, process, supervisord
 
-from services.supervisord import PromptSupervisor
+from services.supervisord import PRELOAD, PromptSupervisor
+from tests.conftest import REPO
 
 
 def test_the_hooked_supervisord_methods_exist_with_their_signatures() -> None:
@@ -84,3 +88,41 @@ def test_heartbeats_a_process_silent_since_its_start_is_timed_with_the_default_l
         ("kube-agent", 9, late), ("registrar", 8, late)]
     # A restarted process (a new pid) starts its own clock.
     assert beats.frozen({"registrar": 11}, now=late + 1) == []
+
+
+def test_the_fork_hooks_exist_where_supervisord_forks_and_executes() -> None:
+    assert list(inspect.signature(options.ServerOptions.fork).parameters) == ["self"]
+    assert list(inspect.signature(options.ServerOptions.execve).parameters) == ["self", "filename", "argv", "env"]
+    spawn = inspect.getsource(process.Subprocess.spawn)
+    assert "options.fork()" in spawn
+    assert "options.execve(filename, argv, env)" in inspect.getsource(process.Subprocess._spawn_as_child)
+    # main() builds its options by this module-level name: what our main() replaces.
+    assert "ServerOptions()" in inspect.getsource(supervisord.main)
+
+
+def _preload(modules: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """preload() in a fresh interpreter, as the supervisor runs it before its first fork."""
+    code = f"from services.supervisord import preload\nprint(','.join(preload({modules})))"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": f"{REPO}:{tmp_path}", "PATH": "/usr/bin:/bin"}, check=False)
+
+
+def test_what_the_supervisor_imports_before_forking_starts_no_thread_and_opens_nothing(tmp_path: Path) -> None:
+    done = _preload("", tmp_path)
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout.strip().split(",")
+    for service in ("health_monitor", "plugin_server", "registrar"):
+        assert f"services.{service}.__main__" in loaded
+    assert set(loaded) <= set(PRELOAD)
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ("import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n",
+     "started a thread"),
+    ("import socket\nSOCK = socket.socket()\n", "opened socket:"),
+    ("FILE = open(__file__)\n", "opened /"),
+], ids=["thread", "socket", "file"])
+def test_a_module_that_would_break_a_fork_is_refused_at_preload(tmp_path: Path, body: str, said: str) -> None:
+    (tmp_path / "unfit.py").write_text(body)
+    done = _preload("('json', 'unfit')", tmp_path)
+    assert done.returncode != 0 and "PreloadError" in done.stderr and said in done.stderr, done.stderr
