@@ -226,8 +226,12 @@ def test_watch_dropped_errors_and_410_gone(agent: Agent, api: Api) -> None:
     api.do(api.emu.drop_watches)
     api.do(api.emu.set_label, "node-1", LABEL, "ts-4")
     agent.wait_config(TS4)
-    # Errors while it reconnects: retried until the API answers, the label change it missed seen.
+    # A change seen on the new watch: besides, a working watch puts the agent's retry pause back at
+    # its shortest (0.5 s), else the errors below would be retried after 1 + 2 + 4 + 8 s.
     wait_until(lambda: api.emu.watching == 1, 30, "the agent watching again")
+    api.do(api.emu.set_label, "node-1", LABEL, "default")
+    agent.wait_config(DEFAULT)
+    # Errors while it reconnects: retried until the API answers, the label change it missed seen.
     api.do(api.emu.failures.extend, [503, 500, 403])
     api.do(api.emu.drop_watches)
     api.do(api.emu.set_label, "node-1", LABEL, "ts-8")
