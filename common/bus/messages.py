@@ -239,6 +239,17 @@ class EndpointState:
 
 
 @dataclass(frozen=True)
+class CallCount:
+    """DevicePlugin calls of one method on one resource that ended with one gRPC status code, counted
+    since the plugin-server started (for metrics). ListAndWatch counts streams opened (OK) and refused."""
+
+    resource: str
+    method: str  # Allocate, GetPreferredAllocation, ListAndWatch
+    code: str  # grpc.StatusCode's name: OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNKNOWN
+    count: int
+
+
+@dataclass(frozen=True)
 class PluginState(StateMessage):
     TOPIC: ClassVar[str] = "plugin.state"
     health_incarnation: str  # the health-monitor state this is built from ("" = none yet)
@@ -246,6 +257,7 @@ class PluginState(StateMessage):
     endpoints: list[EndpointState] = field(default_factory=list)
     bus_dropped: int = 0  # health-bus payloads rejected (malformed, unknown, wrong version)
     config: ConfigInfo = field(default_factory=lambda: ConfigInfo())  # an older server's: empty
+    calls: list[CallCount] = field(default_factory=list)  # [] from an older server
 
 
 @dataclass(frozen=True)

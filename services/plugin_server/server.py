@@ -14,14 +14,22 @@ import asyncio
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from common.bus.messages import MPS_SOCKET, ConfigInfo, EndpointState, HealthState, PluginEvent, PluginState
+from common.bus.messages import (
+    MPS_SOCKET,
+    CallCount,
+    ConfigInfo,
+    EndpointState,
+    HealthState,
+    PluginEvent,
+    PluginState,
+)
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.lifecycle import PermanentError, check_dir_can_exist, run_until_stopped
@@ -44,6 +52,9 @@ log = logging.getLogger(__name__)
 
 RECHECK_S = 5.0  # backstop for filesystem changes inotify cannot see (e.g. a new mount)
 START_ATTEMPTS = 5  # starts in a row per change; a removal after the last one is a new change
+# Call counts are for metrics (scraped every 15 s or more): the first count after a quiet spell goes out
+# at once, the rest of a burst with one state a second at most, not one per call; an idle server sends none.
+CALLS_PUBLISH_S = 1.0
 
 PENDING_CALLS = 4096
 """Calls gRPC core holds for the server before our event loop has picked them up. Its defaults
@@ -180,6 +191,11 @@ class PluginServer:
         # retired resource behind) until the next change.
         self._apply_lock = asyncio.Lock()
         self.config = ConfigInfo()  # set by the config reloader
+        # DevicePlugin calls per resource by (method, gRPC code) since the start, kept across endpoint
+        # re-creations and reloads: counters for the metrics the kube-agent serves.
+        self.calls: dict[str, Counter[tuple[str, str]]] = {}
+        self._calls_timer: asyncio.TimerHandle | None = None
+        self._calls_held = False  # counted while the timer runs: sent when it fires
 
     # -- bus out ----------------------------------------------------------------------
     def _mark_changed(self) -> None:
@@ -198,6 +214,19 @@ class PluginServer:
 
         return record
 
+    def _counted(self) -> None:
+        if self._calls_timer is not None:
+            self._calls_held = True
+            return
+        self._mark_changed()
+        self._calls_timer = asyncio.get_running_loop().call_later(CALLS_PUBLISH_S, self._calls_due)
+
+    def _calls_due(self) -> None:
+        self._calls_timer = None
+        if self._calls_held:
+            self._calls_held = False
+            self._counted()
+
     async def _publisher_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -214,6 +243,8 @@ class PluginServer:
                     endpoints=[ep.state() for ep in self.endpoints.values() if ep.socket_id],
                     bus_dropped=self._health_sub.dropped if self._health_sub else 0,
                     config=self.config,
+                    calls=[CallCount(resource, method, code, n) for resource, counts in sorted(self.calls.items())
+                           for (method, code), n in sorted(counts.items())],
                 )
             )
 
@@ -255,10 +286,11 @@ class PluginServer:
 
     def _endpoint(self, resource: str) -> Endpoint:
         table = ResourceTable(resource)
+        calls = self.calls.setdefault(resource, Counter())
 
         def servicer() -> DevicePluginServicer:
             return DevicePluginServicer(table, self.settings, self.streams_changed, self.allocated(resource),
-                                        self.extras)
+                                        self.extras, calls, self._counted)
 
         return Endpoint(self.settings.device_plugin_dir / socket_name(resource), table, servicer)
 

@@ -118,8 +118,14 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         on_streams: Callable[[int], None],
         on_allocate: Callable[[list[str]], None],
         extras: Extras = NO_EXTRAS,
+        calls: Counter[tuple[str, str]] | None = None,
+        on_call: Callable[[], None] = lambda: None,
     ) -> None:
         self._extras = extras
+        # Calls by (method, gRPC code), the resource's (they outlive this servicer): for metrics, through
+        # the bus. On the call's path only an increment and `on_call`, which schedules no more than a timer.
+        self._calls: Counter[tuple[str, str]] = Counter() if calls is None else calls
+        self._on_call = on_call
         self._table = table
         self._settings = settings
         self._on_streams = on_streams
@@ -148,10 +154,12 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.Empty, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ListAndWatchResponse]:
         if self.streams >= MAX_STREAMS:
+            self._count("ListAndWatch", "RESOURCE_EXHAUSTED")
             self.stream_log.note(logging.WARNING, f"refused ({OVER_LIMIT})")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.streams} ListAndWatch streams are open on {self._table.resource}, "
                                 f"the most served at once")
+        self._count("ListAndWatch", "OK")
         opened = time.monotonic()
         self.stream_opened.append(opened)
         self._on_streams(self.streams)
@@ -199,7 +207,11 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                                              req.allocation_size, devices), list(req.must_include_deviceIDs),
                         req.allocation_size) for req in request.container_requests]
         except AllocationError as e:
+            self._count("GetPreferredAllocation", "INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception:
+            self._count("GetPreferredAllocation", "UNKNOWN")  # gRPC answers an unexpected error so
+            raise
         for candidates, must, size in checked:
             available = list(candidates)
             try:
@@ -213,6 +225,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                 log.exception("preferred allocation failed; answering in request order")
                 ids = preferred(available, must, size)
             resp.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=ids))
+        self._count("GetPreferredAllocation", "OK")
         return resp
 
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
@@ -227,10 +240,19 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                 resp.container_responses.append(container_response(self._table.resource, ids, devices, self._settings,
                                                                   extras=self._extras))
         except AllocationError as e:
+            self._count("Allocate", "INVALID_ARGUMENT")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception:
+            self._count("Allocate", "UNKNOWN")  # gRPC answers an unexpected error so
+            raise
         for req in request.container_requests:
             self._on_allocate(list(req.devices_ids))
+        self._count("Allocate", "OK")
         return resp
+
+    def _count(self, method: str, code: str) -> None:
+        self._calls[(method, code)] += 1
+        self._on_call()
 
     async def PreStartContainer(
         self, request: pb.PreStartContainerRequest, context: grpc.aio.ServicerContext

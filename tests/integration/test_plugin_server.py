@@ -115,6 +115,11 @@ def test_allocate_and_preferred_allocation(env: Env) -> None:
             pb.PreStartContainerResponse()
     finally:
         client.close()
+    # Counted by method and code for the metrics, on the bus within a second (not a state per call).
+    counted = {("Allocate", "OK", 1), ("Allocate", "INVALID_ARGUMENT", 1), ("GetPreferredAllocation", "OK", 1)}
+    with BusWatch(env.run / "plugin.sock", ("plugin.state",)) as w:
+        w.wait(lambda m: isinstance(m, PluginState)
+               and {(c.method, c.code, c.count) for c in m.calls if c.resource == "nvidia.com/gpu"} == counted)
 
 
 def test_deleted_socket_is_recreated_and_reannounced(env: Env) -> None:
