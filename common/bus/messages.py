@@ -288,6 +288,11 @@ class RegistrarState(StateMessage):
     registrations: list[Registration] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)  # resources not registered yet
     last_error: str = ""
+    # Since the registrar started, for metrics (0 from an older registrar): Registers the kubelet
+    # accepted, Registers that failed, and kubelet restarts seen (kubelet.sock re-created: a new identity).
+    registers: int = 0
+    register_failures: int = 0
+    kubelet_restarts: int = 0
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,12 @@ class Registrar:
         self._wake = asyncio.Event()
         self._published: tuple[object, ...] = ()
         self._kubelet_changed = asyncio.Event()  # kubelet.sock may have been removed or replaced
+        # For metrics (through the bus), since the start: Registers accepted and failed, and kubelet.sock
+        # identities that followed another (a kubelet restart re-creates it; gone and back counts once).
+        self.registers = 0
+        self.register_failures = 0
+        self.kubelet_restarts = 0
+        self._last_kubelet_id = ""
 
     # -- inputs -----------------------------------------------------------------------
     async def _consume_plugin(self) -> None:
@@ -98,6 +104,10 @@ class Registrar:
     async def _reconcile(self) -> float:
         """One pass; returns how long to sleep before the next unless woken."""
         kubelet_id = file_id(self._kubelet_socket)
+        if kubelet_id and kubelet_id != self._last_kubelet_id:
+            if self._last_kubelet_id:
+                self.kubelet_restarts += 1
+            self._last_kubelet_id = kubelet_id
         if not kubelet_id:
             self._set_kubelet("absent")
             self._publish_state(kubelet_id)
@@ -177,6 +187,7 @@ class Registrar:
             await self._failed(resource, f"{error.code().name}: {details}")
             return True
         self._set_kubelet("present")
+        self.registers += 1
         self.rules.registered_ok(ep, kubelet_id, began)
         log.info("registered %s (endpoint %s) with the kubelet", resource, ep.endpoint)
         self._pub.publish(RegistrarEvent(time.time(), "registered", resource, ep.endpoint))
@@ -190,6 +201,7 @@ class Registrar:
 
     async def _failed(self, resource: str, error: str) -> None:
         self._set_kubelet("refusing")
+        self.register_failures += 1
         if self.rules.failed(resource, error):  # said once per state change, not per retry
             log.warning("registering %s failed (%s); retrying with backoff", resource, error)
             self._pub.publish(RegistrarEvent(time.time(), "failed", resource, error))
@@ -197,11 +209,12 @@ class Registrar:
     def _publish_state(self, kubelet_id: str) -> None:
         """Publishes the state when it changed; the publisher's heartbeat repeats it meanwhile."""
         content = (self._kubelet_state, kubelet_id, list(self.rules.registered.values()),
-                   self.rules.pending(kubelet_id), "; ".join(f"{r}: {e}" for r, e in sorted(self.rules.errors.items())))
+                   self.rules.pending(kubelet_id), "; ".join(f"{r}: {e}" for r, e in sorted(self.rules.errors.items())),
+                   self.registers, self.register_failures, self.kubelet_restarts)
         if content == self._published:
             return
         self._published = content
-        kubelet, kid, registrations, pending, last_error = content
+        kubelet, kid, registrations, pending, last_error, registers, failures, restarts = content
         self._pub.publish_state(
             RegistrarState(
                 kubelet=kubelet,
@@ -209,6 +222,9 @@ class Registrar:
                 registrations=registrations,
                 pending=pending,
                 last_error=last_error,
+                registers=registers,
+                register_failures=failures,
+                kubelet_restarts=restarts,
             )
         )
 

@@ -98,6 +98,8 @@ def test_kubelet_restart_reregisters_exactly_once(env: Env) -> None:
         ids = list(env.sim.resources[RESOURCE].devices)
         assert env.allocate(ids[:1]).envs["NVIDIA_VISIBLE_DEVICES"] == ids[0]
     assert env.sim.disconnects == 0, "no registration was ever replaced under a live stream"
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:  # for the metrics
+        w.wait(lambda m: isinstance(m, RegistrarState) and (m.registers, m.kubelet_restarts) == (4, 3))
 
 
 def test_registrar_restart_alone_does_not_disturb_the_kubelet(env: Env) -> None:
@@ -130,6 +132,7 @@ def test_refusing_kubelet_is_retried_with_backoff_and_reported_once(env: Env) ->
         env.sim.refuse = None
         wait_until(env.held, 10, "registration once the kubelet accepts")
         w.wait(lambda m: isinstance(m, RegistrarEvent) and m.event == "registered")
+        w.wait(lambda m: isinstance(m, RegistrarState) and m.registers == 1 and m.register_failures >= 3)
         repeated = [m for m in w.seen if isinstance(m, RegistrarEvent) and m.event == "failed"]
     assert len(repeated) <= 1, "a repeated failure is reported once, not per retry"
     assert env.procs.log("rg").count("registering nvidia.com/gpu failed") == 1
