@@ -64,6 +64,7 @@ class ConfigStatus:
     refused: str = ""  # why the last changed content was refused ("" = it was not)
     refused_digest: str = ""
     reloads: int = 0  # reloads applied since the start
+    refusals: int = 0  # new contents refused since the start
 
 
 def digest_of(path: str | None) -> str:
@@ -109,6 +110,7 @@ class Reloader:
         self._listeners: list[Callable[[], None]] = []
         self._requested = asyncio.Event()
         self.reloads = 0  # new contents (or SIGHUPs) accepted, for the bus
+        self.refusals = 0  # new contents (or SIGHUPs) refused, for the bus
         self.status = ConfigStatus(file=settings.config_file or "", digest=digest_of(settings.config_file),
                                    applied_at=time.time())
         self._inode = inode_of(settings.config_file)  # of the content last applied or refused
@@ -206,7 +208,8 @@ class Reloader:
         elif not fixed:
             log.info("config reload: no setting of %s changed", self.service)
         self.reloads += 1
-        self.status = ConfigStatus(file=self.status.file, digest=digest, applied_at=time.time(), reloads=self.reloads)
+        self.status = ConfigStatus(file=self.status.file, digest=digest, applied_at=time.time(), reloads=self.reloads,
+                                   refusals=self.refusals)
         self._notify()
 
     def _settled(self, digest: str) -> bool:
@@ -219,7 +222,9 @@ class Reloader:
         return now >= self._settling[1]
 
     def _refuse(self, digest: str, error: Exception) -> None:
-        self.status = dataclasses.replace(self.status, refused=str(error), refused_digest=digest)
+        self.refusals += 1
+        self.status = dataclasses.replace(self.status, refused=str(error), refused_digest=digest,
+                                          refusals=self.refusals)
         log.error("config reload refused, still running the previous config (%s): %s",
                   self.status.digest or "no file", error)
         self._notify()

@@ -89,6 +89,7 @@ class ConfigInfo:
     refused_digest: str = ""
     reloads: int = 0  # reloads applied since the service started
     applied_at: float = 0.0
+    refusals: int = 0  # new contents refused since the service started (0 from an older service)
 
     @classmethod
     def of(cls, status: Any) -> ConfigInfo:
