@@ -197,7 +197,7 @@ class HealthState(StateMessage):
     driver_version: str
     devices: list[DeviceState] = field(default_factory=list)
     links: list[PairLink] = field(default_factory=list)
-    # Optional features that are off, each with why (state dir unusable, metrics port taken):
+    # Optional features that are off, each with why (the state dir unusable: no cordons):
     # the monitor runs on without them rather than ending the pod.
     degraded: list[str] = field(default_factory=list)
     nvml_library: str = ""  # the libnvidia-ml file loaded ("simulated:<file>"); "" from older monitors

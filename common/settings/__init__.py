@@ -165,7 +165,8 @@ class Settings:
     log_level: str = setting(("--log-level",), "LOG_LEVEL", None, "info", choice(LOG_LEVELS), "log level")
     # -- health (ours, under `health:`; and NVIDIA's DP_* variables) -------------------------
     metrics_port: int = setting(("--metrics-port",), "METRICS_PORT", _file("health", "metricsPort"), 0, port,
-                                "health-monitor: serve Prometheus metrics on this TCP port (0: off, no listener)")
+                                "kube-agent: serve the pod's Prometheus metrics (every service's, from the buses) on "
+                                "this TCP port (0: off, no listener)")
     node_condition: bool = setting(
         ("--node-condition",), "HEALTH_NODE_CONDITION", _file("health", "node", "condition"), False, boolean,
         "kube-agent: GPU health as the Node condition GPUUnhealthy (patches nodes/status; needs NODE_NAME)")

@@ -17,7 +17,6 @@ from common.nvml.factory import make_backend
 from common.reload import Reloader
 from common.settings import Settings
 from common.watchdog import Watchdog
-from services.health_monitor.metrics import start_metrics
 from services.health_monitor.model import RecoveryPolicy
 from services.health_monitor.monitor import HealthMonitor
 from services.health_monitor.xid_policy import policy_for
@@ -25,7 +24,7 @@ from services.health_monitor.xid_policy import policy_for
 # What a config reload changes in a running health-monitor, and what it uses but cannot change.
 LIVE = frozenset({"probe_interval", "recovery_policy", "quiet_period", "fatal_xids", "ignored_xids",
                   "monitor_only_xids", "ecc_single_bit", "ecc_double_bit"})
-RESTART = frozenset({"metrics_port", "fail_on_init_error", "driver_root", "container_driver_root",
+RESTART = frozenset({"fail_on_init_error", "driver_root", "container_driver_root",
                      "device_discovery_strategy"})
 _tasks: set[asyncio.Task[None]] = set()
 
@@ -44,7 +43,6 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     ensure_private_dir(settings.run_dir)
     publisher = BusPublisher(settings.bus_path(HEALTH_SOCKET))
     backend = make_backend(settings)
-    degraded: list[str] = []
     monitor: HealthMonitor | None = None
     try:
         monitor = HealthMonitor(
@@ -55,8 +53,6 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             recovery=recovery_of(settings),
             health=settings.health,
             cordons=CordonStore(settings.state_dir),
-            metrics=start_metrics(settings.metrics_port, degraded),
-            degraded=degraded,
             probe_deadline=settings.probe_deadline,
         )
         reloader = Reloader.current()

@@ -66,16 +66,6 @@ class SystemClock:
         return time.monotonic()
 
 
-class Observer(Protocol):
-    """What the model reports besides state and events (the Prometheus metrics)."""
-
-    def xid(self, device: str, xid: int, verdict: str) -> None: ...
-
-    def ecc(self, device: str, kind: str) -> None: ...
-
-    def transition(self, device: str, to: str) -> None: ...
-
-
 @dataclass(frozen=True)
 class RecoveryPolicy:
     policy: str = "auto"  # "auto" | "never"
@@ -109,13 +99,11 @@ class HealthModel:
         recovery: RecoveryPolicy | None = None,
         health: HealthConfig | None = None,
         clock: Clock | None = None,
-        observer: Observer | None = None,
     ) -> None:
         self._policy = policy
         self._recovery = recovery or RecoveryPolicy()
         self._health = health or HealthConfig()
         self._clock: Clock = clock or SystemClock()
-        self._observer = observer
         self.devices: dict[str, DeviceState] = {}
         self.cordons: dict[str, Cordon] = {}
         # Set while the cordon file cannot be read: nobody can tell which devices it names, so
@@ -167,8 +155,6 @@ class HealthModel:
                         event.gpu_instance_id, event.compute_instance_id, verdict)
             for t in targets:
                 self._count(t, xid_count=1)
-                if self._observer is not None:
-                    self._observer.xid(t, xid, verdict)
             self._outbox.append(HealthEvent(time=now, device=device, event="xid", xid=xid, reason=verdict))
             if verdict == FATAL:
                 self.add_fault(targets, "xid", f"XID {xid}")
@@ -180,8 +166,6 @@ class HealthModel:
                 self._dbe_events[gpu_of_event] = self._dbe_events.get(gpu_of_event, 0) + 1
             for t in targets:
                 self._count(t, **{f"{kind}_count": 1})
-                if self._observer is not None:
-                    self._observer.ecc(t, kind)
             reason = f"ECC {kind.upper()}"
             self._outbox.append(HealthEvent(time=now, device=device, event="ecc", reason=reason))
             if self._policy.checks_enabled and policy == "fatal":
@@ -231,8 +215,6 @@ class HealthModel:
             changed = True
             if health != old.health:
                 log.warning("device %s: %s -> %s (%s)", dev_id, old.health, health, reason)
-                if self._observer is not None:
-                    self._observer.transition(dev_id, health)
                 self._outbox.append(HealthEvent(time=now, device=dev_id, event="transition",
                                                 old=old.health, new=health, reason=reason))
         return changed

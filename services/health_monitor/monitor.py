@@ -48,7 +48,6 @@ from common.settings import HealthConfig, Settings
 from common.version import VERSION
 from services.health_monitor.discovery import Inventory, discover
 from services.health_monitor.events import register_events
-from services.health_monitor.metrics import HealthMetrics
 from services.health_monitor.model import Clock, HealthModel, Probe, RecoveryPolicy, SystemClock
 from services.health_monitor.probes import Prober
 from services.health_monitor.xid_policy import XidPolicy
@@ -91,12 +90,10 @@ class HealthMonitor:
         recovery: RecoveryPolicy | None = None,
         health: HealthConfig | None = None,
         cordons: CordonStore | None = None,
-        metrics: HealthMetrics | None = None,
         clock: Clock | None = None,
         degraded: list[str] | None = None,
         probe_deadline: float = Settings.probe_deadline,
     ) -> None:
-        self._metrics = metrics
         self._degraded = list(degraded or ())  # optional features that are off, and why
         self._nvml = backend
         self._pub = publisher
@@ -105,7 +102,7 @@ class HealthMonitor:
         self._recovery = recovery or RecoveryPolicy()
         self._cordon_store = cordons
         self._clock: Clock = clock or SystemClock()
-        self._model = HealthModel(policy, self._recovery, health, self._clock, metrics)
+        self._model = HealthModel(policy, self._recovery, health, self._clock)
         self._cordon_error = ""  # the cordon file is unreadable: every device stays cordoned
         self.config = ConfigInfo()  # set by the config reloader
         self._published = False
@@ -127,8 +124,6 @@ class HealthMonitor:
     def _publish_state(self) -> None:
         self._published = True
         devices = list(self._model.devices.values())
-        if self._metrics is not None:
-            self._metrics.devices(devices)
         self._pub.publish_state(
             HealthState(
                 nvml_ok=self._nvml_ok,

@@ -22,8 +22,14 @@ if TYPE_CHECKING:
     from typing import Any
 
     from common.bus.sockets import BusPublisher
+    from services.kube_agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# What a config reload changes in a running kube-agent (nothing yet), and what it uses but cannot change:
+# a change is named in a warning and applies at the next start.
+LIVE: frozenset[str] = frozenset()
+RESTART = frozenset({"metrics_port"})
 
 
 def parts(settings: Settings, environ: Mapping[str, str]) -> list[str]:
@@ -67,8 +73,15 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     from common.bus.messages import KUBE_SOCKET
     from common.bus.sockets import BusPublisher
     from common.lifecycle import ensure_private_dir, run_until_stopped
+    from common.reload import Reloader
 
     environ = os.environ
+    reloader = Reloader.current()
+    if reloader is not None:
+        async def nothing_live(_new: Settings) -> None:
+            pass
+
+        reloader.serve(LIVE, RESTART, nothing_live)
     node = environ.get(NODE_NAME, "")
     enabled = parts(settings, environ)
     log.info("running: %s", ", ".join(enabled))
@@ -76,12 +89,20 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     ensure_private_dir(settings.run_dir)
     publisher = BusPublisher(settings.bus_path(KUBE_SOCKET))
+    metrics: Metrics | None = None
     try:
         work: list[tuple[str, Coroutine[Any, Any, None]]] = [("bus-heartbeat", publisher.run())]
+        if settings.metrics_port:
+            from services.kube_agent.metrics import Metrics
+
+            metrics = Metrics(settings)
+            work.append(("metrics", metrics.run()))
         if environ.get(SRCDIR):
             work += await _config_part(environ, node, publisher)
         await run_until_stopped(stop, *(asyncio.create_task(c, name=name) for name, c in work))
     finally:
+        if metrics is not None:
+            metrics.close()
         publisher.close()
 
 

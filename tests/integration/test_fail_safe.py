@@ -1,16 +1,14 @@
 """What a hostile or unlucky node does to the stack: a corrupt cordon file, a state dir that
-cannot be written, a metrics port already taken. Cordons fail safe (out of service, never
-silently back in); optional features turn off with a reason on the bus instead of
-ending the pod."""
+cannot be written (a metrics port already taken: test_metrics_endpoint.py). Cordons fail safe
+(out of service, never silently back in); optional features turn off with a reason on the bus
+instead of ending the pod."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
 from common.bus.messages import HealthState
-from tests.conftest import wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.node import Node
 
@@ -83,19 +81,3 @@ def test_a_state_dir_that_cannot_be_created_turns_cordons_off_and_keeps_the_moni
     assert "degraded: cordons unavailable" in status.stdout
     log = node.procs.log("health-monitor")
     assert log.count("cordons unavailable") == 1 and "Traceback" not in log
-
-
-def test_a_metrics_port_in_use_turns_metrics_off_and_keeps_the_monitor(make_node: Any) -> None:
-    taken = socket.socket()
-    taken.bind(("0.0.0.0", 0))
-    taken.listen()
-    try:
-        port = taken.getsockname()[1]
-        node = make_node(METRICS_PORT=str(port))
-        state = state_where(node, lambda m: bool(m.degraded) and len(m.devices) == 8)
-        assert any("metrics off" in r and str(port) in r for r in state.degraded)
-        node.wait_devices()
-        assert node.services["health-monitor"].poll() is None
-        wait_until(lambda: "metrics off" in node.procs.log("health-monitor"), 10, "the reason logged")
-    finally:
-        taken.close()

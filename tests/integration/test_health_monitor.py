@@ -145,40 +145,6 @@ def test_nvml_init_failure_is_published_and_retried_without_fail_on_init_error(p
     wait_until(lambda: procs.log("hm").count("retrying NVML") >= 2, 10, "a second init attempt")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_metrics_when_a_port_is_configured(procs: Procs, short_tmp: Path) -> None:
-    import urllib.request
-
-    port = _free_port()
-    run = start_monitor(procs, short_tmp, "dgx-h100-8", METRICS_PORT=str(port))
-    s = state(run)
-    victim, other = s.devices[1].id, s.devices[2].id
-    inject(procs, run, "xid", victim, "79")
-    inject(procs, run, "xid", other, "13")
-    state(run, lambda st: health(st)[victim] == UNHEALTHY)
-
-    def scrape() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
-
-    def counted() -> str | None:
-        text = scrape()
-        return text if 'xid="13"' in text else None
-
-    text = wait_until(counted, 10, "the XID counters")
-    assert f'gpu_plugin_device_healthy{{device="{victim}",index="1",kind="gpu"}} 0.0' in text
-    assert f'gpu_plugin_device_healthy{{device="{other}",index="2",kind="gpu"}} 1.0' in text
-    assert f'gpu_plugin_xid_errors_total{{device="{victim}",verdict="fatal",xid="79"}} 1.0' in text
-    assert f'gpu_plugin_xid_errors_total{{device="{other}",verdict="ignored",xid="13"}} 1.0' in text
-
-
 def test_a_hung_nvml_call_marks_its_gpu_and_names_the_call_while_the_others_are_watched(
     procs: Procs, short_tmp: Path
 ) -> None:

@@ -1,0 +1,108 @@
+"""The kube-agent's metrics part on real sockets: a health publisher on the real bus, the part on its own
+loop, and HTTP as a scraper speaks it."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from common.bus.messages import UNHEALTHY, HealthEvent
+from common.settings import Settings
+from services.kube_agent.metrics import Metrics
+from tests.conftest import wait_until
+from tests.integration.conftest import MakeNode
+from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+
+
+def scrape(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_serves_what_the_buses_say_and_waits_out_a_taken_port(short_tmp: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    run = short_tmp / "run"
+    devices = gpus(2)
+    health = FakeHealthMonitor(run, devices)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    lt = LoopThread()
+    try:
+        part = lt.call(lambda: Metrics(Settings(run_dir=run, metrics_port=port), address="127.0.0.1",
+                                       hostname="node-1", bind_retry_s=0.05))
+        lt.spawn(part.run())
+        # Another process holds the port: said once, the part runs on and takes the port once it is free.
+        wait_until(lambda: "cannot listen on port" in caplog.text, 10, "the taken port named")
+        taken.close()
+        wait_until(part.listening.is_set, 10, "the port taken once free")
+        assert caplog.text.count("cannot listen on port") == 1
+
+        sick = dataclasses.replace(devices[1], health=UNHEALTHY, reason="XID 79", xid_count=1)
+        health.publish([devices[0], sick])
+        health.send(HealthEvent(time=time.time(), device=sick.id, event="xid", xid=79, reason="fatal"))
+
+        def scraped() -> str | None:
+            status, text = scrape(port)
+            # The event went out after the state, on the same socket: with it, the state has come too.
+            return text if status == 200 and 'xid="79"' in text else None
+
+        text = wait_until(scraped, 10, "the XID and the unhealthy GPU in a scrape")
+        labels = (f'gpu="1",UUID="{sick.id}",pci_bus_id="{sick.pci_bus_id}",device="nvidia1",'
+                  f'modelName="NVIDIA H100",Hostname="node-1"')
+        lines = text.splitlines()
+        assert f"gpu_plugin_device_healthy{{{labels}}} 0" in lines
+        assert f'gpu_plugin_device_xid_by_code_total{{{labels},xid="79",verdict="fatal"}} 1' in lines
+        assert f"gpu_plugin_device_xid_errors_total{{{labels}}} 1" in lines
+        assert scrape(port, "/")[0] == 404
+        assert scrape(port, "/metrics", method="POST")[0] == 405
+        status, body = scrape(port, "/metrics", method="HEAD")
+        assert (status, body) == (200, "")
+    finally:
+        lt.close()
+        health.close()
+        taken.close()
+
+
+def test_the_kube_agent_serves_every_services_metrics(make_node: MakeNode) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = make_node(METRICS_PORT=str(port))
+    node.start("kube-agent")
+    ids = list(node.wait_devices())
+    assert node.lt.run(node.sim.allocate("nvidia.com/gpu", ids[:1])).envs
+    node.inject("xid", ids[1], "79")
+    node.wait_health(ids[1], "Unhealthy")
+
+    def scraped() -> str | None:
+        try:
+            _, text = scrape(port)
+        except OSError:
+            return None  # not listening yet
+        done = ('method="Allocate"' in text and 'xid="79"' in text and "gpu_plugin_registrations_total" in text
+                and f'gpu_plugin_device_healthy{{gpu="1",UUID="{ids[1]}"' in text)
+        return text if done else None
+
+    # One endpoint for the pod: the health-monitor's devices, the plugin-server's calls and the
+    # registrar's registrations, each from its own bus.
+    text = wait_until(scraped, 15, "every service's series in one scrape")
+    lines = text.splitlines()
+    assert any(line.startswith(f'gpu_plugin_device_healthy{{gpu="1",UUID="{ids[1]}",') and line.endswith(" 0")
+               for line in lines)
+    assert any(line.startswith(f'gpu_plugin_device_xid_by_code_total{{gpu="1",UUID="{ids[1]}",')
+               and 'xid="79",verdict="fatal"} 1' in line for line in lines)
+    assert any(line.startswith('gpu_plugin_grpc_calls_total{resource="nvidia.com/gpu",method="Allocate",code="OK"')
+               and line.endswith(" 1") for line in lines)
+    assert any(line.startswith("gpu_plugin_registrations_total{") and line.endswith(" 1") for line in lines)
