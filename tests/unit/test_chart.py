@@ -351,7 +351,12 @@ def test_metrics_service_and_pod_monitor() -> None:
     ds = next(d for d in objects if d["kind"] == "DaemonSet")
     main = pod(ds)["containers"][0]
     assert env_of(main)["METRICS_PORT"] == "9400"
+    assert env_of(main)["NODE_NAME"] == "<from field>", "the Hostname label, as DCGM exporter's"
     assert main["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    with_config = [d for d in render({**VALUE_SETS["external-config-map"], "metrics": {"port": 9400}})
+                   if d["kind"] == "DaemonSet"]
+    names = [e["name"] for e in pod(with_config[0])["containers"][0]["env"]]
+    assert names.count("NODE_NAME") == 1 and "METRICS_PORT" in names
     (svc,) = [d for d in objects if d["kind"] == "Service"]
     assert svc["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
