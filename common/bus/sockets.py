@@ -7,7 +7,7 @@ publisher, which answers by re-sending its current state messages: at once after
 spell, else with the next coalesced replay (REPLAY_INTERVAL_S). A new subscriber therefore
 has the full state within a round trip or 50 ms, not at the next heartbeat, with no second
 socket to keep in step, and a flood of subscriptions costs one replay per interval.
-Heartbeats re-send the same state (same seq, new sent_at) at least once a second.
+Heartbeats re-send the same state (same seq, new sent_at) every heartbeat period (5 s by default).
 
 Only one process may publish on an endpoint: binding an ipc:// path silently takes it
 over from a live owner, so the publisher first takes an exclusive flock next to it.
@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=StateMessage)
 
-HEARTBEAT_S = 1.0
+# The default of a publisher made without settings (tests, tools); the services' is
+# Settings.heartbeat_s, a third of GPU_PLUGIN_STALE_AFTER (5 s by default): a heartbeat is a
+# wake-up of every publisher and subscriber, so at idle it is most of what the stack does.
+HEARTBEAT_S = 5.0
 # A new subscriber waits at most this long for the state when another subscribed just before.
 REPLAY_INTERVAL_S = 0.05
 SUBSCRIPTION_BATCH = 1000  # frames read between two yields to the event loop

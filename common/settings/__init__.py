@@ -211,8 +211,9 @@ class Settings:
         ("--health-probe-deadline",), "HEALTH_PROBE_DEADLINE", None, "5s", duration(0.1),
         "a GPU whose probe has not answered this long is Unhealthy, the hung NVML call named")
     stale_after: float = setting(
-        ("--stale-after",), "GPU_PLUGIN_STALE_AFTER", None, "3s", duration(0.1),
-        "plugin-server: a health bus silent this long (three heartbeats) is reported stale; the last state is kept")
+        ("--stale-after",), "GPU_PLUGIN_STALE_AFTER", None, "15s", duration(0.3),
+        "a bus silent this long is reported stale (every bus heartbeats at a third of it; the plugin-server keeps "
+        "the last health state)")
     stream_lost_grace: float = setting(
         ("--stream-lost-grace",), "GPU_PLUGIN_STREAM_LOST_GRACE", None, "2s", duration(0.1),
         "registrar: an endpoint the kubelet stops streaming from this long is registered again")
@@ -267,6 +268,12 @@ class Settings:
     def health(self) -> HealthConfig:
         return HealthConfig(self.fatal_xids, self.ignored_xids, self.monitor_only_xids, self.ecc_single_bit,
                             self.ecc_double_bit)
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often every bus re-sends its state: three heartbeats fit in stale_after, so one lost
+        or late beat never reads as a silent publisher."""
+        return self.stale_after / 3
 
     def bus_path(self, name: str) -> Path:
         return self.run_dir / name

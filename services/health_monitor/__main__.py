@@ -41,7 +41,7 @@ def recovery_of(settings: Settings) -> RecoveryPolicy:
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     ensure_private_dir(settings.run_dir)
-    publisher = BusPublisher(settings.bus_path(HEALTH_SOCKET))
+    publisher = BusPublisher(settings.bus_path(HEALTH_SOCKET), heartbeat_s=settings.heartbeat_s)
     backend = make_backend(settings)
     monitor: HealthMonitor | None = None
     try:

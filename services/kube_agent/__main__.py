@@ -88,7 +88,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     # The client logs every request at info: a watch line per reconnect is noise on every node.
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     ensure_private_dir(settings.run_dir)
-    publisher = BusPublisher(settings.bus_path(KUBE_SOCKET))
+    publisher = BusPublisher(settings.bus_path(KUBE_SOCKET), heartbeat_s=settings.heartbeat_s)
     metrics: Metrics | None = None
     try:
         work: list[tuple[str, Coroutine[Any, Any, None]]] = [("bus-heartbeat", publisher.run())]

@@ -22,7 +22,7 @@ async def serve(settings: Settings, stop: asyncio.Event, devices: Devices, exter
     `devices` is closed at the end."""
     try:
         ensure_private_dir(settings.run_dir)
-        publisher = BusPublisher(settings.bus_path(MPS_SOCKET))
+        publisher = BusPublisher(settings.bus_path(MPS_SOCKET), heartbeat_s=settings.heartbeat_s)
         try:
             control = MpsControl(settings, publisher, devices, external)
             reloader = Reloader.current()

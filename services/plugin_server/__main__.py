@@ -23,7 +23,7 @@ RESTART = frozenset({"driver_root", "dev_root", "container_driver_root", "cdi_ho
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     ensure_private_dir(settings.run_dir)
-    publisher = BusPublisher(settings.bus_path(PLUGIN_SOCKET))
+    publisher = BusPublisher(settings.bus_path(PLUGIN_SOCKET), heartbeat_s=settings.heartbeat_s)
     try:
         server = PluginServer(settings, publisher, settings.bus_path(HEALTH_SOCKET))
         reloader = Reloader.current()

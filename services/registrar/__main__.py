@@ -34,7 +34,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         await stop.wait()
         return
     check_dir_can_exist(Path(settings.kubelet_socket).parent, "kubelet socket's directory")
-    publisher = BusPublisher(settings.bus_path(REGISTRAR_SOCKET))
+    publisher = BusPublisher(settings.bus_path(REGISTRAR_SOCKET), heartbeat_s=settings.heartbeat_s)
     try:
         await Registrar(Path(settings.kubelet_socket), publisher, settings.bus_path(PLUGIN_SOCKET),
                         settings.stream_lost_grace).run(stop)

@@ -67,7 +67,7 @@ class FakeHealthMonitor:
         self.incarnation = "fake-" + str(time.monotonic_ns())
 
         async def make() -> BusPublisher:
-            return BusPublisher(run_dir / "health.sock")
+            return BusPublisher(run_dir / "health.sock", heartbeat_s=1.0)  # the plugin-server's tests: stale at 3 s
 
         self.pub = self.lt.run(make())
         self.lt.spawn(self.pub.run())

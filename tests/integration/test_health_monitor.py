@@ -178,13 +178,14 @@ def test_a_hung_nvml_call_marks_its_gpu_and_names_the_call_while_the_others_are_
 def test_status_says_stale_with_the_age_when_the_monitor_lives_but_is_silent(procs: Procs, short_tmp: Path) -> None:
     from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient
 
-    run = start_monitor(procs, short_tmp, "dgx-h100-8", GPU_PLUGIN_WATCHDOG_TIMEOUT="600")
+    run = start_monitor(procs, short_tmp, "dgx-h100-8", GPU_PLUGIN_WATCHDOG_TIMEOUT="600", GPU_PLUGIN_STALE_AFTER="1s")
     state(run)
     wait_until(lambda: (run / "health-monitor.alive").exists(), 30, "the monitor's first answered watchdog check")
     FaultClient(run / SIM_CONTROL_SOCKET).send({"op": "freeze_loop"})
 
     def status() -> tuple[int, str]:
-        p = procs.start("status", "status", "--timeout", "2", env={"GPU_PLUGIN_RUN_DIR": str(run)})
+        p = procs.start("status", "status", "--timeout", "2", env={"GPU_PLUGIN_RUN_DIR": str(run),
+                                                                    "GPU_PLUGIN_STALE_AFTER": "1s"})
         code = p.wait(60)
         return code, procs.log("status")
 

@@ -45,7 +45,8 @@ class Env:
 def env(procs: Procs, short_tmp: Path) -> Iterator[Env]:
     run, dp = short_tmp / "run", short_tmp / "dp"
     health = FakeHealthMonitor(run, gpus(4))
-    procs.start("ps", "plugin-server", env={"GPU_PLUGIN_RUN_DIR": str(run), "KUBELET_SOCKET": str(dp / "kubelet.sock")})
+    procs.start("ps", "plugin-server", env={"GPU_PLUGIN_RUN_DIR": str(run), "KUBELET_SOCKET": str(dp / "kubelet.sock"),
+                                            "GPU_PLUGIN_STALE_AFTER": "3s"})
     e = Env(run, dp, health, procs)
     yield e
     e.health.close()
