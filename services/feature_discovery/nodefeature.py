@@ -34,10 +34,6 @@ NODE_NAME_LABEL = "nfd.node.kubernetes.io/node-name"  # nfdv1alpha1.NodeFeatureO
 ATTEMPTS = 3  # reads and writes of one pass when writes lose races
 
 
-class PublishError(Exception):
-    """The labels could not be published: the message says why, in one line."""
-
-
 @dataclass(frozen=True)
 class Target:
     node: str
@@ -154,9 +150,9 @@ async def publish(http: Http, target: Target, labels: Mapping[str, str]) -> str:
 
 def hint(e: BaseException, target: Target) -> str:
     """What an operator can do about a refusal, where the answer says it."""
-    if isinstance(e, ApiStatus) and e.code in (401, 403):
+    if isinstance(e, ApiStatus) and e.code == 403:
         return (f" (the pod's service account needs get, create and update on nodefeatures.nfd.k8s-sigs.io "
                 f"in namespace {target.namespace})")
     if isinstance(e, ApiStatus) and e.code == 404:
-        return " (is NFD's NodeFeature CRD installed? NFD v0.14 and later install it)"
+        return " (is NFD's NodeFeature CRD, nodefeatures.nfd.k8s-sigs.io, installed?)"
     return ""
