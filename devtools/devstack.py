@@ -15,9 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import xmlrpc.client
 from collections.abc import Iterator
+from http.client import HTTPException
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
 
 from devtools.kubelet_simulator.control import KubeletSimClient
 
@@ -28,6 +33,8 @@ GROUP = "gpu-plugin"  # supervisord.conf's [group:] of the three programs
 BIN = Path(sys.executable).parent
 PROGRAMS = ("health-monitor", "plugin-server", "registrar")
 RESOURCE = "nvidia.com/gpu"
+# supervisord not answering (not up yet, stopping, gone): what `rpc` raises then.
+RPC_ERRORS = (OSError, HTTPException, xmlrpc.client.Error)
 
 
 def stack_env(root: Path, fleet: str = "dgx-h100-8", **overrides: str) -> dict[str, str]:
@@ -113,18 +120,33 @@ class DevStack:
             raise RuntimeError(f"supervisorctl {' '.join(args)} failed ({out.returncode}): {out.stdout}{out.stderr}")
         return out.stdout
 
+    def rpc(self, method: str, *args: Any) -> Any:
+        """supervisord's XML-RPC `supervisor.<method>`, over its socket, as supervisorctl asks it, but
+        from this process: tests poll pid() and wait_running(), and a supervisorctl (a Python start)
+        per poll kept a core busy. Raises one of RPC_ERRORS while supervisord does not answer."""
+        transport = SupervisorTransport(None, None, f"unix://{Path(self.env['GPU_PLUGIN_RUN_DIR'], 'supervisor.sock')}")
+        try:
+            return getattr(xmlrpc.client.ServerProxy("http://localhost", transport).supervisor, method)(*args)
+        finally:
+            transport.close()
+
     def pid(self, program: str) -> int:
-        out = self.ctl("pid", program, check=False).strip()  # exits 7 while the program is down
-        return int(out) if out.isdigit() else 0
+        """The program's pid (a bare name stands for its name in the group); 0 while it is down, as
+        `supervisorctl pid` says, or while supervisord does not answer."""
+        try:
+            return int(self.rpc("getProcessInfo", f"{GROUP}:{program}" if program in PROGRAMS else program)["pid"])
+        except RPC_ERRORS:
+            return 0
 
     def wait_running(self, timeout: float = 30.0) -> None:
+        """Until the three programs, and one more (the watchdog), are RUNNING."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.supervisord is not None and self.supervisord.poll() is not None:
                 raise RuntimeError(f"supervisord exited ({self.supervisord.returncode}); see {self.root}")
-            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                out = self.ctl("status", check=False)
-                if all(f"{p}" in out for p in PROGRAMS) and out.count("RUNNING") >= len(PROGRAMS) + 1:
+            with contextlib.suppress(*RPC_ERRORS):
+                running = {i["name"] for i in self.rpc("getAllProcessInfo") if i["statename"] == "RUNNING"}
+                if set(PROGRAMS) <= running and len(running) > len(PROGRAMS):
                     return
             time.sleep(0.05)
         raise TimeoutError(f"stack not RUNNING within {timeout} s: {self.ctl('status', check=False)}")
