@@ -64,10 +64,13 @@ class BadAnswer(Exception):
 class ApiStatus(Exception):
     """An HTTP error status or a watch's ERROR event, with the Status's code, reason and message."""
 
-    def __init__(self, code: int, message: str, reason: str = "") -> None:
+    def __init__(self, code: int, message: str, reason: str = "", retry_after: float | None = None) -> None:
         super().__init__(f"HTTP {code}: {message}")
         self.code = code
         self.reason = reason  # the Status's CamelCase reason ("Conflict", "AlreadyExists"); "" if none
+        # Seconds the server asks the client to wait (a 429's or 503's Retry-After header, or the Status's
+        # details.retryAfterSeconds); None if it said nothing. The caller bounds it.
+        self.retry_after = retry_after
 
 
 # What a request can fail with: none of it ends a process, all of it is retried.
@@ -191,9 +194,11 @@ def parse_json(body: bytes | bytearray, what: str) -> Any:
         raise BadAnswer(f"{what}: not JSON ({e})") from None
 
 
-def status_of(code: int, phrase: str, body: bytes | bytearray) -> ApiStatus:
-    """An error answer's Status message and reason, where it has them."""
+def status_of(code: int, phrase: str, body: bytes | bytearray, retry_after: str = "") -> ApiStatus:
+    """An error answer's Status message and reason, where it has them, and the wait it asks for
+    (`retry_after`: the Retry-After header; the API server sends seconds, an HTTP date is ignored)."""
     message, why = phrase, ""
+    wait = float(retry_after.strip()) if retry_after.strip().isdigit() else None
     try:
         answer = json.loads(body)
     except (ValueError, RecursionError):
@@ -203,7 +208,11 @@ def status_of(code: int, phrase: str, body: bytes | bytearray) -> ApiStatus:
             message = answer["message"]
         if isinstance(answer.get("reason"), str):
             why = plain(answer["reason"])
-    return ApiStatus(code, plain(message), why)
+        details = answer.get("details")
+        seconds = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+        if wait is None and isinstance(seconds, int) and not isinstance(seconds, bool) and seconds >= 0:
+            wait = float(seconds)
+    return ApiStatus(code, plain(message), why, wait)
 
 
 async def request(http: httpx2.AsyncClient, method: str, path: str, what: str, *,
@@ -223,5 +232,5 @@ async def request(http: httpx2.AsyncClient, method: str, path: str, what: str, *
     except TimeoutError:
         raise BadAnswer(f"{what}: no complete answer within {READ_S:.0f} s") from None
     if not 200 <= resp.status_code < 300:
-        raise status_of(resp.status_code, resp.reason_phrase, data)
+        raise status_of(resp.status_code, resp.reason_phrase, data, resp.headers.get("retry-after", ""))
     return parse_json(data, what)
