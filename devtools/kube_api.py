@@ -1,5 +1,5 @@
-"""An emulated Kubernetes API server for tests: Nodes (and NFD's NodeFeatures, in their own section
-at the end), over plain HTTP/1.1, as the real one answers.
+"""An emulated Kubernetes API server for tests: Nodes (their status and Events, and NFD's NodeFeatures,
+in sections of their own), over plain HTTP/1.1, as the real one answers.
 
 What the kube-agent uses, with the real server's behaviour at the edges: `GET /api/v1/nodes/<name>`
 (404 as a Status), `GET /api/v1/nodes?watch=true&fieldSelector=metadata.name=<name>&resourceVersion=N`
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,9 @@ def status(code: int, reason: str, message: str) -> dict[str, Any]:
             "reason": reason, "code": code}
 
 
-REASONS = {403: "Forbidden", 404: "NotFound", 410: "Expired", 500: "InternalError", 503: "ServiceUnavailable"}
+REASONS = {403: "Forbidden", 404: "NotFound", 410: "Expired", 500: "InternalError", 503: "ServiceUnavailable",
+           201: "Created", 400: "BadRequest", 409: "Conflict", 415: "UnsupportedMediaType", 422: "Invalid",
+           429: "TooManyRequests"}
 
 # What a fault answers instead of the Node (in a list: of the NodeList; in a watch: of the event):
 FAULTS = (
@@ -71,6 +74,46 @@ EVENT_FAULTS = (*FAULTS, "unknown-type")  # unknown-type: an event of type RENAM
 NOT_JSON = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 
 
+_PATCH_TYPES = {"application/strategic-merge-patch+json": "strategic", "application/merge-patch+json": "merge"}
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)")
+
+
+def _health_path(method: str, path: str) -> bool:
+    """A Node's status, or an Event (the kube-agent's node health)."""
+    if path.startswith("/api/v1/nodes/") and path.endswith("/status"):
+        return method in ("GET", "PATCH")
+    parts = path[len("/api/v1/namespaces/"):].split("/") if path.startswith("/api/v1/namespaces/") else []
+    return len(parts) in (2, 3) and parts[1] == "events" and all(parts) and (
+        method in ("GET", "PATCH") if len(parts) == 3 else method in ("GET", "POST"))
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _patch_body(body: bytes, kind: str) -> tuple[str, Any]:
+    """The kind of merge ("strategic", "merge": from the request's Content-Type) and the patch."""
+    if kind not in ("strategic", "merge"):
+        raise _Refused(415, "the body's content type is not a patch this resource takes")
+    try:
+        return kind, json.loads(body)
+    except ValueError as e:
+        raise _Refused(400, f"not JSON: {e}") from None
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386 into `target`: objects merged, null removes, anything else (a list) replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = json.loads(json.dumps(value))
+
+
 class KubeApiEmulator:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host, self.port = host, port
@@ -86,6 +129,12 @@ class KubeApiEmulator:
         self.faulted = 0  # answers given with a fault (GET, list, watch event)
         self.huge_bytes = 200 << 20
         self.nodefeatures = NodeFeatures()  # NFD's objects, which gpu-feature-discovery writes
+        # Node status and Events (the kube-agent's node health; see their section)
+        self.events: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> Event
+        self.forbidden: set[str] = set()  # "nodes/status", "events": answered 403 while named (RBAC not granted)
+        self.write_delay_s = 0.0  # status and Event writes answered this late (a slow server)
+        self.cuts = 0  # the next status and Event writes are applied, then their connection cut unanswered
+        self.retry_after: int | None = None  # sent with injected 429 and 503 answers
         self._watches: list[_Watch] = []
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
@@ -202,14 +251,17 @@ class KubeApiEmulator:
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = lines[0].split(" ", 2)
                 length = 0
+                content_type = ""
                 for line in lines[1:]:
                     if line.lower().startswith("content-length:"):
                         length = int(line.split(":", 1)[1])
+                    elif line.lower().startswith("content-type:"):
+                        content_type = line.split(":", 1)[1].strip().lower()
                 body = await reader.readexactly(length) if length else b""
                 url = urlsplit(target)
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 self.requests.append(Request(method, url.path, query, body))
-                if not await self._answer(method, url.path, query, writer, body):
+                if not await self._answer(method, url.path, query, writer, body, content_type):
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
@@ -219,13 +271,14 @@ class KubeApiEmulator:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _send(self, writer: asyncio.StreamWriter, code: int, body: dict[str, Any]) -> bool:
-        return await self._send_bytes(writer, code, json.dumps(body).encode())
+    async def _send(self, writer: asyncio.StreamWriter, code: int, body: dict[str, Any], headers: str = "") -> bool:
+        return await self._send_bytes(writer, code, json.dumps(body).encode(), headers=headers)
 
     async def _send_bytes(self, writer: asyncio.StreamWriter, code: int, data: bytes,
-                          length: int | None = None) -> bool:
-        """`length`: the Content-Length declared, when it is not the data's (a body cut short)."""
-        writer.write(f"HTTP/1.1 {code} {REASONS.get(code, 'OK')}\r\nContent-Type: application/json\r\n"
+                          length: int | None = None, headers: str = "") -> bool:
+        """`length`: the Content-Length declared, when it is not the data's (a body cut short);
+        `headers`: more header lines, each ending with CRLF."""
+        writer.write(f"HTTP/1.1 {code} {REASONS.get(code, 'OK')}\r\nContent-Type: application/json\r\n{headers}"
                      f"Content-Length: {len(data) if length is None else length}\r\n\r\n".encode() + data)
         await writer.drain()
         return length is None  # a body cut short ends the connection
@@ -308,12 +361,15 @@ class KubeApiEmulator:
         return await self._send(writer, 200, bad)
 
     async def _answer(self, method: str, path: str, query: dict[str, str], writer: asyncio.StreamWriter,
-                      body: bytes = b"") -> bool:
+                      body: bytes = b"", content_type: str = "") -> bool:
         if self.failures:
             code = self.failures.pop(0)
-            return await self._send(writer, code, status(code, REASONS.get(code, "Error"), f"injected {code}"))
+            wait = f"Retry-After: {self.retry_after}\r\n" if self.retry_after is not None and code in (429, 503) else ""
+            return await self._send(writer, code, status(code, REASONS.get(code, "Error"), f"injected {code}"), wait)
         if path.startswith(NODEFEATURES_PREFIX):
             return await self._send(writer, *self.nodefeatures.answer(method, path, body))
+        if _health_path(method, path):
+            return await self._node_health(method, path, writer, body, content_type)
         if method != "GET" or not path.startswith("/api/v1/nodes"):
             return await self._send(writer, 403, status(403, "Forbidden", f"{method} {path} is forbidden"))
         name = path[len("/api/v1/nodes/"):] if path.startswith("/api/v1/nodes/") else ""
@@ -405,6 +461,138 @@ class KubeApiEmulator:
             raw(json.dumps({"type": "MODIFIED", "object": self._bad_object(fault, node)}).encode() + b"\n")
         await writer.drain()
         return fault != "cut"
+
+    # -- Node status and Events ---------------------------------------------------------------
+    # What the kube-agent's node health writes, as the real server answers. GET and PATCH of
+    # /api/v1/nodes/<name>/status: a strategic merge patch (status.conditions merge by type: a
+    # condition sent replaces the fields it names in the condition of its type, the others and other
+    # types' stay) or a JSON merge patch (RFC 7386: a list is replaced whole), any other content type
+    # 415; conditions with a status other than True/False/Unknown, or a time that is not RFC 3339, 422;
+    # the Node's resourceVersion moves and its watchers get MODIFIED. Events (core/v1) under
+    # /api/v1/namespaces/<ns>/events: POST (201; 409 AlreadyExists; 400 when the body names another
+    # namespace; 422 without a name, or when the involvedObject's namespace is not the Event's), PATCH
+    # by name (strategic merge; 404 when gone), GET by name and list. `forbidden` names the resources
+    # ("nodes/status", "events") this identity may not touch (403, as missing RBAC); `write_delay_s`
+    # answers writes late; `cuts` applies the next writes, then cuts their connection unanswered (the
+    # client cannot tell whether they landed); `retry_after` goes with injected 429 and 503 answers.
+
+    def condition(self, node: str, kind: str) -> dict[str, Any] | None:
+        """The Node's condition of this type, as stored."""
+        for c in self.nodes[node].get("status", {}).get("conditions", []):
+            if c.get("type") == kind:
+                return dict(c)
+        return None
+
+    def events_of(self, namespace: str = "default") -> list[dict[str, Any]]:
+        return [e for (ns, _), e in self.events.items() if ns == namespace]
+
+    def writes(self) -> list[Request]:
+        """The status and Event writes received (answered or not), in order."""
+        return [r for r in self.requests if r.method != "GET" and _health_path(r.method, r.path)]
+
+    async def _node_health(self, method: str, path: str, writer: asyncio.StreamWriter, body: bytes,
+                           content_type: str) -> bool:
+        resource = "events" if path.startswith("/api/v1/namespaces/") else "nodes/status"
+        if resource in self.forbidden:
+            return await self._send(writer, 403, status(
+                403, "Forbidden", f'{resource} is forbidden: User "system:serviceaccount:x:y" cannot '
+                                  f"{method.lower()} {resource}"))
+        if method != "GET" and self.write_delay_s:
+            await asyncio.sleep(self.write_delay_s)  # the emulated server's slowness, not a wait in a test
+        patch = _PATCH_TYPES.get(content_type, "other")
+        code, answer = (self._status_write(method, path, body, patch) if resource == "nodes/status"
+                        else self._event_write(method, path, body, patch))
+        if method != "GET" and self.cuts > 0:
+            self.cuts -= 1
+            return False  # applied; the connection is closed without an answer
+        return await self._send(writer, code, answer)
+
+    def _status_write(self, method: str, path: str, body: bytes, patch_type: str) -> tuple[int, dict[str, Any]]:
+        name = path[len("/api/v1/nodes/"):-len("/status")]
+        node = self.nodes.get(name)
+        if node is None:
+            return 404, status(404, "NotFound", f'nodes "{name}" not found')
+        if method == "GET":
+            return 200, node
+        try:
+            kind, patch = _patch_body(body, patch_type)
+        except _Refused as e:
+            return e.code, status(e.code, REASONS[e.code], str(e))
+        if not isinstance(patch, dict) or not isinstance(patch.get("status", {}), dict):
+            return 400, status(400, "BadRequest", "the patch is not an object with a status object")
+        new = json.loads(json.dumps(node))
+        new_status = new.setdefault("status", {})
+        sent = patch.get("status", {})
+        if kind == "strategic":
+            conditions = sent.get("conditions")
+            rest = {k: v for k, v in sent.items() if k != "conditions"}
+            _merge(new_status, rest)
+            if conditions is not None:
+                if not isinstance(conditions, list) or not all(isinstance(c, dict) and "type" in c for c in conditions):
+                    return 422, status(422, "Invalid", "status.conditions: each needs a type")
+                stored = new_status.setdefault("conditions", [])
+                for c in conditions:
+                    same = next((old for old in stored if old.get("type") == c["type"]), None)
+                    if same is None:
+                        stored.append(dict(c))
+                    else:
+                        same.update(c)
+        else:
+            _merge(new_status, sent)
+        for c in new_status.get("conditions") or []:
+            if c.get("status") not in ("True", "False", "Unknown"):
+                return 422, status(422, "Invalid", f"status.conditions[{c.get('type')}].status: Unsupported value: "
+                                                   f"{c.get('status')!r}")
+            for t in ("lastHeartbeatTime", "lastTransitionTime"):
+                if t in c and not (isinstance(c[t], str) and _RFC3339.fullmatch(c[t])):
+                    return 422, status(422, "Invalid", f"status.conditions[{c.get('type')}].{t}: not RFC 3339")
+        node["status"] = new_status
+        self.version += 1
+        node["metadata"]["resourceVersion"] = str(self.version)
+        self._event("MODIFIED", name)
+        return 200, node
+
+    def _event_write(self, method: str, path: str, body: bytes, patch_type: str) -> tuple[int, dict[str, Any]]:
+        parts = path[len("/api/v1/namespaces/"):].split("/")
+        namespace, name = parts[0], parts[2] if len(parts) == 3 else ""
+        if method == "GET":
+            if not name:
+                return 200, {"apiVersion": "v1", "kind": "EventList", "items": self.events_of(namespace),
+                             "metadata": {"resourceVersion": str(self.version)}}
+            found = self.events.get((namespace, name))
+            return (200, found) if found else (404, status(404, "NotFound", f'events "{name}" not found'))
+        try:
+            sent = _patch_body(body, patch_type)[1] if method == "PATCH" else json.loads(body)
+        except _Refused as e:
+            return e.code, status(e.code, REASONS[e.code], str(e))
+        except ValueError as e:
+            return 400, status(400, "BadRequest", f"not JSON: {e}")
+        if not isinstance(sent, dict):
+            return 400, status(400, "BadRequest", "the body is not an object")
+        self.version += 1
+        if method == "PATCH":
+            stored = self.events.get((namespace, name))
+            if stored is None:
+                return 404, status(404, "NotFound", f'events "{name}" not found')
+            _merge(stored, {k: v for k, v in sent.items() if k != "metadata"})
+            stored["metadata"]["resourceVersion"] = str(self.version)
+            return 200, stored
+        meta = sent.get("metadata")
+        if not isinstance(meta, dict) or meta.get("namespace", namespace) != namespace:
+            return 400, status(400, "BadRequest", "the namespace of the provided object does not match the "
+                                                  "namespace sent on the request")
+        if not meta.get("name"):
+            return 422, status(422, "Invalid", "metadata.name: Required value: name or generateName is required")
+        involved = sent.get("involvedObject")
+        if not isinstance(involved, dict) or involved.get("namespace", "") not in ("", namespace):
+            return 422, status(422, "Invalid", "involvedObject.namespace: Invalid value: does not match "
+                                               "event.namespace")
+        if (namespace, meta["name"]) in self.events:
+            return 409, status(409, "AlreadyExists", f'events "{meta["name"]}" already exists')
+        created = {**sent, "metadata": {**meta, "namespace": namespace, "uid": f"uid-event-{self.version}",
+                                        "resourceVersion": str(self.version)}}
+        self.events[(namespace, meta["name"])] = created
+        return 201, created
 
 
 # -- NodeFeatures ----------------------------------------------------------------------------------
