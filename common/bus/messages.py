@@ -342,6 +342,16 @@ class KubeState(StateMessage):
     digest: str = ""  # sha256 (12 hex) of the config file written
     unknown: str = ""  # a label value that names no available config (reported, not applied)
     error: str = ""  # the last API or selection error ("" = none)
+    # The parts running ("per-node configuration", "metrics", "node health"); [] from an older agent.
+    parts: list[str] = field(default_factory=list)
+    # Node health (HEALTH_NODE_CONDITION, HEALTH_NODE_EVENTS). The defaults say "not written", which is
+    # also what the part off, or an older agent, sends.
+    node_condition: str = ""  # GPUUnhealthy's status as last written: "True", "False", "Unknown"; "" = none
+    node_condition_reason: str = ""
+    node_events_written: int = 0  # Event creates and count updates the API took, since the agent started
+    node_events_pending: int = 0  # waiting for the API or for their device's rate limit
+    node_events_dropped: int = 0  # given up: refused by the API, or pushed out of the full queue
+    node_health_error: str = ""  # why the last write of the condition or an Event failed; "" = they went through
 
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (

@@ -34,7 +34,6 @@ from typing import Any
 from urllib.parse import quote
 
 from common.bus.messages import KubeState
-from common.bus.sockets import BusPublisher
 from common.fswatch import DirWatcher
 from common.kubeapi import (
     HEADERS,
@@ -58,6 +57,7 @@ from common.kubeapi import (
     show,
     status_of,
 )
+from services.kube_agent.board import StatePublisher
 from services.kube_agent.selection import Rules, Selection, SelectionError, available, content, digest, select
 from services.kube_agent.selection import write_atomically as write
 
@@ -203,7 +203,7 @@ class NodeApi:
 
 
 class KubeAgent:
-    def __init__(self, rules: Rules, node: str, dst: Path, publisher: BusPublisher | None,
+    def __init__(self, rules: Rules, node: str, dst: Path, publisher: StatePublisher | None,
                  client: ClientFactory = default_client, renew_s: float = WATCH_RENEW_S) -> None:
         self._renew_s = renew_s
         self.rules = rules
