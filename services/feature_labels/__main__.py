@@ -42,7 +42,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
 
 def run(settings: Settings) -> int:
     try:
-        on = boolean(os.environ.get(GATE, "false"), f"environment {GATE}")
+        on = boolean(os.environ.get(GATE) or "false", f"environment {GATE}")  # empty: unset, as sh's ${X:-false}
     except SettingsError as e:
         from common.lifecycle import bad_setting
 
