@@ -54,6 +54,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             health=settings.health,
             cordons=CordonStore(settings.state_dir),
             probe_deadline=settings.probe_deadline,
+            watchdog_limit=settings.watchdog_timeout,
         )
         reloader = Reloader.current()
         if reloader is not None:

@@ -56,7 +56,11 @@ __all__ = ["HealthMonitor", "NvmlInitError", "RecoveryPolicy"]
 
 log = logging.getLogger(__name__)
 
-WAIT_SLICE_MS = 1000  # bounds how long the event thread takes to notice shutdown
+# How long one event wait lasts before the thread looks at `_stopping` again. Shutdown does not
+# wait for it (nvmlShutdown is skipped while the thread is inside a wait), and the watchdog times
+# the call against its limit (30 s), so the slice is a third of that at most: a short slice only
+# woke the thread at idle. 5 s, as NVIDIA's plugin waits.
+WAIT_SLICE_MS = 5000
 INIT_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_PENDING_EVENTS = 1000  # events handed to the loop and not yet applied
 EVENT_SET_BACKOFF_S = (0.1, 1.0, 5.0, 30.0)
@@ -93,7 +97,9 @@ class HealthMonitor:
         clock: Clock | None = None,
         degraded: list[str] | None = None,
         probe_deadline: float = Settings.probe_deadline,
+        watchdog_limit: float = Settings.watchdog_timeout,
     ) -> None:
+        self._wait_slice_ms = int(min(WAIT_SLICE_MS, watchdog_limit * 1000 / 3))
         self._degraded = list(degraded or ())  # optional features that are off, and why
         self._nvml = backend
         self._pub = publisher
@@ -245,7 +251,7 @@ class HealthMonitor:
         while not self._stopping.is_set():
             self._event_call = ("NVML nvmlEventSetWait on the event thread", time.monotonic())
             try:
-                event = self._nvml.event_set_wait(event_set, WAIT_SLICE_MS)
+                event = self._nvml.event_set_wait(event_set, self._wait_slice_ms)
             except NvmlError as e:
                 if e.code == NVML_ERROR_TIMEOUT:
                     continue
@@ -326,7 +332,8 @@ class HealthMonitor:
 
     def stuck_calls(self) -> list[tuple[str, float]]:
         """NVML calls in progress that must not block for long: the event thread's (its wait returns
-        every second). Stuck there, no GPU's events are seen: the watchdog restarts the monitor."""
+        within a third of the watchdog's limit). Stuck there, no GPU's events are seen: the watchdog
+        restarts the monitor."""
         call = self._event_call
         return [call] if call is not None else []
 
