@@ -176,6 +176,17 @@ async def _plugin_state(settings: Settings, timeout: float) -> PluginState | Non
     return await _state(settings, PLUGIN_SOCKET, PluginState, timeout)
 
 
+def _node_health_line(kube: KubeState) -> str:
+    """The kube-agent's node health: the condition as last written, the Events, and why writes fail."""
+    condition = (f"condition GPUUnhealthy={kube.node_condition} ({kube.node_condition_reason})"
+                 if kube.node_condition else "condition GPUUnhealthy not written (yet, or off)")
+    line = (f"node health: node {kube.node or '?'}, {condition}; Events {kube.node_events_written} written, "
+            f"{kube.node_events_pending} waiting, {kube.node_events_dropped} dropped")
+    if kube.node_health_error:
+        line += f"\nnode health: API WRITES FAILING (the node serves on; retrying): {kube.node_health_error}"
+    return line
+
+
 async def _kube_state(settings: Settings) -> KubeState | None:
     """The kube-agent's state, where one runs (its socket exists): else nothing, at once."""
     from common.bus.messages import KUBE_SOCKET, KubeState
@@ -304,7 +315,7 @@ async def _status(settings: Settings, timeout: float) -> int:
         # Its bus is bound but replays nothing: a frozen (or just restarting) kube-agent.
         print("per-node config: NO STATE from the kube-agent within 2 s (see its heartbeat above); "
               "the config in place stays")
-    if kube is not None:
+    if kube is not None and (not kube.parts or "per-node configuration" in kube.parts):  # []: an older agent
         api = "API reachable" if kube.api_reachable else f"API NOT reachable ({kube.error})"
         print(f"per-node config: node {kube.node or '?'}, label {kube.label or '(none)'}, selected "
               f"{kube.config or '(empty)'} ({kube.why}); {api}")
@@ -312,6 +323,8 @@ async def _status(settings: Settings, timeout: float) -> int:
             print(f"per-node config: label value {kube.unknown!r} names no config: not applied")
         if kube.error and kube.api_reachable:
             print(f"per-node config: {kube.error}")
+    if kube is not None and "node health" in kube.parts:
+        print(_node_health_line(kube))
     rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA", "XID", "SBE", "DBE")]
     for d in msg.devices:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since))

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine, Mapping
     from typing import Any
 
-    from common.bus.sockets import BusPublisher
+    from services.kube_agent.board import KubeBoard, StatePublisher
     from services.kube_agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # What a config reload changes in a running kube-agent (nothing yet), and what it uses but cannot change:
 # a change is named in a warning and applies at the next start.
 LIVE: frozenset[str] = frozenset()
-RESTART = frozenset({"metrics_port"})
+RESTART = frozenset({"metrics_port", "node_condition", "node_events"})
 
 
 def parts(settings: Settings, environ: Mapping[str, str]) -> list[str]:
@@ -45,7 +45,7 @@ def parts(settings: Settings, environ: Mapping[str, str]) -> list[str]:
 
 
 async def _config_part(environ: Mapping[str, str], node: str,
-                       publisher: BusPublisher) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+                       publisher: StatePublisher) -> list[tuple[str, Coroutine[Any, Any, None]]]:
     """Per-node configuration: the first selection now (the services may be waiting for its file),
     then the ConfigMap and the node label followed."""
     from common.lifecycle import PermanentError
@@ -67,6 +67,22 @@ async def _config_part(environ: Mapping[str, str], node: str,
     return [("configmap", agent.follow_configs()), *([("node", agent.follow_node())] if node else [])]
 
 
+def _health_part(settings: Settings, node: str, board: KubeBoard) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+    """Node health: the GPUUnhealthy condition and the Events on this Node, from the health bus."""
+    from common.bus.messages import HEALTH_SOCKET
+    from common.lifecycle import PermanentError
+    from services.kube_agent.reporter import NodeHealth
+
+    if not node:
+        on = [name for name, value in (("HEALTH_NODE_CONDITION", settings.node_condition),
+                                       ("HEALTH_NODE_EVENTS", settings.node_events)) if value]
+        raise PermanentError(f"kube-agent: node health ({', '.join(on)}) writes on this node's Node, but {NODE_NAME} "
+                             "is not set: set it from the pod's spec.nodeName (the chart does)")
+    health = NodeHealth(node, settings.bus_path(HEALTH_SOCKET), board, condition=settings.node_condition,
+                        events=settings.node_events)
+    return [("node-health", health.run())]
+
+
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     import asyncio
 
@@ -74,6 +90,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     from common.bus.sockets import BusPublisher
     from common.lifecycle import ensure_private_dir, run_until_stopped
     from common.reload import Reloader
+    from services.kube_agent.board import KubeBoard
 
     environ = os.environ
     reloader = Reloader.current()
@@ -89,6 +106,9 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     ensure_private_dir(settings.run_dir)
     publisher = BusPublisher(settings.bus_path(KUBE_SOCKET), heartbeat_s=settings.heartbeat_s)
+    # The parts share the kube bus's one state: each fills in its own fields.
+    board = KubeBoard(publisher, node, enabled)
+    board.publish_state(board.state)
     metrics: Metrics | None = None
     try:
         work: list[tuple[str, Coroutine[Any, Any, None]]] = [("bus-heartbeat", publisher.run())]
@@ -97,8 +117,10 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
 
             metrics = Metrics(settings)
             work.append(("metrics", metrics.run()))
+        if settings.node_condition or settings.node_events:
+            work += _health_part(settings, node, board)
         if environ.get(SRCDIR):
-            work += await _config_part(environ, node, publisher)
+            work += await _config_part(environ, node, board)
         await run_until_stopped(stop, *(asyncio.create_task(c, name=name) for name, c in work))
     finally:
         if metrics is not None:

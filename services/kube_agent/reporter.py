@@ -1,0 +1,322 @@
+"""Node health in the API: the kube-agent's part that writes the GPUUnhealthy condition on its Node's
+status and the Events about it, from the health bus (what to write: services.kube_agent.node_health
+and node_events; this module only listens, writes and retries).
+
+Nothing on the node waits for it: the health-monitor tells the kubelet (through the plugin-server)
+first, and this process hears the same bus on its own. While the API refuses or is away, the node
+serves on; the reason is on the kube bus (`node_health_error`, shown by `gpu-plugin status`) and
+each writer retries after a pause that grows from RETRY_MIN_S to RETRY_MAX_S (a 429's or 503's
+Retry-After is honoured, up to RETRY_AFTER_MAX_S).
+
+The condition is desired state: each write sends the latest, so when the API comes back after a
+fault and a recovery it gets one write of what is true now, not the transitions it missed.
+lastTransitionTime is the time the status changed (as this agent saw it; at start, the Node's own,
+when it already says the same), lastHeartbeatTime the time of the write, refreshed every HEARTBEAT_S.
+The write is a strategic merge patch of nodes/<name>/status: conditions merge by type, so the
+kubelet's and other writers' conditions are untouched, as node-problem-detector does.
+
+Events go to namespace "default", about the Node as the kubelet names it (kind Node, name and uid
+the node's name), source gpu-device-plugin on this host; repeats are PATCHes of count and
+lastTimestamp, as client-go's recorder does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote
+
+from common.bus.messages import HealthEvent, HealthState
+from common.bus.sockets import BusSubscriber
+from common.kubeapi import (
+    READ_ERRORS,
+    ApiStatus,
+    ClientFactory,
+    ConfigError,
+    Http,
+    default_client,
+    reason,
+    request,
+)
+from services.kube_agent.board import KubeBoard
+from services.kube_agent.node_events import Correlator, Write
+from services.kube_agent.node_health import CONDITION_TYPE, HEARTBEAT_S, Changes, Condition, Occurrence, condition_of
+
+log = logging.getLogger(__name__)
+
+COMPONENT: Final = "gpu-device-plugin"  # the Events' source and reporting component
+EVENT_NAMESPACE: Final = "default"  # where the kubelet records a Node's Events (a Node has no namespace)
+SMP: Final = "application/strategic-merge-patch+json"
+RETRY_MIN_S: Final = 0.5
+RETRY_MAX_S: Final = 30.0
+RETRY_AFTER_MAX_S: Final = 60.0  # a server asking for more is asked again after this long
+# How long the bus may be quiet before the silence itself is looked at (the monitor re-sends its
+# state every few seconds: this is reached while it is gone, or between two of its heartbeats).
+CHECK_S: Final = 5.0
+YIELD_EVERY: Final = 64  # bus messages handled between two turns of the other tasks
+# An answer we do not use (the Node, after the status patch) is still read, but within this bound:
+# a Node is a few KB to ~100 KB.
+ANSWER_LIMIT: Final = 2 << 20
+
+
+def rfc3339(t: float) -> str:
+    """metav1.Time's form: seconds, UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class NodeHealth:
+    def __init__(self, node: str, health_bus: Path, board: KubeBoard, *, condition: bool, events: bool,
+                 client: ClientFactory = default_client) -> None:
+        self.node = node
+        self._bus = health_bus
+        self._board = board
+        self._condition_on, self._events_on = condition, events
+        self._client_factory = client
+        self._http: Http | None = None
+        self._path = f"/api/v1/nodes/{quote(node, safe='')}"
+        self._events_path = f"/api/v1/namespaces/{EVENT_NAMESPACE}/events"
+        # What the bus said
+        self._state: HealthState | None = None
+        self._heard = 0.0  # monotonic time of the last health state (heartbeats included)
+        self._changes = Changes()
+        self._correlator = Correlator(node)
+        # The condition: what should be written, and since when its status is what it is
+        self._desired: Condition | None = None
+        self._transition = ""  # RFC 3339
+        self._status_changed = False  # since the agent started: the Node's older transition time does not hold
+        self._condition_wake = asyncio.Event()
+        self._event_wake = asyncio.Event()
+        # For the bus
+        self._condition_error = ""
+        self._event_error = ""
+        self._events_written = 0
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._follow(), name="node-health-bus")
+                if self._condition_on:
+                    tg.create_task(self._condition_loop(), name="node-condition")
+                if self._events_on:
+                    tg.create_task(self._event_loop(), name="node-events")
+        finally:
+            if self._http is not None:
+                await self._http.aclose()
+
+    # -- the health bus -----------------------------------------------------------------
+    async def _follow(self) -> None:
+        sub = BusSubscriber([self._bus], topics=[HealthState.TOPIC, HealthEvent.TOPIC])
+        received = 0
+        try:
+            while True:
+                received += 1
+                if received % YIELD_EVERY == 0:
+                    # pyzmq's recv returns without yielding while messages wait: in a storm the writers
+                    # (and the watchdog's heartbeat) would wait for the whole backlog.
+                    await asyncio.sleep(0)
+                msg = await sub.recv_timeout(CHECK_S)
+                now = time.monotonic()
+                if isinstance(msg, HealthState):
+                    self._heard = now
+                    if self._state is None or (msg.incarnation, msg.seq) != (self._state.incarnation, self._state.seq):
+                        self._state = msg
+                        if self._events_on:
+                            self._observe(self._changes.on_state(msg, time.time()), now)
+                    self._reconsider(now)  # a heartbeat too: the monitor heard again after a silence
+                elif isinstance(msg, HealthEvent):
+                    if self._events_on:
+                        self._observe(self._changes.on_event(msg, msg.time or time.time()), now)
+                else:
+                    self._reconsider(now)  # quiet: is the monitor silent for too long?
+        finally:
+            sub.close()
+
+    def _observe(self, occurrences: list[Occurrence], now: float) -> None:
+        for occ in occurrences:
+            self._correlator.observe(occ, now)
+        if occurrences:
+            self._event_wake.set()
+
+    def _reconsider(self, now: float) -> None:
+        if self._state is None or not self._condition_on:
+            return
+        desired = condition_of(self._state, now - self._heard)
+        if self._desired is None or desired.status != self._desired.status:
+            self._status_changed = self._desired is not None
+            self._transition = rfc3339(time.time())
+        if desired != self._desired:
+            self._desired = desired
+            self._condition_wake.set()
+
+    # -- the API --------------------------------------------------------------------------
+    def _client(self) -> Http:
+        if self._http is None:
+            self._http = self._client_factory()
+        return self._http
+
+    def _drop_client(self) -> None:
+        """After a ConfigError (no cluster found, credentials refused by their plugin): the next
+        request builds the client again. The old one is not closed here: the other writer may be
+        using it; what it holds is a connection pool, freed with it."""
+        self._http = None
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, timeout: float | None) -> None:
+        """Until `event` is set or `timeout` passed (None: no limit)."""
+        try:
+            async with asyncio.timeout(None if timeout is None else max(0.0, timeout)):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    @staticmethod
+    def _pause(pause: float, e: BaseException) -> float:
+        """The wait before the next try: the growing pause, or what the server asked for (bounded)."""
+        if isinstance(e, ApiStatus) and e.retry_after is not None:
+            return min(max(pause, e.retry_after), RETRY_AFTER_MAX_S)
+        return pause
+
+    def _publish(self, **condition: str) -> None:
+        self._board.update(
+            node_health_error="; ".join(e for e in (self._condition_error, self._event_error) if e),
+            node_events_written=self._events_written, node_events_pending=self._correlator.pending,
+            node_events_dropped=self._correlator.dropped, **condition)
+
+    def _failed(self, what: str, e: BaseException) -> str:
+        text = f"{what}: {reason(e)}"
+        if text not in (self._condition_error, self._event_error):
+            log.warning("%s (the node serves on; retrying)", text)
+        return text
+
+    # -- the condition ------------------------------------------------------------------
+    async def _condition_loop(self) -> None:
+        pause = RETRY_MIN_S
+        written: Condition | None = None
+        written_at = float("-inf")
+        read = False  # the Node's own condition read since start
+        while True:
+            desired, now = self._desired, time.monotonic()
+            if desired is None or (desired == written and now - written_at < HEARTBEAT_S):
+                self._condition_wake.clear()
+                await self._wait(self._condition_wake, None if desired is None else written_at + HEARTBEAT_S - now)
+                continue
+            try:
+                if not read:
+                    await self._adopt_transition(desired)
+                    read = True
+                await request(self._client(), "PATCH", f"{self._path}/status", f"status patch of node {self.node}",
+                              body=self._condition_patch(desired), content_type=SMP, limit=ANSWER_LIMIT)
+            except READ_ERRORS as e:
+                self._condition_error = self._failed(f"node condition {CONDITION_TYPE}", e)
+                self._publish()
+                if isinstance(e, ConfigError):
+                    self._drop_client()
+                # A pause between attempts, growing while the API refuses; not a wait for a condition.
+                await asyncio.sleep(self._pause(pause, e))
+                pause = min(pause * 2, RETRY_MAX_S)
+                continue
+            if written is None or written.status != desired.status or self._condition_error:
+                log.info("node %s: condition %s=%s (%s)", self.node, CONDITION_TYPE, desired.status, desired.reason)
+            written, written_at, pause = desired, now, RETRY_MIN_S
+            self._condition_error = ""
+            self._publish(node_condition=desired.status, node_condition_reason=desired.reason)
+
+    def _condition_patch(self, c: Condition) -> dict[str, Any]:
+        return {"status": {"conditions": [{
+            "type": CONDITION_TYPE, "status": c.status, "reason": c.reason, "message": c.message,
+            "lastHeartbeatTime": rfc3339(time.time()), "lastTransitionTime": self._transition}]}}
+
+    async def _adopt_transition(self, desired: Condition) -> None:
+        """Before the first write: a Node that already has the condition with this status keeps its
+        lastTransitionTime (a restart of this agent is not a change of the GPUs' health). A Node
+        this agent may not read (RBAC without get) is written with the time seen here."""
+        try:
+            node = await request(self._client(), "GET", self._path, f"GET of node {self.node}",
+                                 limit=ANSWER_LIMIT)
+        except ApiStatus as e:
+            if e.code != 403:
+                raise
+            log.warning("node %s: may not read the Node (%s): lastTransitionTime is this agent's", self.node,
+                        reason(e))
+            return
+        status = node.get("status") if isinstance(node, dict) else None
+        conditions = status.get("conditions") if isinstance(status, dict) else None
+        for c in conditions if isinstance(conditions, list) else ():
+            if (isinstance(c, dict) and c.get("type") == CONDITION_TYPE and c.get("status") == desired.status
+                    and isinstance(c.get("lastTransitionTime"), str) and not self._status_changed):
+                self._transition = c["lastTransitionTime"]
+
+    # -- the Events -----------------------------------------------------------------------
+    async def _event_loop(self) -> None:
+        pause = RETRY_MIN_S
+        while True:
+            now = time.monotonic()
+            write = self._correlator.take(now)
+            if write is None:
+                self._publish()
+                self._event_wake.clear()
+                at = self._correlator.next_at(now)
+                await self._wait(self._event_wake, None if at is None else at - now)
+                continue
+            try:
+                await self._send(write)
+            except READ_ERRORS as e:
+                self._event_error = self._failed(f"Event {write.reason}", e)
+                if isinstance(e, ApiStatus) and e.code in (400, 422):
+                    # The Event itself is refused: the same body would be again. Given up, counted.
+                    log.error("node %s: Event %s refused, dropped: %s", self.node, write.reason, reason(e))
+                    self._correlator.refused(write)
+                    continue
+                self._correlator.failed(write, time.monotonic())
+                self._publish()
+                if isinstance(e, ConfigError):
+                    self._drop_client()
+                # A pause between attempts, growing while the API refuses; not a wait for a condition.
+                await asyncio.sleep(self._pause(pause, e))
+                pause = min(pause * 2, RETRY_MAX_S)
+                continue
+            self._events_written += 1
+            self._event_error, pause = "", RETRY_MIN_S
+
+    async def _send(self, write: Write) -> None:
+        """Creates or patches the Event. A create that finds it there (an earlier try landed, its
+        answer lost) is a success whose count may be older: patched next. A patch that finds it gone
+        (expired) creates it again."""
+        if not write.create:
+            try:
+                await request(self._client(), "PATCH", f"{self._events_path}/{quote(write.name, safe='')}",
+                              f"patch of Event {write.name}", content_type=SMP, limit=ANSWER_LIMIT,
+                              body={"count": write.count, "lastTimestamp": rfc3339(write.last),
+                                    "message": write.message})
+                self._correlator.written(write)
+                return
+            except ApiStatus as e:
+                if e.code != 404:
+                    raise
+                write = self._correlator.gone(write)
+        try:
+            await request(self._client(), "POST", self._events_path, f"create of Event {write.name}",
+                          body=self._event(write), limit=ANSWER_LIMIT)
+        except ApiStatus as e:
+            if e.code != 409:
+                raise
+            self._correlator.written(write)
+            self._correlator.again(write)
+            return
+        self._correlator.written(write)
+
+    def _event(self, w: Write) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": w.name, "namespace": EVENT_NAMESPACE},
+            # As the kubelet refers to its Node: no namespace, the name as uid.
+            "involvedObject": {"kind": "Node", "name": self.node, "uid": self.node},
+            "reason": w.reason, "message": w.message, "type": w.type,
+            "source": {"component": COMPONENT, "host": self.node},
+            "firstTimestamp": rfc3339(w.first), "lastTimestamp": rfc3339(w.last), "count": w.count,
+            "reportingComponent": COMPONENT, "reportingInstance": self.node,
+        }
+

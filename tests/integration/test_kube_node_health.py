@@ -1,0 +1,233 @@
+"""Node health in the API: the kube-agent as a real process, fed by a health bus publisher (the real
+publisher, with the states and events a health-monitor sends), writing to the emulated API server
+(devtools.kube_api) over real HTTP. One agent per scenario group; the policy's details are unit
+tests (tests/unit/test_node_health_policy.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.bus.messages import KUBE_SOCKET, UNHEALTHY, DeviceState, HealthEvent, KubeState
+from devtools.kube_api import KubeApiEmulator
+from services.cli import _node_health_line
+from services.kube_agent.node_events import BURST
+from tests.conftest import Procs, wait_until
+from tests.integration.busclient import BusWatch
+from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+
+NODE = "node-1"
+READY = {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
+         "lastHeartbeatTime": "2026-12-01T00:00:00Z", "lastTransitionTime": "2026-11-01T00:00:00Z"}
+
+
+class Api:
+    def __init__(self) -> None:
+        self.lt = LoopThread()
+        self.emu = KubeApiEmulator()
+        self.lt.run(self.emu.start())
+        self.lt.call(lambda: self.emu.add_node(NODE))
+        # Another writer's condition (the kubelet's): it must stay as it is.
+        self.lt.call(lambda: self.emu.nodes[NODE].setdefault("status", {}).update(conditions=[dict(READY)]))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        return self.lt.call(fn)
+
+    def condition(self) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.call(lambda: self.emu.condition(NODE, "GPUUnhealthy"))
+        return found
+
+    def events(self, reason: str = "") -> list[dict[str, Any]]:
+        return [e for e in self.call(lambda: [dict(e) for e in self.emu.events_of()])
+                if not reason or e["reason"] == reason]
+
+    def writes(self) -> int:
+        return len(self.call(self.emu.writes))
+
+    def close(self) -> None:
+        self.lt.run(self.emu.stop())
+        self.lt.close()
+
+
+@pytest.fixture
+def api() -> Iterator[Api]:
+    a = Api()
+    yield a
+    a.close()
+
+
+class Node:
+    """The health bus (a publisher as the health-monitor's) and the kube-agent with node health on."""
+
+    def __init__(self, procs: Procs, root: Path, api: Api) -> None:
+        self.run = root / "run"
+        self.devices = gpus(4)
+        self.monitor = FakeHealthMonitor(self.run, self.devices)
+        (root / "kubeconfig").write_text(api.emu.kubeconfig())
+        self.env = {"GPU_PLUGIN_RUN_DIR": str(self.run), "NODE_NAME": NODE, "KUBECONFIG": str(root / "kubeconfig"),
+                    "HEALTH_NODE_CONDITION": "true", "HEALTH_NODE_EVENTS": "true",
+                    "GPU_PLUGIN_WATCHDOG_TIMEOUT": "30s"}
+        self.procs = procs
+        self.p: subprocess.Popen[bytes] | None = None
+        self.bus: BusWatch | None = None
+
+    def start(self) -> None:
+        self.p = self.procs.start("kube-agent", "kube-agent", env=self.env)
+        self.bus = BusWatch(self.run / KUBE_SOCKET, (KubeState.TOPIC,))
+
+    def fault(self, i: int, reason: str, xid: int = 0) -> None:
+        """Device i Unhealthy: the state first, then the driver event, as the health-monitor sends them."""
+        self.devices[i] = dataclasses.replace(self.devices[i], health=UNHEALTHY, reason=reason)
+        self.monitor.publish(list(self.devices))
+        if xid:
+            self.monitor.send(HealthEvent(time=time.time(), device=self.devices[i].id, event="xid", xid=xid,
+                                          reason="fatal"))
+
+    def cordon(self, i: int, on: bool) -> None:
+        self.devices[i] = dataclasses.replace(gpus(4)[i], health=UNHEALTHY, reason="cordoned: fan", cordoned=True) \
+            if on else gpus(4)[i]
+        self.monitor.publish(list(self.devices))
+
+    def recover(self, i: int) -> None:
+        self.devices[i] = gpus(4)[i]
+        self.monitor.publish(list(self.devices))
+
+    def state(self, predicate: Callable[[KubeState], bool], timeout: float = 10.0) -> KubeState:
+        assert self.bus is not None
+        msg = self.bus.wait(lambda m: isinstance(m, KubeState) and predicate(m), timeout)
+        assert isinstance(msg, KubeState)
+        return msg
+
+    def running(self) -> None:
+        assert self.p is not None and self.p.poll() is None, f"the kube-agent exited ({self.p and self.p.returncode})"
+
+    def rss_kb(self) -> int:
+        assert self.p is not None
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+        self.monitor.close()
+
+
+@pytest.fixture
+def node(procs: Procs, short_tmp: Path, api: Api) -> Iterator[Node]:
+    n = Node(procs, short_tmp, api)
+    yield n
+    n.close()
+
+
+def device_label(d: DeviceState) -> str:
+    return f"GPU {d.index} ({d.id})"
+
+
+def test_rbac_then_fault_recovery_and_a_storm(node: Node, api: Api) -> None:
+    # RBAC not granted: the reason on the bus, the agent serves on.
+    api.call(lambda: api.emu.forbidden.update({"nodes/status", "events"}))
+    node.start()
+    node.fault(2, "GPU lost")  # a fault to report while refused (an Event and the condition wait)
+    st = node.state(lambda m: "node condition GPUUnhealthy: HTTP 403" in m.node_health_error)
+    assert st.parts == ["node health"] and st.node_condition == ""
+    node.running()
+    assert "node health: API WRITES FAILING (the node serves on; retrying): node condition GPUUnhealthy: HTTP 403" \
+        in _node_health_line(st)  # what `gpu-plugin status` prints of it
+    api.call(api.emu.forbidden.clear)  # the chart's RBAC applied: written on the next retry
+    node.state(lambda m: m.node_condition == "True" and not m.node_health_error, timeout=15)
+    node.recover(2)
+    wait_until(lambda: (api.condition() or {}).get("status") == "False", 5, "condition False")
+    cond = api.condition()
+    assert cond is not None and cond["reason"] == "AllGPUsHealthy"
+    assert api.call(lambda: api.emu.condition(NODE, "Ready")) == READY  # another writer's: untouched
+    healthy_since = cond["lastTransitionTime"]
+
+    # XID 79 -> condition True and a Warning Event within 1 s.
+    t0 = time.monotonic()
+    node.fault(0, "XID 79", xid=79)
+    cond = wait_until(lambda: c if (c := api.condition()) and c["status"] == "True" else None, 5, "condition True")
+    warnings = wait_until(lambda: api.events("GPUUnhealthy"), 5, "a GPUUnhealthy Event")
+    assert time.monotonic() - t0 < 1.0
+    assert (cond["reason"], cond["message"]) == ("GpuLost", f"{device_label(node.devices[0])}: XID 79")
+    event = warnings[-1]
+    assert (event["type"], event["involvedObject"], event["source"]) == (
+        "Warning", {"kind": "Node", "name": NODE, "uid": NODE}, {"component": "gpu-device-plugin", "host": NODE})
+    assert event["metadata"]["namespace"] == "default" and "XID 79" in event["message"]
+    wait_until(lambda: api.events("XidError"), 5, "an XidError Event")
+    assert cond["lastTransitionTime"] >= healthy_since
+
+    # Recovery -> False and a Normal Event.
+    node.recover(0)
+    wait_until(lambda: (api.condition() or {}).get("status") == "False", 5, "condition False again")
+    recovered = wait_until(lambda: [e for e in api.events("GPURecovered") if node.devices[0].id in e["message"]], 5,
+                           "a GPURecovered Event")
+    assert recovered[0]["type"] == "Normal"
+
+    # 10 000 XIDs on one GPU: a bounded number of writes, one Event counting them, memory flat.
+    state = node.state(lambda m: m.node_events_pending == 0)
+    before, rss = api.writes(), node.rss_kb()
+    gpu1 = node.devices[1].id
+    storm = [HealthEvent(time=time.time(), device=gpu1, event="xid", xid=94, reason="monitor-only")] * 10_000
+
+    def flood() -> None:
+        for e in storm:
+            node.monitor.pub.publish(e)
+
+    node.monitor.lt.call(flood)
+    xids = wait_until(lambda: [e for e in api.events("XidError") if gpu1 in e["message"]
+                               and e.get("count", 0) >= BURST], 10, "the storm's Event counted")
+    node.state(lambda m: m.node_events_written > state.node_events_written + 1)
+    assert len(xids) == 1 and api.writes() - before <= BURST + 2
+    assert node.rss_kb() - rss < 8 << 10
+    node.running()
+
+
+def test_api_down_during_a_fault_converges_without_stale_events(node: Node, api: Api) -> None:
+    node.start()
+    wait_until(lambda: (api.condition() or {}).get("status") == "False", 10, "the first condition")
+    api.lt.run(api.emu.stop())  # the API server goes away
+    node.fault(0, "XID 79", xid=79)
+    node.state(lambda m: m.node_health_error != "")
+    node.recover(0)
+    node.fault(0, "XID 79; GPU lost")
+    node.cordon(1, True)
+    node.cordon(1, False)
+    api.lt.run(api.emu.start())  # back, on the same port
+    cond = wait_until(lambda: c if (c := api.condition()) and c["status"] == "True" else None, 15, "condition True")
+    assert cond["reason"] == "GpuLost" and cond["message"].endswith("XID 79, GPU lost")
+    node.state(lambda m: m.node_events_pending == 0 and not m.node_health_error, timeout=15)
+    # Each device's latest news only: GPU 0 Unhealthy with what it has now, not its first fault and
+    # recovery; GPU 1 uncordoned, not the cordon before.
+    assert [e["message"] for e in api.events("GPUUnhealthy")] == [
+        f"{device_label(node.devices[0])} Unhealthy: XID 79, GPU lost"]
+    assert api.events("GPURecovered") == [] and api.events("GPUCordoned") == []
+    assert len(api.events("GPUUncordoned")) == 1 and len(api.events("XidError")) == 1
+
+    # Connections cut after the writes were applied (the client cannot know): the condition is
+    # written again, the Event's second create finds it there (409) and is not made twice.
+    api.call(lambda: setattr(api.emu, "cuts", 2))
+    node.fault(2, "XID 48", xid=48)
+    wait_until(lambda: "XID 48" in (api.condition() or {}).get("message", ""), 10, "GPU 2 in the condition")
+    node.state(lambda m: m.node_events_pending == 0 and not m.node_health_error, timeout=10)
+    assert api.call(lambda: api.emu.cuts) == 0
+    said = [(e["reason"], e["message"]) for e in api.events()]
+    assert len(said) == len(set(said)) and len([r for r, m in said if "XID 48" in m]) == 2  # GPUUnhealthy, XidError
+
+    # Too many requests: the server's Retry-After is honoured, then the write goes through.
+    api.call(lambda: (setattr(api.emu, "retry_after", 1), api.emu.failures.append(429)))
+    t0 = time.monotonic()
+    node.recover(0)
+    node.recover(2)
+    node.state(lambda m: "HTTP 429" in m.node_health_error)
+    wait_until(lambda: (api.condition() or {}).get("status") == "False", 10, "condition False after the 429")
+    node.state(lambda m: m.node_condition == "False" and not m.node_health_error)
+    assert time.monotonic() - t0 >= 1.0
+    node.running()

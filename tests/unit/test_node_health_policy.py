@@ -1,0 +1,324 @@
+"""Node health's pure policy (services.kube_agent.node_health, node_events): the GPUUnhealthy condition,
+the Events a change of the health bus makes, and their aggregation and rate limits, with states built
+in-process and a stepped clock. The reason texts are the health-monitor's own: its model and probes
+run against the simulated driver, so a text changed there fails here."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from common.bus.messages import HEALTHY, UNHEALTHY, ConfigInfo, DeviceState, HealthEvent, HealthState, KubeState
+from common.cordons import Cordon
+from common.kubeapi import status_of
+from common.lifecycle import PermanentError
+from common.nvml.backend import EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL, EventData
+from common.settings import resolve
+from devtools.nvml_sim import SimulatedNvml, fleet_path
+from services.cli import _node_health_line
+from services.health_monitor.discovery import discover
+from services.health_monitor.model import HealthModel, Probe
+from services.health_monitor.probes import Prober, probe_gpu
+from services.health_monitor.xid_policy import FATAL, IGNORED, MONITOR_ONLY, XidPolicy
+from services.kube_agent import __main__ as kube_agent
+from services.kube_agent.board import KubeBoard
+from services.kube_agent.node_events import AGGREGATE_MAX, BURST, COMBINED, KEYS, PENDING, REFILL_S, Correlator
+from services.kube_agent.node_health import (
+    MAX_MESSAGE,
+    SILENT_S,
+    XID_VERDICTS,
+    Changes,
+    Occurrence,
+    condition_of,
+    faults_of,
+)
+
+
+def state(devices: list[DeviceState], nvml_ok: bool = True, error: str = "", seq: int = 1,
+          config: ConfigInfo | None = None, incarnation: str = "a") -> HealthState:
+    return HealthState(incarnation=incarnation, seq=seq, sent_at=0.0, nvml_ok=nvml_ok, error=error,
+                       driver_version="580", devices=devices, config=config or ConfigInfo())
+
+
+def gpu(i: int, reason: str = "", cordoned: bool = False) -> DeviceState:
+    return DeviceState(id=f"GPU-{i:08x}-0000-0000-0000-000000000000", kind="gpu", index=str(i), name="H100",
+                       health=UNHEALTHY if reason else HEALTHY, reason=reason, since=0.0, cordoned=cordoned)
+
+
+def mig(parent: DeviceState, j: int, reason: str = "") -> DeviceState:
+    return DeviceState(id=f"MIG-{j:08x}-1111-0000-0000-000000000000", kind="mig", index=f"{parent.index}:{j}",
+                       name="1g.10gb", health=UNHEALTHY if reason else HEALTHY, reason=reason, since=0.0,
+                       parent=parent.id)
+
+
+# -- the health-monitor's own texts ---------------------------------------------------------------
+
+def test_the_monitors_reason_texts_name_their_causes() -> None:
+    nvml = SimulatedNvml(fleet_path("dgx-h100-8"))
+    nvml.init()
+    try:
+        inv = discover(nvml, 1_700_000_000.0)
+        ids = [d.id for d in inv.devices if d.kind == "gpu"]
+        model = HealthModel(XidPolicy())
+        model.load_inventory(inv)
+        model.apply_event(EventData(ids[0], EVENT_XID_CRITICAL, 79))
+        model.apply_event(EventData(ids[1], EVENT_DOUBLE_BIT_ECC, 0))
+        nvml.inject({"op": "lost", "uuid": ids[2]})
+        nvml.inject({"op": "remap", "uuid": ids[3], "failed": True})
+        nvml.inject({"op": "hang", "uuid": ids[5]})
+        probes = [probe_gpu(nvml, g, inv.handles[g]) for g in ids[2:4]]
+
+        async def hung() -> list[Probe]:
+            return await Prober(nvml, 0.05, lambda: None).probe_all({ids[5]: inv.handles[ids[5]]})
+
+        probes += asyncio.run(hung())
+        nvml.inject({"op": "recover", "uuid": ids[5]})  # lets the probe thread go
+        model.apply_probes(probes)
+        model.set_cordons({ids[6]: Cordon("fan noise; loud", 0.0), ids[7]: Cordon("", 0.0)})
+        model.apply_event(EventData(ids[7], EVENT_XID_CRITICAL, 48))
+        model.refresh()
+        devices = list(model.devices.values())
+    finally:
+        nvml.shutdown()
+    by_id = {d.id: d for d in devices}
+    assert faults_of(by_id[ids[0]]) == ["XID 79"]
+    assert faults_of(by_id[ids[1]]) == ["ECC DBE"]
+    assert faults_of(by_id[ids[2]]) == ["GPU lost"]
+    assert faults_of(by_id[ids[3]]) == ["row-remap failure"]
+    assert by_id[ids[4]].health == HEALTHY  # (retired pages: an H100 has none; see test_condition_reasons)
+    assert faults_of(by_id[ids[5]]) == ["NVML nvmlDeviceGetPciInfo hung"]  # the growing duration left out
+    assert by_id[ids[6]].health == UNHEALTHY and faults_of(by_id[ids[6]]) == []  # a cordon, "; " in its text
+    assert faults_of(by_id[ids[7]]) == ["XID 48"]  # cordoned and faulty: the fault counts
+    cond = condition_of(state(devices))
+    assert (cond.status, cond.reason) == ("True", "MultipleProblems")
+    for cause in ("XID 79", "ECC DBE", "GPU lost", "row-remap failure", "hung"):
+        assert cause in cond.message
+    assert f"GPU 0 ({ids[0]}): XID 79" in cond.message and ids[6] not in cond.message
+    alone = [d if d.id in (ids[0], ids[2]) else dataclasses.replace(d, health=HEALTHY, reason="") for d in devices]
+    assert condition_of(state(alone)).reason == "GpuLost"  # XID 79 is the GPU fallen off the bus
+    alone = [d if d.id == ids[7] else dataclasses.replace(d, health=HEALTHY, reason="") for d in devices]
+    assert condition_of(state(alone)).reason == "XidError"
+
+
+def test_the_verdicts_are_the_xid_policys() -> None:
+    assert set(XID_VERDICTS) == {FATAL, MONITOR_ONLY} and IGNORED not in XID_VERDICTS
+
+
+# -- the condition --------------------------------------------------------------------------------
+
+def test_condition_reasons() -> None:
+    g = [gpu(i) for i in range(4)]
+    assert condition_of(state(g)) == condition_of(state(g))
+    healthy = condition_of(state(g))
+    assert (healthy.status, healthy.reason) == ("False", "AllGPUsHealthy")
+    assert condition_of(state([gpu(0, "cordoned: bad fan", True)])).status == "False"
+    assert condition_of(state([gpu(0, "GPU lost")])).reason == "GpuLost"
+    assert condition_of(state([gpu(0, "NVML nvmlDeviceGetPciInfo hung for 12 s")])).reason == "ProbeHung"
+    assert condition_of(state([gpu(0, "retired pages pending (GPU reset needed)")])).reason == "RetiredPages"
+    assert condition_of(state([gpu(0, "ECC DBE"), gpu(1, "XID 79")])).reason == "MultipleProblems"
+    assert condition_of(state([gpu(0, "something new")])).reason == "DeviceFault"  # never read as healthy
+    nvml = condition_of(state([], nvml_ok=False, error="nvml init failed: no driver"))
+    assert (nvml.status, nvml.reason) == ("True", "NvmlFailure") and "no driver" in nvml.message
+    unreadable = condition_of(state(g, error="GPU index 3: NVML nvmlDeviceGetUUID hung"))
+    assert (unreadable.status, unreadable.reason) == ("True", "GpuUnreadable")
+    silent = condition_of(state(g), SILENT_S)
+    assert (silent.status, silent.reason) == ("Unknown", "HealthMonitorSilent")
+
+
+def test_a_gpus_mig_devices_are_named_by_the_gpu_unless_their_own() -> None:
+    g = gpu(0, "XID 79")
+    migs = [mig(g, 1, "XID 79"), mig(g, 2, "XID 79; XID 31")]
+    message = condition_of(state([g, *migs])).message
+    assert message.count("XID 79") == 1 and migs[0].id not in message and f"MIG 0:2 ({migs[1].id}): XID 31" in message
+
+
+def test_the_message_is_bounded_and_counts_what_it_leaves_out() -> None:
+    many = [gpu(i, "XID 79") for i in range(64)]
+    message = condition_of(state(many)).message
+    assert len(message) <= MAX_MESSAGE and message.endswith("more devices") and many[0].id in message
+    long = condition_of(state([gpu(0, "probe failed: " + "x" * 5000)])).message
+    assert len(long) <= MAX_MESSAGE and long.endswith("...")
+
+
+# -- what makes an Event ----------------------------------------------------------------------------
+
+def test_transitions_cordons_and_config_make_events() -> None:
+    ch = Changes()
+    assert ch.on_state(state([gpu(0), gpu(1)]), 1.0) == []  # the start: nothing wrong, nothing said
+    out = ch.on_state(state([gpu(0, "XID 79"), gpu(1)], seq=2), 2.0)
+    assert [(o.type, o.reason, o.slot) for o in out] == [("Warning", "GPUUnhealthy", f"health/{gpu(0).id}")]
+    assert out[0].message == f"GPU 0 ({gpu(0).id}) Unhealthy: XID 79"
+    # The same cause again (another XID 79 state): no new transition
+    assert ch.on_state(state([gpu(0, "XID 79"), gpu(1)], seq=3), 3.0) == []
+    out = ch.on_state(state([gpu(0, "XID 79; ECC DBE"), gpu(1)], seq=4), 4.0)
+    assert [o.reason for o in out] == ["GPUUnhealthy"] and "ECC DBE" in out[0].message
+    out = ch.on_state(state([gpu(0), gpu(1, "cordoned: fan", True)], seq=5), 5.0)
+    assert [(o.type, o.reason) for o in out] == [("Normal", "GPURecovered"), ("Normal", "GPUCordoned")]
+    assert "recovered from XID 79, ECC DBE" in out[0].message and out[1].message.endswith("cordoned: fan")
+    out = ch.on_state(state([gpu(0), gpu(1)], seq=6, config=ConfigInfo("/c", "abc", reloads=1)), 6.0)
+    assert [(o.reason, o.slot) for o in out] == [("GPUUncordoned", f"cordon/{gpu(1).id}"), ("ConfigApplied", "config")]
+    refused = ConfigInfo("/c", "abc", refused="line 3: not YAML", refused_digest="def", reloads=1)
+    out = ch.on_state(state([gpu(0), gpu(1)], seq=7, config=refused), 7.0)
+    assert [(o.type, o.reason) for o in out] == [("Warning", "ConfigRefused")] and "not YAML" in out[0].message
+    out = ch.on_state(state([], nvml_ok=False, error="driver gone", seq=8), 8.0)
+    assert [(o.type, o.reason) for o in out] == [("Warning", "NvmlFailure")]
+
+
+def test_a_start_with_a_fault_says_it_once() -> None:
+    out = Changes().on_state(state([gpu(0, "GPU lost"), gpu(1, "cordoned", True)]), 1.0)
+    assert [(o.reason, o.device) for o in out] == [("GPUUnhealthy", gpu(0).id)]
+
+
+def test_xids_and_eccs_make_events_unless_ignored() -> None:
+    ch = Changes()
+    ch.on_state(state([gpu(3)]), 1.0)
+    xid = ch.on_event(HealthEvent(time=5.0, device=gpu(3).id, event="xid", xid=79, reason=FATAL), 5.0)
+    assert [(o.type, o.reason, o.message) for o in xid] == [
+        ("Warning", "XidError", f"XID 79 on GPU 3 ({gpu(3).id}): fatal")]
+    assert ch.on_event(HealthEvent(time=5.0, device=gpu(3).id, event="xid", xid=13, reason=IGNORED), 5.0) == []
+    assert ch.on_event(HealthEvent(time=5.0, device="", event="xid", xid=94, reason=MONITOR_ONLY), 5.0)[0].message \
+        == "XID 94 on every GPU: monitor-only"
+    assert [o.reason for o in ch.on_event(HealthEvent(time=5.0, device=gpu(3).id, event="ecc", reason="ECC DBE"),
+                                          5.0)] == ["EccError"]
+    assert ch.on_event(HealthEvent(time=5.0, device=gpu(3).id, event="ecc", reason="ECC SBE"), 5.0) == []
+
+
+# -- aggregation, counting, rate limits --------------------------------------------------------------
+
+def xid_occ(n: int = 79, dev: int = 3, t: float = 100.0) -> Occurrence:
+    return Occurrence("Warning", "XidError", f"XID {n} on GPU {dev}", t, f"GPU-{dev}")
+
+
+def drain(c: Correlator, now: float) -> list[tuple[bool, int, str]]:
+    out = []
+    while (w := c.take(now)) is not None:
+        out.append((w.create, w.count, w.message))
+        c.written(w)
+    return out
+
+
+def test_repeats_are_counted_into_one_event() -> None:
+    c = Correlator("node-1")
+    c.observe(xid_occ(t=100.0), 0.0)
+    assert drain(c, 0.0) == [(True, 1, "XID 79 on GPU 3")]
+    c.observe(xid_occ(t=101.0), 1.0)
+    c.observe(xid_occ(t=102.0), 1.0)
+    w = c.take(1.0)
+    assert w is not None and (w.create, w.count, w.first, w.last) == (False, 3, 100.0, 102.0)
+
+
+def test_a_storm_is_a_bounded_number_of_writes_with_the_count_right() -> None:
+    c = Correlator("node-1")
+    writes = []
+    for i in range(10_000):  # 10 000 XIDs in a minute
+        now = i * 0.006
+        c.observe(xid_occ(t=1000.0 + now), now)
+        while (w := c.take(now)) is not None:
+            writes.append(w)
+            c.written(w)
+    assert len(writes) <= BURST + 60 / REFILL_S + 1
+    end = c.next_at(60.0)
+    assert end is not None
+    last = c.take(end)
+    assert last is not None and last.count == 10_000 and c.take(end) is None
+
+
+def test_devices_and_reasons_have_their_own_limits() -> None:
+    c = Correlator("node-1")
+    for i in range(100):
+        c.observe(xid_occ(t=float(i)), 0.0)
+        drain(c, 0.0)
+    # GPU 3's XIDs spent its tokens; its recovery and another GPU's XID are not held back by them.
+    c.observe(Occurrence("Normal", "GPURecovered", "GPU 3 recovered", 200.0, "GPU-3", "health/GPU-3"), 0.0)
+    c.observe(xid_occ(dev=4), 0.0)
+    assert [m for _, _, m in drain(c, 0.0)] == ["GPU 3 recovered", "XID 79 on GPU 4"]
+
+
+def test_distinct_messages_of_one_reason_are_combined() -> None:
+    c = Correlator("node-1")
+    for n in range(1, 40):
+        c.observe(xid_occ(n=n, dev=n), 0.0)
+    names = {}
+    while (w := c.take(0.0)) is not None:
+        names[w.name] = w.message
+        c.written(w)
+    assert len(names) == AGGREGATE_MAX + 1
+    assert sum(m.startswith(COMBINED) for m in names.values()) == 1
+
+
+def test_while_the_api_is_away_only_the_latest_per_slot_waits() -> None:
+    c = Correlator("node-1")
+    dev = "GPU-3"
+    for i in range(50):  # a device flapping while nothing can be written
+        reason = "GPUUnhealthy" if i % 2 == 0 else "GPURecovered"
+        c.observe(Occurrence("Warning" if i % 2 == 0 else "Normal", reason, reason, float(i), dev, f"health/{dev}"),
+                  0.0)
+    w = c.take(0.0)
+    assert w is not None and w.reason == "GPURecovered" and c.take(0.0) is None
+    c.failed(w, 0.0)  # the API refused: back in its slot
+    c.observe(Occurrence("Warning", "GPUUnhealthy", "GPUUnhealthy", 60.0, dev, f"health/{dev}"), 0.0)
+    c.failed(w, 0.0)  # a newer one took the slot: the failed one is not written again
+    assert [(r, n) for r, n in [(x.reason, x.count) for x in [c.take(0.0)] if x]] == [("GPUUnhealthy", 26)]
+    assert c.take(0.0) is None
+
+
+def test_failed_writes_keep_their_tokens_and_tables_stay_bounded() -> None:
+    c = Correlator("node-1")
+    c.observe(xid_occ(), 0.0)
+    for _ in range(100):  # the API away: every try fails; the bucket is not spent by them
+        w = c.take(0.0)
+        assert w is not None
+        c.failed(w, 0.0)
+    for i in range(KEYS + PENDING + 10):
+        c.observe(Occurrence("Warning", f"R{i % 3}", f"m{i}", 0.0, f"GPU-{i}", f"s{i}"), 1.0)
+    assert c.pending == PENDING and c.dropped > 0
+    assert len(c._records) <= KEYS and len(c._buckets) <= KEYS and len(c._aggregates) <= KEYS
+
+
+def test_gone_and_already_there() -> None:
+    c = Correlator("node-1")
+    c.observe(xid_occ(), 0.0)
+    first = c.take(0.0)
+    assert first is not None
+    c.written(first)
+    c.again(first)  # a create found it there (an earlier try landed): one more write, a patch
+    again = c.take(0.0)
+    assert again is not None and not again.create
+    recreate = c.gone(again)  # a patch found it expired
+    assert recreate.create and recreate.name == first.name
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+
+def test_node_health_without_node_name_is_refused_at_start(tmp_path: Path) -> None:
+    settings = resolve(None, {"HEALTH_NODE_EVENTS": "true", "GPU_PLUGIN_RUN_DIR": str(tmp_path)})
+    assert kube_agent.parts(settings, {}) == ["node health"]
+
+    class Nothing:
+        def publish_state(self, state: KubeState) -> KubeState:
+            return state
+
+    with pytest.raises(PermanentError, match=r"node health \(HEALTH_NODE_EVENTS\) .* NODE_NAME is not set"):
+        kube_agent._health_part(settings, "", KubeBoard(Nothing(), "", ["node health"]))
+
+
+def test_the_wait_a_refusal_asks_for() -> None:
+    assert status_of(429, "Too Many Requests", b"{}", "3").retry_after == 3.0
+    assert status_of(429, "x", b'{"details": {"retryAfterSeconds": 7}}').retry_after == 7.0
+    assert status_of(503, "x", b'{"details": {"retryAfterSeconds": 7}}', "2").retry_after == 2.0  # the header's
+    assert status_of(429, "x", b"", "Wed, 21 Oct 2026 07:28:00 GMT").retry_after is None
+    assert status_of(500, "x", b'{"details": {"retryAfterSeconds": true}}').retry_after is None
+
+
+def test_status_shows_node_health() -> None:
+    st = KubeState(api_reachable=False, node="node-1", parts=["node health"], node_condition="True",
+                   node_condition_reason="GpuLost", node_events_written=3, node_events_pending=1)
+    assert _node_health_line(st) == ("node health: node node-1, condition GPUUnhealthy=True (GpuLost); Events 3 "
+                                     "written, 1 waiting, 0 dropped")
+    refused = dataclasses.replace(st, node_condition="", node_health_error="Event GPUUnhealthy: HTTP 403: no")
+    assert _node_health_line(refused).splitlines() == [
+        "node health: node node-1, condition GPUUnhealthy not written (yet, or off); Events 3 written, 1 waiting, "
+        "0 dropped", "node health: API WRITES FAILING (the node serves on; retrying): Event GPUUnhealthy: HTTP 403: no"]
