@@ -125,7 +125,8 @@ def server(request: pytest.FixtureRequest, procs: Procs, short_tmp: Path) -> Ite
         alone.health.close()
         assert proc.poll() is None, "the plugin-server survived everything"
         return
-    stack = DevStack(fleet="dgx-h100-8", env=STALE_AFTER)
+    # A GPU lost (set_health) is seen at the health-monitor's next probe: within a second, not 10.
+    stack = DevStack(fleet="dgx-h100-8", env={**STALE_AFTER, "HEALTH_PROBE_INTERVAL": "1s"})
     stack.start()
     try:
         supervised = SupervisedServer(stack)
