@@ -83,6 +83,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "no-mps-root": {"mps": {"root": ""}},
     # NVIDIA's values: gfd.enabled=true, here served by feature-labels in the plugin's pod.
     "gfd": {"gfd": {"enabled": True, "noTimestamp": True}},
+    # Node health in the API: the condition and the Events, each with its RBAC.
+    "node-health": {"health": {"node": {"condition": True, "events": True}}},
     "metrics-on": {"metrics": {"port": 9400, "service": {"enabled": True}, "podMonitor": {"enabled": True}},
                    "health": {"probeInterval": "5s", "recovery": {"policy": "never", "quietPeriod": "2m"}},
                    "stateDir": "/var/lib/kubelet/device-plugins/gpu-device-plugin", "logLevel": "debug",
@@ -436,6 +438,7 @@ def test_the_default_namespace_is_refused_unless_allowed() -> None:
     ({"failOnInitError": "yes"}, "/failOnInitError"),
     ({"metrics": {"port": 70000}}, "/metrics/port"),
     ({"health": {"probeInterval": "often"}}, "/health/probeInterval"),
+    ({"health": {"node": {"condition": "yes"}}}, "/health/node/condition"),
 ])
 def test_the_schema_rejects_bad_values(values: dict[str, Any], where: str) -> None:
     with pytest.raises(HelmValuesError, match=where):
@@ -508,3 +511,38 @@ def test_without_a_config_no_api_access_at_all() -> None:
     assert pod(ds)["automountServiceAccountToken"] is False and "serviceAccountName" not in pod(ds)
     assert not [d for d in objects if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
     assert "CONFIG_FILE_SRCDIR" not in env_of(pod(ds)["containers"][0])
+
+
+def test_node_health_each_part_with_only_its_rbac() -> None:
+    def rules(objects: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+        return {(d["kind"], d["metadata"]["name"], d["metadata"].get("namespace", "")): d.get("rules", [])
+                for d in objects if d["kind"] in ("ServiceAccount", "ClusterRole", "Role")}
+
+    condition = render({"health": {"node": {"condition": True}}})
+    ds = next(d for d in condition if d["kind"] == "DaemonSet")
+    env = env_of(pod(ds)["containers"][0])
+    assert (env["HEALTH_NODE_CONDITION"], env["NODE_NAME"]) == ("true", "<from field>")
+    assert "HEALTH_NODE_EVENTS" not in env
+    assert pod(ds)["serviceAccountName"] == "gdp-gpu-device-plugin" and pod(ds)["automountServiceAccountToken"]
+    assert rules(condition) == {
+        ("ServiceAccount", "gdp-gpu-device-plugin", NAMESPACE): [],
+        ("ClusterRole", "gdp-gpu-device-plugin-node-condition", ""): [
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]}]}
+    events = render({"health": {"node": {"events": True}}})
+    ds = next(d for d in events if d["kind"] == "DaemonSet")
+    assert "HEALTH_NODE_CONDITION" not in env_of(pod(ds)["containers"][0])
+    assert rules(events) == {
+        ("ServiceAccount", "gdp-gpu-device-plugin", NAMESPACE): [],
+        ("Role", "gdp-gpu-device-plugin-node-events", "default"): [
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}]}
+    (binding,) = [d for d in events if d["kind"] == "RoleBinding"]
+    assert binding["metadata"]["namespace"] == "default"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gdp-gpu-device-plugin", "namespace": NAMESPACE}]
+    # With the per-node configuration and metrics too: NODE_NAME once, each part's own rules.
+    both = render({**VALUE_SETS["external-config-map"], "metrics": {"port": 9400},
+                   "health": {"node": {"condition": True, "events": True}}})
+    ds = next(d for d in both if d["kind"] == "DaemonSet")
+    assert [e["name"] for e in pod(ds)["containers"][0]["env"]].count("NODE_NAME") == 1
+    assert {k[1] for k in rules(both)} == {"gdp-gpu-device-plugin", "gdp-gpu-device-plugin-node-reader",
+                                           "gdp-gpu-device-plugin-node-condition", "gdp-gpu-device-plugin-node-events"}
