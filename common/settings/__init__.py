@@ -220,6 +220,10 @@ class Settings:
     watchdog_timeout: float = setting(
         ("--watchdog-timeout",), "GPU_PLUGIN_WATCHDOG_TIMEOUT", None, "30s", duration(1.0),
         "a service whose event loop has not answered this long exits (supervisord restarts it alone)")
+    # A probe is a command over the daemon's pipe: one short process of the driver's (nvidia-cuda-mps-control).
+    mps_probe_interval: float = setting(
+        ("--mps-probe-interval",), "GPU_PLUGIN_MPS_PROBE_INTERVAL", None, "10s", duration(1.0),
+        "mps-control: how often each MPS control daemon is asked over its pipe whether it answers (at least 1s)")
     # -- NVIDIA's settings for CDI, the containerized driver and fabric/storage devices ----------
     container_driver_root: str = setting(
         ("--container-driver-root", "--driver-root-ctr-path"), "DRIVER_ROOT_CTR_PATH",

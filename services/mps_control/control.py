@@ -10,7 +10,7 @@ keeps advertising the replicas of a daemon that died; here a daemon that stops a
 published down (its replicas turn Unhealthy at the kubelet) and restarted, with backoff.
 
 Watching is cheap: the daemon's pid (its pid file) every CHECK_S, and a real command over its
-pipe every PROBE_S (a process spawn each). On SIGTERM each daemon gets `quit`, its GPUs go
+pipe every GPU_PLUGIN_MPS_PROBE_INTERVAL (10 s by default; a process spawn each). On SIGTERM each daemon gets `quit`, its GPUs go
 back to DEFAULT compute mode and its pipe directory is removed, as NVIDIA's does on stop.
 
 The pid file is the daemon's own, in its pipe directory on the host: it outlives the container,
@@ -25,7 +25,7 @@ daemon is configured (ours holds what it serves: GPUs, replicas, limits) and `<r
 every daemon is; unlike NVIDIA's, both are removed again while a daemon is down. In NVIDIA's
 layout the plugin's mps-control runs no daemon: `Watched` reads the `.started` file (is it there,
 does it serve our GPUs with our replicas) every CHECK_S and asks the daemon over its pipe, as
-NVIDIA's plugin does before it serves, at once when that file changes and every PROBE_S after, and
+NVIDIA's plugin does before it serves, at once when that file changes and every probe interval after, and
 publishes the same `mps.state`: the replicas are Unhealthy while the other pod's daemon is down.
 """
 
@@ -63,9 +63,8 @@ from common.settings import Replicated, Settings, SettingsError, SharedResource
 
 log = logging.getLogger(__name__)
 
-CHECK_S = 1.0  # pid check: no process spawned
+CHECK_S = 1.0  # pid check: no process spawned; also the shortest probe interval (the checks' period)
 _UNKNOWN = object()  # a file's content not looked at yet
-PROBE_S = 10.0  # a command over the pipe: one short process
 COMMAND_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 BACKOFF_MAX_S = 30.0
@@ -159,6 +158,7 @@ class _Resource(abc.ABC):
         self.log_dir = log_dir(settings.mps_container_root, resource)
         self.started_file = started_file(settings.mps_container_root, resource)
         self._control = control
+        self.probe_s = settings.mps_probe_interval  # a command over the pipe: one short process
         # NVIDIA passes only these two to the daemon; the rest of ours (PATH, locale) is harmless.
         self.env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.log_dir}
         self.state = MpsDaemon(resource=resource, devices=[g.id for g in gpus], pipe_dir=self.pipe_dir, up=False,
@@ -287,7 +287,7 @@ class Daemon(_Resource):
         replace_file(self.started_file, started_record(self.resource, self.gpus, self.replicas, pct, limits))
         self._set(ready=True, active_thread_percentage=pct, pinned_mem_limits=limits, last_error="")
         self.backoff = 1.0
-        self.next_probe = time.monotonic() + PROBE_S
+        self.next_probe = time.monotonic() + self.probe_s
         log.info("MPS daemon for %s ready (pid %d): active thread percentage %d, pinned memory %s", self.resource,
                  pid, pct, ", ".join(limits) or "not limited (size unknown)")
 
@@ -298,7 +298,7 @@ class Daemon(_Resource):
             _, why = self.who()
             error = f"the MPS control daemon (pid {self.state.pid}) is gone: {why}" if why else ""
             if not why and now >= self.next_probe:
-                self.next_probe = now + PROBE_S
+                self.next_probe = now + self.probe_s
                 try:
                     await self.command("get_default_active_thread_percentage")
                 except MpsError as e:
@@ -410,7 +410,7 @@ class Watched(_Resource):
         now = time.monotonic()
         if key == self._probed and now < self.next_probe:
             return  # nothing new since the last answer
-        self._probed, self.next_probe = key, now + PROBE_S
+        self._probed, self.next_probe = key, now + self.probe_s
         try:
             answer = await self.command("get_default_active_thread_percentage")
         except MpsError as e:

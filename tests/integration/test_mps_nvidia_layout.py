@@ -207,8 +207,8 @@ def test_a_bad_config_ends_it_with_the_cause(procs: Procs, short_tmp: Path) -> N
 
 # -- the plugin in NVIDIA's layout --------------------------------------------------------------
 
-def external_node(make_node: Any, short_tmp: Path, config: str = MPS_RENAMED) -> Node:
-    node: Node = make_node(config=config, **mps_env(short_tmp), **{DAEMON_ENV: EXTERNAL})
+def external_node(make_node: Any, short_tmp: Path, config: str = MPS_RENAMED, **env: str) -> Node:
+    node: Node = make_node(config=config, **mps_env(short_tmp), **{DAEMON_ENV: EXTERNAL}, **env)
     node.start("mps-control")
     return node
 
@@ -249,8 +249,9 @@ def test_the_plugin_serves_the_replicas_only_while_the_external_daemon_is_ready(
 
 
 def test_a_daemon_pod_killed_outright_is_found_by_its_probe(make_node: Any, procs: Procs, short_tmp: Path) -> None:
-    """SIGKILL to the daemon's pod leaves its files behind: the daemon's silence on its pipe tells."""
-    node = external_node(make_node, short_tmp)
+    """SIGKILL to the daemon's pod leaves its files behind: the daemon's silence on its pipe tells,
+    at the next probe (every second here, not every 10 s)."""
+    node = external_node(make_node, short_tmp, GPU_PLUGIN_MPS_PROBE_INTERVAL="1s")
     pod = DaemonPod(procs, short_tmp)
     p = pod.start()
     node.wait_devices(MPS_RES, count=32, timeout=60)
