@@ -19,6 +19,8 @@ Figures (p50/p99 where repeated):
   idle CPU                          CPU time of each process over an idle window
   pod termination                   SIGTERM to the entry point (PID 1) until it exited, each stack
   node label -> new device list     bench/per_node_config.py: and the kube-agent's memory and idle CPU
+  node health in the API            bench/node_health.py: XID 79 -> GPUUnhealthy condition and Event at the
+                                    API server, API writes per minute under an XID storm
   at scale                          bench/scale.py: 1024 replicas and 56 MIG devices, figures with targets
 
 Every figure is printed with the target issue 14 set for it (met / MISSED).
@@ -325,7 +327,8 @@ def main() -> int:
     ap.add_argument("--restarts", type=int, default=20)
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
-    ap.add_argument("--no-extras", action="store_true", help="skip preferred.py, per_node_config.py and scale.py")
+    ap.add_argument("--no-extras", action="store_true",
+                    help="skip preferred.py, per_node_config.py, node_health.py and scale.py")
     args = ap.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     terminations: list[float] = []
@@ -438,6 +441,8 @@ def main() -> int:
     status = subprocess.call([sys.executable, str(here / "preferred.py")])
     print("\nper-node configuration (bench/per_node_config.py):", flush=True)
     status = status or subprocess.call([sys.executable, str(here / "per_node_config.py")])
+    print("\nnode health in the API (bench/node_health.py):", flush=True)
+    status = status or subprocess.call([sys.executable, str(here / "node_health.py")])
     print("\nat scale (bench/scale.py): 16 GPUs x 64 replicas, 8 GPUs x 7 MIG devices:", flush=True)
     return status or subprocess.call([sys.executable, str(here / "scale.py")])
 
