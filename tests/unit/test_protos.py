@@ -20,6 +20,9 @@ from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 PB_DIR = Path("common/pb/deviceplugin/v1beta1")
+# Every API generated from protos/: the device plugin's, and DRA's (tests/unit/test_dra_protos.py).
+PB_DIRS = (PB_DIR, Path("common/pb/pluginregistration/v1"), Path("common/pb/dra/v1"), Path("common/pb/dra/v1beta1"),
+           Path("common/pb/drahealth/v1alpha1"))
 GENERATED = ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py", "api_pb2_grpc.pyi")
 
 
@@ -43,14 +46,17 @@ def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_generator_makes_exactly_the_committed_files(regenerated: Path) -> None:
     made = sorted(p.relative_to(regenerated).as_posix() for p in regenerated.rglob("*") if p.is_file())
-    assert made == sorted((PB_DIR / name).as_posix() for name in GENERATED)
+    assert made == sorted((d / name).as_posix() for d in PB_DIRS for name in GENERATED)
 
 
-@pytest.mark.parametrize("name", GENERATED, ids=GENERATED)
-def test_committed_file_matches_a_fresh_run(regenerated: Path, name: str) -> None:
-    fresh = (regenerated / PB_DIR / name).read_bytes()
-    committed = (ROOT / PB_DIR / name).read_bytes()
-    assert fresh == committed, f"{PB_DIR / name} is stale: run `make protos`"
+FILES = [d / name for d in PB_DIRS for name in GENERATED]
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.as_posix() for p in FILES])
+def test_committed_file_matches_a_fresh_run(regenerated: Path, path: Path) -> None:
+    fresh = (regenerated / path).read_bytes()
+    committed = (ROOT / path).read_bytes()
+    assert fresh == committed, f"{path} is stale: run `make protos`"
 
 
 def test_package() -> None:
