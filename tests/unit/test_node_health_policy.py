@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from common.kubeapi import status_of
 from common.lifecycle import PermanentError
 from common.nvml.backend import EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL, EventData
 from common.settings import resolve
+from devtools.kube_api import KubeApiEmulator
 from devtools.nvml_sim import SimulatedNvml, fleet_path
 from services.cli import _node_health_line
 from services.health_monitor.discovery import discover
@@ -322,3 +324,45 @@ def test_status_shows_node_health() -> None:
     assert _node_health_line(refused).splitlines() == [
         "node health: node node-1, condition GPUUnhealthy not written (yet, or off); Events 3 written, 1 waiting, "
         "0 dropped", "node health: API WRITES FAILING (the node serves on; retrying): Event GPUUnhealthy: HTTP 403: no"]
+
+
+def test_the_parts_keep_each_others_fields_on_the_kube_bus() -> None:
+    sent: list[KubeState] = []
+
+    class Bus:
+        def publish_state(self, state: KubeState) -> KubeState:
+            sent.append(state)
+            return state
+
+    board = KubeBoard(Bus(), "node-1", ["per-node configuration", "node health"])
+    board.update(node_condition="True", node_condition_reason="GpuLost")
+    board.update(node_condition="True", node_condition_reason="GpuLost")  # unchanged: not sent again
+    board.publish_state(KubeState(api_reachable=True, node="node-1", config="ts-4"))  # the config part's whole state
+    board.update(node_events_written=2)
+    assert len(sent) == 3
+    assert (sent[-1].config, sent[-1].api_reachable, sent[-1].node_condition, sent[-1].node_events_written,
+            sent[-1].parts) == ("ts-4", True, "True", 2, ["per-node configuration", "node health"])
+
+
+def test_the_emulated_status_patch_merges_as_the_api_server() -> None:
+    emu = KubeApiEmulator()
+    emu.add_node("n")
+    path = "/api/v1/nodes/n/status"
+    ours = {"type": "GPUUnhealthy", "status": "True", "reason": "XidError",
+            "lastTransitionTime": "2026-12-06T00:00:00Z"}
+    ready = {"type": "Ready", "status": "True"}
+    assert emu._status_write("PATCH", path, json.dumps({"status": {"conditions": [ready]}}).encode(), "strategic")[0] \
+        == 200
+    emu._status_write("PATCH", path, json.dumps({"status": {"conditions": [ours]}}).encode(), "strategic")
+    emu._status_write("PATCH", path, json.dumps({"status": {"conditions": [{"type": "GPUUnhealthy",
+                                                                            "message": "m"}]}}).encode(), "strategic")
+    assert emu.condition("n", "Ready") == ready and emu.condition("n", "GPUUnhealthy") == {**ours, "message": "m"}
+    # A JSON merge patch replaces the list whole, as RFC 7386 says.
+    emu._status_write("PATCH", path, json.dumps({"status": {"conditions": [ours]}}).encode(), "merge")
+    assert emu.condition("n", "Ready") is None
+    assert emu._status_write("PATCH", path, b"{}", "other")[0] == 415
+    bad = {"status": {"conditions": [{**ours, "status": "Maybe"}]}}
+    assert emu._status_write("PATCH", path, json.dumps(bad).encode(), "strategic")[0] == 422
+    late = {"status": {"conditions": [{**ours, "lastTransitionTime": "yesterday"}]}}
+    assert emu._status_write("PATCH", path, json.dumps(late).encode(), "strategic")[0] == 422
+    assert emu.condition("n", "GPUUnhealthy") == ours  # a refused patch changes nothing
