@@ -81,6 +81,11 @@ class Node:
         self.p = self.procs.start("kube-agent", "kube-agent", env=self.env)
         self.bus = BusWatch(self.run / KUBE_SOCKET, (KubeState.TOPIC,))
 
+    def restart(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+        self.start()
+
     def fault(self, i: int, reason: str, xid: int = 0) -> None:
         """Device i Unhealthy: the state first, then the driver event, as the health-monitor sends them."""
         self.devices[i] = dataclasses.replace(self.devices[i], health=UNHEALTHY, reason=reason)
@@ -188,6 +193,23 @@ def test_rbac_then_fault_recovery_and_a_storm(node: Node, api: Api) -> None:
     assert len(xids) == 1 and api.writes() - before <= BURST + 2
     assert node.rss_kb() - rss < 8 << 10
     node.running()
+
+    # A restart of the agent is not a change of the GPUs' health: the Node's transition time stays
+    # (made older than this test, so that a time taken at the restart cannot match it).
+    since = "2026-01-01T00:00:00Z"
+
+    def backdate() -> None:
+        for c in api.emu.nodes[NODE]["status"]["conditions"]:
+            if c["type"] == "GPUUnhealthy":
+                c["lastTransitionTime"] = since
+
+    api.call(backdate)
+    assert node.p is not None and node.procs.stop(node.p) == 0
+    patches = len([r for r in api.call(api.emu.writes) if r.path.endswith("/status")])
+    node.restart()
+    wait_until(lambda: len([r for r in api.call(api.emu.writes) if r.path.endswith("/status")]) > patches, 10,
+               "the restarted agent's first condition write")
+    assert (api.condition() or {})["lastTransitionTime"] == since
 
 
 def test_api_down_during_a_fault_converges_without_stale_events(node: Node, api: Api) -> None:
