@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.settings.config_file import Strict, check_sections, load_config_file, lookup, refuse_resources, warn_unknown
+from common.settings.dra import DraDevices, dra_devices
 from common.settings.sections import MAX_MPS_REPLICAS, HealthConfig, Replicated, SharedResource, Sharing, parse_sharing
 from common.settings.values import (
     DEFAULT_CDI_HOOK_PATH,
@@ -76,6 +77,7 @@ __all__ = [
     "MAX_MPS_REPLICAS",
     "MAX_REPLICAS",
     "SPECS",
+    "DraDevices",
     "HealthConfig",
     "Replicated",
     "Settings",
@@ -261,6 +263,23 @@ class Settings:
     mps_container_root: str = setting(
         ("--mps-container-root",), "GPU_PLUGIN_MPS_CONTAINER_ROOT", None, DEFAULT_MPS_CONTAINER_ROOT, abs_path,
         "where the MPS root is mounted in this container and in workloads (NVIDIA's: /mps)")
+    # -- DRA (dra-plugin; NVIDIA's DRA driver's flag and variable names for the kubelet's directories) ----
+    dra_enabled: bool = setting(
+        ("--dra-enabled",), "DRA_ENABLED", None, False, boolean,
+        "dra-plugin: serve the GPUs through Dynamic Resource Allocation as NVIDIA's DRA driver (gpu.nvidia.com) "
+        "does: a kubelet plugin, and ResourceSlices (needs NODE_NAME)")
+    kubelet_registrar_dir: Path = setting(
+        ("--kubelet-registrar-directory-path",), "KUBELET_REGISTRAR_DIRECTORY_PATH", None,
+        "/var/lib/kubelet/plugins_registry", path,
+        "dra-plugin: where the kubelet's plugin watcher finds registration sockets")
+    kubelet_plugins_dir: Path = setting(
+        ("--kubelet-plugins-directory-path",), "KUBELET_PLUGINS_DIRECTORY_PATH", None, "/var/lib/kubelet/plugins",
+        path, "dra-plugin: the kubelet's plugin directory; its DRA socket is <this>/gpu.nvidia.com/dra.sock")
+    # -- Kubernetes DRA: which GPUs the dra-plugin publishes (the plugin-server leaves them out) ----
+    dra_devices: DraDevices = setting(
+        ("--dra-devices",), "DRA_DEVICES", _file("dra", "devices"), "none", dra_devices,
+        "GPUs served through DRA (ResourceSlices) and not by the device plugin: all, none, or GPU indexes "
+        "and UUIDs, comma-separated")
     # -- the v1 file's `sharing:` section (a list of resources: no flag or environment form) ----
     sharing: Sharing = field(default_factory=Sharing)
 
