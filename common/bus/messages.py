@@ -33,6 +33,9 @@ HealthEventKind = Literal["transition", "xid", "ecc", "nvml", "probe"]
 PluginEventKind = Literal["allocate", "endpoint", "stream"]
 KubeletPresence = Literal["absent", "present", "refusing"]
 RegistrarEventKind = Literal["registered", "failed", "kubelet"]
+DraEventKind = Literal["registration", "prepare", "unprepare"]
+# A prepared claim's phase, as in NVIDIA's checkpoint: started (devices chosen, CDI spec being written) or done.
+ClaimPhase = Literal["PrepareStarted", "PrepareCompleted"]
 
 HEALTHY: Final = "Healthy"
 UNHEALTHY: Final = "Unhealthy"
@@ -67,6 +70,7 @@ PLUGIN_SOCKET = "plugin.sock"
 REGISTRAR_SOCKET = "registrar.sock"
 MPS_SOCKET = "mps.sock"
 KUBE_SOCKET = "kube.sock"
+DRA_SOCKET = "dra.sock"
 
 
 @dataclass(frozen=True)
@@ -354,6 +358,56 @@ class KubeState(StateMessage):
     node_health_error: str = ""  # why the last write of the condition or an Event failed; "" = they went through
 
 
+@dataclass(frozen=True)
+class PreparedClaim:
+    """A ResourceClaim the dra-plugin prepared (or is preparing) on this node, as its checkpoint holds it."""
+
+    uid: str
+    namespace: str
+    name: str
+    phase: ClaimPhase
+    devices: list[str] = field(default_factory=list)  # DRA device names (gpu-0, gpu-1-mig-3-0)
+    since: float = 0.0  # unix time of its last phase change
+
+
+@dataclass(frozen=True, kw_only=True)
+class DraState(StateMessage):
+    """The dra-plugin's view: its registration with the kubelet, the claims it prepared, its health stream.
+    Every field has a default that means "none" or "not yet", which is also what an older plugin sends."""
+
+    TOPIC: ClassVar[str] = "dra.state"
+    driver: str = ""  # gpu.nvidia.com
+    node: str = ""  # NODE_NAME: the pool of its devices
+    registration_socket: str = ""  # in the kubelet's plugins_registry directory
+    endpoint: str = ""  # the DRA service socket the kubelet dials
+    services: list[str] = field(default_factory=list)  # advertised: v1.DRAPlugin, v1beta1.DRAPlugin, ...
+    registered: bool = False  # the kubelet's last NotifyRegistrationStatus said registered
+    registration_error: str = ""  # why the kubelet's last notice refused the plugin; "" = it did not
+    registered_at: float = 0.0  # unix time of the last notice that said registered
+    info_calls: int = 0  # GetInfo answered since the start: the kubelet asks at each (re)registration
+    health_incarnation: str = ""  # the health-monitor state it serves from ("" = none yet)
+    health_stale: bool = False
+    devices: int = 0  # this node's devices with a DRA name
+    unhealthy: int = 0
+    claims: list[PreparedClaim] = field(default_factory=list)
+    prepares: int = 0  # claims prepared since the start (a repeated prepare counts again)
+    prepare_failures: int = 0  # claims whose prepare was answered with an error
+    unprepares: int = 0
+    health_streams: int = 0  # open NodeWatchResources streams (the kubelet holds one)
+    last_error: str = ""  # the last claim refused or failed, and why
+    checkpoint_error: str = ""  # the checkpoint cannot be read or written; "" = it is in order
+
+
+@dataclass(frozen=True)
+class DraEvent(Message):
+    TOPIC: ClassVar[str] = "dra.event"
+    time: float
+    event: DraEventKind
+    claim: str  # "<namespace>/<name> (<uid>)"; "" for a registration
+    detail: str
+    devices: list[str] = field(default_factory=list)
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     HealthState,
     HealthEvent,
@@ -363,5 +417,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     RegistrarEvent,
     MpsState,
     KubeState,
+    DraState,
+    DraEvent,
 )
 BY_TOPIC: dict[str, type[Message]] = {t.TOPIC: t for t in MESSAGE_TYPES}

@@ -21,6 +21,8 @@ from common.bus.messages import (
     SCHEMA_VERSION,
     UNHEALTHY,
     DeviceState,
+    DraEvent,
+    DraState,
     EndpointState,
     FabricState,
     HealthEvent,
@@ -33,6 +35,7 @@ from common.bus.messages import (
     PairLink,
     PluginEvent,
     PluginState,
+    PreparedClaim,
     RegistrarEvent,
     RegistrarState,
     Registration,
@@ -196,6 +199,19 @@ SAMPLES: list[tuple[str, Message]] = [
         KubeState(incarnation="k1", seq=3, sent_at=1700000800.0, api_reachable=True, node="node-1",
                   label="ts-8", config="ts-8", why="node label nvidia.com/device-plugin.config=ts-8",
                   digest="0123456789ab"),
+    ),
+    (
+        "dra-state",
+        DraState(incarnation="d1", seq=4, sent_at=1700000900.0, driver="gpu.nvidia.com", node="node-1",
+                 services=["v1.DRAPlugin", "v1beta1.DRAPlugin"], registered=True, registered_at=1700000850.0,
+                 info_calls=1, devices=8, unhealthy=1, prepares=2, health_streams=1,
+                 claims=[PreparedClaim(uid="c-1", namespace="default", name="gpus", phase="PrepareCompleted",
+                                       devices=["gpu-0", "gpu-1"], since=1700000880.0)]),
+    ),
+    (
+        "dra-event",
+        DraEvent(time=1700000901.0, event="prepare", claim="default/gpus (c-1)", detail="prepared",
+                 devices=["gpu-0", "gpu-1"]),
     ),
 ]
 
