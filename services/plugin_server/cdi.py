@@ -490,16 +490,23 @@ def build_spec(devices: list[DeviceState], settings: Settings, driver_version: s
         if d.kind == "gpu" and d.mig_enabled and not whole_mig_gpus:
             continue
         name = d.id if settings.device_id_strategy == "uuid" else d.index
-        if d.kind == "mig":
-            gpu = gpus.get(d.parent)
-            if gpu is None:
-                raise CdiError(f"CDI spec: MIG device {d.id} ({d.index}): its GPU {d.parent or '(none)'} is not known")
-            paths = [f"/dev/nvidia{gpu.minor}"] + [f"/dev/nvidia-caps/nvidia-cap{c}" for c in d.caps]
-        else:
-            paths = [f"/dev/nvidia{d.minor}"]
-        out.append({"name": name, "containerEdits": {"deviceNodes": [device_node(p, r) for p in paths]}})
+        out.append({"name": name, "containerEdits": device_edits(d, gpus, r)})
     return {"cdiVersion": CDI_VERSION, "kind": CDI_KIND, "devices": out,
             "containerEdits": common_edits(settings, r, files)}
+
+
+def device_edits(d: DeviceState, gpus: Mapping[str, DeviceState], r: Roots) -> dict[str, Any]:
+    """One device's own containerEdits (the device plugin's spec and the dra-plugin's claim specs alike): a
+    GPU's node; a MIG device's GPU node and its GPU and compute instance capability nodes. CdiError when a
+    node is not there, or a MIG device's GPU is not known."""
+    if d.kind == "mig":
+        gpu = gpus.get(d.parent)
+        if gpu is None:
+            raise CdiError(f"CDI spec: MIG device {d.id} ({d.index}): its GPU {d.parent or '(none)'} is not known")
+        paths = [f"/dev/nvidia{gpu.minor}"] + [f"/dev/nvidia-caps/nvidia-cap{c}" for c in d.caps]
+    else:
+        paths = [f"/dev/nvidia{d.minor}"]
+    return {"deviceNodes": [device_node(p, r) for p in paths]}
 
 
 def spec_key(devices: list[DeviceState], driver_version: str) -> tuple[Any, ...]:
