@@ -61,6 +61,12 @@ def device_names(devices: Iterable[DeviceState]) -> dict[str, DeviceState]:
     return out
 
 
+def offered(devices: Iterable[DeviceState]) -> dict[str, DeviceState]:
+    """Name -> device for what DRA offers of a health state: every named device but a GPU in MIG mode,
+    whose MIG devices are offered instead (as NVIDIA's driver does: a GPU is either whole or its parts)."""
+    return {name: d for name, d in device_names(devices).items() if not (d.kind == "gpu" and d.mig_enabled)}
+
+
 def name_of(device: DeviceState, gpu_minors: dict[str, int]) -> str | None:
     """The DRA name of `device`; `gpu_minors`: GPU UUID -> minor, for a MIG device's GPU. None: unnamed."""
     if device.kind == "gpu":
