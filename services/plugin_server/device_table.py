@@ -14,6 +14,9 @@ Time-slicing (sharing.timeSlicing) then replaces each selected device of a resou
 built from the same DeviceState on every update. Unlike NVIDIA's plugin, which ignores
 `devices` and replicates every GPU, the selection is honoured (said at start).
 
+GPUs that DRA_DEVICES gives to Kubernetes DRA (the dra-plugin's ResourceSlices) are in no resource:
+the MIG strategy and sharing apply to the others, as on a node without those GPUs.
+
 MPS (sharing.mps) makes replicas the same way, "<UUID>::<n>" of whole GPUs, under the name,
 its rename or "<name>.shared". They are offered only once mps-control has reported the
 resource's MPS daemon ready (NVIDIA's plugin waits for its daemon before serving too), and are
@@ -141,8 +144,10 @@ def serve(
 
 def build_resources(state: HealthState, settings: Settings,
                     mps: MpsReadiness | None = None) -> dict[str, list[PluginDevice]]:
-    """Resource name -> its devices, per the MIG strategy and sharing."""
-    gpus = [d for d in state.devices if d.kind == "gpu"]
+    """Resource name -> its devices, per the MIG strategy and sharing. The GPUs served through DRA
+    (settings.dra_devices) are left out whole, with their MIG devices: no GPU is offered by both APIs."""
+    dra = settings.dra_devices
+    gpus = [d for d in state.devices if d.kind == "gpu" and (dra.none or not dra.serves(d.index, d.id))]
     migs_of: dict[str, list[DeviceState]] = {g.id: [] for g in gpus}
     for d in state.devices:
         if d.kind == "mig" and d.parent in migs_of:
