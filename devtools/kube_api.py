@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +130,7 @@ class KubeApiEmulator:
         self.faulted = 0  # answers given with a fault (GET, list, watch event)
         self.huge_bytes = 200 << 20
         self.nodefeatures = NodeFeatures()  # NFD's objects, which gpu-feature-discovery writes
+        self.claims = ResourceClaims()  # resource.k8s.io ResourceClaims, which the dra-plugin reads
         # Node status and Events (the kube-agent's node health; see their section)
         self.events: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> Event
         self.forbidden: set[str] = set()  # "nodes/status", "events": answered 403 while named (RBAC not granted)
@@ -368,6 +370,13 @@ class KubeApiEmulator:
             return await self._send(writer, code, status(code, REASONS.get(code, "Error"), f"injected {code}"), wait)
         if path.startswith(NODEFEATURES_PREFIX):
             return await self._send(writer, *self.nodefeatures.answer(method, path, body))
+        if is_claim_path(path):
+            if self.claims.delay_s:
+                await self.claims.slow()
+            answer = self.claims.answer(method, path)
+            if answer is None:  # a group version the server does not serve: its mux's plain 404, not a Status
+                return await self._send_bytes(writer, 404, b"404 page not found\n")
+            return await self._send(writer, *answer)
         if _health_path(method, path):
             return await self._node_health(method, path, writer, body, content_type)
         if method != "GET" or not path.startswith("/api/v1/nodes"):
@@ -724,3 +733,75 @@ class NodeFeatures:
                                         "resourceVersion": str(self.version), "generation": generation}}
         self.objects[(namespace, name)] = updated
         return self._object(200, updated)
+
+
+# -- ResourceClaims --------------------------------------------------------------------------------
+# resource.k8s.io ResourceClaims, which the dra-plugin reads by namespace and name to prepare them, as the
+# real server answers: GET of /apis/resource.k8s.io/<version>/namespaces/<ns>/resourceclaims/<name> (the
+# claim in that version's apiVersion; 404 as a Status with reason NotFound when there is none), a version
+# the server does not serve (`versions`: v1 from Kubernetes 1.34, v1beta1 for 1.32 and 1.33) answered with
+# the plain "404 page not found" of its mux, not a Status. Any other verb is 403: the plugin's RBAC is get.
+# `delay_s` answers late (a slow server) until `release()`; `reads` counts the GETs answered. Injected
+# `failures` come first, as for Nodes.
+
+CLAIMS_GROUP = "/apis/resource.k8s.io/"
+
+
+def is_claim_path(path: str) -> bool:
+    parts = path[len(CLAIMS_GROUP):].split("/") if path.startswith(CLAIMS_GROUP) else []
+    return len(parts) in (4, 5) and parts[1] == "namespaces" and parts[3] == "resourceclaims"
+
+
+class ResourceClaims:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> claim, as v1 holds it
+        self.versions = {"v1"}
+        self.delay_s = 0.0
+        self.reads = 0
+        self._uids = 0
+        self._released = asyncio.Event()
+
+    async def slow(self) -> None:
+        """The emulated server's slowness (not a wait in a test): delay_s, or until released."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.delay_s):
+                await self._released.wait()
+
+    def release(self) -> None:
+        """Answers at once from now on, the reads held back too."""
+        self.delay_s = 0.0
+        self._released.set()
+        self._released = asyncio.Event()
+
+    def add(self, namespace: str, name: str, devices: list[str] | None, *, driver: str = "gpu.nvidia.com",
+            pool: str = "node-1", request: str = "gpus", uid: str = "", results: list[dict[str, Any]] | None = None
+            ) -> dict[str, Any]:
+        """A claim allocated `devices` of `driver` in `pool` for `request` (`results` as given instead, for
+        other drivers' or odd ones); `devices` None: not allocated. Returns it (its UID is the kubelet's)."""
+        self._uids += 1
+        claim: dict[str, Any] = {
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": str(7000 + self._uids),
+                         "uid": uid or str(uuid.uuid4())},
+            "spec": {"devices": {"requests": [{"name": request, "exactly": {
+                "deviceClassName": "gpu.nvidia.com", "count": len(devices or [])}}]}},
+            "status": {}}
+        if devices is not None or results is not None:
+            listed = results if results is not None else [
+                {"request": request, "driver": driver, "pool": pool, "device": d} for d in devices or []]
+            claim["status"]["allocation"] = {"devices": {"results": listed}, "nodeSelector": {"nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [pool]}]}]}}
+        self.objects[(namespace, name)] = claim
+        return claim
+
+    def answer(self, method: str, path: str) -> Answer | None:
+        version, _, namespace, _, *name = path[len(CLAIMS_GROUP):].split("/")
+        if version not in self.versions:
+            return None
+        if method != "GET" or not name or not name[0]:
+            return _failure(403, f"{method} {path} is forbidden")
+        self.reads += 1
+        found = self.objects.get((namespace, name[0]))
+        if found is None:
+            return _failure(404, f'resourceclaims.resource.k8s.io "{name[0]}" not found')
+        return 200, {**json.loads(json.dumps(found)), "apiVersion": f"resource.k8s.io/{version}"}
