@@ -10,8 +10,9 @@ keeps advertising the replicas of a daemon that died; here a daemon that stops a
 published down (its replicas turn Unhealthy at the kubelet) and restarted, with backoff.
 
 Watching is cheap: the daemon's pid (its pid file) every CHECK_S, and a real command over its
-pipe every GPU_PLUGIN_MPS_PROBE_INTERVAL (10 s by default; a process spawn each). On SIGTERM each daemon gets `quit`, its GPUs go
-back to DEFAULT compute mode and its pipe directory is removed, as NVIDIA's does on stop.
+pipe every GPU_PLUGIN_MPS_PROBE_INTERVAL (10 s by default; a process spawn each). On SIGTERM each
+daemon gets `quit`, its GPUs go back to DEFAULT compute mode and its pipe directory is removed, as
+NVIDIA's does on stop.
 
 The pid file is the daemon's own, in its pipe directory on the host: it outlives the container,
 and after an unclean end its pid may be anyone's (pid reuse; another PID namespace; with hostPID
