@@ -15,7 +15,8 @@ from common.files import read_bounded
 DEFAULT_LIMIT_S = 30.0
 CHECK_S = 5.0
 # Every supervised Python program of ours: each runs under a watchdog that keeps a heartbeat file.
-SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent", "feature-labels")
+SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent", "feature-labels",
+            "dra-plugin")
 
 
 def alive_path(run_dir: Path, service: str) -> Path:

@@ -4,6 +4,7 @@
     gpu-plugin mps-control                                     the MPS control daemons (sharing.mps only)
     gpu-plugin kube-agent                                      per-node configuration (the node label)
     gpu-plugin feature-labels                                  GPU feature labels from the health bus (gfd.enabled)
+    gpu-plugin dra-plugin                                      the GPUs through DRA, gpu.nvidia.com (DRA_ENABLED)
     gpu-plugin bus tail [--topic T] [--device ID]              decoded bus traffic
     gpu-plugin status                                          a table of devices from the bus
     gpu-plugin cordon <uuid> [--reason R] | uncordon <uuid>    take a device out of / back into service
@@ -144,6 +145,8 @@ def _run_service(name: str, settings: Settings) -> int:
         from services.kube_agent.__main__ import run
     elif name == "feature-labels":
         from services.feature_labels.__main__ import run
+    elif name == "dra-plugin":
+        from services.dra_plugin.__main__ import run
     else:
         from services.registrar.__main__ import run
     return run(settings)

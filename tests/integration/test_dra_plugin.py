@@ -1,0 +1,303 @@
+"""The dra-plugin as a real process, with the kubelet's DRA side emulated (devtools.kubelet_simulator.dra:
+plugin watcher, DRA calls, health stream, restarts) and the API server emulated (devtools.kube_api:
+ResourceClaims), over real gRPC on unix sockets and real HTTP; the health bus is the real publisher with
+the states a health-monitor sends. One program per scenario group; the rules of each refusal, the
+checkpoint's format and its bounds are unit tests (tests/unit/test_dra_claims.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from common.bus.messages import DRA_SOCKET, HEALTHY, UNHEALTHY, DeviceState, DraState
+from common.pb.dra.v1beta1 import api_pb2 as v1beta1
+from common.pb.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
+from devtools.kube_api import KubeApiEmulator
+from devtools.kubelet_simulator.dra import DraKubelet
+from tests.conftest import Procs, wait_until
+from tests.fakedriver import make_driver_root
+from tests.integration.busclient import BusWatch
+from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+
+NODE = "node-1"
+DRIVER = "gpu.nvidia.com"
+CAPS = (39, 40)  # GPU 3's MIG device (GI 1, CI 0): its capability nodes
+
+
+def devices() -> list[DeviceState]:
+    """Four GPUs (minors 0-3); GPU 3 in MIG mode with one MIG device."""
+    out = gpus(4)
+    out[3] = dataclasses.replace(out[3], mig_enabled=True)
+    out.append(DeviceState(id="MIG-3a1b2c3d-0000-4000-8000-000000000001", kind="mig", index="3:0",
+                           name="NVIDIA H100 MIG 3g.40gb", health=HEALTHY, reason="", since=0.0, parent=out[3].id,
+                           gpu_instance_id=1, compute_instance_id=0, profile="3g.40gb", caps=list(CAPS)))
+    return out
+
+
+class DraNode:
+    """The health bus, the API and the kubelet emulated; the dra-plugin started and restarted by the test."""
+
+    def __init__(self, procs: Procs, root: Path) -> None:
+        self.procs, self.root = procs, root
+        self.run = root / "run"
+        self.cdi = root / "cdi"
+        self.state_dir = root / "state"
+        self.driver = make_driver_root(root / "driver", range(4), CAPS)
+        self.devices = devices()
+        self.monitor = FakeHealthMonitor(self.run, self.devices)
+        self.lt = LoopThread()
+        self.api = KubeApiEmulator()
+        self.lt.run(self.api.start())
+        (root / "kubeconfig").write_text(self.api.kubeconfig())
+        self.kubelet = DraKubelet(root / "registry")
+        self.lt.run(self.kubelet.start())
+        self.env = {"GPU_PLUGIN_RUN_DIR": str(self.run), "GPU_PLUGIN_STATE_DIR": str(self.state_dir),
+                    "CDI_SPEC_DIR": str(self.cdi), "NVIDIA_DRIVER_ROOT": str(self.driver),
+                    "DRIVER_ROOT_CTR_PATH": str(root / "no-such-mount"), "KUBECONFIG": str(root / "kubeconfig"),
+                    "NODE_NAME": NODE, "DRA_ENABLED": "true",
+                    "KUBELET_REGISTRAR_DIRECTORY_PATH": str(root / "registry"),
+                    "KUBELET_PLUGINS_DIRECTORY_PATH": str(root / "plugins")}
+        self.p: subprocess.Popen[bytes] | None = None
+        self.bus: BusWatch | None = None
+
+    def start(self) -> None:
+        self.p = self.procs.start("dra-plugin", "dra-plugin", env=self.env)
+        if self.bus is not None:
+            self.bus.close()
+        self.bus = BusWatch(self.run / DRA_SOCKET, (DraState.TOPIC,))
+
+    def registrations(self) -> int:
+        return sum(n.registered for n in self.kubelet.notices)
+
+    def wait_registered(self, count: int = 1) -> None:
+        wait_until(lambda: self.call(self.registrations) >= count and DRIVER in self.call(lambda: self.kubelet.plugins),
+                   15, f"registration {count} of {DRIVER} at the kubelet")
+
+    def dra_state(self, predicate: Any, timeout: float = 10.0) -> DraState:
+        assert self.bus is not None
+        msg = self.bus.wait(lambda m: isinstance(m, DraState) and predicate(m), timeout)
+        assert isinstance(msg, DraState)
+        return msg
+
+    def call(self, fn: Any) -> Any:
+        return self.lt.call(fn)
+
+    def claim(self, name: str, devs: list[str] | None, **kw: Any) -> tuple[str, str, str]:
+        """A claim in the API allocated `devs`; the reference the kubelet sends for it."""
+        obj = self.call(lambda: self.api.claims.add("default", name, devs, pool=kw.pop("pool", NODE), **kw))
+        return "default", obj["metadata"]["uid"], name
+
+    def prepare(self, *claims: tuple[str, str, str]) -> dict[str, Any]:
+        resp = self.lt.run(self.kubelet.prepare(DRIVER, list(claims)), timeout=60)
+        return {uid: resp.claims[uid] for uid in resp.claims}
+
+    def unprepare(self, *claims: tuple[str, str, str]) -> dict[str, str]:
+        resp = self.lt.run(self.kubelet.unprepare(DRIVER, list(claims)), timeout=60)
+        return {uid: resp.claims[uid].error for uid in resp.claims}
+
+    def health(self, device: str) -> str:
+        return str(self.call(lambda: self.kubelet.device_health(DRIVER, NODE, device)))
+
+    def set_health(self, i: int, health: str, reason: str = "") -> None:
+        self.devices[i] = dataclasses.replace(self.devices[i], health=health, reason=reason)
+        self.monitor.publish(list(self.devices))
+
+    def spec(self, uid: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.cdi / f"k8s.gpu.nvidia.com-claim_{uid}.json").read_text())
+        return data
+
+    def checkpoint(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.state_dir / "dra-checkpoint.json").read_text())["claims"]
+        return data
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+        self.lt.run(self.kubelet.stop())
+        self.lt.run(self.api.stop())
+        self.lt.close()
+        self.monitor.close()
+
+
+@pytest.fixture
+def node(procs: Procs, short_tmp: Path) -> Iterator[DraNode]:
+    n = DraNode(procs, short_tmp)
+    yield n
+    n.close()
+
+
+def devices_of(answer: Any) -> list[tuple[list[str], str, str, list[str]]]:
+    return [(list(d.request_names), d.pool_name, d.device_name, list(d.cdi_device_ids)) for d in answer.devices]
+
+
+def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
+    node.start()
+    node.wait_registered()
+    notice = node.call(lambda: node.kubelet.notices[-1])
+    assert (notice.driver, notice.service, notice.endpoint) == (DRIVER, "v1.DRAPlugin",
+                                                                str(node.root / "plugins" / DRIVER / "dra.sock"))
+    assert Path(notice.socket) == node.root / "registry" / "gpu.nvidia.com-reg.sock"
+    state = node.dra_state(lambda s: s.registered)
+    assert state.services == ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth"]
+    assert (state.node, state.devices, state.registration_error) == (NODE, 4, "")  # gpu-0..2 and the MIG device
+
+    # A claim for two GPUs: their CDI devices, and a spec with their nodes and the driver's files.
+    two = node.claim("two-gpus", ["gpu-0", "gpu-1"])
+    got = node.prepare(two)
+    uid = two[1]
+    assert got[uid].error == ""
+    assert devices_of(got[uid]) == [
+        (["gpus"], NODE, f"gpu-{i}", [f"k8s.gpu.nvidia.com/claim={uid}-gpu-{i}"]) for i in (0, 1)]
+    spec = node.spec(uid)
+    assert spec["kind"] == "k8s.gpu.nvidia.com/claim"
+    assert [(d["name"], [(n["path"], n["hostPath"], n["minor"]) for n in d["containerEdits"]["deviceNodes"]])
+            for d in spec["devices"]] == [
+        (f"{uid}-gpu-{i}", [(f"/dev/nvidia{i}", f"{node.driver}/dev/nvidia{i}", i)]) for i in (0, 1)]
+    assert "NVIDIA_VISIBLE_DEVICES=void" in spec["containerEdits"]["env"]
+    assert any(m["containerPath"].endswith("libcuda.so.580.159.04") for m in spec["containerEdits"]["mounts"])
+
+    # Idempotent: the same answer from the checkpoint, without reading the API again.
+    reads = node.call(lambda: node.api.claims.reads)
+    assert devices_of(node.prepare(two)[uid]) == devices_of(got[uid])
+    assert node.call(lambda: node.api.claims.reads) == reads
+    # The v1beta1 service (a 1.32 or 1.33 kubelet) answers the same.
+    with grpc.insecure_channel(f"unix:{notice.endpoint}") as channel:
+        old = v1beta1_grpc.DRAPluginStub(channel).NodePrepareResources(
+            v1beta1.NodePrepareResourcesRequest(claims=[v1beta1.Claim(namespace="default", uid=uid, name="two-gpus")]),
+            timeout=10)
+    assert devices_of(old.claims[uid]) == devices_of(got[uid])
+
+    # Refusals, each for its claim only; the good claim of the same call is prepared.
+    node.set_health(2, UNHEALTHY, "XID 79 (GPU has fallen off the bus)")
+    wait_until(lambda: node.health("gpu-2") == "Unhealthy", 5, "gpu-2 Unhealthy at the kubelet")
+    mig = node.claim("mig", ["gpu-3-mig-1-0"])
+    bad = {
+        "unhealthy": node.claim("on-gpu-2", ["gpu-2"]),
+        "in use": node.claim("also-gpu-1", ["gpu-1"]),
+        "unknown": node.claim("gpu-9", ["gpu-9"]),
+        "whole MIG GPU": node.claim("whole-gpu-3", ["gpu-3"]),
+        "other node": node.claim("elsewhere", ["gpu-0"], pool="node-2"),
+        "not allocated": node.claim("pending", None),
+        "replaced": ("default", "00000000-0000-4000-8000-000000000000", "two-gpus"),
+        "missing": ("default", "00000000-0000-4000-8000-000000000001", "no-such-claim"),
+    }
+    got = node.prepare(mig, *bad.values())
+    expected = {"unhealthy": "is Unhealthy: XID 79", "in use": "is prepared for another claim, default/two-gpus",
+                "unknown": "gpu-9 is not one this node offers", "whole MIG GPU": "gpu-3 is not one this node offers",
+                "other node": 'pool \'node-2\' is not on this node', "not allocated": "is not allocated",
+                "replaced": "got replaced", "missing": "not found"}
+    for what, ref in bad.items():
+        assert expected[what] in got[ref[1]].error, (what, got[ref[1]].error)
+        assert not (node.cdi / f"k8s.gpu.nvidia.com-claim_{ref[1]}.json").exists()
+    # A MIG device: its GPU's node and its two capability nodes.
+    assert devices_of(got[mig[1]]) == [
+        (["gpus"], NODE, "gpu-3-mig-1-0", [f"k8s.gpu.nvidia.com/claim={mig[1]}-gpu-3-mig-1-0"])]
+    assert [n["path"] for n in node.spec(mig[1])["devices"][0]["containerEdits"]["deviceNodes"]] == [
+        "/dev/nvidia3", f"/dev/nvidia-caps/nvidia-cap{CAPS[0]}", f"/dev/nvidia-caps/nvidia-cap{CAPS[1]}"]
+
+    # The health stream: an XID 79 on a prepared GPU reaches the kubelet within a second.
+    assert node.health("gpu-0") == "Healthy"
+    at = time.monotonic()
+    node.set_health(0, UNHEALTHY, "XID 79 (GPU has fallen off the bus)")
+    wait_until(lambda: node.health("gpu-0") == "Unhealthy", 1.0, "gpu-0 Unhealthy at the kubelet within 1 s")
+    seen_in = time.monotonic() - at
+    node.set_health(0, HEALTHY)
+    wait_until(lambda: node.health("gpu-0") == "Healthy", 5, "gpu-0 Healthy again")
+    assert seen_in < 1.0
+
+    # Unprepare: the spec and the record go; twice, and for a claim never prepared, is no error.
+    assert node.unprepare(two) == {uid: ""}
+    assert not (node.cdi / f"k8s.gpu.nvidia.com-claim_{uid}.json").exists()
+    assert uid not in node.checkpoint() and mig[1] in node.checkpoint()
+    assert node.unprepare(two, bad["missing"]) == {uid: "", bad["missing"][1]: ""}
+    state = node.dra_state(lambda s: s.unprepares >= 3)
+    assert [c.name for c in state.claims] == ["mig"] and state.health_streams == 1
+
+    # SIGTERM: the sockets go (the kubelet deregisters the plugin), the specs and the record stay.
+    assert node.p is not None
+    node.p.send_signal(signal.SIGTERM)
+    assert node.p.wait(10) == 0
+    wait_until(lambda: DRIVER not in node.call(lambda: node.kubelet.plugins), 5, "the plugin deregistered")
+    assert not (node.root / "registry" / "gpu.nvidia.com-reg.sock").exists()
+    assert (node.cdi / f"k8s.gpu.nvidia.com-claim_{mig[1]}.json").exists()
+
+
+def test_restarts_of_the_program_and_the_kubelet_keep_prepared_claims(node: DraNode) -> None:
+    node.start()
+    node.wait_registered()
+    first = node.claim("first", ["gpu-0"])
+    assert node.prepare(first)[first[1]].error == ""
+
+    # The program is killed while a prepare waits for the API: the kubelet's call fails, and asks again.
+    second = node.claim("second", ["gpu-1"])
+    node.call(lambda: setattr(node.api.claims, "delay_s", 30.0))
+    pending = asyncio.run_coroutine_threadsafe(node.kubelet.prepare(DRIVER, [second]), node.lt.loop)
+    wait_until(lambda: any(r.path.endswith("/resourceclaims/second") for r in node.call(lambda: node.api.requests)),
+               10, "the plugin reading the second claim")
+    assert node.p is not None
+    node.p.kill()
+    node.p.wait(10)
+    with pytest.raises(grpc.RpcError):
+        pending.result(10)
+    node.call(node.api.claims.release)
+    node.start()
+    node.wait_registered(2)
+    assert node.prepare(second)[second[1]].error == ""
+    # The first claim's answer is the checkpoint's: the API is not asked (it now refuses every read).
+    reads = node.call(lambda: node.api.claims.reads)
+    node.call(lambda: node.api.failures.extend([500] * 5))
+    assert devices_of(node.prepare(first)[first[1]]) == [
+        (["gpus"], NODE, "gpu-0", [f"k8s.gpu.nvidia.com/claim={first[1]}-gpu-0"])]
+    node.call(lambda: node.api.failures.clear())
+    assert node.call(lambda: node.api.claims.reads) == reads
+    assert sorted(node.checkpoint()) == sorted([first[1], second[1]])
+    assert all(c["phase"] == "PrepareCompleted" for c in node.checkpoint().values())
+    assert sorted(os.listdir(node.cdi)) == sorted(f"k8s.gpu.nvidia.com-claim_{u}.json" for u in (first[1], second[1]))
+
+    # The kubelet restarts: it registers the plugin again, opens the health stream again, and asks for the
+    # claims of its running pods again: the same answers, nothing prepared twice.
+    streams = node.dra_state(lambda s: s.health_streams == 1)
+    assert streams.registered
+    node.lt.run(node.kubelet.restart())
+    node.wait_registered(3)
+    wait_until(lambda: node.health("gpu-1") == "Healthy", 5, "the health stream open again")
+    assert devices_of(node.prepare(second)[second[1]]) == [
+        (["gpus"], NODE, "gpu-1", [f"k8s.gpu.nvidia.com/claim={second[1]}-gpu-1"])]
+    assert sorted(node.checkpoint()) == sorted([first[1], second[1]])
+    state = node.dra_state(lambda s: s.info_calls >= 1 and len(s.claims) == 2)
+    assert sorted(c.name for c in state.claims) == ["first", "second"]
+    assert node.unprepare(first, second) == {first[1]: "", second[1]: ""}
+    assert node.checkpoint() == {} and os.listdir(node.cdi) == []
+
+
+
+@pytest.mark.parametrize(("env", "rc", "said"), [
+    ({}, 0, "nothing to do: DRA is off"),
+    ({"DRA_ENABLED": "maybe"}, 78, "DRA_ENABLED"),
+    ({"DRA_ENABLED": "true"}, 78, "DRA_ENABLED needs NODE_NAME"),
+], ids=["off", "not-a-boolean", "no-node-name"])
+def test_off_by_default_and_refused_without_its_node(procs: Procs, short_tmp: Path, env: dict[str, str], rc: int,
+                                                     said: str) -> None:
+    """Started with its command line in supervisord.conf (plain words: no shell there), as supervisord starts it:
+    off, it says so and exits 0 at once; on, a bad value or no NODE_NAME ends the container (78), named."""
+    conf = (Path(__file__).parents[2] / "supervisord.conf").read_text()
+    section = conf.split("[program:dra-plugin]", 1)[1]
+    command = next(ln for ln in section.splitlines() if ln.startswith("command=")).removeprefix("command=").split()
+    base = {k: v for k, v in procs.env.items() if k not in ("DRA_ENABLED", "NODE_NAME")}
+    done = subprocess.run(command, env={**base, "GPU_PLUGIN_RUN_DIR": str(short_tmp / "run"),
+                                        "KUBELET_REGISTRAR_DIRECTORY_PATH": str(short_tmp / "registry"), **env},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == rc, done.stderr
+    assert said in done.stderr, done.stderr
+    assert not (short_tmp / "registry").exists()
