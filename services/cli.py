@@ -30,7 +30,7 @@ from common.settings import Settings, SettingsError, add_arguments, resolve
 from common.version import VersionAction
 
 if TYPE_CHECKING:  # the services never load the bus's message types through here
-    from common.bus.messages import HealthState, KubeState, PluginState, StateMessage
+    from common.bus.messages import DraState, HealthState, KubeState, PluginState, StateMessage
 
 
 
@@ -190,6 +190,36 @@ def _node_health_line(kube: KubeState) -> str:
     return line
 
 
+def _dra_lines(dra: DraState) -> list[str]:
+    """The dra-plugin's registration with the kubelet, its devices and prepared claims, and what went wrong."""
+    if dra.registered:
+        registration = "registered with the kubelet"
+    elif dra.registration_error:
+        registration = f"REFUSED by the kubelet: {dra.registration_error}"
+    else:
+        registration = "not registered with the kubelet (yet: it registers plugins as their sockets appear)"
+    health = "health state STALE (devices reported Unknown)" if dra.health_stale else f"{dra.unhealthy} unhealthy"
+    names = [f"{c.namespace}/{c.name}" + ("" if c.phase == "PrepareCompleted" else " (preparing)") for c in dra.claims]
+    shown = ", ".join(names[:5]) + (f", and {len(names) - 5} more" if len(names) > 5 else "")
+    lines = [f"dra: {dra.driver or '?'} on node {dra.node or '?'}, {registration}; {dra.devices} devices ({health}); "
+             f"{len(dra.claims)} claims prepared{': ' + shown if shown else ''}; {dra.health_streams} health "
+             f"stream{'s' if dra.health_streams != 1 else ''}"]
+    if dra.last_error:
+        lines.append(f"dra: last claim error: {dra.last_error}")
+    if dra.checkpoint_error:
+        lines.append(f"dra: CHECKPOINT: {dra.checkpoint_error}")
+    return lines
+
+
+async def _dra_state(settings: Settings) -> DraState | None:
+    """The dra-plugin's state, where one runs (its socket exists): else nothing, at once."""
+    from common.bus.messages import DRA_SOCKET, DraState
+
+    if not settings.bus_path(DRA_SOCKET).exists():
+        return None
+    return await _state(settings, DRA_SOCKET, DraState, 2.0)
+
+
 async def _kube_state(settings: Settings) -> KubeState | None:
     """The kube-agent's state, where one runs (its socket exists): else nothing, at once."""
     from common.bus.messages import KUBE_SOCKET, KubeState
@@ -248,7 +278,7 @@ async def _cordon(settings: Settings, args: argparse.Namespace) -> int:
 async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     import dataclasses
 
-    from common.bus.messages import HEALTH_SOCKET, MPS_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET
+    from common.bus.messages import DRA_SOCKET, HEALTH_SOCKET, MPS_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET
     from common.bus.sockets import MAX_SUBSCRIPTION, BusSubscriber
 
     # A longer subscription frame makes the publisher drop the connection: tail would wait forever.
@@ -256,7 +286,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     if too_long:
         return _fail(f"--topic {too_long[0][:40]!r}...: topics are at most {MAX_SUBSCRIPTION - 1} bytes")
 
-    paths = [settings.bus_path(n) for n in (HEALTH_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET, MPS_SOCKET)]
+    paths = [settings.bus_path(n) for n in (HEALTH_SOCKET, PLUGIN_SOCKET, REGISTRAR_SOCKET, MPS_SOCKET, DRA_SOCKET)]
     sub = BusSubscriber(paths, topics=args.topic or [""])
     deadline = time.monotonic() + args.timeout if args.timeout else None
     shown = 0
@@ -279,7 +309,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _status(settings: Settings, timeout: float) -> int:
-    from common.bus.messages import KUBE_SOCKET
+    from common.bus.messages import DRA_SOCKET, KUBE_SOCKET
 
     msg = await _health_state(settings, timeout)
     if msg is None:
@@ -328,6 +358,11 @@ async def _status(settings: Settings, timeout: float) -> int:
             print(f"per-node config: {kube.error}")
     if kube is not None and "node health" in kube.parts:
         print(_node_health_line(kube))
+    dra = await _dra_state(settings)
+    if dra is not None:
+        print("\n".join(_dra_lines(dra)))
+    elif settings.bus_path(DRA_SOCKET).exists():
+        print("dra: NO STATE from the dra-plugin within 2 s (see its heartbeat above)")
     rows = [("INDEX", "DEVICE", "HEALTH", "REASON", "SINCE", "MIG PARENT", "NUMA", "XID", "SBE", "DBE")]
     for d in msg.devices:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.since))

@@ -25,6 +25,7 @@ from common.pb.dra.v1beta1 import api_pb2 as v1beta1
 from common.pb.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from devtools.kube_api import KubeApiEmulator
 from devtools.kubelet_simulator.dra import DraKubelet
+from services.cli import _dra_lines
 from tests.conftest import Procs, wait_until
 from tests.fakedriver import make_driver_root
 from tests.integration.busclient import BusWatch
@@ -223,6 +224,14 @@ def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
     assert node.unprepare(two, bad["missing"]) == {uid: "", bad["missing"][1]: ""}
     state = node.dra_state(lambda s: s.unprepares >= 3)
     assert [c.name for c in state.claims] == ["mig"] and state.health_streams == 1
+    shown = _dra_lines(state)
+    assert shown[0] == (f"dra: gpu.nvidia.com on node {NODE}, registered with the kubelet; 4 devices (1 unhealthy); "
+                        "1 claims prepared: default/mig; 1 health stream")
+    assert shown[1] == "dra: last claim error: ResourceClaim default/no-such-claim not found"
+
+    # Its registration socket removed (a cleanup of the directory): created again, registered again.
+    (node.root / "registry" / "gpu.nvidia.com-reg.sock").unlink()
+    node.wait_registered(2)
 
     # SIGTERM: the sockets go (the kubelet deregisters the plugin), the specs and the record stay.
     assert node.p is not None
