@@ -63,7 +63,8 @@ from services.dra_plugin.claims import (
     claim_path,
 )
 from services.dra_plugin.claims import allocated as allocated_of
-from services.dra_plugin.names import DRIVER_NAME, cdi_device_id, is_claim_uid, offered, pool_name
+from services.dra_plugin.names import DRIVER_NAME, cdi_device_id, is_claim_uid, pool_name
+from services.dra_plugin.pool import served
 from services.dra_plugin.specs import SpecWriter
 from services.plugin_server.cdi import CdiError
 
@@ -242,7 +243,8 @@ class DraPlugin:
                 self._health_at = now
                 if self.health is None or (msg.incarnation, msg.seq) != (self.health.incarnation, self.health.seq):
                     self.health = msg
-                    self.offered = offered(msg.devices) if msg.nvml_ok else {}
+                    # What DRA_DEVICES gives to DRA (the plugin-server serves the rest): the slices' devices.
+                    self.offered = served(msg.devices, self.settings.dra_devices) if msg.nvml_ok else {}
                     self.gpus = {d.id: d for d in msg.devices if d.kind == "gpu"}
             stale = self.health is None or now - self._health_at > stale_after
             if stale != self.stale:

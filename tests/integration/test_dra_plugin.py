@@ -37,8 +37,8 @@ CAPS = (39, 40)  # GPU 3's MIG device (GI 1, CI 0): its capability nodes
 
 
 def devices() -> list[DeviceState]:
-    """Four GPUs (minors 0-3); GPU 3 in MIG mode with one MIG device."""
-    out = gpus(4)
+    """Five GPUs (minors 0-4); GPU 3 in MIG mode with one MIG device; GPU 4 the device plugin's (DRA_DEVICES)."""
+    out = gpus(5)
     out[3] = dataclasses.replace(out[3], mig_enabled=True)
     out.append(DeviceState(id="MIG-3a1b2c3d-0000-4000-8000-000000000001", kind="mig", index="3:0",
                            name="NVIDIA H100 MIG 3g.40gb", health=HEALTHY, reason="", since=0.0, parent=out[3].id,
@@ -54,7 +54,7 @@ class DraNode:
         self.run = root / "run"
         self.cdi = root / "cdi"
         self.state_dir = root / "state"
-        self.driver = make_driver_root(root / "driver", range(4), CAPS)
+        self.driver = make_driver_root(root / "driver", range(5), CAPS)
         self.devices = devices()
         self.monitor = FakeHealthMonitor(self.run, self.devices)
         self.lt = LoopThread()
@@ -66,7 +66,7 @@ class DraNode:
         self.env = {"GPU_PLUGIN_RUN_DIR": str(self.run), "GPU_PLUGIN_STATE_DIR": str(self.state_dir),
                     "CDI_SPEC_DIR": str(self.cdi), "NVIDIA_DRIVER_ROOT": str(self.driver),
                     "DRIVER_ROOT_CTR_PATH": str(root / "no-such-mount"), "KUBECONFIG": str(root / "kubeconfig"),
-                    "NODE_NAME": NODE, "DRA_ENABLED": "true",
+                    "NODE_NAME": NODE, "DRA_ENABLED": "true", "DRA_DEVICES": "0,1,2,3",
                     "KUBELET_REGISTRAR_DIRECTORY_PATH": str(root / "registry"),
                     "KUBELET_PLUGINS_DIRECTORY_PATH": str(root / "plugins")}
         self.p: subprocess.Popen[bytes] | None = None
@@ -149,7 +149,7 @@ def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
     assert (notice.driver, notice.service, notice.endpoint) == (DRIVER, "v1.DRAPlugin",
                                                                 str(node.root / "plugins" / DRIVER / "dra.sock"))
     assert Path(notice.socket) == node.root / "registry" / "gpu.nvidia.com-reg.sock"
-    state = node.dra_state(lambda s: s.registered)
+    state = node.dra_state(lambda s: s.registered and s.devices > 0)
     assert state.services == ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth"]
     assert (state.node, state.devices, state.registration_error) == (NODE, 4, "")  # gpu-0..2 and the MIG device
 
@@ -188,6 +188,7 @@ def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
         "in use": node.claim("also-gpu-1", ["gpu-1"]),
         "unknown": node.claim("gpu-9", ["gpu-9"]),
         "whole MIG GPU": node.claim("whole-gpu-3", ["gpu-3"]),
+        "device plugin's": node.claim("gpu-4", ["gpu-4"]),
         "other node": node.claim("elsewhere", ["gpu-0"], pool="node-2"),
         "not allocated": node.claim("pending", None),
         "replaced": ("default", "00000000-0000-4000-8000-000000000000", "two-gpus"),
@@ -196,6 +197,7 @@ def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
     got = node.prepare(mig, *bad.values())
     expected = {"unhealthy": "is Unhealthy: XID 79", "in use": "is prepared for another claim, default/two-gpus",
                 "unknown": "gpu-9 is not one this node offers", "whole MIG GPU": "gpu-3 is not one this node offers",
+                "device plugin's": "gpu-4 is not one this node offers through DRA",
                 "other node": 'pool \'node-2\' is not on this node', "not allocated": "is not allocated",
                 "replaced": "got replaced", "missing": "not found"}
     for what, ref in bad.items():
@@ -276,8 +278,7 @@ def test_restarts_of_the_program_and_the_kubelet_keep_prepared_claims(node: DraN
 
     # The kubelet restarts: it registers the plugin again, opens the health stream again, and asks for the
     # claims of its running pods again: the same answers, nothing prepared twice.
-    streams = node.dra_state(lambda s: s.health_streams == 1)
-    assert streams.registered
+    node.dra_state(lambda s: s.health_streams == 1 and s.registered)
     node.lt.run(node.kubelet.restart())
     node.wait_registered(3)
     wait_until(lambda: node.health("gpu-1") == "Healthy", 5, "the health stream open again")
