@@ -217,7 +217,7 @@ def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
     seen_in = time.monotonic() - at
     node.set_health(0, HEALTHY)
     wait_until(lambda: node.health("gpu-0") == "Healthy", 5, "gpu-0 Healthy again")
-    assert seen_in < 1.0
+    assert seen_in < 1.0, seen_in
 
     # Unprepare: the spec and the record go; twice, and for a claim never prepared, is no error.
     assert node.unprepare(two) == {uid: ""}
