@@ -244,7 +244,9 @@ class DraPlugin:
                 if self.health is None or (msg.incarnation, msg.seq) != (self.health.incarnation, self.health.seq):
                     self.health = msg
                     # What DRA_DEVICES gives to DRA (the plugin-server serves the rest): the slices' devices.
-                    self.offered = served(msg.devices, self.settings.dra_devices) if msg.nvml_ok else {}
+                    # Without NVML the monitor knows no devices: the last ones known stay listed, as Unknown.
+                    if msg.nvml_ok:
+                        self.offered = served(msg.devices, self.settings.dra_devices)
                     self.gpus = {d.id: d for d in msg.devices if d.kind == "gpu"}
             stale = self.health is None or now - self._health_at > stale_after
             if stale != self.stale:
@@ -257,7 +259,7 @@ class DraPlugin:
 
     def _changed(self) -> None:
         """Tells the health streams and the bus when what they show changed."""
-        view = (self.stale, tuple((n, d.health) for n, d in sorted(self.offered.items())),
+        view = (self.unknown, tuple((n, d.health) for n, d in sorted(self.offered.items())),
                 self.health.incarnation if self.health else "")
         if view == self._view:
             return
@@ -266,11 +268,16 @@ class DraPlugin:
         self._news = asyncio.Event()
         self.publish()
 
+    @property
+    def unknown(self) -> bool:
+        """No health to tell: the bus is silent, or the health-monitor cannot use NVML."""
+        return self.stale or (self.health is not None and not self.health.nvml_ok)
+
     def device_health(self) -> health_pb.NodeWatchResourcesResponse:
         now = int(time.time())
         out = health_pb.NodeWatchResourcesResponse()
         for name, d in sorted(self.offered.items()):
-            health = health_pb.UNKNOWN if self.stale else health_pb.HEALTHY if d.health == HEALTHY \
+            health = health_pb.UNKNOWN if self.unknown else health_pb.HEALTHY if d.health == HEALTHY \
                 else health_pb.UNHEALTHY
             out.devices.add(device=health_pb.DeviceIdentifier(pool_name=self.pool, device_name=name), health=health,
                             last_updated_time=now)

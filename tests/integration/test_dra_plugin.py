@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from common.bus.messages import DRA_SOCKET, HEALTHY, UNHEALTHY, DeviceState, DraState
+from common.bus.messages import DRA_SOCKET, HEALTHY, UNHEALTHY, DeviceState, DraState, HealthState
 from common.pb.dra.v1beta1 import api_pb2 as v1beta1
 from common.pb.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from devtools.kube_api import KubeApiEmulator
@@ -218,6 +218,13 @@ def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
     node.set_health(0, HEALTHY)
     wait_until(lambda: node.health("gpu-0") == "Healthy", 5, "gpu-0 Healthy again")
     assert seen_in < 1.0, seen_in
+    # The health-monitor loses NVML: the devices stay listed, Unknown, until it answers again.
+    node.monitor.seq += 1
+    node.monitor.send(HealthState(incarnation=node.monitor.incarnation, seq=node.monitor.seq, sent_at=time.time(),
+                                  nvml_ok=False, error="NVML_ERROR_DRIVER_NOT_LOADED", driver_version=""))
+    wait_until(lambda: node.health("gpu-1") == "Unknown", 5, "gpu-1 Unknown at the kubelet")
+    node.monitor.publish(list(node.devices))
+    wait_until(lambda: node.health("gpu-1") == "Healthy", 5, "gpu-1 Healthy again")
 
     # Unprepare: the spec and the record go; twice, and for a claim never prepared, is no error.
     assert node.unprepare(two) == {uid: ""}
