@@ -116,7 +116,10 @@ def allocated(answer: Any, ref: ClaimRef, version: str, driver: str, pool: str) 
             raise ClaimError(f"{where}: {json_type(result)}, not an object")
         if _text(result, "driver", where) != driver:
             continue
-        got = Allocated(_text(result, "request", where), _text(result, "pool", where), _text(result, "device", where),
+        # A subrequest's result ("gpus/h100", firstAvailable) is answered for its request, as the kubelet's
+        # helper does: containers name requests, not subrequests.
+        request = _text(result, "request", where).split("/", 1)[0]
+        got = Allocated(request, _text(result, "pool", where), _text(result, "device", where),
                         result.get("adminAccess") is True)
         if got.pool != pool:
             # Another node's device: preparing the rest would give the pod fewer devices than it claimed.

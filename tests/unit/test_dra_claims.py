@@ -82,8 +82,11 @@ def result(device: str, driver: str = "gpu.nvidia.com", pool: str = "node-1", **
 
 def test_the_results_of_our_driver_are_taken_others_left_to_their_driver() -> None:
     got = allocated(answer([result("gpu-0"), result("nic-0", driver="nic.example.com", pool="p"),
-                            result("gpu-1", adminAccess=True)]), REF, "v1", "gpu.nvidia.com", "node-1")
-    assert got == [Allocated("gpus", "node-1", "gpu-0"), Allocated("gpus", "node-1", "gpu-1", admin_access=True)]
+                            result("gpu-1", adminAccess=True), {**result("gpu-2"), "request": "gpus/h100"}]),
+                    REF, "v1", "gpu.nvidia.com", "node-1")
+    # A subrequest's device (firstAvailable) is answered for its request, which containers name.
+    assert got == [Allocated("gpus", "node-1", "gpu-0"), Allocated("gpus", "node-1", "gpu-1", admin_access=True),
+                   Allocated("gpus", "node-1", "gpu-2")]
     assert allocated(answer([]), REF, "v1", "gpu.nvidia.com", "node-1") == []
 
 
