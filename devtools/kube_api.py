@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ class KubeApiEmulator:
         self.faulted = 0  # answers given with a fault (GET, list, watch event)
         self.huge_bytes = 200 << 20
         self.nodefeatures = NodeFeatures()  # NFD's objects, which gpu-feature-discovery writes
+        self.resourceslices = ResourceSlices()  # resource.k8s.io, which the dra-plugin publishes (its section)
         self.claims = ResourceClaims()  # resource.k8s.io ResourceClaims, which the dra-plugin reads
         # Node status and Events (the kube-agent's node health; see their section)
         self.events: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> Event
@@ -153,6 +155,7 @@ class KubeApiEmulator:
             await self._server.wait_closed()
             self._server = None
         await self.drop_watches()
+        await self.resourceslices.drop_watches()
         for w in list(self._conns):
             w.close()
 
@@ -370,6 +373,8 @@ class KubeApiEmulator:
             return await self._send(writer, code, status(code, REASONS.get(code, "Error"), f"injected {code}"), wait)
         if path.startswith(NODEFEATURES_PREFIX):
             return await self._send(writer, *self.nodefeatures.answer(method, path, body))
+        if ResourceSlices.handles(path):
+            return await self.resourceslices.serve(self, method, path, query, writer, body)
         if is_claim_path(path):
             if self.claims.delay_s:
                 await self.claims.slow()
@@ -805,3 +810,366 @@ class ResourceClaims:
         if found is None:
             return _failure(404, f'resourceclaims.resource.k8s.io "{name[0]}" not found')
         return 200, {**json.loads(json.dumps(found)), "apiVersion": f"resource.k8s.io/{version}"}
+
+
+# -- ResourceSlices (resource.k8s.io) ----------------------------------------------------------------
+# What the dra-plugin publishes, as the real server answers: discovery of the group (GET
+# /apis/resource.k8s.io: an APIGroup listing the versions served, 404 when none is), and ResourceSlices
+# under each served version (v1, v1beta2: devices flat; v1beta1: each device's fields under `basic`),
+# stored once and shown in the version asked for. List with fieldSelector (spec.nodeName, spec.driver,
+# metadata.name; another field is 400), watch (from a resourceVersion; 410 Gone as an ERROR event before
+# the compacted history), POST (generateName; 409 AlreadyExists; dryRun=All answers without storing),
+# PUT (the resourceVersion sent must be the stored one, else 409 Conflict; none is 422; driver and
+# nodeName immutable), DELETE (preconditions.resourceVersion, else 409) and DELETE of the collection by
+# field selector (what the kubelet does to a node's slices when it starts, and to a driver's when its
+# socket goes: `wipe`). Validation as the API's: at most 128 devices a slice, 64 when one has a taint,
+# 32 attributes and capacities a device, 4 taints, DNS-label device names, one value per attribute.
+# Switches: `served` (the versions, in the server's order of preference), `taints` (False: device taints
+# dropped without a word, as a server without DRADeviceTaints does), `taint_none` (False: effect None
+# refused, 422, as before 1.35), `forbidden` (403: no RBAC). Injected `failures` come first, as for Nodes.
+
+RESOURCE_GROUP = "resource.k8s.io"
+RESOURCE_VERSIONS = ("v1", "v1beta2", "v1beta1")
+_SLICES_PATH = re.compile(r"/apis/resource\.k8s\.io/(v1|v1beta1|v1beta2)/resourceslices(?:/([^/]+))?")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?")
+_SLICE_FIELDS = {"spec.nodeName": ("spec", "nodeName"), "spec.driver": ("spec", "driver"),
+                 "metadata.name": ("metadata", "name")}
+SLICE_FAULTS = ("other-node",)  # every slice answered names another node (a selector not honoured)
+
+
+def _field(obj: dict[str, Any], path: tuple[str, str]) -> Any:
+    part = obj.get(path[0])
+    return part.get(path[1]) if isinstance(part, dict) else None
+
+
+@dataclass
+class _SliceWatch:
+    selector: dict[tuple[str, str], str]
+    version: str  # the API version asked for
+    queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+
+
+class ResourceSlices:
+    def __init__(self) -> None:
+        self.served: list[str] = list(RESOURCE_VERSIONS)
+        self.taints = True
+        self.taint_none = True
+        self.forbidden = False
+        self.fault: str | None = None
+        self.objects: dict[str, dict[str, Any]] = {}  # name -> ResourceSlice, stored in v1's layout
+        self.version = 9000  # their own resourceVersions
+        self.history: list[tuple[int, str, dict[str, Any]]] = []
+        self.compacted = 0
+        self._generated = 0
+        self._watches: list[_SliceWatch] = []
+
+    # -- control ----------------------------------------------------------------------
+    @staticmethod
+    def handles(path: str) -> bool:
+        return path.rstrip("/") == f"/apis/{RESOURCE_GROUP}" or _SLICES_PATH.fullmatch(path) is not None
+
+    def of_node(self, node: str, driver: str = "") -> list[dict[str, Any]]:
+        """The node's slices as stored (v1 layout), by name."""
+        return [json.loads(json.dumps(o)) for _, o in sorted(self.objects.items())
+                if o["spec"].get("nodeName") == node and driver in ("", o["spec"].get("driver"))]
+
+    def delete_behind(self, name: str) -> None:
+        """Another client deletes one slice."""
+        self._remove(name)
+
+    def wipe(self, node: str, driver: str = "") -> int:
+        """The kubelet's DeleteCollection of a node's slices (of one driver, or all)."""
+        names = [o["metadata"]["name"] for o in self.of_node(node, driver)]
+        for name in names:
+            self._remove(name)
+        return len(names)
+
+    def compact(self) -> None:
+        self.version += 1
+        self.compacted = self.version
+        self.history.clear()
+
+    async def drop_watches(self) -> None:
+        for w in self._watches:
+            w.queue.put_nowait(None)
+        await asyncio.sleep(0)
+
+    async def end_watches(self) -> None:
+        for w in self._watches:
+            w.queue.put_nowait({})
+        await asyncio.sleep(0)
+
+    @property
+    def watching(self) -> int:
+        return len(self._watches)
+
+    # -- state ------------------------------------------------------------------------
+    def _event(self, kind: str, obj: dict[str, Any]) -> None:
+        self.history.append((self.version, kind, json.loads(json.dumps(obj))))
+        for w in self._watches:
+            if self._selected(obj, w.selector):
+                w.queue.put_nowait({"type": kind, "object": self._wire(w.version, obj)})
+
+    def _remove(self, name: str) -> dict[str, Any]:
+        obj = self.objects.pop(name)
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        self._event("DELETED", obj)
+        return obj
+
+    @staticmethod
+    def _selected(obj: dict[str, Any], selector: dict[tuple[str, str], str]) -> bool:
+        return all(_field(obj, path) == value for path, value in selector.items())
+
+    @staticmethod
+    def _selector(query: dict[str, str]) -> dict[tuple[str, str], str]:
+        out: dict[tuple[str, str], str] = {}
+        for term in filter(None, query.get("fieldSelector", "").split(",")):
+            key, sep, value = term.partition("==") if "==" in term else term.partition("=")
+            if not sep or key not in _SLICE_FIELDS:
+                raise _Refused(400, f'"{key}" is not a known field selector: only "spec.nodeName", "spec.driver", '
+                                    '"metadata.name"')
+            out[_SLICE_FIELDS[key]] = value
+        return out
+
+    def _wire(self, version: str, stored: dict[str, Any]) -> dict[str, Any]:
+        """A stored slice as the API version asked for shows it."""
+        obj: dict[str, Any] = json.loads(json.dumps(stored))
+        obj["apiVersion"] = f"{RESOURCE_GROUP}/{version}"
+        if version == "v1beta1":
+            obj["spec"]["devices"] = [{"name": d.get("name"), "basic": {k: v for k, v in d.items() if k != "name"}}
+                                      for d in obj["spec"].get("devices") or []]
+        if self.fault == "other-node":
+            obj["spec"]["nodeName"] = f"{obj['spec'].get('nodeName')}-other"
+        return obj
+
+    def _stored(self, version: str, sent: dict[str, Any]) -> dict[str, Any]:
+        """What a write sent, in v1's layout, checked as the API validates it."""
+        if sent.get("kind") != "ResourceSlice" or sent.get("apiVersion") != f"{RESOURCE_GROUP}/{version}":
+            raise _Refused(400, f"the object is not a ResourceSlice of {RESOURCE_GROUP}/{version}")
+        meta, spec = sent.get("metadata"), sent.get("spec")
+        if not isinstance(meta, dict) or not isinstance(spec, dict):
+            raise _Refused(400, "metadata and spec must be objects")
+        devices = spec.get("devices") or []
+        if not isinstance(devices, list):
+            raise _Refused(422, "spec.devices: must be a list")
+        flat = []
+        for i, d in enumerate(devices):
+            if not isinstance(d, dict):
+                raise _Refused(422, f"spec.devices[{i}]: must be an object")
+            if version == "v1beta1":
+                if not isinstance(d.get("basic"), dict):
+                    raise _Refused(422, f"spec.devices[{i}].basic: Required value")
+                d = {"name": d.get("name"), **d["basic"]}
+            flat.append(dict(d))
+        checked = {**spec, "devices": flat}
+        self._validate(checked)
+        return {"apiVersion": f"{RESOURCE_GROUP}/v1", "kind": "ResourceSlice", "metadata": dict(meta), "spec": checked}
+
+    def _validate(self, spec: dict[str, Any]) -> None:
+        def bad(message: str) -> _Refused:
+            return _Refused(422, f"ResourceSlice is invalid: {message}")
+
+        if not isinstance(spec.get("driver"), str) or not spec["driver"]:
+            raise bad("spec.driver: Required value")
+        if not isinstance(spec.get("nodeName"), str) or not spec["nodeName"]:
+            raise bad("spec.nodeName: Required value (the emulator serves node-local slices only)")
+        pool = spec.get("pool")
+        if not isinstance(pool, dict) or not isinstance(pool.get("name"), str) or not pool["name"]:
+            raise bad("spec.pool.name: Required value")
+        for key, least in (("generation", 0), ("resourceSliceCount", 1)):
+            value = pool.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise bad(f"spec.pool.{key}: Invalid value: {value!r}: must be an integer of at least {least}")
+        devices = spec["devices"]
+        names: set[str] = set()
+        for i, d in enumerate(devices):
+            where = f"spec.devices[{i}]"
+            if not self.taints:
+                d.pop("taints", None)  # the field is off: dropped, and the client is not told
+            name = d.get("name")
+            if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name) or name in names:
+                raise bad(f"{where}.name: Invalid value: {name!r}: a unique DNS label")
+            names.add(name)
+            attrs, caps = d.get("attributes") or {}, d.get("capacity") or {}
+            if not isinstance(attrs, dict) or not isinstance(caps, dict) or len(attrs) + len(caps) > 32:
+                raise bad(f"{where}: at most 32 attributes and capacities together")
+            for key, value in attrs.items():
+                kinds = [k for k in ("int", "bool", "string", "version") if isinstance(value, dict) and k in value]
+                if len(kinds) != 1 or len(value) != 1:
+                    raise bad(f"{where}.attributes[{key}]: exactly one value is required")
+                if kinds[0] in ("string", "version") and (not isinstance(value[kinds[0]], str)
+                                                          or len(value[kinds[0]]) > 64):
+                    raise bad(f"{where}.attributes[{key}]: a string of at most 64 characters")
+            for key, value in caps.items():
+                if not isinstance(value, dict) or not isinstance(value.get("value"), str) or \
+                        not _QUANTITY.fullmatch(value["value"]):
+                    raise bad(f"{where}.capacity[{key}].value: a quantity is required")
+            taints = d.get("taints") or []
+            if not isinstance(taints, list) or len(taints) > 4:
+                raise bad(f"{where}.taints: at most 4")
+            for j, t in enumerate(taints):
+                effects = ("NoSchedule", "NoExecute", "None") if self.taint_none else ("NoSchedule", "NoExecute")
+                if not isinstance(t, dict) or not isinstance(t.get("key"), str) or not t["key"]:
+                    raise bad(f"{where}.taints[{j}].key: Required value")
+                if t.get("effect") not in effects:
+                    raise bad(f"{where}.taints[{j}].effect: Unsupported value: {t.get('effect')!r}: supported values: "
+                              + ", ".join(f'"{e}"' for e in effects))
+                t.setdefault("timeAdded", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        limit = 64 if any(d.get("taints") for d in devices) else 128
+        if len(devices) > limit:
+            raise bad(f"spec.devices: Too many: {len(devices)}: must have at most {limit} items")
+
+    # -- HTTP ---------------------------------------------------------------------------
+    async def serve(self, emu: KubeApiEmulator, method: str, path: str, query: dict[str, str],
+                    writer: asyncio.StreamWriter, body: bytes) -> bool:
+        if path.rstrip("/") == f"/apis/{RESOURCE_GROUP}":
+            if method != "GET" or not self.served:
+                return await emu._send(writer, 404, status(404, "NotFound", "the server could not find the requested "
+                                                                            "resource"))
+            return await emu._send(writer, 200, {
+                "kind": "APIGroup", "apiVersion": "v1", "name": RESOURCE_GROUP,
+                "versions": [{"groupVersion": f"{RESOURCE_GROUP}/{v}", "version": v} for v in self.served],
+                "preferredVersion": {"groupVersion": f"{RESOURCE_GROUP}/{self.served[0]}", "version": self.served[0]}})
+        m = _SLICES_PATH.fullmatch(path)
+        assert m is not None
+        version, name = m.group(1), m.group(2) or ""
+        if version not in self.served:
+            return await emu._send(writer, 404, status(404, "NotFound", "the server could not find the requested "
+                                                                        "resource"))
+        if self.forbidden:
+            return await emu._send(writer, 403, status(403, "Forbidden", f'resourceslices.{RESOURCE_GROUP} is '
+                                                                         f'forbidden: User "system:serviceaccount:x:y"'
+                                                                         f" cannot {method.lower()} resourceslices"))
+        try:
+            if method == "GET" and not name and query.get("watch") in ("true", "1"):
+                await self._watch(writer, version, self._selector(query), query.get("resourceVersion", ""),
+                                  float(query.get("timeoutSeconds") or 0))
+                return False
+            code, answer = self._answer(method, version, name, query, body)
+        except _Refused as e:
+            code, answer = e.code, status(e.code, REASONS.get(e.code, "Invalid"), str(e))
+        return await emu._send(writer, code, answer)
+
+    def _answer(self, method: str, version: str, name: str, query: dict[str, str],
+                body: bytes) -> tuple[int, dict[str, Any]]:
+        if method == "GET" and name:
+            if name not in self.objects:
+                raise _Refused(404, f'resourceslices.{RESOURCE_GROUP} "{name}" not found')
+            return 200, self._wire(version, self.objects[name])
+        if method in ("GET", "DELETE") and not name:
+            selector = self._selector(query)
+            items = [o for _, o in sorted(self.objects.items()) if self._selected(o, selector)]
+            if method == "DELETE":
+                items = [self._remove(o["metadata"]["name"]) for o in items]
+            return 200, {"apiVersion": f"{RESOURCE_GROUP}/{version}", "kind": "ResourceSliceList",
+                         "metadata": {"resourceVersion": str(self.version)},
+                         "items": [self._wire(version, o) for o in items]}
+        if method == "DELETE":
+            stored = self.objects.get(name)
+            if stored is None:
+                raise _Refused(404, f'resourceslices.{RESOURCE_GROUP} "{name}" not found')
+            options = json.loads(body) if body else {}
+            pre = options.get("preconditions") if isinstance(options, dict) else None
+            held = stored["metadata"]
+            if isinstance(pre, dict) and (pre.get("resourceVersion") not in (None, held["resourceVersion"])
+                                          or pre.get("uid") not in (None, held["uid"])):
+                raise _Refused(409, f'Operation cannot be fulfilled on resourceslices.{RESOURCE_GROUP} "{name}": '
+                                    "the precondition does not match the object")
+            return 200, self._wire(version, self._remove(name))
+        if method not in ("POST", "PUT") or (method == "POST") == bool(name):
+            raise _Refused(405, f"{method} is not allowed here")
+        try:
+            sent = json.loads(body)
+        except ValueError as e:
+            raise _Refused(400, f"not JSON: {e}") from None
+        if not isinstance(sent, dict):
+            raise _Refused(400, "the body is not an object")
+        new = self._stored(version, sent)
+        meta = new["metadata"]
+        if method == "POST":
+            return self._create(version, new, meta, query.get("dryRun") == "All")
+        if meta.get("name") != name:
+            raise _Refused(400, "the name of the object does not match the name on the URL")
+        stored = self.objects.get(name)
+        if stored is None:
+            raise _Refused(404, f'resourceslices.{RESOURCE_GROUP} "{name}" not found')
+        if not meta.get("resourceVersion"):
+            raise _Refused(422, "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update")
+        if meta["resourceVersion"] != stored["metadata"]["resourceVersion"]:
+            raise _Refused(409, f'Operation cannot be fulfilled on resourceslices.{RESOURCE_GROUP} "{name}": the '
+                                "object has been modified; please apply your changes to the latest version and try "
+                                "again")
+        for key in ("driver", "nodeName"):
+            if new["spec"].get(key) != stored["spec"].get(key):
+                raise _Refused(422, f"ResourceSlice is invalid: spec.{key}: Invalid value: field is immutable")
+        self.version += 1
+        old = stored["metadata"]
+        new["metadata"] = {**meta, "uid": old["uid"], "creationTimestamp": old["creationTimestamp"],
+                           "resourceVersion": str(self.version),
+                           "generation": old["generation"] + (new["spec"] != stored["spec"])}
+        self.objects[name] = new
+        self._event("MODIFIED", new)
+        return 200, self._wire(version, new)
+
+    def _create(self, version: str, new: dict[str, Any], meta: dict[str, Any],
+                dry_run: bool) -> tuple[int, dict[str, Any]]:
+        if not meta.get("name"):
+            if not meta.get("generateName"):
+                raise _Refused(422, "metadata.name: Required value: name or generateName is required")
+            self._generated += 1
+            meta["name"] = f"{meta['generateName']}{self._generated:05x}"
+        if meta["name"] in self.objects:
+            raise _Refused(409, f'resourceslices.{RESOURCE_GROUP} "{meta["name"]}" already exists')
+        if dry_run:
+            new["metadata"] = {**meta, "uid": "uid-dry-run", "generation": 1}
+            return 201, self._wire(version, new)
+        self.version += 1
+        new["metadata"] = {**meta, "uid": f"uid-slice-{self.version}", "resourceVersion": str(self.version),
+                           "generation": 1, "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.objects[meta["name"]] = new
+        self._event("ADDED", new)
+        return 201, self._wire(version, new)
+
+    async def _watch(self, writer: asyncio.StreamWriter, version: str, selector: dict[tuple[str, str], str],
+                     since: str, timeout: float) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+        def chunk(event: dict[str, Any]) -> None:
+            data = json.dumps(event).encode() + b"\n"
+            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+        start = int(since) if since.isdigit() else 0
+        if start and start < self.compacted:
+            chunk({"type": "ERROR", "object": status(410, "Expired", f"too old resource version: {start} "
+                                                                     f"({self.compacted})")})
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return
+        watch = _SliceWatch(selector, version)
+        self._watches.append(watch)
+        try:
+            if not start:  # no version: the current state first, as the real one
+                for obj in [o for _, o in sorted(self.objects.items()) if self._selected(o, selector)]:
+                    chunk({"type": "ADDED", "object": self._wire(version, obj)})
+            for at, kind, obj in self.history:
+                if start and at > start and self._selected(obj, selector):
+                    chunk({"type": kind, "object": self._wire(version, obj)})
+            await writer.drain()
+            while True:
+                try:
+                    async with asyncio.timeout(timeout or None):
+                        event = await watch.queue.get()
+                except TimeoutError:
+                    event = {}
+                if event is None:
+                    break  # cut without the final chunk
+                if not event:
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                    break
+                chunk(event)
+                await writer.drain()
+        finally:
+            self._watches.remove(watch)
