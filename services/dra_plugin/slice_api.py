@@ -38,7 +38,7 @@ from common.kubeapi import (
     status_of,
 )
 from services.dra_plugin.names import DRIVER_NAME, pool_name
-from services.dra_plugin.pool import Capabilities, Held, Taint
+from services.dra_plugin.pool import Capabilities, Held, Taint, same_devices
 
 GROUP: Final = "resource.k8s.io"
 VERSIONS: Final = ("v1", "v1beta2", "v1beta1")  # ours, most preferred first
@@ -181,6 +181,14 @@ class SliceApi:
         if (held.pool, held.generation, held.count) != (pool["name"], pool["generation"], pool["resourceSliceCount"]):
             raise BadAnswer(f"{what}: the answer's pool is {show(held.pool)} generation {held.generation} of "
                             f"{held.count}, not the one written")
+        if not same_devices(held.devices, spec["devices"]):
+            # A field the server drops or changes (device taints turned off since they were found kept): the
+            # pool in the API is not what we mean, and writing it again would change nothing.
+            wrote = {d["name"]: d for d in spec["devices"]}
+            differs = next((d.get("name") for d in held.devices
+                            if not same_devices([d], [wrote.get(d.get("name"), {})])), None)
+            raise BadAnswer(f"{what}: the server holds other devices than were written"
+                            f"{f' ({show(differs)} differs)' if differs else ''}")
         return held
 
     def _slice(self, obj: Any, what: str, listed: bool = False) -> Held:

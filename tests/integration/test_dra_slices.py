@@ -191,7 +191,7 @@ def test_a_v1beta1_server_without_taints_gets_unhealthy_devices_left_out(make: C
     assert node.status().left_out == ()
 
 
-def test_a_server_without_effect_none_shows_no_monitor_only_xid(make: Callable[..., Node]) -> None:
+def test_a_server_without_effect_none_and_one_that_stops_keeping_taints(make: Callable[..., Node]) -> None:
     node = make(served=("v1beta2", "v1beta1"), taint_none=False)
     wait_until(lambda: len(node.published()) == 8, 10, "8 GPUs published")
     assert node.status().api_version == "v1beta2"
@@ -200,6 +200,13 @@ def test_a_server_without_effect_none_shows_no_monitor_only_xid(make: Callable[.
     wait_until(lambda: taints(node.published(), "gpu-0"), 2, "the XID 48 taint")
     assert "without effect None" in node.status().taints
     assert not taints(node.published(), "gpu-4") and node.status().error == ""
+    # The server stops keeping taints (DRADeviceTaints turned off, the server restarted): the next write's
+    # answer shows it, the capabilities are found again and the Unhealthy devices left out.
+    node.call(lambda: setattr(node.slices_api, "taints", False))
+    node.set(1, "GPU lost")
+    devices = wait_until(lambda: len(node.published()) == 6 and node.published(), 5, "GPUs 0 and 1 left out")
+    assert "gpu-0" not in devices and "gpu-1" not in devices and "left out" in node.status().taints
+    wait_until(lambda: node.status().error == "", 2, "the error cleared")
 
 
 def test_the_api_away_and_back_gets_the_latest_state_once(make: Callable[..., Node]) -> None:
