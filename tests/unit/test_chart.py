@@ -85,6 +85,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "gfd": {"gfd": {"enabled": True, "noTimestamp": True}},
     # Node health in the API: the condition and the Events, each with its RBAC.
     "node-health": {"health": {"node": {"condition": True, "events": True}}},
+    # DRA: the dra-plugin with NVIDIA's DeviceClasses (resource.k8s.io/v1 as Helm's offline Kubernetes serves it),
+    # and a split with the device plugin and the classes as a 1.32/1.33 cluster takes them.
+    "dra": {"dra": {"enabled": True}},
+    "dra-split-v1beta1": {"dra": {"enabled": True, "devices": "0,1,GPU-930bc548-4e27-0432-876f-a3553ef2f53f",
+                                  "deviceClassApiVersion": "resource.k8s.io/v1beta1"}, "migStrategy": "mixed"},
     "metrics-on": {"metrics": {"port": 9400, "service": {"enabled": True}, "podMonitor": {"enabled": True}},
                    "health": {"probeInterval": "5s", "recovery": {"policy": "never", "quietPeriod": "2m"}},
                    "stateDir": "/var/lib/kubelet/device-plugins/gpu-device-plugin", "logLevel": "debug",
@@ -144,7 +149,9 @@ def test_the_chart_lints_clean() -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("set_name", SETS)
 def test_every_rendered_object_validates(set_name: str, version: str) -> None:
-    objects = [d for d in docs(set_name) if d["kind"] != "PodMonitor"]  # a CRD: checked below
+    objects = [d for d in docs(set_name) if d["kind"] != "PodMonitor"  # a CRD: checked below
+               # resource.k8s.io/v1 is served from 1.34: the chart picks it only where the cluster serves it
+               and not (d["apiVersion"] == "resource.k8s.io/v1" and version == "1.33")]
     assert validation_errors(objects, version) == []
 
 
@@ -439,6 +446,9 @@ def test_the_default_namespace_is_refused_unless_allowed() -> None:
     ({"metrics": {"port": 70000}}, "/metrics/port"),
     ({"health": {"probeInterval": "often"}}, "/health/probeInterval"),
     ({"health": {"node": {"condition": "yes"}}}, "/health/node/condition"),
+    ({"dra": {"enabled": True, "devices": "none"}}, "/dra/devices"),
+    ({"dra": {"enabled": True, "devices": "0, 1"}}, "/dra/devices"),
+    ({"dra": {"deviceClassApiVersion": "resource.k8s.io/v1alpha3"}}, "/dra/deviceClassApiVersion"),
 ])
 def test_the_schema_rejects_bad_values(values: dict[str, Any], where: str) -> None:
     with pytest.raises(HelmValuesError, match=where):
@@ -546,3 +556,42 @@ def test_node_health_each_part_with_only_its_rbac() -> None:
     assert [e["name"] for e in pod(ds)["containers"][0]["env"]].count("NODE_NAME") == 1
     assert {k[1] for k in rules(both)} == {"gdp-gpu-device-plugin", "gdp-gpu-device-plugin-node-reader",
                                            "gdp-gpu-device-plugin-node-condition", "gdp-gpu-device-plugin-node-events"}
+
+
+def test_dra_the_plugin_its_classes_and_only_its_rbac() -> None:
+    """dra.enabled: the dra-plugin on (DRA_ENABLED, DRA_DEVICES, NODE_NAME), the kubelet's plugin directories,
+    the CDI directory and the driver root for the claims' specs, NVIDIA's two DeviceClasses, and a
+    ServiceAccount that may write ResourceSlices and read ResourceClaims, nothing else."""
+    objects = docs("dra")
+    ds = next(d for d in objects if d["kind"] == "DaemonSet")
+    env = env_of(pod(ds)["containers"][0])
+    assert (env["DRA_ENABLED"], env["DRA_DEVICES"], env["NODE_NAME"]) == ("true", "all", "<from field>")
+    assert "DRA_ENABLED" not in env_of(pod(daemonset("defaults"))["containers"][0])
+    plugins, registry = "/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry"
+    assert mounts(ds) == {**mounts(daemonset("defaults")), plugins: (plugins, False), registry: (registry, False),
+                          "/var/run/cdi": ("/var/run/cdi", False), "/": ("/driver-root", True)}
+    classes = {d["metadata"]["name"]: d for d in objects if d["kind"] == "DeviceClass"}
+    def nvidias(kind: str) -> list[dict[str, Any]]:  # NVIDIA's chart's selector, verbatim
+        return [{"cel": {"expression": f"device.driver == 'gpu.nvidia.com' && "
+                                       f"device.attributes['gpu.nvidia.com'].type == '{kind}'"}}]
+
+    assert {n: (c["apiVersion"], c["spec"]["selectors"]) for n, c in classes.items()} == {
+        "gpu.nvidia.com": ("resource.k8s.io/v1", nvidias("gpu")),
+        "mig.nvidia.com": ("resource.k8s.io/v1", nvidias("mig"))}
+    assert classes["gpu.nvidia.com"]["spec"]["extendedResourceName"] == "nvidia.com/gpu"  # NVIDIA's, on v1 only
+    rules = {d["metadata"]["name"]: d["rules"] for d in objects if d["kind"] == "ClusterRole"}
+    assert rules == {"gdp-gpu-device-plugin-dra": [
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"],
+         "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get"]}]}
+    (binding,) = [d for d in objects if d["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"][0]["name"] == pod(ds)["serviceAccountName"] and pod(ds)["automountServiceAccountToken"]
+    # The split and an older cluster's classes; DRA_DEVICES as the services read it.
+    split = docs("dra-split-v1beta1")
+    env = env_of(pod(next(d for d in split if d["kind"] == "DaemonSet"))["containers"][0])
+    assert str(resolve(environ=env).dra_devices) == "0,1,GPU-930bc548-4e27-0432-876f-a3553ef2f53f"
+    v1beta1 = [d for d in split if d["kind"] == "DeviceClass"]
+    assert [d["apiVersion"] for d in v1beta1] == ["resource.k8s.io/v1beta1"] * 2
+    assert all("extendedResourceName" not in d["spec"] for d in v1beta1)
+    # Another release (or NVIDIA's driver) owns the classes: none here.
+    assert not [d for d in render({"dra": {"enabled": True, "deviceClasses": False}}) if d["kind"] == "DeviceClass"]

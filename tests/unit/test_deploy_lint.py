@@ -84,7 +84,9 @@ def needed_host_paths(pod: dict[str, Any]) -> dict[str, tuple[str, bool, str]]:
     for c in pod.get("containers", []):
         env.update({e["name"]: str(e.get("value", "")) for e in c.get("env", [])})
     needed = {DEVICE_PLUGIN_DIR: (DEVICE_PLUGIN_DIR, False, "plugin sockets, kubelet.sock, cordons")}
-    cdi = any(s.strip().startswith("cdi-") for s in env.get("DEVICE_LIST_STRATEGY", "envvar").split(","))
+    dra = env.get("DRA_ENABLED") == "true"
+    # A CDI device-list strategy, or DRA (the dra-plugin writes each prepared claim's CDI spec)
+    cdi = dra or any(s.strip().startswith("cdi-") for s in env.get("DEVICE_LIST_STRATEGY", "envvar").split(","))
     driver_root = env.get("NVIDIA_DRIVER_ROOT", "/")
     if cdi:
         needed["/var/run/cdi"] = ("/var/run/cdi", False, "the CDI specs the container runtime reads")
@@ -96,6 +98,10 @@ def needed_host_paths(pod: dict[str, Any]) -> dict[str, tuple[str, bool, str]]:
     if env.get("GPU_PLUGIN_FEATURE_LABELS") == "true":
         # gfd.enabled: feature-labels writes NVIDIA's GFD file there, for NFD's worker on the host
         needed[FEATURES_D] = (FEATURES_D, False, "the GPU feature labels for NFD's worker")
+    if dra:
+        # the kubelet's plugin watcher finds the registration socket there; its DRA client dials the plugin's
+        for kubelet_dir in ("/var/lib/kubelet/plugins_registry", "/var/lib/kubelet/plugins"):
+            needed[kubelet_dir] = (kubelet_dir, False, "the dra-plugin's sockets for the kubelet")
     if cdi or driver_root != "/":
         # libnvidia-ml (containerized driver) and the driver's files the CDI spec lists are read there
         needed[driver_root] = (env.get("DRIVER_ROOT_CTR_PATH", "/driver-root"), True,

@@ -56,9 +56,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
-{{/* The device-list strategies as a list ("envvar" when unset, the plugin's default). */}}
+{{/* Whether CDI specs are written: a CDI device-list strategy ("envvar" when unset, the plugin's
+     default), or DRA (the dra-plugin writes each prepared claim's spec). */}}
 {{- define "gpu-device-plugin.cdi" -}}
-{{- $cdi := false -}}
+{{- $cdi := .Values.dra.enabled -}}
 {{- range (splitList "," (default "envvar" .Values.deviceListStrategy)) -}}
 {{- if hasPrefix "cdi-" (trim .) -}}{{- $cdi = true -}}{{- end -}}
 {{- end -}}
