@@ -240,3 +240,12 @@ def test_the_api_away_and_back_gets_the_latest_state_once(make: Callable[..., No
                5, "written after the conflict")
     assert node.status().error == "" and all(d["attributes"]["uuid"]["string"].startswith("GPU-")
                                              for d in node.published().values())
+
+    # An answer about another node (a field selector not honoured, a misrouted answer) is refused, not
+    # taken for ours: a failed pass, retried until the answers are right again.
+    node.call(lambda: setattr(node.slices_api, "fault", "other-node"))
+    node.set(6)
+    wait_until(lambda: "not of gpu.nvidia.com on node-1" in node.status().error, 5, "the answer refused")
+    assert not node.status().published
+    node.call(lambda: setattr(node.slices_api, "fault", None))
+    wait_until(lambda: len(node.published()) == 8 and not taints(node.published(), "gpu-6"), 5, "after the fault")
