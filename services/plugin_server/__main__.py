@@ -17,8 +17,10 @@ from services.plugin_server.server import PluginServer
 LIVE = frozenset({"mig_strategy", "pass_device_specs", "device_list_strategy", "device_id_strategy",
                   "cdi_annotation_prefix", "shared_devices_allocation_policy", "gds_enabled", "mofed_enabled",
                   "gdrcopy_enabled", "imex_channel_ids", "imex_required", "sharing"})
+# dra_devices: the dra-plugin reads it at its start too; changed live here only, a GPU would be offered by
+# both APIs (or by none) until the pod restarts.
 RESTART = frozenset({"driver_root", "dev_root", "container_driver_root", "cdi_hook_path", "kubelet_socket",
-                     "device_plugin_dir", "mps_root"})
+                     "device_plugin_dir", "mps_root", "dra_devices"})
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
