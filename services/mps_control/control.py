@@ -61,6 +61,7 @@ from common.mps import (
     started_file,
 )
 from common.settings import Replicated, Settings, SettingsError, SharedResource
+from common.settings.dra import DraDevices
 
 log = logging.getLogger(__name__)
 
@@ -442,11 +443,17 @@ class Watched(_Resource):
         self._set(up=False, ready=False)
 
 
-def plan(mps: Replicated, state: HealthState) -> list[tuple[str, SharedResource, list[DeviceState]]]:
-    """(served name, resource, its GPUs) for each MPS resource with at least one GPU on this node."""
+def plan(mps: Replicated, state: HealthState,
+         dra: DraDevices | None = None) -> list[tuple[str, SharedResource, list[DeviceState]]]:
+    """(served name, resource, its GPUs) for each MPS resource with at least one GPU on this node. The
+    GPUs DRA serves are not the device plugin's (services/plugin_server/device_table.py leaves them out
+    before it numbers the GPUs a sharing rule selects): no daemon on them, and the same positions."""
+    devices = state.devices
+    if dra is not None and not dra.none:
+        devices = [d for d in devices if d.kind != "gpu" or not dra.serves(d.index, d.id)]
     out = []
     for res in mps.resources:
-        gpus = gpus_of(res, state.devices)
+        gpus = gpus_of(res, devices)
         if gpus:
             out.append((mps.served_name(res), res, gpus))
     return out
@@ -481,6 +488,7 @@ class MpsControl:
     def __init__(self, settings: Settings, publisher: BusPublisher, devices: Devices, external: bool = False) -> None:
         self.settings = settings
         self.mps = settings.sharing.mps
+        self._dra = settings.dra_devices  # at start only, as the plugin-server reads it (RESTART)
         self.external = external
         self._pub = publisher
         self._devices = devices
@@ -563,7 +571,8 @@ class MpsControl:
         self._ready = content
 
     async def _reconcile(self, state: HealthState) -> None:
-        wanted = {name: (res, gpus) for name, res, gpus in plan(self.mps, state)} if self.mps is not None else {}
+        wanted = ({name: (res, gpus) for name, res, gpus in plan(self.mps, state, self._dra)}
+                  if self.mps is not None else {})
         for name in list(self.daemons):
             d = self.daemons[name]
             if name not in wanted or not d.serves(*wanted[name]):

@@ -14,7 +14,7 @@ from services.mps_control.control import Devices, MpsControl
 
 # What a config reload changes in a running mps-control, and what it uses but cannot change.
 LIVE = frozenset({"sharing"})
-RESTART = frozenset({"mps_root", "container_driver_root"})
+RESTART = frozenset({"mps_root", "container_driver_root", "dra_devices"})
 
 
 async def serve(settings: Settings, stop: asyncio.Event, devices: Devices, external: bool) -> None:

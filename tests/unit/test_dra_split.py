@@ -98,3 +98,27 @@ def test_strategy_single_applies_to_the_gpus_left(fleet: list[DeviceState]) -> N
     single = build_resources(state(fleet), resolve(environ={"MIG_STRATEGY": "single",
                                                             "DRA_DEVICES": "0,1,2,3,4,5,6"}))
     assert len(single[GPU_RESOURCE]) == 7 and all(d.parent is not None for d in single[GPU_RESOURCE])
+
+
+def test_mps_daemons_run_on_the_gpus_the_device_plugin_shares_with_mps_and_none_that_dra_serves(
+        fleet: list[DeviceState], tmp_path: Path) -> None:
+    """mps-control numbers the GPUs a sharing rule counts as the plugin-server does: after DRA's are
+    left out. A rule taking the first 2 GPUs must start daemons on the GPUs whose replicas are
+    served, not on a GPU DRA holds."""
+    from common.settings import resolve as settings_of
+    from services.mps_control.control import plan
+    from services.plugin_server.device_table import MpsReadiness
+
+    config = tmp_path / "config.yaml"
+    config.write_text("version: v1\nsharing:\n  mps:\n    resources:\n    - name: nvidia.com/gpu\n"
+                      "      rename: nvidia.com/gpu.shared\n      replicas: 2\n      devices: 2\n",
+                      encoding="utf-8")
+    settings = settings_of(environ={"CONFIG_FILE": str(config), "DRA_DEVICES": "0,2"})
+    whole = [d for d in fleet if d.kind == "gpu" and not d.mig_enabled] + [d for d in fleet if d.kind == "mig"]
+    assert settings.sharing.mps is not None
+    planned = plan(settings.sharing.mps, state(whole), settings.dra_devices)
+    daemon_gpus = {g.index for _, _, gpus in planned for g in gpus}
+    assert daemon_gpus == {"1", "3"}, "the first 2 of the GPUs left to the device plugin"
+    ready = MpsReadiness({"nvidia.com/gpu.shared": True}, {"nvidia.com/gpu.shared"})
+    served = build_resources(state(whole), settings, ready)["nvidia.com/gpu.shared"]
+    assert {d.device.index for d in served} == daemon_gpus
