@@ -68,6 +68,14 @@ PRELOAD = ("services.cli", "services.health_monitor.__main__", "services.plugin_
            "services.feature_labels.__main__", "common.nvml.factory", "pynvml", "ctypes")
 ENTRY = "gpu-plugin"  # the command whose services run in place of an exec
 PR_SET_NAME = 15
+# supervisord's own handlers: blocked from fork() until the child has reset them, so a stop signal
+# sent to a child that has not yet become its service is neither run by supervisord's handler in the
+# child (and lost) nor missed: it is delivered, with the default action, once unblocked.
+FORK_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2,
+                          signal.SIGCHLD})
+# What an interpreter reads at its start (or the dynamic loader at exec): a program whose environment
+# changes one of them from the supervisor's is executed, so that it applies.
+EXEC_ONLY_PREFIXES = ("PYTHON", "LD_")
 
 
 class PreloadError(RuntimeError):
@@ -91,7 +99,10 @@ def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
     for name in modules:
         try:
             importlib.import_module(name)
-        except ImportError:
+        except Exception as e:
+            # Not the supervisor's to end on: imported by the service itself, it fails there alone, saying why.
+            print(f"gpu-plugin-supervisord: {name} not preloaded ({type(e).__name__}: {e}); the services "
+                  "that need it import it themselves", file=sys.stderr)
             continue
         loaded.append(name)
     check_preloaded(threads, fds)
@@ -111,6 +122,9 @@ def check_preloaded(threads: int, fds: set[int]) -> None:
             except OSError:
                 targets.append(f"descriptor {fd}")
         raise PreloadError(f"a preloaded module opened {', '.join(targets)}: every child would inherit it")
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        if "libnvidia-ml" in maps.read():  # loaded (nvmlInit or a dlopen): one driver handle for every child
+            raise PreloadError("a preloaded module loaded libnvidia-ml: only the health-monitor may, after its fork")
 
 
 def _set_title(argv: Sequence[str]) -> None:
@@ -138,11 +152,9 @@ def _run_in_place(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
     """In the forked child, instead of exec: the service's command, then the process's end."""
     code = 1
     try:
-        signal.set_wakeup_fd(-1)  # supervisord's wakeup pipe, closed with every other inherited descriptor
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(env)
+        time.tzset()  # a TZ of the program's own
         sys.argv = list(argv)
         _set_title(argv)
         from services.cli import main as command
@@ -170,13 +182,28 @@ class ForkingOptions(supervisor_options.ServerOptions):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 stream.flush()
         gc.freeze()  # what the supervisor built since: out of the children's collections too
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_SIGNALS)
         pid: int = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return pid
 
     def execve(self, filename: str, argv: list[str], env: dict[str, str]) -> Any:
-        if self.in_place and os.path.basename(filename) == ENTRY and len(argv) > 1 and argv[1] in SERVICES:
+        # The child: supervisord's handlers and wakeup pipe go (an exec resets handlers too, but not the
+        # mask, which it keeps), then the signals blocked at fork() are let in.
+        signal.set_wakeup_fd(-1)
+        for sig in FORK_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_SIGNALS)
+        if self.in_place and self._in_place(filename, argv, env):
             _run_in_place(argv, env)
         return os.execve(filename, argv, env)
+
+    @staticmethod
+    def _in_place(filename: str, argv: list[str], env: Mapping[str, str]) -> bool:
+        if os.path.basename(filename) != ENTRY or len(argv) < 2 or argv[1] not in SERVICES:
+            return False
+        return all(env.get(k) == os.environ.get(k) for k in {*env, *os.environ} if k.startswith(EXEC_ONLY_PREFIXES))
 
 
 class Heartbeats:

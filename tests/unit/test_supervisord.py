@@ -6,6 +6,7 @@ the end-to-end tests, which run the stack through it."""
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,8 +122,31 @@ def test_what_the_supervisor_imports_before_forking_starts_no_thread_and_opens_n
      "started a thread"),
     ("import socket\nSOCK = socket.socket()\n", "opened socket:"),
     ("FILE = open(__file__)\n", "opened /"),
-], ids=["thread", "socket", "file"])
+    ("import ctypes, os, shutil\n"
+     "COPY = os.path.join(os.path.dirname(__file__), 'libnvidia-ml.so.1')\n"
+     "shutil.copy('/usr/lib/x86_64-linux-gnu/libz.so.1', COPY)\n"
+     "ctypes.CDLL(COPY)\n", "loaded libnvidia-ml"),
+], ids=["thread", "socket", "file", "nvml"])
 def test_a_module_that_would_break_a_fork_is_refused_at_preload(tmp_path: Path, body: str, said: str) -> None:
     (tmp_path / "unfit.py").write_text(body)
     done = _preload("('json', 'unfit')", tmp_path)
     assert done.returncode != 0 and "PreloadError" in done.stderr and said in done.stderr, done.stderr
+
+
+def test_a_module_that_fails_to_import_is_left_to_its_service(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no driver here')\n")
+    done = _preload("('json', 'broken')", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "json" and "broken not preloaded (RuntimeError: no driver here)" in done.stderr
+
+
+def test_a_program_whose_environment_changes_what_an_interpreter_reads_at_start_is_executed() -> None:
+    from services.supervisord import ForkingOptions
+
+    argv = ["gpu-plugin", "registrar"]
+    env = dict(os.environ)
+    assert ForkingOptions._in_place("/venv/bin/gpu-plugin", argv, env)
+    assert not ForkingOptions._in_place("/venv/bin/gpu-plugin", argv, {**env, "PYTHONMALLOC": "malloc"})
+    assert not ForkingOptions._in_place("/venv/bin/gpu-plugin", argv, {**env, "LD_PRELOAD": "/lib/x.so"})
+    assert not ForkingOptions._in_place("/bin/sh", ["sh", "-c", "gpu-plugin registrar"], env)
+    assert not ForkingOptions._in_place("/venv/bin/gpu-plugin", ["gpu-plugin", "status"], env)
