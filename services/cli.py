@@ -204,6 +204,19 @@ def _dra_lines(dra: DraState) -> list[str]:
     lines = [f"dra: {dra.driver or '?'} on node {dra.node or '?'}, {registration}; {dra.devices} devices ({health}); "
              f"{len(dra.claims)} claims prepared{': ' + shown if shown else ''}; {dra.health_streams} health "
              f"stream{'s' if dra.health_streams != 1 else ''}"]
+    sl = dra.slices
+    if sl is None:
+        lines.append("dra: ResourceSlices: not written yet")
+    else:
+        where = f"resource.k8s.io/{sl.api_version}" if sl.api_version else "API version not found yet"
+        taints = f"; device taints: {sl.taints}" if sl.taints else ""
+        lines.append(f"dra: ResourceSlices ({where}): {'published' if sl.published else 'NOT up to date'}, "
+                     f"generation {sl.generation} in {sl.slices} slices, {sl.devices} devices ({sl.tainted} tainted"
+                     f"{taints}), {sl.writes} writes, {sl.deleted_behind} rewritten after someone deleted them")
+        if sl.left_out:
+            lines.append(f"dra: ResourceSlices: left out, Unhealthy where no taint is kept: {', '.join(sl.left_out)}")
+        if sl.error:
+            lines.append(f"dra: ResourceSlices: API WRITES FAILING (retrying): {sl.error}")
     if dra.last_error:
         lines.append(f"dra: last claim error: {dra.last_error}")
     if dra.checkpoint_error:

@@ -370,6 +370,23 @@ class PreparedClaim:
     since: float = 0.0  # unix time of its last phase change
 
 
+@dataclass(frozen=True)
+class DraSlices:
+    """The dra-plugin's ResourceSlices, as its API side last wrote them (services/dra_plugin/slices.py)."""
+
+    api_version: str = ""  # resource.k8s.io's version spoken; "" = not found yet
+    taints: str = ""  # what the server keeps of device taints; "" = not asked yet
+    published: bool = False  # the API holds the pool of the latest health state
+    generation: int = 0
+    slices: int = 0
+    devices: int = 0
+    tainted: int = 0  # devices published with a taint
+    left_out: list[str] = field(default_factory=list)  # Unhealthy devices not published (no taints kept)
+    writes: int = 0  # creates, updates and deletes the API took since the start
+    deleted_behind: int = 0  # slices deleted by someone else (the kubelet) and written again
+    error: str = ""  # why the last pass failed; "" = it went through
+
+
 @dataclass(frozen=True, kw_only=True)
 class DraState(StateMessage):
     """The dra-plugin's view: its registration with the kubelet, the claims it prepared, its health stream.
@@ -396,6 +413,7 @@ class DraState(StateMessage):
     health_streams: int = 0  # open NodeWatchResources streams (the kubelet holds one)
     last_error: str = ""  # the last claim refused or failed, and why
     checkpoint_error: str = ""  # the checkpoint cannot be read or written; "" = it is in order
+    slices: DraSlices | None = None  # None: not published yet (or an older plugin)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """dra-plugin: wiring only. Off unless DRA_ENABLED is true: it then says so and exits 0 before importing
-gRPC or the Kubernetes client, and supervisord leaves it alone (as kube-agent and feature-labels).
+gRPC or the Kubernetes client, and supervisord leaves it alone (as kube-agent and feature-labels). On, it
+runs both halves of the DRA driver: the kubelet plugin (plugin.py) and the node's ResourceSlices
+(slices.py), each from the health bus, one state on its own bus.
 
 On, it needs NODE_NAME (the pool of its devices, and the claims the kubelet prepares are this node's):
 without it, it is refused at start (exit 78, named), as the kube-agent's node health is."""
@@ -18,6 +20,9 @@ from common.settings import Settings
 if TYPE_CHECKING:
     import asyncio
 
+    from common.bus.messages import DraSlices
+    from services.dra_plugin.slices import SliceStatus
+
 SERVICE = "dra-plugin"
 NODE_NAME = "NODE_NAME"
 _NODE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -35,6 +40,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     from common.lifecycle import PermanentError, ensure_private_dir
     from common.reload import Reloader
     from services.dra_plugin.plugin import DraPlugin
+    from services.dra_plugin.slices import SlicePublisher
 
     node = os.environ.get(NODE_NAME, "")
     if not _NODE.fullmatch(node):
@@ -52,9 +58,22 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     ensure_private_dir(settings.run_dir)
     publisher = BusPublisher(settings.bus_path(DRA_SOCKET), heartbeat_s=settings.heartbeat_s)
     try:
-        await DraPlugin(settings, node, publisher, settings.bus_path(HEALTH_SOCKET)).run(stop)
+        plugin = DraPlugin(settings, node, publisher, settings.bus_path(HEALTH_SOCKET))
+        # DRA's other half, in the same program: the node's ResourceSlices from the same bus and DRA_DEVICES.
+        slices = SlicePublisher(node, settings.bus_path(HEALTH_SOCKET), settings.dra_devices,
+                                on_status=lambda status: plugin.slices_changed(_bus_form(status)))
+        await plugin.run(stop, ("dra-slices", slices.run()))
     finally:
         publisher.close()
+
+
+def _bus_form(status: SliceStatus) -> DraSlices:
+    from common.bus.messages import DraSlices
+
+    return DraSlices(api_version=status.api_version, taints=status.taints, published=status.published,
+                     generation=status.generation, slices=status.slices, devices=status.devices,
+                     tainted=status.tainted, left_out=list(status.left_out), writes=status.writes,
+                     deleted_behind=status.deleted_behind, error=status.error)
 
 
 def run(settings: Settings) -> int:

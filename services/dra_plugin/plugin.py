@@ -30,14 +30,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from common.bus.messages import HEALTHY, DeviceState, DraEvent, DraState, HealthState
+from common.bus.messages import HEALTHY, DeviceState, DraEvent, DraSlices, DraState, HealthState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.kubeapi import READ_ERRORS, ApiStatus, ConfigError, Http, default_client, reason, request
@@ -169,6 +169,7 @@ class DraPlugin:
         self.health_streams = 0
         self.last_error = ""
         self.checkpoint_error = ""
+        self.slices: DraSlices | None = None  # the API side's last report (None: it has not reported)
         self.endpoint = Socket(self.endpoint_path, self._add_node_services, "the DRA service")
         self.registration = Socket(self.registration_path, self._add_registration, "plugin registration")
 
@@ -205,7 +206,13 @@ class DraPlugin:
             for w in watchers:
                 w.close()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def slices_changed(self, slices: DraSlices) -> None:
+        """The API side's report (its ResourceSlices), for the bus."""
+        self.slices = slices
+        self.publish()
+
+    async def run(self, stop: asyncio.Event, *beside: tuple[str, Coroutine[Any, Any, None]]) -> None:
+        """Serves until `stop`; `beside`: the program's other work (named), run and ended with it."""
         try:
             self.checkpoint.load()
         except CheckpointError as e:
@@ -223,6 +230,7 @@ class DraPlugin:
                 asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
                 asyncio.create_task(self._follow_health(sub), name="health-bus"),
                 asyncio.create_task(self._watch_sockets(), name="sockets"),
+                *(asyncio.create_task(work, name=name) for name, work in beside),
             )
         finally:
             sub.close()
@@ -494,7 +502,7 @@ class DraPlugin:
             unhealthy=sum(d.health != HEALTHY for d in self.offered.values()),
             claims=[e.state() for e in self.checkpoint.entries.values()], prepares=self.prepares,
             prepare_failures=self.prepare_failures, unprepares=self.unprepares, health_streams=self.health_streams,
-            last_error=self.last_error, checkpoint_error=self.checkpoint_error))
+            last_error=self.last_error, checkpoint_error=self.checkpoint_error, slices=self.slices))
 
 
 # -- gRPC servicers: thin, the plugin does the work ------------------------------------------------

@@ -152,6 +152,11 @@ def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
     state = node.dra_state(lambda s: s.registered and s.devices > 0)
     assert state.services == ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth"]
     assert (state.node, state.devices, state.registration_error) == (NODE, 4, "")  # gpu-0..2 and the MIG device
+    # The same program publishes them, the same four, in this node's ResourceSlices.
+    node.dra_state(lambda s: s.slices is not None and s.slices.published and s.slices.devices == 4)
+    published = node.call(lambda: node.api.resourceslices.of_node(NODE, DRIVER))
+    assert sorted(d["name"] for sl in published for d in sl["spec"]["devices"]) == [
+        "gpu-0", "gpu-1", "gpu-2", "gpu-3-mig-1-0"]
 
     # A claim for two GPUs: their CDI devices, and a spec with their nodes and the driver's files.
     two = node.claim("two-gpus", ["gpu-0", "gpu-1"])
@@ -231,12 +236,14 @@ def test_registration_prepare_health_and_unprepare(node: DraNode) -> None:
     assert not (node.cdi / f"k8s.gpu.nvidia.com-claim_{uid}.json").exists()
     assert uid not in node.checkpoint() and mig[1] in node.checkpoint()
     assert node.unprepare(two, bad["missing"]) == {uid: "", bad["missing"][1]: ""}
-    state = node.dra_state(lambda s: s.unprepares >= 3)
+    state = node.dra_state(lambda s: s.unprepares >= 3 and s.slices is not None and s.slices.tainted == 1)
     assert [c.name for c in state.claims] == ["mig"] and state.health_streams == 1
     shown = _dra_lines(state)
     assert shown[0] == (f"dra: gpu.nvidia.com on node {NODE}, registered with the kubelet; 4 devices (1 unhealthy); "
                         "1 claims prepared: default/mig; 1 health stream")
-    assert shown[1] == "dra: last claim error: ResourceClaim default/no-such-claim not found"
+    assert shown[1].startswith("dra: ResourceSlices (resource.k8s.io/v1): published, generation ")
+    assert "4 devices (1 tainted" in shown[1]
+    assert shown[2] == "dra: last claim error: ResourceClaim default/no-such-claim not found"
 
     # Its registration socket removed (a cleanup of the directory): created again, registered again.
     (node.root / "registry" / "gpu.nvidia.com-reg.sock").unlink()

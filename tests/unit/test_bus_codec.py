@@ -22,6 +22,7 @@ from common.bus.messages import (
     UNHEALTHY,
     DeviceState,
     DraEvent,
+    DraSlices,
     DraState,
     EndpointState,
     FabricState,
@@ -206,7 +207,9 @@ SAMPLES: list[tuple[str, Message]] = [
                  services=["v1.DRAPlugin", "v1beta1.DRAPlugin"], registered=True, registered_at=1700000850.0,
                  info_calls=1, devices=8, unhealthy=1, prepares=2, health_streams=1,
                  claims=[PreparedClaim(uid="c-1", namespace="default", name="gpus", phase="PrepareCompleted",
-                                       devices=["gpu-0", "gpu-1"], since=1700000880.0)]),
+                                       devices=["gpu-0", "gpu-1"], since=1700000880.0)],
+                 slices=DraSlices(api_version="v1", taints="kept", published=True, generation=3, slices=1, devices=8,
+                                  tainted=1, left_out=[], writes=4)),
     ),
     (
         "dra-event",
