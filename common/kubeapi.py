@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import reprlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_ANSWER_BYTES",
     "READ_ERRORS",
     "REQUEST_S",
+    "RETRY_AFTER_MAX_S",
     "WATCH_TIMEOUT",
     "ApiStatus",
     "BadAnswer",
@@ -41,6 +43,8 @@ __all__ = [
     "json_type",
     "plain",
     "reason",
+    "retry_pause",
+    "rfc3339",
     "show",
 ]
 
@@ -53,6 +57,9 @@ REQUEST_S = 10.0  # connect, and each read (the client library's default)
 READ_S = 60.0  # one answer, whole: a server trickling bytes cannot hold a caller longer
 # A watch is silent while nothing changes: no read timeout (the caller bounds the whole watch).
 WATCH_TIMEOUT = httpx2.Timeout(REQUEST_S, read=None)
+# A server's Retry-After above this is not waited out whole: it is asked again after this long (a
+# wrong or hostile value must not park a writer for hours).
+RETRY_AFTER_MAX_S = 60.0
 Http = httpx2.AsyncClient
 ClientFactory = Callable[[], httpx2.AsyncClient]
 
@@ -91,6 +98,19 @@ def default_client(kubeconfig: str = "") -> httpx2.AsyncClient:
         raise
     except Exception as e:  # a kubeconfig is a file we do not own: whatever its parser raises means "no access"
         raise ConfigError(f"{type(e).__name__}: {e}") from e
+
+
+def rfc3339(t: float) -> str:
+    """A unix time in metav1.Time's form: seconds, UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def retry_pause(pause: float, e: BaseException) -> float:
+    """The wait before the next try after `e`: the caller's growing pause, or what the server asked
+    for (a 429's or 503's Retry-After), whichever is longer, up to RETRY_AFTER_MAX_S."""
+    if isinstance(e, ApiStatus) and e.retry_after is not None:
+        return min(max(pause, e.retry_after), RETRY_AFTER_MAX_S)
+    return pause
 
 
 def reason(e: BaseException) -> str:

@@ -32,12 +32,12 @@ comes back when it recovers (Capabilities).
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from common.bus.messages import HEALTHY, DeviceState, HealthEvent, HealthState
+from common.kubeapi import rfc3339
 from common.settings import DraDevices
 from services.dra_plugin.names import DRIVER_NAME, offered, pool_name
 from services.kube_agent.node_health import cause_of, faults_of
@@ -110,11 +110,6 @@ class Capabilities:
 
 
 FULL = Capabilities()
-
-
-def rfc3339(t: float) -> str:
-    """metav1.Time's form: seconds, UTC."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 # -- which devices ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ makes and writes only the difference (a new pool generation, every slice of it, 
 fault is in the API one write after the bus says it (XID -> taint), and a recovery one write after that.
 While the API refuses or is away the node serves on; the reason is in SliceStatus.error (the program
 puts it on its bus) and the next try comes after a pause growing from RETRY_MIN_S to RETRY_MAX_S (a
-429's or 503's Retry-After honoured up to RETRY_AFTER_MAX_S); when it answers again the latest state is
+429's or 503's Retry-After honoured up to common.kubeapi.RETRY_AFTER_MAX_S); when it answers again the latest state is
 written once, not the changes it missed.
 
 What the API holds is read once (a list of this node's slices of our driver) and then followed by a
@@ -41,7 +41,16 @@ from typing import Final
 
 from common.bus.messages import HealthEvent, HealthState
 from common.bus.sockets import BusSubscriber
-from common.kubeapi import READ_ERRORS, ApiStatus, ClientFactory, ConfigError, Http, default_client, reason
+from common.kubeapi import (
+    READ_ERRORS,
+    ApiStatus,
+    ClientFactory,
+    ConfigError,
+    Http,
+    default_client,
+    reason,
+    retry_pause,
+)
 from common.settings import DraDevices
 from services.dra_plugin.pool import FULL, Capabilities, Held, MonitorOnlyXids, build_pool, plan
 from services.dra_plugin.slice_api import GROUP, SliceApi
@@ -50,7 +59,6 @@ log = logging.getLogger(__name__)
 
 RETRY_MIN_S: Final = 0.5
 RETRY_MAX_S: Final = 30.0
-RETRY_AFTER_MAX_S: Final = 60.0
 # 409/404 on a write: another writer (or the kubelet's cleanup) came first. Read again and retry at once,
 # this many times in a row; then with the growing pause (a writer fighting over our slices).
 CONFLICTS_AT_ONCE: Final = 3
@@ -174,8 +182,7 @@ class SlicePublisher:
         # After a failure everything is found again: the server may have been upgraded or replaced.
         self._version, self._caps, self._held = None, None, None
         self._stop_watch()
-        wait = min(max(pause, e.retry_after), RETRY_AFTER_MAX_S) if isinstance(e, ApiStatus) and \
-            e.retry_after is not None else pause
+        wait = retry_pause(pause, e)
         # A pause between attempts, growing while the API refuses; not a wait for a condition.
         await asyncio.sleep(wait)
         return min(pause * 2, RETRY_MAX_S)

@@ -6,7 +6,7 @@ Nothing on the node waits for it: the health-monitor tells the kubelet (through 
 first, and this process hears the same bus on its own. While the API refuses or is away, the node
 serves on; the reason is on the kube bus (`node_health_error`, shown by `gpu-plugin status`) and
 each writer retries after a pause that grows from RETRY_MIN_S to RETRY_MAX_S (a 429's or 503's
-Retry-After is honoured, up to RETRY_AFTER_MAX_S).
+Retry-After is honoured, up to common.kubeapi.RETRY_AFTER_MAX_S).
 
 The condition is desired state: each write sends the latest, so when the API comes back after a
 fault and a recovery it gets one write of what is true now, not the transitions it missed.
@@ -40,6 +40,8 @@ from common.kubeapi import (
     default_client,
     reason,
     request,
+    retry_pause,
+    rfc3339,
 )
 from services.kube_agent.board import KubeBoard
 from services.kube_agent.node_events import Correlator, Write
@@ -52,7 +54,6 @@ EVENT_NAMESPACE: Final = "default"  # where the kubelet records a Node's Events 
 SMP: Final = "application/strategic-merge-patch+json"
 RETRY_MIN_S: Final = 0.5
 RETRY_MAX_S: Final = 30.0
-RETRY_AFTER_MAX_S: Final = 60.0  # a server asking for more is asked again after this long
 # How long the bus may be quiet before the silence itself is looked at (the monitor re-sends its
 # state every few seconds: this is reached while it is gone, or between two of its heartbeats).
 CHECK_S: Final = 5.0
@@ -60,11 +61,6 @@ YIELD_EVERY: Final = 64  # bus messages handled between two turns of the other t
 # An answer we do not use (the Node, after the status patch) is still read, but within this bound:
 # a Node is a few KB to ~100 KB.
 ANSWER_LIMIT: Final = 2 << 20
-
-
-def rfc3339(t: float) -> str:
-    """metav1.Time's form: seconds, UTC."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class NodeHealth:
@@ -172,13 +168,6 @@ class NodeHealth:
         except TimeoutError:
             pass
 
-    @staticmethod
-    def _pause(pause: float, e: BaseException) -> float:
-        """The wait before the next try: the growing pause, or what the server asked for (bounded)."""
-        if isinstance(e, ApiStatus) and e.retry_after is not None:
-            return min(max(pause, e.retry_after), RETRY_AFTER_MAX_S)
-        return pause
-
     def _publish(self, **condition: str) -> None:
         self._board.update(
             node_health_error="; ".join(e for e in (self._condition_error, self._event_error) if e),
@@ -215,7 +204,7 @@ class NodeHealth:
                 if isinstance(e, ConfigError):
                     self._drop_client()
                 # A pause between attempts, growing while the API refuses; not a wait for a condition.
-                await asyncio.sleep(self._pause(pause, e))
+                await asyncio.sleep(retry_pause(pause, e))
                 pause = min(pause * 2, RETRY_MAX_S)
                 continue
             if written is None or written.status != desired.status or self._condition_error:
@@ -275,7 +264,7 @@ class NodeHealth:
                 if isinstance(e, ConfigError):
                     self._drop_client()
                 # A pause between attempts, growing while the API refuses; not a wait for a condition.
-                await asyncio.sleep(self._pause(pause, e))
+                await asyncio.sleep(retry_pause(pause, e))
                 pause = min(pause * 2, RETRY_MAX_S)
                 continue
             self._events_written += 1
