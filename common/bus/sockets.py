@@ -55,6 +55,10 @@ SUBSCRIPTION_BATCH = 1000  # frames read between two yields to the event loop
 SEND_HWM = 1000
 MAX_SUBSCRIPTION = 256  # bytes: \x01 or \x00 and a topic prefix; the longest topic has 15
 MAX_DRAIN = 256  # superseded states skipped per receive, bounding the work between two yields
+# recv() lets the loop run once per this many frames: pyzmq's recv returns without yielding while
+# frames wait, so a consumer looping on it through a storm would starve every other task (the
+# writers it feeds, the watchdog's ping) until the backlog is gone.
+YIELD_EVERY = 64
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
 
@@ -252,6 +256,7 @@ class BusSubscriber:
             self._sock.connect(ipc_address(p))
         self.received = 0
         self.dropped = 0
+        self._frames = 0  # frames taken by recv(), junk included: every YIELD_EVERY-th lets the loop run
         self._states: dict[bytes, tuple[bytes, StateMessage]] = {}  # per topic: the last state decoded
 
     def _decode(self, frames: list[bytes]) -> Message | None:
@@ -281,6 +286,9 @@ class BusSubscriber:
 
     async def recv(self) -> Message:
         while True:
+            self._frames += 1
+            if self._frames % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             msg = self._decode(await self._sock.recv_multipart())
             if msg is not None:
                 return msg

@@ -67,7 +67,6 @@ CONFLICTS_AT_ONCE: Final = 3
 WATCH_SERVER_S: Final = 240
 WATCH_RENEW_S: Final = 300.0
 CHECK_S: Final = 5.0  # the bus's silence is looked at this often (nothing here depends on it: the last state stays)
-YIELD_EVERY: Final = 64
 
 
 @dataclass(frozen=True)
@@ -123,13 +122,9 @@ class SlicePublisher:
     # -- the health bus -----------------------------------------------------------------
     async def _follow(self) -> None:
         sub = BusSubscriber([self._bus], topics=[HealthState.TOPIC, HealthEvent.TOPIC])
-        received = 0
         try:
             while True:
-                received += 1
-                if received % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # a backlog is read without yielding: let the writer run
-                msg = await sub.recv_timeout(CHECK_S)
+                msg = await sub.recv_timeout(CHECK_S)  # lets the writer run during a backlog (BusSubscriber.recv)
                 if isinstance(msg, HealthState):
                     if self._state is None or (msg.incarnation, msg.seq) != (self._state.incarnation, self._state.seq):
                         self._state = msg

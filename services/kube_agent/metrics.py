@@ -91,7 +91,6 @@ MAX_REQUEST_BYTES = 8192
 IO_TIMEOUT_S = 10.0
 MAX_CLIENTS = 16  # connections answered at once; more are closed unanswered
 BIND_RETRY_S = 10.0  # a port another process holds is tried again this often
-YIELD_EVERY = 64  # messages handled in a row before the loop is let run (pyzmq returns without yielding)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Labels = tuple[tuple[str, str], ...]
@@ -398,14 +397,11 @@ class Metrics:
         sub = self._sub = BusSubscriber(self._paths, TOPICS)
         listener = asyncio.create_task(self._listen(), name="metrics-listen")
         try:
-            handled = 0
             while True:
+                # recv lets the loop run during a flood (the scrapes, the other parts)
                 msg = await sub.recv()
                 self.collector.observe(msg)
                 self.collector.dropped = sub.dropped
-                handled += 1
-                if handled % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # a flood of events must not starve the scrapes and the other parts
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)

@@ -57,7 +57,6 @@ RETRY_MAX_S: Final = 30.0
 # How long the bus may be quiet before the silence itself is looked at (the monitor re-sends its
 # state every few seconds: this is reached while it is gone, or between two of its heartbeats).
 CHECK_S: Final = 5.0
-YIELD_EVERY: Final = 64  # bus messages handled between two turns of the other tasks
 # An answer we do not use (the Node, after the status patch) is still read, but within this bound:
 # a Node is a few KB to ~100 KB.
 ANSWER_LIMIT: Final = 2 << 20
@@ -105,14 +104,9 @@ class NodeHealth:
     # -- the health bus -----------------------------------------------------------------
     async def _follow(self) -> None:
         sub = BusSubscriber([self._bus], topics=[HealthState.TOPIC, HealthEvent.TOPIC])
-        received = 0
         try:
             while True:
-                received += 1
-                if received % YIELD_EVERY == 0:
-                    # pyzmq's recv returns without yielding while messages wait: in a storm the writers
-                    # (and the watchdog's heartbeat) would wait for the whole backlog.
-                    await asyncio.sleep(0)
+                # In a storm the writers get their turns: recv lets the loop run every few messages.
                 msg = await sub.recv_timeout(CHECK_S)
                 now = time.monotonic()
                 if isinstance(msg, HealthState):

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import zmq
 
-from common.bus.messages import HealthState
-from common.bus.sockets import BusInUseError, BusLockError, BusPublisher, BusSubscriber
+from common.bus.messages import HealthEvent, HealthState
+from common.bus.sockets import YIELD_EVERY, BusInUseError, BusLockError, BusPublisher, BusSubscriber
 
 
 def state(seq: int) -> HealthState:
@@ -172,6 +172,48 @@ def test_recv_latest_skips_to_the_newest_state(short_tmp: Path) -> None:
             assert len(seen) < 200, "a burst is coalesced, not handled one by one"
         finally:
             sub.close()
+            task.cancel()
+            pub.close()
+
+    asyncio.run(run())
+
+
+def test_recv_lets_the_loop_run_through_a_backlog(short_tmp: Path) -> None:
+    """pyzmq's recv returns without yielding while frames wait: a consumer looping on recv through a
+    storm would hold the loop for the whole backlog, so recv yields every YIELD_EVERY frames."""
+    async def run() -> None:
+        pub = BusPublisher(short_tmp / "health.sock", heartbeat_s=3600)
+        task = asyncio.create_task(pub.run())
+        sub = BusSubscriber([short_tmp / "health.sock"], topics=["health."])
+        probe = BusSubscriber([short_tmp / "health.sock"], topics=["health."])
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        try:
+            pub.publish(state(0))
+            for s in (sub, probe):  # the replay of the state: each subscription is in
+                assert isinstance(await asyncio.wait_for(s.recv(), 5.0), HealthState)
+            n = 10 * YIELD_EVERY
+            for i in range(n):
+                pub.publish(HealthEvent(time=float(i), device="GPU-0", event="xid", xid=i))
+            # The probe has the last one: the backlog is waiting for the subscriber too.
+            while not isinstance(msg := await asyncio.wait_for(probe.recv(), 5.0), HealthEvent) or msg.xid != n - 1:
+                pass
+            other = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            ticks = 0
+            for _ in range(n):
+                await sub.recv()
+            other.cancel()
+            assert ticks >= n // YIELD_EVERY - 1, f"{ticks} turns of another task while {n} messages were read"
+        finally:
+            sub.close()
+            probe.close()
             task.cancel()
             pub.close()
 
