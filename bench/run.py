@@ -22,6 +22,9 @@ Figures (p50/p99 where repeated):
   node label -> new device list     bench/per_node_config.py: and the kube-agent's memory and idle CPU
   node health in the API            bench/node_health.py: XID 79 -> GPUUnhealthy condition and Event at the
                                     API server, API writes per minute under an XID storm
+  DRA                               bench/dra.py: DRA on for 4 of the 8 GPUs: XID 79 -> device taint in the
+                                    ResourceSlice at the API server and recovery, NodePrepareResources p50/p99,
+                                    slices deleted -> republished, the dra-plugin's memory
   at scale                          bench/scale.py: 1024 replicas and 56 MIG devices, figures with targets
 
 Every figure is printed with the target issue 14 set for it, or issue 21 where it set a new one
@@ -347,7 +350,7 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
     ap.add_argument("--no-extras", action="store_true",
-                    help="skip preferred.py, per_node_config.py, node_health.py and scale.py")
+                    help="skip preferred.py, per_node_config.py, node_health.py, dra.py and scale.py")
     args = ap.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     terminations: list[float] = []
@@ -465,6 +468,8 @@ def main() -> int:
     status = status or subprocess.call([sys.executable, str(here / "per_node_config.py")])
     print("\nnode health in the API (bench/node_health.py):", flush=True)
     status = status or subprocess.call([sys.executable, str(here / "node_health.py")])
+    print("\nDRA (bench/dra.py):", flush=True)
+    status = status or subprocess.call([sys.executable, str(here / "dra.py")])
     print("\nat scale (bench/scale.py): 16 GPUs x 64 replicas, 8 GPUs x 7 MIG devices:", flush=True)
     return status or subprocess.call([sys.executable, str(here / "scale.py")])
 
