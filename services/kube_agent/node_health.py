@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from common.bus.messages import UNHEALTHY, DeviceState, HealthEvent, HealthState
+from common.kubeapi import rfc3339
 
 CONDITION_TYPE: Final = "GPUUnhealthy"
 HEALTHY_REASON: Final = "AllGPUsHealthy"
@@ -159,11 +160,13 @@ class Condition:
     message: str
 
 
-def condition_of(state: HealthState, silent_for: float = 0.0) -> Condition:
-    """GPUUnhealthy from the last health state, received `silent_for` seconds ago."""
+def condition_of(state: HealthState, silent_for: float = 0.0, heard_at: float = 0.0) -> Condition:
+    """GPUUnhealthy from the last health state, received `silent_for` seconds ago, at unix time
+    `heard_at`. The message names that time, not the silence's length: a message that grew with the
+    silence would be a new condition, and a new write of the Node's status, at every look."""
     if silent_for >= SILENT_S:
         return Condition("Unknown", SILENT_REASON,
-                         f"no health state from the health-monitor for {silent_for:.0f} s; GPU health unknown")
+                         f"no health state from the health-monitor since {rfc3339(heard_at)}; GPU health unknown")
     if not state.nvml_ok:
         return Condition("True", NVML_REASON, bounded([f"NVML unusable: {state.error or 'unknown error'}"]))
     found = problems(state)

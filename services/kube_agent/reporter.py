@@ -76,6 +76,7 @@ class NodeHealth:
         # What the bus said
         self._state: HealthState | None = None
         self._heard = 0.0  # monotonic time of the last health state (heartbeats included)
+        self._heard_at = 0.0  # the same as unix time, for the condition's message
         self._changes = Changes()
         self._correlator = Correlator(node)
         # The condition: what should be written, and since when its status is what it is
@@ -110,7 +111,7 @@ class NodeHealth:
                 msg = await sub.recv_timeout(CHECK_S)
                 now = time.monotonic()
                 if isinstance(msg, HealthState):
-                    self._heard = now
+                    self._heard, self._heard_at = now, time.time()
                     if self._state is None or (msg.incarnation, msg.seq) != (self._state.incarnation, self._state.seq):
                         self._state = msg
                         if self._events_on:
@@ -133,7 +134,7 @@ class NodeHealth:
     def _reconsider(self, now: float) -> None:
         if self._state is None or not self._condition_on:
             return
-        desired = condition_of(self._state, now - self._heard)
+        desired = condition_of(self._state, now - self._heard, self._heard_at)
         if self._desired is None or desired.status != self._desired.status:
             self._status_changed = self._desired is not None
             self._transition = rfc3339(time.time())

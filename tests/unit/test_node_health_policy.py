@@ -126,8 +126,12 @@ def test_condition_reasons() -> None:
     assert (nvml.status, nvml.reason) == ("True", "NvmlFailure") and "no driver" in nvml.message
     unreadable = condition_of(state(g, error="GPU index 3: NVML nvmlDeviceGetUUID hung"))
     assert (unreadable.status, unreadable.reason) == ("True", "GpuUnreadable")
-    silent = condition_of(state(g), SILENT_S)
+    silent = condition_of(state(g), SILENT_S, 1_796_515_200.0)
     assert (silent.status, silent.reason) == ("Unknown", "HealthMonitorSilent")
+    assert silent.message == "no health state from the health-monitor since 2026-12-06T00:00:00Z; GPU health unknown"
+    # The same while the silence lasts: each look (every 5 s) would otherwise be a new status write.
+    assert condition_of(state(g), SILENT_S + 5, 1_796_515_200.0) == condition_of(state(g), SILENT_S + 3600,
+                                                                                 1_796_515_200.0) == silent
 
 
 def test_a_gpus_mig_devices_are_named_by_the_gpu_unless_their_own() -> None:
