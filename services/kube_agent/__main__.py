@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from services.kube_agent.board import KubeBoard, StatePublisher
     from services.kube_agent.metrics import Metrics
+    from services.kube_agent.reporter import NodeHealth
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,11 @@ async def _config_part(environ: Mapping[str, str], node: str,
     return [("configmap", agent.follow_configs()), *([("node", agent.follow_node())] if node else [])]
 
 
-def _health_part(settings: Settings, node: str, board: KubeBoard) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+def _health_part(settings: Settings, node: str, board: KubeBoard) -> NodeHealth:
     """Node health: the GPUUnhealthy condition and the Events on this Node, from the health bus."""
     from common.bus.messages import HEALTH_SOCKET
     from common.lifecycle import PermanentError
+    from services.kube_agent.node_health import silent_after
     from services.kube_agent.reporter import NodeHealth
 
     if not node:
@@ -78,9 +80,8 @@ def _health_part(settings: Settings, node: str, board: KubeBoard) -> list[tuple[
                                        ("HEALTH_NODE_EVENTS", settings.node_events)) if value]
         raise PermanentError(f"kube-agent: node health ({', '.join(on)}) writes on this node's Node, but {NODE_NAME} "
                              "is not set: set it from the pod's spec.nodeName (the chart does)")
-    health = NodeHealth(node, settings.bus_path(HEALTH_SOCKET), board, condition=settings.node_condition,
-                        events=settings.node_events)
-    return [("node-health", health.run())]
+    return NodeHealth(node, settings.bus_path(HEALTH_SOCKET), board, condition=settings.node_condition,
+                      events=settings.node_events, silent_s=silent_after(settings.stale_after))
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
@@ -118,7 +119,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             metrics = Metrics(settings)
             work.append(("metrics", metrics.run()))
         if settings.node_condition or settings.node_events:
-            work += _health_part(settings, node, board)
+            work.append(("node-health", _health_part(settings, node, board).run()))
         if environ.get(SRCDIR):
             work += await _config_part(environ, node, board)
         await run_until_stopped(stop, *(asyncio.create_task(c, name=name) for name, c in work))

@@ -41,8 +41,17 @@ UNREADABLE: Final = "GpuUnreadable"  # a GPU NVML counts but cannot name (Health
 HEARTBEAT_S: Final = 60.0
 # No state from the health-monitor for this long: the condition says Unknown. Longer than what a
 # frozen monitor costs before supervisord kills and restarts it (41 s plus its start), so that a
-# restart in progress does not flip the condition.
+# restart in progress does not flip the condition; longer still where the buses' heartbeat is slower
+# (silent_after).
 SILENT_S: Final = 60.0
+
+
+def silent_after(stale_after: float) -> float:
+    """How long the health bus may be silent before the condition says Unknown: SILENT_S, or twice
+    GPU_PLUGIN_STALE_AFTER when that is longer. The monitor re-sends its state every stale_after / 3
+    while nothing changes; a limit shorter than a few of those would flip the condition to Unknown
+    between two heartbeats of a healthy monitor (stale_after is unbounded)."""
+    return max(SILENT_S, 2 * stale_after)
 # The condition's message, and each Event's: `kubectl describe node` prints it whole, and a Node is
 # read by every controller watching Nodes. 1 KiB names a few devices with their causes; more is
 # said as a count.
@@ -160,11 +169,13 @@ class Condition:
     message: str
 
 
-def condition_of(state: HealthState, silent_for: float = 0.0, heard_at: float = 0.0) -> Condition:
+def condition_of(state: HealthState, silent_for: float = 0.0, heard_at: float = 0.0,
+                 silent_s: float = SILENT_S) -> Condition:
     """GPUUnhealthy from the last health state, received `silent_for` seconds ago, at unix time
-    `heard_at`. The message names that time, not the silence's length: a message that grew with the
-    silence would be a new condition, and a new write of the Node's status, at every look."""
-    if silent_for >= SILENT_S:
+    `heard_at`; Unknown once that is `silent_s` ago (silent_after). The message names that time, not
+    the silence's length: a message that grew with the silence would be a new condition, and a new
+    write of the Node's status, at every look."""
+    if silent_for >= silent_s:
         return Condition("Unknown", SILENT_REASON,
                          f"no health state from the health-monitor since {rfc3339(heard_at)}; GPU health unknown")
     if not state.nvml_ok:

@@ -45,7 +45,15 @@ from common.kubeapi import (
 )
 from services.kube_agent.board import KubeBoard
 from services.kube_agent.node_events import Correlator, Write
-from services.kube_agent.node_health import CONDITION_TYPE, HEARTBEAT_S, Changes, Condition, Occurrence, condition_of
+from services.kube_agent.node_health import (
+    CONDITION_TYPE,
+    HEARTBEAT_S,
+    SILENT_S,
+    Changes,
+    Condition,
+    Occurrence,
+    condition_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +72,9 @@ ANSWER_LIMIT: Final = 2 << 20
 
 class NodeHealth:
     def __init__(self, node: str, health_bus: Path, board: KubeBoard, *, condition: bool, events: bool,
-                 client: ClientFactory = default_client) -> None:
+                 silent_s: float = SILENT_S, client: ClientFactory = default_client) -> None:
         self.node = node
+        self.silent_s = silent_s  # the health bus silent this long: the condition says Unknown
         self._bus = health_bus
         self._board = board
         self._condition_on, self._events_on = condition, events
@@ -134,7 +143,7 @@ class NodeHealth:
     def _reconsider(self, now: float) -> None:
         if self._state is None or not self._condition_on:
             return
-        desired = condition_of(self._state, now - self._heard, self._heard_at)
+        desired = condition_of(self._state, now - self._heard, self._heard_at, self.silent_s)
         if self._desired is None or desired.status != self._desired.status:
             self._status_changed = self._desired is not None
             self._transition = rfc3339(time.time())

@@ -311,6 +311,23 @@ def test_node_health_without_node_name_is_refused_at_start(tmp_path: Path) -> No
         kube_agent._health_part(settings, "", KubeBoard(Nothing(), "", ["node health"]))
 
 
+def test_the_silence_that_makes_the_condition_unknown_follows_the_buses_heartbeat(tmp_path: Path) -> None:
+    """The health-monitor heartbeats every GPU_PLUGIN_STALE_AFTER / 3: with a long stale_after a fixed
+    60 s would read a healthy monitor's quiet between two heartbeats as silence."""
+    class Nothing:
+        def publish_state(self, state: KubeState) -> KubeState:
+            return state
+
+    board = KubeBoard(Nothing(), "node-1", ["node health"])
+    env = {"HEALTH_NODE_CONDITION": "true", "GPU_PLUGIN_RUN_DIR": str(tmp_path)}
+    assert kube_agent._health_part(resolve(None, env), "node-1", board).silent_s == SILENT_S == 60
+    slow = resolve(None, {**env, "GPU_PLUGIN_STALE_AFTER": "90s"})  # a heartbeat every 30 s
+    part = kube_agent._health_part(slow, "node-1", board)
+    assert part.silent_s == 180
+    assert condition_of(state([gpu(0)]), 2 * slow.heartbeat_s + 1, 0.0, part.silent_s).status == "False"
+    assert condition_of(state([gpu(0)]), 180, 0.0, part.silent_s).status == "Unknown"
+
+
 def test_the_wait_a_refusal_asks_for() -> None:
     assert status_of(429, "Too Many Requests", b"{}", "3").retry_after == 3.0
     assert status_of(429, "x", b'{"details": {"retryAfterSeconds": 7}}').retry_after == 7.0
