@@ -4,7 +4,8 @@ writes what this decides; tests call it with states they build).
 
 The condition follows node-problem-detector's conventions, which cluster tooling already watches
 (alerting, draino, Medik8s NodeHealthCheck): its type names the problem, `True` means the problem is
-present, the reason is one CamelCase word naming the cause and the message names the devices.
+present, `Unknown` that it cannot be told (the health-monitor silent, or NVML unusable), the reason is
+one CamelCase word naming the cause and the message names the devices.
 A device an operator cordoned is out of service on purpose, not a problem: only a fault makes the
 condition True.
 
@@ -179,7 +180,13 @@ def condition_of(state: HealthState, silent_for: float = 0.0, heard_at: float = 
         return Condition("Unknown", SILENT_REASON,
                          f"no health state from the health-monitor since {rfc3339(heard_at)}; GPU health unknown")
     if not state.nvml_ok:
-        return Condition("True", NVML_REASON, bounded([f"NVML unusable: {state.error or 'unknown error'}"]))
+        # Unknown, not True: without NVML the GPUs' health cannot be told, and NVML is away on purpose
+        # while the GPU Operator installs or upgrades the driver (minutes), and at every monitor start
+        # ("starting"). Remediation keyed on True (Medik8s NodeHealthCheck reboots the node) must not
+        # act on that; one that should act on a driver that stays unusable lists Unknown with a
+        # duration of its choosing (README, Health).
+        return Condition("Unknown", NVML_REASON,
+                         bounded([f"NVML unusable: {state.error or 'unknown error'}; GPU health unknown"]))
     found = problems(state)
     causes: dict[str, None] = {}
     entries = []
