@@ -34,12 +34,12 @@ SILENT_REASON: Final = "HealthMonitorSilent"
 UNKNOWN_FAULT: Final = "DeviceFault"  # a part no pattern names: still a fault (never read as healthy)
 UNREADABLE: Final = "GpuUnreadable"  # a GPU NVML counts but cannot name (HealthState.error with NVML up)
 
-# lastHeartbeatTime is refreshed this often while nothing changes: slow, because every write of a
-# Node's status goes to etcd and to every watcher of Nodes (the scheduler, each kubelet's informers
-# are not among them, but controllers are), yet frequent enough that a heartbeat several minutes old
-# tells an operator this agent stopped (node-problem-detector's default is 5 min; the kubelet's
-# own node status update is 10 s to 5 min).
-HEARTBEAT_S: Final = 60.0
+# lastHeartbeatTime is refreshed this often while nothing changes: every write of a Node's status
+# goes to etcd and to every watcher of Nodes (the scheduler, controllers), on every GPU node, so no
+# more often than the node's own writers: node-problem-detector's default heartbeat
+# (--k8s-exporter-heartbeat-period=5m) and the kubelet's status report while nothing changes
+# (nodeStatusReportFrequency, 5 min). A heartbeat much older than that says this agent stopped.
+HEARTBEAT_S: Final = 300.0
 # No state from the health-monitor for this long: the condition says Unknown. Longer than what a
 # frozen monitor costs before supervisord kills and restarts it (41 s plus its start), so that a
 # restart in progress does not flip the condition; longer still where the buses' heartbeat is slower
