@@ -32,6 +32,7 @@ from urllib.parse import quote
 from common.bus.messages import HealthEvent, HealthState
 from common.bus.sockets import BusSubscriber
 from common.kubeapi import (
+    MAX_ANSWER_BYTES,
     READ_ERRORS,
     ApiStatus,
     ClientFactory,
@@ -65,9 +66,10 @@ RETRY_MAX_S: Final = 30.0
 # How long the bus may be quiet before the silence itself is looked at (the monitor re-sends its
 # state every few seconds: this is reached while it is gone, or between two of its heartbeats).
 CHECK_S: Final = 5.0
-# An answer we do not use (the Node, after the status patch) is still read, but within this bound:
-# a Node is a few KB to ~100 KB.
-ANSWER_LIMIT: Final = 2 << 20
+# An answer we do not use (the Node, after the status patch) is still read, within the bound every
+# reader of the API has: a smaller one here would take a write that landed, on a Node larger than
+# it, for a failed one, retried forever.
+ANSWER_LIMIT: Final = MAX_ANSWER_BYTES
 
 
 class NodeHealth:

@@ -253,3 +253,15 @@ def test_api_down_during_a_fault_converges_without_stale_events(node: Node, api:
     node.state(lambda m: m.node_condition == "False" and not m.node_health_error)
     assert time.monotonic() - t0 >= 1.0
     node.running()
+
+
+def test_a_node_larger_than_a_few_mib_is_written_once(node: Node, api: Api) -> None:
+    """The status patch answers with the whole Node, read within common.kubeapi's bound (8 MiB) as
+    every answer: a 3 MiB Node (a cluster that raised etcd's limit) was a write that landed, taken
+    for a failed one and sent again, forever."""
+    api.call(lambda: api.emu.nodes[NODE]["metadata"].setdefault("annotations", {}).update(big="x" * (3 << 20)))
+    node.start()
+    st = node.state(lambda m: m.node_condition == "False" or m.node_health_error != "")
+    assert (st.node_condition, st.node_health_error) == ("False", "")
+    assert len([r for r in api.call(api.emu.writes) if r.path.endswith("/status")]) == 1
+    node.running()
