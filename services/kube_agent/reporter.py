@@ -81,7 +81,9 @@ class NodeHealth:
         self._board = board
         self._condition_on, self._events_on = condition, events
         self._client_factory = client
-        self._http: Http | None = None
+        # One client per writer ("condition", "events"): a client dropped after a ConfigError is closed
+        # at once, which no other writer's request in flight on it could survive.
+        self._http: dict[str, Http] = {}
         self._path = f"/api/v1/nodes/{quote(node, safe='')}"
         self._events_path = f"/api/v1/namespaces/{EVENT_NAMESPACE}/events"
         # What the bus said
@@ -110,8 +112,9 @@ class NodeHealth:
                 if self._events_on:
                     tg.create_task(self._event_loop(), name="node-events")
         finally:
-            if self._http is not None:
-                await self._http.aclose()
+            for http in self._http.values():
+                await http.aclose()
+            self._http.clear()
 
     # -- the health bus -----------------------------------------------------------------
     async def _follow(self) -> None:
@@ -154,16 +157,18 @@ class NodeHealth:
             self._condition_wake.set()
 
     # -- the API --------------------------------------------------------------------------
-    def _client(self) -> Http:
-        if self._http is None:
-            self._http = self._client_factory()
-        return self._http
+    def _client(self, writer: str) -> Http:
+        http = self._http.get(writer)
+        if http is None:
+            http = self._http[writer] = self._client_factory()
+        return http
 
-    def _drop_client(self) -> None:
-        """After a ConfigError (no cluster found, credentials refused by their plugin): the next
-        request builds the client again. The old one is not closed here: the other writer may be
-        using it; what it holds is a connection pool, freed with it."""
-        self._http = None
+    async def _drop_client(self, writer: str) -> None:
+        """After a ConfigError (no cluster found, credentials refused by their plugin): the writer's
+        client is closed, its pooled connections with it, and the next request builds one again."""
+        http = self._http.pop(writer, None)
+        if http is not None:
+            await http.aclose()
 
     @staticmethod
     async def _wait(event: asyncio.Event, timeout: float | None) -> None:
@@ -202,13 +207,14 @@ class NodeHealth:
                 if not read:
                     await self._adopt_transition(desired)
                     read = True
-                await request(self._client(), "PATCH", f"{self._path}/status", f"status patch of node {self.node}",
-                              body=self._condition_patch(desired), content_type=SMP, limit=ANSWER_LIMIT)
+                await request(self._client("condition"), "PATCH", f"{self._path}/status",
+                              f"status patch of node {self.node}", body=self._condition_patch(desired),
+                              content_type=SMP, limit=ANSWER_LIMIT)
             except READ_ERRORS as e:
                 self._condition_error = self._failed(f"node condition {CONDITION_TYPE}", e)
                 self._publish()
                 if isinstance(e, ConfigError):
-                    self._drop_client()
+                    await self._drop_client("condition")
                 # A pause between attempts, growing while the API refuses; not a wait for a condition.
                 await asyncio.sleep(retry_pause(pause, e))
                 pause = min(pause * 2, RETRY_MAX_S)
@@ -229,7 +235,7 @@ class NodeHealth:
         lastTransitionTime (a restart of this agent is not a change of the GPUs' health). A Node
         this agent may not read (RBAC without get) is written with the time seen here."""
         try:
-            node = await request(self._client(), "GET", self._path, f"GET of node {self.node}",
+            node = await request(self._client("condition"), "GET", self._path, f"GET of node {self.node}",
                                  limit=ANSWER_LIMIT)
         except ApiStatus as e:
             if e.code != 403:
@@ -268,7 +274,7 @@ class NodeHealth:
                 self._correlator.failed(write, time.monotonic())
                 self._publish()
                 if isinstance(e, ConfigError):
-                    self._drop_client()
+                    await self._drop_client("events")
                 # A pause between attempts, growing while the API refuses; not a wait for a condition.
                 await asyncio.sleep(retry_pause(pause, e))
                 pause = min(pause * 2, RETRY_MAX_S)
@@ -282,7 +288,7 @@ class NodeHealth:
         (expired) creates it again."""
         if not write.create:
             try:
-                await request(self._client(), "PATCH", f"{self._events_path}/{quote(write.name, safe='')}",
+                await request(self._client("events"), "PATCH", f"{self._events_path}/{quote(write.name, safe='')}",
                               f"patch of Event {write.name}", content_type=SMP, limit=ANSWER_LIMIT,
                               body={"count": write.count, "lastTimestamp": rfc3339(write.last),
                                     "message": write.message})
@@ -293,7 +299,7 @@ class NodeHealth:
                     raise
                 write = self._correlator.gone(write)
         try:
-            await request(self._client(), "POST", self._events_path, f"create of Event {write.name}",
+            await request(self._client("events"), "POST", self._events_path, f"create of Event {write.name}",
                           body=self._event(write), limit=ANSWER_LIMIT)
         except ApiStatus as e:
             if e.code != 409:

@@ -6,6 +6,7 @@ tests (tests/unit/test_node_health_policy.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,9 +16,12 @@ from typing import Any
 import pytest
 
 from common.bus.messages import KUBE_SOCKET, UNHEALTHY, DeviceState, HealthEvent, KubeState
+from common.kubeapi import Http, default_client
 from devtools.kube_api import KubeApiEmulator
 from services.cli import _node_health_line
+from services.kube_agent.board import KubeBoard
 from services.kube_agent.node_events import BURST
+from services.kube_agent.reporter import NodeHealth
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
@@ -265,3 +269,46 @@ def test_a_node_larger_than_a_few_mib_is_written_once(node: Node, api: Api) -> N
     assert (st.node_condition, st.node_health_error) == ("False", "")
     assert len([r for r in api.call(api.emu.writes) if r.path.endswith("/status")]) == 1
     node.running()
+
+
+# An exec credential plugin (as cloud providers' kubeconfigs name one) that fails its first run, then
+# gives a token: the first request's credentials are refused by their plugin (a ConfigError).
+TOKEN_ONCE = """#!/bin/sh
+if [ -e "$1" ]; then
+  printf '{"apiVersion":"client.authentication.k8s.io/v1beta1","kind":"ExecCredential","status":{"token":"t"}}'
+else
+  : > "$1"; echo "not logged in" >&2; exit 1
+fi
+"""
+
+
+def test_a_client_dropped_after_a_config_error_is_closed(short_tmp: Path, api: Api) -> None:
+    """The writer's next request builds a new client; the old one is closed with its connections,
+    not left open until the garbage collector finds it."""
+    run = short_tmp / "run"
+    monitor = FakeHealthMonitor(run, gpus(2))
+    plugin = short_tmp / "token.sh"
+    plugin.write_text(TOKEN_ONCE)
+    plugin.chmod(0o700)
+    kubeconfig = json.loads(api.emu.kubeconfig())
+    kubeconfig["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
+                                               "command": str(plugin), "args": [str(short_tmp / "ran")]}}
+    (short_tmp / "kubeconfig").write_text(json.dumps(kubeconfig))
+    clients: list[Http] = []
+
+    def client() -> Http:
+        clients.append(default_client(str(short_tmp / "kubeconfig")))
+        return clients[-1]
+
+    class Bus:
+        def publish_state(self, state: KubeState) -> KubeState:
+            return state
+
+    health = NodeHealth(NODE, run / "health.sock", KubeBoard(Bus(), NODE, ["node health"]), condition=True,
+                        events=False, client=client)
+    try:
+        api.lt.spawn(health.run())
+        wait_until(lambda: (api.condition() or {}).get("status") == "False", 10, "the condition, on the second try")
+        assert len(clients) == 2 and clients[0].is_closed and not clients[1].is_closed
+    finally:
+        monitor.close()
