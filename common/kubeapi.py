@@ -20,7 +20,7 @@ import asyncio
 import json
 import reprlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from typing import Any
 
 import httpx2
@@ -86,6 +86,38 @@ READ_ERRORS = (BadAnswer, ApiStatus, ConfigError, httpx2.HTTPError, httpx2.Inval
                OSError)
 
 
+class _CredentialErrors(httpx2.Auth):
+    """The client library's authentication, with what its credential plugin's answer makes it raise
+    read as ConfigError. An exec plugin runs at the first request (and on a 401), not when the client
+    is made, and lightkube takes the token from its output as `json.loads(out)["status"]["token"]`:
+    output that is not that raised JSONDecodeError, KeyError or TypeError at request time, none of
+    them a failed read, and ended the caller's task instead of being reported and retried."""
+
+    def __init__(self, inner: httpx2.Auth) -> None:
+        self._inner = inner
+
+    def sync_auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
+        return self._inner.sync_auth_flow(request)  # no sync client is made here (Http is the async one)
+
+    async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
+        flow = self._inner.async_auth_flow(request)
+        try:
+            step: Any = None
+            while True:
+                try:
+                    request = await (flow.__anext__() if step is None else flow.asend(step))
+                except StopAsyncIteration:
+                    return
+                except READ_ERRORS:
+                    raise
+                except Exception as e:  # the plugin is a program we do not own: anything it makes us raise
+                    why = f"the credential plugin's answer is not usable: {type(e).__name__}: {e}"
+                    raise ConfigError(why) from e
+                step = yield request
+        finally:
+            await flow.aclose()
+
+
 def default_client(kubeconfig: str = "") -> httpx2.AsyncClient:
     """In-cluster (the pod's service account), else KUBECONFIG, as kubectl finds its cluster; or the
     kubeconfig file named (a command's --kubeconfig flag: NVIDIA's commands take that file first)."""
@@ -93,11 +125,14 @@ def default_client(kubeconfig: str = "") -> httpx2.AsyncClient:
         config = (KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()).get()
         if config is None:
             raise ConfigError("the kubeconfig names no context")
-        return client_adapter.AsyncClient(config, client_adapter.ConnectionParams(timeout=httpx2.Timeout(REQUEST_S)))
+        client = client_adapter.AsyncClient(config, client_adapter.ConnectionParams(timeout=httpx2.Timeout(REQUEST_S)))
     except ConfigError:
         raise
     except Exception as e:  # a kubeconfig is a file we do not own: whatever its parser raises means "no access"
         raise ConfigError(f"{type(e).__name__}: {e}") from e
+    if client.auth is not None:
+        client.auth = _CredentialErrors(client.auth)
+    return client
 
 
 def rfc3339(t: float) -> str:
