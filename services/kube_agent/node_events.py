@@ -1,16 +1,21 @@
-"""Which Events to write, and when: client-go's EventCorrelator (tools/record/events_cache.go) as
-pure code, with the one change a GPU storm asks for. No sockets, no clock of its own: `now` is
-monotonic seconds, given by the caller (tests step it).
+"""Which Events to write, and when: after client-go's EventCorrelator (tools/record/events_cache.go),
+as pure code, with the differences said below. No sockets, no clock of its own: `now` is monotonic
+seconds, given by the caller (tests step it).
 
 As client-go, an occurrence goes through
-- aggregation: occurrences that differ only by message (same type and reason) are combined once
-  AGGREGATE_MAX distinct messages were seen within AGGREGATE_S: from then on they update one Event
-  whose message says "(combined from similar events): <the latest>";
+- aggregation: of the occurrences that differ only by message (same type and reason) within
+  AGGREGATE_S of each other, AGGREGATE_MAX - 1 distinct messages get their own Events; from the
+  AGGREGATE_MAX-th distinct message on, a message not among them updates one Event whose message
+  says "(combined from similar events): <the latest>" (client-go's maxEvents 10 in 600 s: at most
+  ten Events per reason). One difference: having combined a message, client-go forgets an arbitrary
+  one of those it holds (sets.PopAny), so that which messages keep their own Events, and whether a
+  new one later gets its own, varies from run to run; here the first nine always keep theirs and
+  every other message is combined, until the window lapses;
 - counting: an occurrence of an Event already written (same type, reason and message) is a PATCH of
   its count and lastTimestamp, not a new Event;
 - a token bucket per source and object, which client-go applies to every event about the Node.
 
-The change: client-go's bucket (25, then one every 5 minutes) drops what it refuses, so a storm's
+The other difference: client-go's bucket (25, then one every 5 minutes) drops what it refuses, so a storm's
 count stays at what the burst wrote, and one bucket for the whole Node lets an XID storm on one GPU
 silence another GPU's failure. Here the bucket is per device and reason (BURST, then one per
 REFILL_S), and what it holds back is not dropped but waits, coalesced: each Event key has at most one
@@ -118,19 +123,20 @@ class Correlator:
             self.dropped += 1
 
     def _aggregate(self, occ: Occurrence, now: float) -> tuple[str, str]:
-        """The Event key and message: the occurrence's own, or its reason's combined Event once
-        AGGREGATE_MAX distinct messages of that reason came within AGGREGATE_S of each other."""
+        """The Event key and message: the occurrence's own while its message is one of the first
+        AGGREGATE_MAX - 1 distinct ones of its reason within AGGREGATE_S of each other, else its
+        reason's combined Event."""
         group = f"{occ.type}\x00{occ.reason}"
         last, messages = self._aggregates.get(group, (now, set()))
         if now - last > AGGREGATE_S:
             messages = set()
-        if len(messages) < AGGREGATE_MAX:
+        if len(messages) < AGGREGATE_MAX - 1:
             messages.add(occ.message)
         self._aggregates[group] = (now, messages)
         self._aggregates.move_to_end(group)
         while len(self._aggregates) > self._keys:
             self._aggregates.popitem(last=False)
-        if len(messages) >= AGGREGATE_MAX and occ.message not in messages:
+        if occ.message not in messages:
             return f"{group}\x00*", COMBINED + occ.message
         return f"{group}\x00{occ.message}", occ.message
 

@@ -253,8 +253,18 @@ def test_distinct_messages_of_one_reason_are_combined() -> None:
     while (w := c.take(0.0)) is not None:
         names[w.name] = w.message
         c.written(w)
-    assert len(names) == AGGREGATE_MAX + 1
-    assert sum(m.startswith(COMBINED) for m in names.values()) == 1
+    # As client-go's maxEvents: at most AGGREGATE_MAX Events of a reason, the last one combined, from
+    # the AGGREGATE_MAX-th distinct message on.
+    assert len(names) == AGGREGATE_MAX
+    own = [m for m in names.values() if not m.startswith(COMBINED)]
+    assert own == [xid_occ(n=n, dev=n).message for n in range(1, AGGREGATE_MAX)]
+    assert [m for m in names.values() if m.startswith(COMBINED)] == [COMBINED + xid_occ(n=39, dev=39).message]
+    # A message seen before the combining keeps its own Event (a count update of it), a new one does not.
+    c.observe(xid_occ(n=1, dev=1), 1.0)
+    c.observe(xid_occ(n=99, dev=99), 1.0)
+    writes = [(w.create, w.count, w.message) for w in iter(lambda: c.take(1.0), None)]
+    assert writes == [(False, 2, xid_occ(n=1, dev=1).message),
+                      (False, 39 - (AGGREGATE_MAX - 1) + 1, COMBINED + xid_occ(n=99, dev=99).message)]
 
 
 def test_while_the_api_is_away_only_the_latest_per_slot_waits() -> None:
