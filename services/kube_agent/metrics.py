@@ -321,11 +321,16 @@ class Collector:
         out.family("gpu_plugin_kubelet_state", "gauge",
                    "The kubelet as the registrar sees it: 1 for the current state (absent, present, refusing)",
                    [((("state", s), *host), 1 if state.kubelet == s else 0) for s in KUBELET_STATES])
-        registered = [((("resource", r.resource), *host), 1) for r in state.registrations]
-        registered += [((("resource", r), *host), 0) for r in state.pending]
+        # One sample per resource. The registrar lists a registration with the kubelet it was made with,
+        # and keeps it while that kubelet is away or replaced, with the resource pending for the next:
+        # a sample per list would be the same series twice (a scrape Prometheus refuses whole).
+        pending = set(state.pending)
+        current = {r.resource for r in state.registrations if state.kubelet_id and r.kubelet_id == state.kubelet_id}
+        resources = sorted({r.resource for r in state.registrations} | pending)
         out.family("gpu_plugin_resource_registered", "gauge",
-                   "1 when the resource is registered with the current kubelet, 0 while pending",
-                   sorted(registered))
+                   "1 while the resource is registered with the kubelet now there, 0 while pending (or registered "
+                   "only with a kubelet that went away)",
+                   [((("resource", r), *host), 1 if r in current and r not in pending else 0) for r in resources])
         out.family("gpu_plugin_registrations_total", "counter",
                    "Registers the kubelet accepted since the registrar started", [(host, state.registers)])
         out.family("gpu_plugin_registration_failures_total", "counter",

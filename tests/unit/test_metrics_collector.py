@@ -18,6 +18,7 @@ from common.bus.messages import (
     EndpointState,
     HealthEvent,
     HealthState,
+    KubeletPresence,
     KubeState,
     MpsDaemon,
     MpsState,
@@ -193,6 +194,25 @@ def test_the_plugin_registrar_config_and_mps_series() -> None:
     assert value(text, "gpu_plugin_build_info", version=VERSION, Hostname=HOST) == 1
     # Every family is the host's: a join on Hostname works for the pod-level series too.
     assert all(s.labels.get("Hostname") == HOST for s in samples(text))
+
+
+def test_a_resource_is_one_registered_series_while_the_kubelet_is_away_or_replaced() -> None:
+    """The registrar keeps a registration with the kubelet it was made with while that kubelet is gone,
+    with the resource pending for the next one: one series, 0, not a 1 and a 0 of the same labels."""
+    gpu = {"resource": "nvidia.com/gpu"}
+    reg = Registration(resource="nvidia.com/gpu", endpoint="nvidia-gpu.sock", socket_id="1:2", kubelet_id="9:9",
+                       time=1.0, adopted=False)
+
+    def registered(kubelet: KubeletPresence, kubelet_id: str, pending: list[str]) -> float:
+        c = Collector(HOST)
+        c.observe(RegistrarState(incarnation="r1", seq=1, sent_at=1.0, kubelet=kubelet, kubelet_id=kubelet_id,
+                                 registrations=[reg], pending=pending))
+        return value(c.render(), "gpu_plugin_resource_registered", **gpu)  # fails on a series given twice
+
+    assert registered("present", "9:9", []) == 1
+    assert registered("absent", "", ["nvidia.com/gpu"]) == 0  # the kubelet restarting
+    assert registered("present", "9:10", ["nvidia.com/gpu"]) == 0  # a new kubelet, not registered with yet
+    assert registered("present", "9:10", []) == 0  # the old kubelet's registration only
 
 
 def test_restarts_staleness_and_escaping(fleet: list[DeviceState]) -> None:
