@@ -82,9 +82,11 @@ SERVICE_OF = {HealthState.TOPIC: "health-monitor", PluginState.TOPIC: "plugin-se
               RegistrarState.TOPIC: "registrar", MpsState.TOPIC: "mps-control"}
 KUBELET_STATES = ("absent", "present", "refusing")
 # Series counted from events, per family: a flood of XID codes or device names costs this many at most;
-# what comes beyond is counted under xid="other" (by code) or not at all (per device).
+# what comes beyond is counted under xid="other" (by code: on the device where the node has it, else
+# under UUID="other") or not at all (per device).
 MAX_EVENT_SERIES = 4096
 OTHER = -1
+OTHER_DEVICE = "other"
 
 # The HTTP side: a scraper's request is a line and a few headers.
 MAX_REQUEST_BYTES = 8192
@@ -144,6 +146,7 @@ class Collector:
         self._now = monotonic
         self._started = monotonic()
         self.health: HealthState | None = None
+        self._inventory: frozenset[str] = frozenset()  # the devices the last health state lists
         self.plugin: PluginState | None = None
         self.registrar: RegistrarState | None = None
         self.mps: MpsState | None = None
@@ -162,6 +165,8 @@ class Collector:
         if isinstance(msg, StateMessage):
             self._count_restart(msg)
         if isinstance(msg, HealthState):
+            if self.health is None or msg.devices is not self.health.devices:
+                self._inventory = frozenset(d.id for d in msg.devices)
             self.health = msg
         elif isinstance(msg, HealthEvent):
             self._event(msg)
@@ -193,7 +198,10 @@ class Collector:
             devices = []
         for device in devices:
             if event.event == "xid":
-                self._bump(self._xids, (device, event.xid, event.reason), (device, OTHER, event.reason))
+                # Past the bound, an overflow key per device only for the node's own devices (a bounded
+                # inventory): a flood of device names must not add one per name.
+                overflow = device if device in self._inventory else OTHER_DEVICE
+                self._bump(self._xids, (device, event.xid, event.reason), (overflow, OTHER, event.reason))
                 if device in self._last_xid or len(self._last_xid) < MAX_EVENT_SERIES:
                     self._last_xid[device] = event.xid
             elif event.event == "transition" and event.new:

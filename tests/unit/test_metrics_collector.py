@@ -144,6 +144,13 @@ def test_device_counts_and_events(fleet: list[DeviceState], monkeypatch: pytest.
     flood = series(c.render(), "gpu_plugin_device_xid_by_code_total")
     assert len(flood) == len(before) + 4 + 1 and sum(flood.values()) == sum(before.values()) + 20
     assert value(c.render(), "gpu_plugin_device_xid_by_code_total", UUID=uuid, xid="other") > 0
+    # A flood of device names the node does not have: one "other" series for them all, not one each.
+    for i in range(20_000):
+        c.observe(HealthEvent(time=1.0, device=f"GPU-ghost-{i}", event="xid", xid=1000 + i % 50, reason="fatal"))
+    ghosts = series(c.render(), "gpu_plugin_device_xid_by_code_total")
+    assert len(ghosts) == len(flood) + 1 and sum(ghosts.values()) == sum(flood.values()) + 20_000
+    assert value(c.render(), "gpu_plugin_device_xid_by_code_total", UUID="other", xid="other") == 20_000
+    assert len(series(c.render(), "gpu_plugin_device_last_xid")) <= metrics.MAX_EVENT_SERIES
 
 
 def test_the_plugin_registrar_config_and_mps_series() -> None:
