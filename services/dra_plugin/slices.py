@@ -108,6 +108,9 @@ class SlicePublisher:
         self._watch: asyncio.Task[None] | None = None
         self._generation = 0  # the last generation written: the next change goes past it
         self._deleting: set[str] = set()  # deletes of ours, not to be taken for someone else's
+        # Slices the watch said were deleted during the current pass (name -> the delete as the watch told it):
+        # a write's answer can be read after the watch's events of that slice, and is then not what the API holds.
+        self._gone: dict[str, Held] = {}
 
     async def run(self) -> None:
         try:
@@ -201,6 +204,7 @@ class SlicePublisher:
             self._held = {h.name: h for h in held}
             self._start_watch(api, version)
         cache = self._held
+        self._gone.clear()  # only a write of this pass can be answered after its slice's delete
         shown = self._xids.current(time.time())
         pool = build_pool(state, self.node, self.selection, self._caps or FULL, shown)
         if pool.wants_taints and self._caps is None:
@@ -217,7 +221,11 @@ class SlicePublisher:
             else:
                 assert w.spec is not None
                 written = await (api.create(w.spec) if w.verb == "create" else api.update(w.name, w.version, w.spec))
-                cache[written.name] = written
+                gone = self._gone.get(written.name)
+                # Deleted since it was written (the kubelet's cleanup, between the write and our reading its
+                # answer): the watch's delete, already applied, woke the next pass, which writes it again.
+                if gone is None or not _newer(gone, written):
+                    cache[written.name] = written
             self._report(writes=self.status.writes + 1)
         if writes:
             log.info("ResourceSlices of %s: generation %d, %d devices in %d slices (%d tainted%s)", self.node,
@@ -250,6 +258,7 @@ class SlicePublisher:
                     if held is None or self._held is not cache or cache is None:
                         continue  # a BOOKMARK; or a cache read again since
                     if kind == "DELETED":
+                        self._gone[held.name] = held
                         if cache.pop(held.name, None) is not None and held.name not in self._deleting:
                             log.warning("ResourceSlices of %s: %s was deleted by another client (the kubelet "
                                         "cleans a node's slices when it starts): writing it again", self.node,

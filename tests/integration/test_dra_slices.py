@@ -44,9 +44,9 @@ class Node:
     """The emulated API server and the publisher on one loop; a health bus publisher beside them."""
 
     def __init__(self, root: Path, *, served: tuple[str, ...] = ("v1", "v1beta2", "v1beta1"), taints: bool = True,
-                 taint_none: bool = True) -> None:
+                 taint_none: bool = True, api: Callable[[], KubeApiEmulator] = KubeApiEmulator) -> None:
         self.lt = LoopThread()
-        self.emu = KubeApiEmulator()
+        self.emu = api()
         self.slices_api = self.emu.resourceslices
         self.slices_api.served, self.slices_api.taints, self.slices_api.taint_none = list(served), taints, taint_none
         self.lt.run(self.emu.start())
@@ -249,3 +249,42 @@ def test_the_api_away_and_back_gets_the_latest_state_once(make: Callable[..., No
     assert not node.status().published
     node.call(lambda: setattr(node.slices_api, "fault", None))
     wait_until(lambda: len(node.published()) == 8 and not taints(node.published(), "gpu-6"), 5, "after the fault")
+
+
+class RacingApi(KubeApiEmulator):
+    """The kubelet's cleanup between a write and its answer: the slice a create or update stored is deleted at once
+    by another client, and the write is answered only after the watch has told both (the order a busy client can
+    read them in: two connections)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.races = 0  # writes to race, from now
+
+    async def _send(self, writer: asyncio.StreamWriter, code: int, body: dict[str, Any], headers: str = "") -> bool:
+        meta = body.get("metadata") or {}
+        if self.races and code in (200, 201) and body.get("kind") == "ResourceSlice" and \
+                meta.get("uid") != "uid-dry-run" and meta.get("name") in self.resourceslices.objects:
+            self.races -= 1
+            self.resourceslices.delete_behind(meta["name"])
+            await asyncio.sleep(0.2)  # the emulated server's slowness: its answer after its watch events
+        return await super()._send(writer, code, body, headers)
+
+
+def test_a_slice_deleted_before_its_write_is_answered_is_written_again(make: Callable[..., Node]) -> None:
+    """A write's answer read after the watch told that the slice was deleted is not taken for what the API holds:
+    the slice is written again (it stayed missing until the watch was renewed, 5 min)."""
+    node = make(api=RacingApi)
+    emu = node.emu
+    assert isinstance(emu, RacingApi)
+    wait_until(lambda: len(node.published()) == 8, 10, "8 GPUs published")
+    # A create raced: the kubelet's cleanup, the slice written again, and that one deleted at once too.
+    node.call(lambda: setattr(emu, "races", 1))
+    node.call(lambda: node.slices_api.wipe(NODE))
+    wait_until(lambda: node.call(lambda: emu.races) == 0 and len(node.published()) == 8, 5,
+               "the raced create written again")
+    # An update raced: a change of health written, and the slice deleted before the answer.
+    node.call(lambda: setattr(emu, "races", 1))
+    node.set(2, "XID 79")
+    devices = wait_until(lambda: node.call(lambda: emu.races) == 0 and taints(node.published(), "gpu-2")
+                         and node.published(), 5, "the raced update written again")
+    assert len(devices) == 8 and node.status().error == ""
