@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from common.logs import configure_logging
 from common.settings import Settings
+from services.kube_agent.board import CONFIG_PART, HEALTH_PART, METRICS_PART
 from services.kube_agent.selection import DST, NODE_NAME, SRCDIR, Rules, SelectionError
 
 if TYPE_CHECKING:
@@ -37,11 +38,11 @@ def parts(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     """The parts this configuration enables, named as the log says them."""
     enabled = []
     if environ.get(SRCDIR):
-        enabled.append("per-node configuration")
+        enabled.append(CONFIG_PART)
     if settings.metrics_port:
-        enabled.append("metrics")
+        enabled.append(METRICS_PART)
     if settings.node_condition or settings.node_events:
-        enabled.append("node health")
+        enabled.append(HEALTH_PART)
     return enabled
 
 

@@ -8,6 +8,10 @@ from typing import Any, Protocol
 
 from common.bus.messages import KubeState
 
+# The parts as KubeState.parts names them (and the log, and `gpu-plugin status`).
+CONFIG_PART = "per-node configuration"
+METRICS_PART = "metrics"
+HEALTH_PART = "node health"
 # The node-health part's fields; every other field is the per-node configuration's.
 NODE_HEALTH_FIELDS = tuple(f.name for f in dataclasses.fields(KubeState)
                            if f.name.startswith(("node_condition", "node_events", "node_health")))

@@ -54,6 +54,7 @@ from common.bus.messages import (
 from common.bus.sockets import BusSubscriber
 from common.settings import Settings
 from common.version import VERSION
+from services.kube_agent.board import CONFIG_PART, HEALTH_PART
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ TOPICS = (HealthState.TOPIC, HealthEvent.TOPIC, PluginState.TOPIC, RegistrarStat
 SERVICE_OF = {HealthState.TOPIC: "health-monitor", PluginState.TOPIC: "plugin-server",
               RegistrarState.TOPIC: "registrar", MpsState.TOPIC: "mps-control"}
 KUBELET_STATES = ("absent", "present", "refusing")
+CONDITION_STATUSES = ("True", "False", "Unknown")
 # Series counted from events, per family: a flood of XID codes or device names costs this many at most;
 # what comes beyond is counted under xid="other" (by code: on the device where the node has it, else
 # under UUID="other") or not at all (per device).
@@ -225,6 +227,7 @@ class Collector:
         self._plugin(out)
         self._registrar(out)
         self._config(out)
+        self._node_health(out)
         self._mps(out)
         now = self._now()
         buses = [*ALWAYS, *(b for b in BUSES if b not in ALWAYS and b in self._heard)]
@@ -365,13 +368,41 @@ class Collector:
         out.family("gpu_plugin_config_refused", "gauge",
                    "1 while the service runs on its previous config because the newest content was refused",
                    [((("service", s), *host), 1 if c.refused else 0) for s, c in configs])
-        if self.kube is not None:
+        # The per-node configuration's, only where it runs: without it the kube bus's api_reachable is
+        # False and its config "", which would read as an API away and the empty config selected.
+        if self.kube is not None and CONFIG_PART in self.kube.parts:
             kube = self.kube
             out.family("gpu_plugin_kube_api_reachable", "gauge", "1 while the kube-agent reads its Node from the API",
                        [(host, 1 if kube.api_reachable else 0)])
             out.family("gpu_plugin_config_selected_info", "gauge",
                        "The config the node label selects (config \"\": the empty config) and its content's digest",
                        [((("config", kube.config), ("digest", kube.digest), *host), 1)])
+
+    def _node_health(self, out: Exposition) -> None:
+        """Node health's own fields of the kube bus (HEALTH_NODE_CONDITION, HEALTH_NODE_EVENTS), where it runs."""
+        kube = self.kube
+        if kube is None or HEALTH_PART not in kube.parts:
+            return
+        host = ((HOSTNAME, self._hostname),)
+        out.family("gpu_plugin_node_condition", "gauge",
+                   "The Node's GPUUnhealthy condition as the kube-agent last wrote it: 1 for its status (True, False, "
+                   "Unknown), all 0 before the first write (or with the condition off)",
+                   [((("status", s), *host), 1 if kube.node_condition == s else 0) for s in CONDITION_STATUSES])
+        if kube.node_condition:
+            out.family("gpu_plugin_node_condition_reason_info", "gauge",
+                       "The reason of the GPUUnhealthy condition last written (XidError, GpuLost, AllGPUsHealthy, ...)",
+                       [((("status", kube.node_condition), ("reason", kube.node_condition_reason), *host), 1)])
+        out.family("gpu_plugin_node_events_written_total", "counter",
+                   "Event creates and count updates the API took since the kube-agent started",
+                   [(host, kube.node_events_written)])
+        out.family("gpu_plugin_node_events_pending", "gauge",
+                   "Events waiting for the API or for their device's rate limit", [(host, kube.node_events_pending)])
+        out.family("gpu_plugin_node_events_dropped_total", "counter",
+                   "Events given up since the kube-agent started: refused by the API, or pushed out of the full queue",
+                   [(host, kube.node_events_dropped)])
+        out.family("gpu_plugin_node_health_write_failing", "gauge",
+                   "1 while the last write of the condition or of an Event failed (the reason: gpu-plugin status, the "
+                   "kube-agent's log); retried meanwhile", [(host, 1 if kube.node_health_error else 0)])
 
     def _mps(self, out: Exposition) -> None:
         if self.mps is None:

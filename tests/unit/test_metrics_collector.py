@@ -172,7 +172,7 @@ def test_the_plugin_registrar_config_and_mps_series() -> None:
     c.observe(MpsState(incarnation="m1", seq=1, sent_at=1.0, root="/mps", daemons=[
         MpsDaemon(resource="nvidia.com/gpu.shared", devices=[], pipe_dir="/mps/p", up=True, ready=True, restarts=1)]))
     c.observe(KubeState(incarnation="k1", seq=1, sent_at=1.0, api_reachable=False, node="n", config="ts-4",
-                        digest="ba9876543210"))
+                        digest="ba9876543210", parts=["per-node configuration"]))
     text = c.render()
     gpu = {"resource": "nvidia.com/gpu"}
     assert value(text, "gpu_plugin_grpc_calls_total", method="Allocate", code="OK", **gpu) == 5
@@ -220,6 +220,41 @@ def test_a_resource_is_one_registered_series_while_the_kubelet_is_away_or_replac
     assert registered("absent", "", ["nvidia.com/gpu"]) == 0  # the kubelet restarting
     assert registered("present", "9:10", ["nvidia.com/gpu"]) == 0  # a new kubelet, not registered with yet
     assert registered("present", "9:10", []) == 0  # the old kubelet's registration only
+
+
+def test_each_kube_agent_part_exports_its_own_series_only_where_it_runs() -> None:
+    def rendered(**kw: object) -> str:
+        c = Collector(HOST)
+        c.observe(KubeState(incarnation="k1", seq=1, sent_at=1.0, api_reachable=False, node="n",
+                            **kw))  # type: ignore[arg-type]
+        return c.render()
+
+    # Metrics alone: no API is read and no config selected, and neither may read as such (an alert on
+    # gpu_plugin_kube_api_reachable == 0 would fire on every node without per-node configuration).
+    alone = rendered(parts=["metrics"])
+    assert not series(alone, "gpu_plugin_kube_api_reachable") and not series(alone, "gpu_plugin_config_selected_info")
+    assert not [s for s in samples(alone) if s.name.startswith("gpu_plugin_node_")]
+    # Node health: its condition as written, its Events' counts and whether its writes fail.
+    text = rendered(parts=["metrics", "node health"], node_condition="True", node_condition_reason="GpuLost",
+                    node_events_written=7, node_events_pending=2, node_events_dropped=1,
+                    node_health_error="node condition GPUUnhealthy: HTTP 403: forbidden")
+    assert not series(text, "gpu_plugin_kube_api_reachable")
+    assert {dict(k)["status"]: v for k, v in series(text, "gpu_plugin_node_condition").items()} == {
+        "True": 1, "False": 0, "Unknown": 0}
+    assert value(text, "gpu_plugin_node_condition_reason_info", status="True", reason="GpuLost") == 1
+    assert (value(text, "gpu_plugin_node_events_written_total"), value(text, "gpu_plugin_node_events_pending"),
+            value(text, "gpu_plugin_node_events_dropped_total"), value(text, "gpu_plugin_node_health_write_failing")) \
+        == (7, 2, 1, 1)
+    # Not written yet: every status 0, no reason.
+    fresh = rendered(parts=["node health"])
+    assert set(series(fresh, "gpu_plugin_node_condition").values()) == {0}
+    assert not series(fresh, "gpu_plugin_node_condition_reason_info")
+    assert value(fresh, "gpu_plugin_node_health_write_failing") == 0
+    # Per-node configuration: its series, and not node health's.
+    config = rendered(parts=["per-node configuration"], config="ts-4", digest="ba9876543210")
+    assert value(config, "gpu_plugin_kube_api_reachable") == 0
+    assert value(config, "gpu_plugin_config_selected_info", config="ts-4") == 1
+    assert not series(config, "gpu_plugin_node_condition")
 
 
 def test_restarts_staleness_and_escaping(fleet: list[DeviceState]) -> None:
