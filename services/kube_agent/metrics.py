@@ -232,8 +232,9 @@ class Collector:
         now = self._now()
         buses = [*ALWAYS, *(b for b in BUSES if b not in ALWAYS and b in self._heard)]
         out.family("gpu_plugin_bus_message_age_seconds", "gauge",
-                   "Seconds since the last message of each bus (states come every second; since the kube-agent's "
-                   "start for a bus not heard yet)",
+                   "Seconds since the last message of each bus (each re-sends its state every "
+                   "GPU_PLUGIN_STALE_AFTER/3, 5 s by default, and at once on a change; since the kube-agent's start "
+                   "for a bus not heard yet)",
                    [((("bus", b), *host), now - self._heard.get(b, self._started)) for b in buses])
         out.family("gpu_plugin_service_restarts_total", "counter",
                    "Service restarts seen by the kube-agent (a new incarnation on its bus) since it started",
