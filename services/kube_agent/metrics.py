@@ -421,11 +421,15 @@ class Collector:
 class Metrics:
     """The kube-agent's metrics part: every bus in, Prometheus' text format out on METRICS_PORT.
 
-    A port that cannot be bound (another process holds it) is said once and tried again every
-    BIND_RETRY_S; the buses are followed meanwhile and the rest of the kube-agent runs on.
+    The port is served on every address of both families (address None; a pod in an IPv6 or
+    dual-stack cluster is scraped on its IPv6 address): IPv4's 0.0.0.0 and, on a socket of its own,
+    IPv6's [::]. A port that cannot be bound on IPv4 (another process holds it) is said once and
+    tried again every BIND_RETRY_S; the buses are followed meanwhile and the rest of the kube-agent
+    runs on. IPv6 that cannot be had (off in the kernel or the pod, or its port taken) is said once
+    and left out: the IPv4 listener serves on.
     """
 
-    def __init__(self, settings: Settings, *, address: str = "0.0.0.0", hostname: str | None = None,
+    def __init__(self, settings: Settings, *, address: str | None = None, hostname: str | None = None,
                  bind_retry_s: float = BIND_RETRY_S) -> None:
         self.port = settings.metrics_port
         self._address = address
@@ -433,7 +437,7 @@ class Metrics:
         self.collector = Collector(hostname or hostname_of(os.environ))
         self._paths = [settings.bus_path(name) for name in BUSES.values()]
         self._sub: BusSubscriber | None = None
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._clients = 0
         self.listening = asyncio.Event()  # set once the port is bound
 
@@ -456,8 +460,8 @@ class Metrics:
         failed = False
         while True:
             try:
-                self._server = await asyncio.start_server(self._answer, self._address, self.port,
-                                                          limit=MAX_REQUEST_BYTES, reuse_address=True)
+                server = await asyncio.start_server(self._answer, self._address or "0.0.0.0", self.port,
+                                                    limit=MAX_REQUEST_BYTES, reuse_address=True)
             except OSError as e:
                 if not failed:
                     log.error("metrics: cannot listen on port %d: %s; trying again every %.0f s", self.port,
@@ -465,9 +469,32 @@ class Metrics:
                 failed = True
                 await asyncio.sleep(self._bind_retry_s)
                 continue
-            log.info("metrics: serving http://%s:%d/metrics", self._address, self.port)
+            self._servers = [server]
+            where = [f"http://{self._address or '0.0.0.0'}:{self.port}/metrics"]
+            if self._address is None:
+                try:
+                    self._servers.append(await asyncio.start_server(self._answer, sock=self._ipv6_socket(),
+                                                                    limit=MAX_REQUEST_BYTES))
+                    where.append(f"http://[::]:{self.port}/metrics")
+                except OSError as e:
+                    log.warning("metrics: not on IPv6 (port %d: %s); serving IPv4 only", self.port, e.strerror or e)
+            log.info("metrics: serving %s", " and ".join(where))
             self.listening.set()
             return
+
+    def _ipv6_socket(self) -> socket.socket:
+        """[::]:port for IPv6 alone (IPV6_V6ONLY: IPv4 has its own listener, which a dual-stack socket
+        would conflict with), bound; OSError where IPv6 is off (EAFNOSUPPORT, EADDRNOTAVAIL) or the
+        port is taken on it."""
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::", self.port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._clients >= MAX_CLIENTS:
@@ -502,9 +529,9 @@ class Metrics:
         return head if head_only else head + data
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for server in self._servers:
+            server.close()
+        self._servers = []
         if self._sub is not None:
             self._sub.close()
             self._sub = None

@@ -20,8 +20,8 @@ from tests.integration.conftest import MakeNode
 from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
 
 
-def scrape(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+def scrape(port: int, path: str = "/metrics", method: str = "GET", host: str = "127.0.0.1") -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
     try:
         with urllib.request.urlopen(request, timeout=5) as r:
             return r.status, r.read().decode()
@@ -73,6 +73,52 @@ def test_serves_what_the_buses_say_and_waits_out_a_taken_port(short_tmp: Path,
         lt.close()
         health.close()
         taken.close()
+
+
+def free_port() -> int:
+    """A port free on both families (the kernel's pick for IPv4, checked on IPv6)."""
+    while True:
+        with socket.socket() as s4, socket.socket(socket.AF_INET6) as s6:
+            s4.bind(("0.0.0.0", 0))
+            port: int = s4.getsockname()[1]
+            s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s6.bind(("::", port))
+            except OSError:
+                continue
+            return port
+
+
+def test_served_on_ipv4_and_ipv6_and_on_ipv4_alone_when_ipv6_cannot_be_had(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A pod in an IPv6 or dual-stack cluster is scraped on its IPv6 address. Where IPv6 cannot be
+    had (off in the pod, or the port taken there) IPv4 serves on: no retry loop, said once."""
+    run = short_tmp / "run"
+    health = FakeHealthMonitor(run, gpus(1))
+    lt = LoopThread()
+    held = socket.socket(socket.AF_INET6)
+    try:
+        port = free_port()
+        part = lt.call(lambda: Metrics(Settings(run_dir=run, metrics_port=port), hostname="node-1"))
+        lt.spawn(part.run())
+        wait_until(part.listening.is_set, 10, "the port bound")
+        for host in ("127.0.0.1", "[::1]"):
+            assert scrape(port, host=host)[0] == 200, host
+
+        port = free_port()  # another part beside it, on another port
+        held.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        held.bind(("::", port))
+        held.listen()
+        part = lt.call(lambda: Metrics(Settings(run_dir=run, metrics_port=port), hostname="node-1",
+                                       bind_retry_s=0.05))
+        lt.spawn(part.run())
+        wait_until(part.listening.is_set, 10, "the port bound on IPv4")
+        assert scrape(port)[0] == 200
+        assert caplog.text.count("not on IPv6") == 1 and "cannot listen on port" not in caplog.text
+    finally:
+        lt.close()
+        held.close()
+        health.close()
 
 
 def test_the_kube_agent_serves_every_services_metrics(make_node: MakeNode) -> None:
