@@ -92,8 +92,12 @@ OTHER_DEVICE = "other"
 
 # The HTTP side: a scraper's request is a line and a few headers.
 MAX_REQUEST_BYTES = 8192
-IO_TIMEOUT_S = 10.0
-MAX_CLIENTS = 16  # connections answered at once; more are closed unanswered
+HEAD_TIMEOUT_S = 5.0  # a scraper sends its request at once: a connection silent this long is closed
+IO_TIMEOUT_S = 10.0  # the answer written whole
+# Connections held at once. When full, a new one takes the place of the oldest that has not sent its
+# request yet (idle connections, or a client that connects and waits, must not lock scrapers out);
+# only when every one is being answered is the new one closed unanswered.
+MAX_CLIENTS = 16
 BIND_RETRY_S = 10.0  # a port another process holds is tried again this often
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -438,7 +442,7 @@ class Metrics:
         self._paths = [settings.bus_path(name) for name in BUSES.values()]
         self._sub: BusSubscriber | None = None
         self._servers: list[asyncio.Server] = []
-        self._clients = 0
+        self._conns: dict[asyncio.StreamWriter, bool] = {}  # the connections held -> waiting for their request
         self.listening = asyncio.Event()  # set once the port is bound
 
     async def run(self) -> None:
@@ -497,20 +501,34 @@ class Metrics:
         return sock
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._clients >= MAX_CLIENTS:
+        if len(self._conns) >= MAX_CLIENTS and not self._evict_idle():
             writer.close()
             return
-        self._clients += 1
+        self._conns[writer] = True
         try:
-            async with asyncio.timeout(IO_TIMEOUT_S):
+            async with asyncio.timeout(HEAD_TIMEOUT_S):
                 head = await reader.readuntil(b"\r\n\r\n")
+            if writer not in self._conns:
+                return  # closed for a newer connection as its request came
+            self._conns[writer] = False
+            async with asyncio.timeout(IO_TIMEOUT_S):
                 writer.write(self._response(head.split(b"\r\n", 1)[0]))
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a client that sends too much, too slowly or not at all gets nothing more
         finally:
-            self._clients -= 1
+            self._conns.pop(writer, None)
             writer.close()
+
+    def _evict_idle(self) -> bool:
+        """Closes the oldest connection still waiting for its request, making room for a new one
+        (its read ends at once); False when every connection held is being answered."""
+        for writer, waiting in self._conns.items():
+            if waiting:
+                del self._conns[writer]
+                writer.close()
+                return True
+        return False
 
     def _response(self, request_line: bytes) -> bytes:
         parts = request_line.decode("latin-1").split(" ")

@@ -4,6 +4,7 @@ loop, and HTTP as a scraper speaks it."""
 from __future__ import annotations
 
 import dataclasses
+import select
 import socket
 import time
 import urllib.error
@@ -14,7 +15,7 @@ import pytest
 
 from common.bus.messages import UNHEALTHY, HealthEvent
 from common.settings import Settings
-from services.kube_agent.metrics import Metrics
+from services.kube_agent.metrics import MAX_CLIENTS, Metrics
 from tests.conftest import wait_until
 from tests.integration.conftest import MakeNode
 from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
@@ -118,6 +119,41 @@ def test_served_on_ipv4_and_ipv6_and_on_ipv4_alone_when_ipv6_cannot_be_had(
     finally:
         lt.close()
         held.close()
+        health.close()
+
+
+def test_idle_connections_do_not_lock_scrapers_out(short_tmp: Path) -> None:
+    """Connections that never send a request (a port scanner, a client that connects ahead) take the
+    places of the oldest of them, not those of the scrapers: every scrape is answered."""
+    run = short_tmp / "run"
+    health = FakeHealthMonitor(run, gpus(1))
+    lt = LoopThread()
+    idle: list[socket.socket] = []
+    try:
+        port = free_port()
+        part = lt.call(lambda: Metrics(Settings(run_dir=run, metrics_port=port), address="127.0.0.1",
+                                       hostname="node-1"))
+        lt.spawn(part.run())
+        wait_until(part.listening.is_set, 10, "the port bound")
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CLIENTS + 4)]
+        for _ in range(3):
+            assert scrape(port)[0] == 200
+        closed: set[int] = set()
+
+        def count_closed() -> int:
+            for i, s in enumerate(idle):
+                if i not in closed and select.select([s], [], [], 0)[0] and s.recv(1) == b"":
+                    closed.add(i)
+            return len(closed)
+
+        # The 4 beyond the limit took the 4 oldest idle ones' places, the first scrape the next one's
+        # (the others found the place it left); the rest are held.
+        wait_until(lambda: count_closed() == 4 + 1, 10, "the oldest idle connections closed")
+        assert closed == set(range(5))
+    finally:
+        for s in idle:
+            s.close()
+        lt.close()
         health.close()
 
 
