@@ -19,9 +19,9 @@ from services.kube_agent.selection import DST, NODE_NAME, SRCDIR, Rules, Selecti
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Coroutine, Mapping
-    from typing import Any
+    from collections.abc import Mapping
 
+    from services.kube_agent.agent import KubeAgent
     from services.kube_agent.board import KubeBoard, StatePublisher
     from services.kube_agent.metrics import Metrics
     from services.kube_agent.reporter import NodeHealth
@@ -46,10 +46,8 @@ def parts(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     return enabled
 
 
-async def _config_part(environ: Mapping[str, str], node: str,
-                       publisher: StatePublisher) -> list[tuple[str, Coroutine[Any, Any, None]]]:
-    """Per-node configuration: the first selection now (the services may be waiting for its file),
-    then the ConfigMap and the node label followed."""
+def _config_part(environ: Mapping[str, str], node: str, publisher: StatePublisher) -> KubeAgent:
+    """Per-node configuration, its settings checked (a bad one is permanent: raised before any part runs)."""
     from common.lifecycle import PermanentError
     from services.kube_agent.agent import KubeAgent
 
@@ -64,9 +62,23 @@ async def _config_part(environ: Mapping[str, str], node: str,
     if not node:
         log.warning("%s is not set: the node label is not followed; selecting from DEFAULT_CONFIG and the "
                     "fallback strategies, following the ConfigMap", NODE_NAME)
-    agent = KubeAgent(rules, node, Path(dst), publisher)
+    return KubeAgent(rules, node, Path(dst), publisher)
+
+
+async def _follow_config(agent: KubeAgent) -> None:
+    """The first selection at once (the services may be waiting for its file), then the ConfigMap and
+    the node label followed. A task beside the other parts: the first read of the Node may take the
+    API up to a minute, which the metrics, node health and the kube bus's heartbeat do not wait for."""
+    import asyncio
+
+    from common.lifecycle import run_until_stopped
+
     await agent.start()
-    return [("configmap", agent.follow_configs()), *([("node", agent.follow_node())] if node else [])]
+    follow = [asyncio.create_task(agent.follow_configs(), name="configmap")]
+    if agent.node:
+        follow.append(asyncio.create_task(agent.follow_node(), name="node"))
+    # Never stopped from here: both are cancelled with this task, and one that ends or fails ends it.
+    await run_until_stopped(asyncio.Event(), *follow)
 
 
 def _health_part(settings: Settings, node: str, board: KubeBoard) -> NodeHealth:
@@ -113,17 +125,22 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     board.publish_state(board.state)
     metrics: Metrics | None = None
     try:
-        work: list[tuple[str, Coroutine[Any, Any, None]]] = [("bus-heartbeat", publisher.run())]
+        # Every part's settings checked first: a part refused (PermanentError) leaves no coroutine of
+        # another one made and never run.
+        health = _health_part(settings, node, board) if settings.node_condition or settings.node_events else None
+        agent = _config_part(environ, node, board) if environ.get(SRCDIR) else None
         if settings.metrics_port:
             from services.kube_agent.metrics import Metrics
 
             metrics = Metrics(settings)
-            work.append(("metrics", metrics.run()))
-        if settings.node_condition or settings.node_events:
-            work.append(("node-health", _health_part(settings, node, board).run()))
-        if environ.get(SRCDIR):
-            work += await _config_part(environ, node, board)
-        await run_until_stopped(stop, *(asyncio.create_task(c, name=name) for name, c in work))
+        tasks = [asyncio.create_task(publisher.run(), name="bus-heartbeat")]
+        if metrics is not None:
+            tasks.append(asyncio.create_task(metrics.run(), name="metrics"))
+        if health is not None:
+            tasks.append(asyncio.create_task(health.run(), name="node-health"))
+        if agent is not None:
+            tasks.append(asyncio.create_task(_follow_config(agent), name="per-node-config"))
+        await run_until_stopped(stop, *tasks)
     finally:
         if metrics is not None:
             metrics.close()

@@ -5,11 +5,14 @@ mounts one."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -215,6 +218,42 @@ def test_api_unreachable_at_start_and_later(procs: Procs, short_tmp: Path) -> No
         agent.wait_config(DEFAULT)
     finally:
         api.close()
+
+
+def test_the_other_parts_do_not_wait_for_the_first_read_of_the_node(procs: Procs, short_tmp: Path) -> None:
+    """An API server that takes the connection and does not answer holds the first read of the Node
+    for the client's read timeout (up to a minute for one that trickles): meanwhile the metrics are
+    served and the kube bus answers (the config file comes when the read gives up, as before: 10 s,
+    test_api_unreachable_at_start_and_later)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the connections; nothing ever reads or answers them
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        agent = Agent(procs, short_tmp, None, METRICS_PORT=str(port))
+        (short_tmp / "kubeconfig").write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{silent.getsockname()[1]}"}}],
+            "users": [{"name": "u", "user": {}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        config_map(agent.src, {"default": DEFAULT, "ts": TS4})
+
+        def scraped() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False  # not listening yet
+
+        agent.start()
+        wait_until(scraped, 5, "the metrics, while the API holds the first read")
+        st = agent.state(lambda m: m.parts == ["per-node configuration", "metrics"], timeout=2)
+        assert not st.api_reachable and not agent.dst.exists(), "the first read was still waiting"
+        agent.running()
+    finally:
+        silent.close()
 
 
 def test_watch_dropped_errors_and_410_gone(agent: Agent, api: Api) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -321,6 +323,26 @@ def test_node_health_without_node_name_is_refused_at_start(tmp_path: Path) -> No
 
     with pytest.raises(PermanentError, match=r"node health \(HEALTH_NODE_EVENTS\) .* NODE_NAME is not set"):
         kube_agent._health_part(settings, "", KubeBoard(Nothing(), "", ["node health"]))
+
+
+def test_a_part_refused_at_start_leaves_no_coroutine_never_awaited(short_tmp: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part's settings are checked before any part's coroutine is made: node health refused (no
+    NODE_NAME) used to leave the bus heartbeat's and the metrics' coroutines made and never run."""
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    monkeypatch.delenv("CONFIG_FILE_SRCDIR", raising=False)
+    settings = resolve(None, {"GPU_PLUGIN_RUN_DIR": str(short_tmp / "run"), "METRICS_PORT": "9400",
+                              "HEALTH_NODE_CONDITION": "true"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            asyncio.run(kube_agent.main(settings, asyncio.Event()))
+        except PermanentError as e:  # unbound at the block's end: its frames (and what they hold) go
+            assert "NODE_NAME is not set" in str(e)
+        else:
+            raise AssertionError("node health started without NODE_NAME")
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
 
 
 def test_the_silence_that_makes_the_condition_unknown_follows_the_buses_heartbeat(tmp_path: Path) -> None:
