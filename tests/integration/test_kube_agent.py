@@ -5,9 +5,11 @@ mounts one."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -22,6 +24,7 @@ import pytest
 
 from common.bus.messages import KUBE_SOCKET, KubeState
 from devtools.kube_api import EVENT_FAULTS, FAULTS, KubeApiEmulator
+from services.kube_agent import restarts
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.fakes import LoopThread
@@ -254,6 +257,32 @@ def test_the_other_parts_do_not_wait_for_the_first_read_of_the_node(procs: Procs
         agent.running()
     finally:
         silent.close()
+
+
+def test_a_crash_loop_is_paused_by_the_agent_itself(procs: Procs, short_tmp: Path) -> None:
+    """A part failing at its start: supervisord restarts the kube-agent at once (startsecs=0, so that
+    its exit 0 with nothing to do is not a failed start), so the agent pauses before it exits, longer
+    with each failure in a row; SIGTERM cuts the pause short. Here the failure is another process
+    holding the kube bus (its lock), as a second kube-agent would."""
+    run = short_tmp / "run"
+    run.mkdir(mode=0o700)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"GPU_PLUGIN_RUN_DIR": str(run), "METRICS_PORT": str(port), "GPU_PLUGIN_WATCHDOG_TIMEOUT": "30s"}
+    with open(run / f"{KUBE_SOCKET}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        assert procs.start("first", "kube-agent", env=env).wait(15) == 1
+        assert time.monotonic() - t0 >= restarts.PAUSE_MIN_S
+        assert "(quick failures in a row: 1): BusInUseError" in procs.log("first") and "exiting in 1 s" in \
+            procs.log("first")
+        second = procs.start("second", "kube-agent", env=env)  # as supervisord restarts it
+        wait_until(lambda: "(quick failures in a row: 2)" in procs.log("second") and "exiting in 2 s" in
+                   procs.log("second"), 10, "the second failure, paused longer")
+        t1 = time.monotonic()
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(10) == 1 and time.monotonic() - t1 < restarts.PAUSE_MIN_S  # not the 2 s
 
 
 def test_watch_dropped_errors_and_410_gone(agent: Agent, api: Api) -> None:

@@ -28,6 +28,7 @@ from services.health_monitor.model import HealthModel, Probe
 from services.health_monitor.probes import Prober, probe_gpu
 from services.health_monitor.xid_policy import FATAL, IGNORED, MONITOR_ONLY, XidPolicy
 from services.kube_agent import __main__ as kube_agent
+from services.kube_agent import restarts
 from services.kube_agent.board import KubeBoard
 from services.kube_agent.node_events import AGGREGATE_MAX, BURST, COMBINED, KEYS, PENDING, REFILL_S, Correlator
 from services.kube_agent.node_health import (
@@ -343,6 +344,27 @@ def test_a_part_refused_at_start_leaves_no_coroutine_never_awaited(short_tmp: Pa
             raise AssertionError("node health started without NODE_NAME")
         gc.collect()
     assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+
+
+def test_the_kube_agents_pause_after_quick_failures_grows_and_is_capped(tmp_path: Path) -> None:
+    start = 1_000_000.0
+    record = None
+    pauses = []
+    for _ in range(9):  # each process fails 0.1 s after its start, restarted 0.1 s after the exit before
+        count, pause = restarts.pause_for(record, start, start + 0.1)
+        pauses.append(pause)
+        restarts.write_record(tmp_path, count, start + 0.1 + pause)
+        record = restarts.read_record(tmp_path)
+        start += 0.1 + pause + 0.1
+    assert pauses == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    # A failure after a long run is no loop: at once, the count reset.
+    assert restarts.pause_for(record, start, start + restarts.QUICK_S) == (0, 0.0)
+    # A record from before an earlier run (another loop, another pod) is not continued.
+    assert restarts.pause_for((5, start - restarts.RESTART_S - 1), start, start + 0.1) == (1, 1.0)
+    assert restarts.pause_for((5, start + 1), start, start + 0.1) == (1, 1.0)  # written after our start: not ours
+    # An unreadable record counts as none.
+    (tmp_path / restarts.RECORD).write_bytes(b"\xff junk")
+    assert restarts.read_record(tmp_path) is None
 
 
 def test_the_silence_that_makes_the_condition_unknown_follows_the_buses_heartbeat(tmp_path: Path) -> None:
