@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from common.bus.messages import DeviceState
 from devtools.devstack import spawn, terminate
 
 # The session-wide leak check (a run leaves no process behind): its hooks, registered with this conftest.
@@ -88,3 +89,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+def discovered(fleet: str, now: float = 1.0) -> list[DeviceState]:
+    """A simulated fleet's devices as the health-monitor's discovery publishes them."""
+    from devtools.nvml_sim import SimulatedNvml, fleet_path
+    from services.health_monitor.discovery import discover
+
+    nvml = SimulatedNvml(fleet_path(fleet))
+    nvml.init()
+    try:
+        return discover(nvml, now).devices
+    finally:
+        nvml.shutdown()

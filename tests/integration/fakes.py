@@ -92,6 +92,34 @@ class FakeHealthMonitor:
         self.lt.close()
 
 
+class EmulatedApi:
+    """The emulated API server (devtools.kube_api) serving on a loop thread of the test's process."""
+
+    def __init__(self) -> None:
+        from devtools.kube_api import KubeApiEmulator
+
+        self.lt = LoopThread()
+        self.emu = KubeApiEmulator()
+        self.lt.run(self.emu.start())
+
+    def do(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the server's loop (awaited if it is a coroutine)."""
+        async def call() -> Any:
+            result = fn(*args)
+            if hasattr(result, "__await__"):
+                return await result
+            return result
+
+        return self.lt.run(call())
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        return self.lt.call(fn)
+
+    def close(self) -> None:
+        self.lt.run(self.emu.stop())
+        self.lt.close()
+
+
 def gpus(n: int, numa: bool = True) -> list[DeviceState]:
     return [
         DeviceState(id=f"GPU-{i:08x}-0000-0000-0000-000000000000", kind="gpu", index=str(i), name="NVIDIA H100",

@@ -21,10 +21,8 @@ from common.bus.messages import UNHEALTHY, DeviceState, HealthEvent
 from common.kubeapi import default_client
 from common.settings import DraDevices
 from devtools.kube_api import KubeApiEmulator, Request
-from devtools.nvml_sim import SimulatedNvml, fleet_path
 from services.dra_plugin.slices import SlicePublisher, SliceStatus
-from services.health_monitor.discovery import discover
-from tests.conftest import wait_until
+from tests.conftest import discovered, wait_until
 from tests.integration.fakes import FakeHealthMonitor, LoopThread
 
 NODE = "node-1"
@@ -32,12 +30,7 @@ WRITES = ("POST", "PUT", "DELETE")
 
 
 def h100s() -> list[DeviceState]:
-    nvml = SimulatedNvml(fleet_path("dgx-h100-8"))
-    nvml.init()
-    try:
-        return discover(nvml, 1_767_225_600.0).devices
-    finally:
-        nvml.shutdown()
+    return discovered("dgx-h100-8", 1_767_225_600.0)
 
 
 class Node:

@@ -18,16 +18,15 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from common.bus.messages import KUBE_SOCKET, KubeState
-from devtools.kube_api import EVENT_FAULTS, FAULTS, KubeApiEmulator
+from devtools.kube_api import EVENT_FAULTS, FAULTS
 from services.kube_agent import restarts
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
-from tests.integration.fakes import LoopThread
+from tests.integration.fakes import EmulatedApi
 
 LABEL = "nvidia.com/device-plugin.config"
 TS4 = "version: v1\nsharing:\n  timeSlicing:\n    resources:\n    - name: nvidia.com/gpu\n      replicas: 4\n"
@@ -57,24 +56,7 @@ def config_map(src: Path, configs: dict[str, str], generation: int = 1) -> None:
         shutil.rmtree(old)
 
 
-class Api:
-    def __init__(self) -> None:
-        self.lt = LoopThread()
-        self.emu = KubeApiEmulator()
-        self.lt.run(self.emu.start())
-
-    def do(self, fn: Callable[..., Any], *args: Any) -> Any:
-        async def call() -> Any:
-            result = fn(*args)
-            if hasattr(result, "__await__"):
-                return await result
-            return result
-
-        return self.lt.run(call())
-
-    def close(self) -> None:
-        self.lt.run(self.emu.stop())
-        self.lt.close()
+Api = EmulatedApi
 
 
 @pytest.fixture

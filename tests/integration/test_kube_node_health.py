@@ -17,31 +17,25 @@ import pytest
 
 from common.bus.messages import KUBE_SOCKET, UNHEALTHY, DeviceState, HealthEvent, KubeState
 from common.kubeapi import Http, default_client
-from devtools.kube_api import KubeApiEmulator
 from services.cli import _node_health_line
 from services.kube_agent.board import KubeBoard
 from services.kube_agent.node_events import BURST
 from services.kube_agent.reporter import NodeHealth
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
-from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+from tests.integration.fakes import EmulatedApi, FakeHealthMonitor, gpus
 
 NODE = "node-1"
 READY = {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
          "lastHeartbeatTime": "2026-12-01T00:00:00Z", "lastTransitionTime": "2026-11-01T00:00:00Z"}
 
 
-class Api:
+class Api(EmulatedApi):
     def __init__(self) -> None:
-        self.lt = LoopThread()
-        self.emu = KubeApiEmulator()
-        self.lt.run(self.emu.start())
+        super().__init__()
         self.lt.call(lambda: self.emu.add_node(NODE))
         # Another writer's condition (the kubelet's): it must stay as it is.
         self.lt.call(lambda: self.emu.nodes[NODE].setdefault("status", {}).update(conditions=[dict(READY)]))
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        return self.lt.call(fn)
 
     def condition(self) -> dict[str, Any] | None:
         found: dict[str, Any] | None = self.call(lambda: self.emu.condition(NODE, "GPUUnhealthy"))
@@ -53,10 +47,6 @@ class Api:
 
     def writes(self) -> int:
         return len(self.call(self.emu.writes))
-
-    def close(self) -> None:
-        self.lt.run(self.emu.stop())
-        self.lt.close()
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ import pytest
 from common.bus.messages import DeviceState, HealthState
 from common.settings import DraDevices, SettingsError, resolve
 from common.settings.dra import dra_devices
-from devtools.nvml_sim import SimulatedNvml, fleet_path
-from services.health_monitor.discovery import discover
 from services.plugin_server.device_table import GPU_RESOURCE, MigConfigError, build_resources
+from tests.conftest import discovered
 
 GPU6 = "GPU-930bc548-4e27-0432-876f-a3553ef2f53f"  # MIG-enabled: 2 x 3g.40gb
 GPU7 = "GPU-5a20cdd2-88f7-7505-15b6-a96180636b05"  # MIG-enabled: 7 x 1g.10gb
@@ -21,12 +20,7 @@ GPU7 = "GPU-5a20cdd2-88f7-7505-15b6-a96180636b05"  # MIG-enabled: 7 x 1g.10gb
 @pytest.fixture(scope="module")
 def fleet() -> list[DeviceState]:
     """The MIG fleet as the health-monitor discovers it: 8 H100s, GPUs 6 and 7 split into MIG devices."""
-    nvml = SimulatedNvml(fleet_path("dgx-h100-8-mig"))
-    nvml.init()
-    try:
-        return discover(nvml, 1.0).devices
-    finally:
-        nvml.shutdown()
+    return discovered("dgx-h100-8-mig")
 
 
 def state(devices: list[DeviceState]) -> HealthState:

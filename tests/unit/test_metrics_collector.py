@@ -27,10 +27,9 @@ from common.bus.messages import (
     Registration,
 )
 from common.version import VERSION
-from devtools.nvml_sim import SimulatedNvml, fleet_path
-from services.health_monitor.discovery import discover
 from services.kube_agent import metrics
 from services.kube_agent.metrics import Collector
+from tests.conftest import discovered
 
 HOST = "gpu-node-7"
 DCGM = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname")  # on every per-device series
@@ -40,12 +39,7 @@ DCGM_MIG = (*DCGM, "GPU_I_PROFILE", "GPU_I_ID")
 @pytest.fixture(scope="module")
 def fleet() -> list[DeviceState]:
     """The MIG fleet as the health-monitor discovers it: 8 H100s, two of them split into MIG devices."""
-    nvml = SimulatedNvml(fleet_path("dgx-h100-8-mig"))
-    nvml.init()
-    try:
-        return discover(nvml, 1.0).devices
-    finally:
-        nvml.shutdown()
+    return discovered("dgx-h100-8-mig")
 
 
 class Clock:
