@@ -22,6 +22,7 @@ from typing import Any
 from common.bus.messages import UNHEALTHY, DeviceState
 from common.kubeapi import json_type, show
 from services.dra_plugin.names import is_claim_uid, is_device_name
+from services.dra_plugin.pool import Taint, taints_of
 
 GROUP = "resource.k8s.io"
 # v1 from Kubernetes 1.34 (GA), v1beta1 for 1.32 and 1.33: the claim's allocation has the same shape in both.
@@ -60,6 +61,28 @@ def claim_path(version: str, ref: ClaimRef) -> str:
     return f"/apis/{GROUP}/{version}/namespaces/{ref.namespace}/resourceclaims/{ref.name}"
 
 
+MAX_TOLERATIONS = 16  # the API's bound on a request's tolerations (resource.k8s.io v1 validation)
+_OPERATORS = ("Equal", "Exists")
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """A request's device toleration (KEP-5055), which the scheduler copied into the allocation result."""
+
+    key: str = ""
+    operator: str = "Equal"
+    value: str = ""
+    effect: str = ""  # "": every effect
+
+    def tolerates(self, taint: Taint) -> bool:
+        # The API's DeviceToleration.ToleratesTaint: an empty key with Exists tolerates every taint.
+        if self.effect and self.effect != taint.effect:
+            return False
+        if self.key and self.key != taint.key:
+            return False
+        return self.operator == "Exists" or self.value == taint.value
+
+
 @dataclass(frozen=True)
 class Allocated:
     """One result of the claim's allocation for our driver."""
@@ -68,6 +91,8 @@ class Allocated:
     pool: str
     device: str
     admin_access: bool = False  # allocated for monitoring by an admin: may share a device with another claim
+    # The request's tolerations: the scheduler allocated a tainted device because of them; prepare honours them.
+    tolerations: tuple[Toleration, ...] = ()
 
 
 def _text(obj: Mapping[str, Any], key: str, where: str) -> str:
@@ -75,6 +100,26 @@ def _text(obj: Mapping[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str):
         raise ClaimError(f"{where}.{key}: {json_type(value)}, not a string")
     return value
+
+
+def _tolerations(value: Any, where: str) -> tuple[Toleration, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_TOLERATIONS:
+        raise ClaimError(f"{where}.tolerations: {json_type(value)}, not a list of at most {MAX_TOLERATIONS}")
+    out = []
+    for i, t in enumerate(value):
+        at = f"{where}.tolerations[{i}]"
+        if not isinstance(t, dict):
+            raise ClaimError(f"{at}: {json_type(t)}, not an object")
+        fields = {k: t.get(k) or "" for k in ("key", "operator", "value", "effect")}
+        if not all(isinstance(v, str) for v in fields.values()):
+            raise ClaimError(f"{at}: key, operator, value and effect must be strings")
+        fields["operator"] = fields["operator"] or "Equal"
+        if fields["operator"] not in _OPERATORS:
+            raise ClaimError(f"{at}.operator: {show(fields['operator'])}, not one of {', '.join(_OPERATORS)}")
+        out.append(Toleration(**fields))
+    return tuple(out)
 
 
 def allocated(answer: Any, ref: ClaimRef, version: str, driver: str, pool: str) -> list[Allocated]:
@@ -120,7 +165,7 @@ def allocated(answer: Any, ref: ClaimRef, version: str, driver: str, pool: str) 
         # helper does: containers name requests, not subrequests.
         request = _text(result, "request", where).split("/", 1)[0]
         got = Allocated(request, _text(result, "pool", where), _text(result, "device", where),
-                        result.get("adminAccess") is True)
+                        result.get("adminAccess") is True, _tolerations(result.get("tolerations"), where))
         if got.pool != pool:
             # Another node's device: preparing the rest would give the pod fewer devices than it claimed.
             raise ClaimError(f"{what}: device {show(got.device)} of pool {show(got.pool)} is not on this node "
@@ -142,8 +187,10 @@ class Chosen:
 def choose(results: Iterable[Allocated], offered: Mapping[str, DeviceState],
            in_use: Mapping[str, str], ref: ClaimRef) -> list[Chosen]:
     """The devices of the claim's results: each must be one DRA offers on this node (`offered`, name ->
-    device) and Healthy, and not prepared for another claim (`in_use`, name -> that claim) unless the
-    result is for admin access. ClaimError names the first device that is not."""
+    device), Healthy or with every taint the slices publish for it tolerated by the result, and not
+    prepared for another claim (`in_use`, name -> that claim). A result for admin access is prepared
+    whatever the device's health and use: looking at a broken or busy GPU is what it is for. ClaimError
+    names the first device that is not."""
     out: dict[str, Chosen] = {}
     for r in results:
         if not is_device_name(r.device):
@@ -153,9 +200,16 @@ def choose(results: Iterable[Allocated], offered: Mapping[str, DeviceState],
             known = ", ".join(sorted(offered)[:8]) + (", ..." if len(offered) > 8 else "")
             raise ClaimError(f"claim {ref}: device {r.device} is not one this node offers through DRA "
                              f"(offered: {known or 'none'})")
-        if device.health == UNHEALTHY:
-            raise ClaimError(f"claim {ref}: device {r.device} ({device.id}) is Unhealthy: "
-                             f"{device.reason or 'no reason given'}")
+        if device.health == UNHEALTHY and not r.admin_access:
+            # The taints the slices publish (effect None keeps no one off a device); the scheduler gave the
+            # device to the claim because its request tolerates them, e.g. a cordon the user accepts.
+            held = [t for t in taints_of(device, {}) if t.effect != "None"]
+            untolerated = [t for t in held if not any(tol.tolerates(t) for tol in r.tolerations)]
+            if untolerated or not held:
+                named = ", ".join(f"{t.key}{'=' + t.value if t.value else ''}:{t.effect}" for t in untolerated)
+                raise ClaimError(f"claim {ref}: device {r.device} ({device.id}) is Unhealthy: "
+                                 f"{device.reason or 'no reason given'}; request {r.request} does not tolerate its "
+                                 f"taint {named or '(none)'}")
         other = in_use.get(r.device)
         if other is not None and not r.admin_access:
             raise ClaimError(f"claim {ref}: device {r.device} is prepared for another claim, {other}")

@@ -16,7 +16,7 @@ from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, Message, StateM
 from common.settings import resolve
 from services.dra_plugin import checkpoint as cp
 from services.dra_plugin.checkpoint import Checkpoint, CheckpointError, Entry, PreparedDevice
-from services.dra_plugin.claims import Allocated, ClaimError, ClaimRef, allocated, choose, claim_path
+from services.dra_plugin.claims import Allocated, ClaimError, ClaimRef, Toleration, allocated, choose, claim_path
 from services.dra_plugin.names import cdi_device_id, cdi_spec_file, device_names, offered
 from tests.fakedriver import make_driver_root
 
@@ -123,7 +123,8 @@ def test_devices_are_chosen_by_name_with_their_requests() -> None:
 
 
 @pytest.mark.parametrize(("device", "in_use", "admin", "why"), [
-    ("gpu-2", {}, False, "gpu-2 .* is Unhealthy: XID 79"),
+    ("gpu-2", {}, False, "gpu-2 .* is Unhealthy: XID 79; request gpus does not tolerate its taint "
+                         "gpu.nvidia.com/xid=79:NoSchedule"),
     ("gpu-3", {}, False, "gpu-3 is not one this node offers"),  # in MIG mode: its MIG devices are offered
     ("gpu-7", {}, False, "gpu-7 is not one this node offers through DRA .offered: gpu-0, gpu-1, gpu-2."),
     ("GPU-0", {}, False, "is not a device name"),
@@ -138,6 +139,51 @@ def test_a_device_that_cannot_be_handed_out_is_refused(device: str, in_use: dict
 def test_admin_access_may_share_a_prepared_device() -> None:
     got = choose([Allocated("gpus", "node-1", "gpu-1", True)], OFFER, {"gpu-1": "default/other (u2)"}, REF)
     assert [c.name for c in got] == ["gpu-1"]
+
+
+CORDONED = offered([gpu(0, health=UNHEALTHY, reason="cordoned: fan noise", cordoned=True),
+                    gpu(1, health=UNHEALTHY, reason="cordoned: fan; XID 79", cordoned=True)])
+
+
+def test_tolerations_are_read_from_the_allocation_result() -> None:
+    tolerations = [{"key": "gpu.nvidia.com/cordon", "operator": "Exists", "effect": "NoSchedule"},
+                   {"key": "gpu.nvidia.com/xid", "value": "79"}]
+    got = allocated(answer([result("gpu-0", tolerations=tolerations)]), REF, "v1", "gpu.nvidia.com", "node-1")
+    assert got[0].tolerations == (Toleration("gpu.nvidia.com/cordon", "Exists", "", "NoSchedule"),
+                                  Toleration("gpu.nvidia.com/xid", "Equal", "79", ""))
+    with pytest.raises(ClaimError, match=r"tolerations\[0\].operator: 'Lt', not one of Equal, Exists"):
+        allocated(answer([result("gpu-0", tolerations=[{"key": "k", "operator": "Lt"}])]), REF, "v1",
+                  "gpu.nvidia.com", "node-1")
+
+
+@pytest.mark.parametrize(("device", "tolerations", "why"), [
+    ("gpu-0", (), "does not tolerate its taint gpu.nvidia.com/cordon:NoSchedule"),
+    ("gpu-0", (Toleration("gpu.nvidia.com/cordon", "Exists", "", "NoExecute"),), "gpu.nvidia.com/cordon:NoSchedule"),
+    ("gpu-0", (Toleration("gpu.nvidia.com/cordon", "Equal", "yes"),), "gpu.nvidia.com/cordon:NoSchedule"),
+    # Two taints: tolerating one is not enough, and the one left is named.
+    ("gpu-1", (Toleration("gpu.nvidia.com/cordon", "Exists"),), "its taint gpu.nvidia.com/xid=79:NoSchedule$"),
+])
+def test_a_tainted_device_is_refused_unless_its_taints_are_tolerated(device: str, tolerations: tuple[Toleration, ...],
+                                                                     why: str) -> None:
+    with pytest.raises(ClaimError, match=why):
+        choose([Allocated("gpus", "node-1", device, tolerations=tolerations)], CORDONED, {}, REF)
+
+
+@pytest.mark.parametrize(("device", "tolerations"), [
+    ("gpu-0", (Toleration("gpu.nvidia.com/cordon", "Exists"),)),
+    ("gpu-0", (Toleration("gpu.nvidia.com/cordon", "Equal", "", "NoSchedule"),)),
+    ("gpu-0", (Toleration("", "Exists"),)),  # an empty key with Exists tolerates everything
+    ("gpu-1", (Toleration("gpu.nvidia.com/cordon", "Exists"), Toleration("gpu.nvidia.com/xid", "Equal", "79"))),
+])
+def test_a_tainted_device_whose_taints_are_tolerated_is_prepared(device: str,
+                                                                 tolerations: tuple[Toleration, ...]) -> None:
+    got = choose([Allocated("gpus", "node-1", device, tolerations=tolerations)], CORDONED, {}, REF)
+    assert [c.name for c in got] == [device]
+
+
+def test_admin_access_prepares_an_unhealthy_device_without_tolerations() -> None:
+    got = choose([Allocated("gpus", "node-1", "gpu-2", True)], OFFER, {}, REF)
+    assert [c.name for c in got] == ["gpu-2"]
 
 
 # -- the checkpoint --------------------------------------------------------------------------------------
