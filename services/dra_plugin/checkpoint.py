@@ -31,7 +31,9 @@ from common.bus.messages import ClaimPhase, PreparedClaim
 from common.files import read_bounded, replace_file
 
 FILE = "dra-checkpoint.json"
-VERSION = 1
+# 2 added each device's adminAccess; version 1 (none) is still read, its devices not admin access.
+VERSION = 2
+READS = (1, 2)
 MAX_CLAIMS = 1024  # a node runs at most a few hundred pods; a record past this is not a node's
 MAX_DEVICES = 256  # per claim: claims.MAX_RESULTS
 MAX_BYTES = 8 << 20  # MAX_CLAIMS claims of a few devices each are well under 1 MiB
@@ -51,6 +53,8 @@ class PreparedDevice:
     name: str  # the DRA device name
     uuid: str  # the GPU or MIG device it was when prepared
     cdi_ids: tuple[str, ...]
+    # Prepared for an admin's look only: the device is not the claim's to hold, another claim may have it.
+    admin_access: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ class Entry:
 def encode(entries: Mapping[str, Entry]) -> bytes:
     claims = {uid: {"namespace": e.namespace, "name": e.name, "phase": e.phase, "since": e.since,
                     "devices": [{"requests": list(d.requests), "pool": d.pool, "device": d.name, "uuid": d.uuid,
-                                 "cdiDeviceIDs": list(d.cdi_ids)} for d in e.devices]}
+                                 "cdiDeviceIDs": list(d.cdi_ids), "adminAccess": d.admin_access}
+                                for d in e.devices]}
               for uid, e in sorted(entries.items())}
     return json.dumps({"version": VERSION, "claims": claims}, indent=1, sort_keys=True).encode() + b"\n"
 
@@ -100,8 +105,9 @@ def decode(data: bytes) -> dict[str, Entry]:
     if not isinstance(doc, dict):
         raise CheckpointError("not a JSON object")
     version = doc.get("version")
-    if version != VERSION:
-        raise CheckpointError(f"version {version!r}, this plugin reads version {VERSION} (a newer plugin's record?)")
+    if version not in READS or isinstance(version, bool):
+        raise CheckpointError(f"version {version!r}, this plugin reads versions {', '.join(map(str, READS))} "
+                              "(a newer plugin's record?)")
     claims = doc.get("claims")
     if not isinstance(claims, dict):
         raise CheckpointError("claims: not an object")
@@ -126,9 +132,12 @@ def decode(data: bytes) -> dict[str, Entry]:
             at = f"{where}.devices[{i}]"
             if not isinstance(d, dict):
                 raise CheckpointError(f"{at}: not an object")
+            admin = d.get("adminAccess", False)
+            if not isinstance(admin, bool):
+                raise CheckpointError(f"{at}.adminAccess: not a boolean")
             prepared.append(PreparedDevice(_strings(d.get("requests"), f"{at}.requests"), _text(d, "pool", at),
                                            _text(d, "device", at), _text(d, "uuid", at),
-                                           _strings(d.get("cdiDeviceIDs"), f"{at}.cdiDeviceIDs")))
+                                           _strings(d.get("cdiDeviceIDs"), f"{at}.cdiDeviceIDs"), admin))
         out[uid] = Entry(uid, _text(raw, "namespace", where), _text(raw, "name", where), phase, tuple(prepared),
                          float(since))
     return out
@@ -176,14 +185,21 @@ class Checkpoint:
         return True
 
     def _write(self, entries: dict[str, Entry]) -> None:
+        data = encode(entries)
+        if len(data) > MAX_BYTES:
+            # load() refuses a record past the bound: writing it would lose every claim at the next start.
+            raise CheckpointError(f"{self.path}: the record would be {len(data)} bytes, more than the {MAX_BYTES} "
+                                  "this plugin reads; not written")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # The kubelet's claims are its business: readable by root only, as the kubelet's own checkpoints.
-            replace_file(self.path, encode(entries), 0o600, sync_dir=True)
+            replace_file(self.path, data, 0o600, sync_dir=True)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot write: {e.strerror or e}") from None
         self.entries = entries
 
     def in_use(self, except_uid: str = "") -> dict[str, str]:
-        """Device name -> the claim it is prepared for (started or completed), but for claim `except_uid`."""
-        return {d.name: str(e) for e in self.entries.values() if e.uid != except_uid for d in e.devices}
+        """Device name -> the claim it is prepared for (started or completed), but for claim `except_uid`;
+        admin-access devices are not held (an admin's look must not keep the GPU from its workloads)."""
+        return {d.name: str(e) for e in self.entries.values() if e.uid != except_uid for d in e.devices
+                if not d.admin_access}

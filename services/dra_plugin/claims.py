@@ -182,6 +182,7 @@ class Chosen:
     pool: str
     name: str
     device: DeviceState
+    admin_access: bool = False  # every result naming it is for admin access
 
 
 def choose(results: Iterable[Allocated], offered: Mapping[str, DeviceState],
@@ -215,7 +216,8 @@ def choose(results: Iterable[Allocated], offered: Mapping[str, DeviceState],
             raise ClaimError(f"claim {ref}: device {r.device} is prepared for another claim, {other}")
         before = out.get(r.device)
         if before is not None:  # one device for two requests (admin access): one CDI device, both requests
-            out[r.device] = Chosen((*before.requests, r.request), r.pool, r.device, device)
+            out[r.device] = Chosen((*before.requests, r.request), r.pool, r.device, device,
+                                   before.admin_access and r.admin_access)
         else:
-            out[r.device] = Chosen((r.request,), r.pool, r.device, device)
+            out[r.device] = Chosen((r.request,), r.pool, r.device, device, r.admin_access)
     return list(out.values())

@@ -430,8 +430,8 @@ class DraPlugin:
             chosen = choose(got, self.offered, self.checkpoint.in_use(except_uid=ref.uid), ref)
         except ClaimError as e:
             return self._failed(ref, e)
-        devices = tuple(PreparedDevice(c.requests, c.pool, c.name, c.device.id, (cdi_device_id(ref.uid, c.name),))
-                        for c in chosen)
+        devices = tuple(PreparedDevice(c.requests, c.pool, c.name, c.device.id, (cdi_device_id(ref.uid, c.name),),
+                                       c.admin_access) for c in chosen)
         try:
             # Started before the spec: a restart in between leaves a record that an unprepare cleans up.
             self.checkpoint.put(Entry(ref.uid, ref.namespace, ref.name, STARTED, devices))

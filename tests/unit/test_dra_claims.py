@@ -202,13 +202,50 @@ def test_checkpoint_round_trip_and_in_use(tmp_path: Path) -> None:
     assert again.entries == {REF.uid: entry}
     assert again.in_use() == {"gpu-0": str(entry)} and again.in_use(except_uid=REF.uid) == {}
     assert again.remove(REF.uid) and not again.remove(REF.uid)
-    assert json.loads((tmp_path / cp.FILE).read_text()) == {"version": 1, "claims": {}}
+    assert json.loads((tmp_path / cp.FILE).read_text()) == {"version": 2, "claims": {}}
+
+
+def test_admin_access_is_recorded_and_holds_no_device(tmp_path: Path) -> None:
+    store = Checkpoint(tmp_path)
+    admin = Entry(REF.uid, "default", "look", cp.COMPLETED, (dataclasses.replace(DEV, admin_access=True),), 1.0)
+    store.put(admin)
+    again = Checkpoint(tmp_path)
+    again.load()
+    assert again.entries == {REF.uid: admin}
+    assert again.in_use() == {}  # a normal claim may have the GPU an admin looks at
+    got = choose([Allocated("gpus", "node-1", "gpu-0")], OFFER, again.in_use(), REF)
+    assert [(c.name, c.admin_access) for c in got] == [("gpu-0", False)]
+
+
+def test_a_version_1_record_is_read_its_devices_not_admin_access(tmp_path: Path) -> None:
+    doc = {"version": 1, "claims": {REF.uid: {
+        "namespace": "default", "name": "gpus", "phase": cp.COMPLETED, "since": 1.0,
+        "devices": [{"requests": ["gpus"], "pool": "node-1", "device": "gpu-0", "uuid": gpu(0).id,
+                     "cdiDeviceIDs": list(DEV.cdi_ids)}]}}}
+    (tmp_path / cp.FILE).write_text(json.dumps(doc))
+    store = Checkpoint(tmp_path)
+    store.load()
+    assert store.entries == {REF.uid: Entry(REF.uid, "default", "gpus", cp.COMPLETED, (DEV,), 1.0)}
+    assert store.in_use() == {"gpu-0": f"default/gpus ({REF.uid})"}
+
+
+def test_a_record_past_the_bound_is_not_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Checkpoint(tmp_path)
+    store.put(Entry(REF.uid, "default", "gpus", cp.COMPLETED, (DEV,), 1.0))
+    before = (tmp_path / cp.FILE).read_bytes()
+    monkeypatch.setattr(cp, "MAX_BYTES", len(before) + 100)
+    big = Entry("u2", "default", "x" * 200, cp.STARTED)
+    with pytest.raises(CheckpointError, match=r"would be \d+ bytes, more than the \d+ this plugin reads; not written"):
+        store.put(big)
+    # Nothing lost: the file and the record in memory are what they were.
+    assert (tmp_path / cp.FILE).read_bytes() == before and list(store.entries) == [REF.uid]
 
 
 @pytest.mark.parametrize(("doc", "why"), [
     (b"{", "not JSON"),
     (b"[]", "not a JSON object"),
-    (b'{"version": 2, "claims": {}}', "version 2, this plugin reads version 1"),
+    (b'{"version": 3, "claims": {}}', "version 3, this plugin reads versions 1, 2"),
+    (b'{"version": true, "claims": {}}', "version True, this plugin reads versions 1, 2"),
     (b'{"version": 1, "claims": []}', "claims: not an object"),
     (b'{"version": 1, "claims": {"u": {"phase": "Prepared"}}}', "phase: 'Prepared', not one of PrepareStarted"),
     (b'{"version": 1, "claims": {"u": {"phase": "PrepareStarted", "since": "x"}}}', "since: not a number"),
