@@ -41,7 +41,7 @@ from common.bus.messages import HEALTHY, DeviceState, DraEvent, DraSlices, DraSt
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.fswatch import DirWatcher, file_id
 from common.kubeapi import READ_ERRORS, ApiStatus, ConfigError, Http, default_client, reason, request
-from common.lifecycle import run_until_stopped
+from common.lifecycle import PermanentError, run_until_stopped
 from common.pb.dra.v1 import api_pb2 as v1
 from common.pb.dra.v1 import api_pb2_grpc as v1_grpc
 from common.pb.dra.v1beta1 import api_pb2 as v1beta1
@@ -78,6 +78,7 @@ ENDPOINT_SOCKET = "dra.sock"
 RESEND_S = 10.0  # the health list again, well within the kubelet's 30 s after which a device reads Unknown
 RECHECK_S = 5.0  # sockets looked at without an inotify event (a backstop, as the plugin-server's)
 READ_S = 10.0  # one claim read from the API, whole; the kubelet's call waits 45 s for the answer
+ANSWER_S = 1.0  # a socket left at our path is tried this long: a live one answers a connect at once
 MAX_HEALTH_STREAMS = 64  # the kubelet holds one (two while it replaces it)
 ERROR_TEXT = 1000  # a claim's error as the kubelet shows it in the pod's events
 HealthUpdates = AsyncIterator[health_pb.NodeWatchResourcesResponse]
@@ -113,15 +114,24 @@ class Socket:
         await self.stop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
+            if await answers(self.path):
+                # NVIDIA's DRA driver serves the same name and paths: unlinking its live socket would take the
+                # node's GPUs from it behind its back, and the kubelet would then talk to two drivers by turns.
+                raise PermanentError(
+                    f"{self.what}: {self.path} is served by another live process, most likely NVIDIA's DRA "
+                    f"driver ({DRIVER_NAME}) on this node; run one {DRIVER_NAME} driver per node (turn DRA off here, "
+                    "or remove the other one)")
             self.path.unlink()  # a dead predecessor's: ours by name (the watcher sees it go, then come)
         server = grpc.aio.server()
         self._add(server)
+        # Only around the synchronous bind, which creates the file: an await inside the window would give
+        # every other task's files the process-wide umask too.
         old_umask = os.umask(0o077)  # for the kubelet (root) only
         try:
             server.add_insecure_port(f"unix:{self.path}")
-            await server.start()
         finally:
             os.umask(old_umask)
+        await server.start()
         self._server, self._id = server, file_id(self.path)
         log.info("serving %s on %s", self.what, self.path)
         return True
@@ -133,6 +143,21 @@ class Socket:
         if self._id and file_id(self.path) == self._id:
             self.path.unlink(missing_ok=True)
         self._id = ""
+
+
+async def answers(path: Path) -> bool:
+    """Whether something listens on the unix socket at `path` (refused or not a socket: nothing does)."""
+    try:
+        async with asyncio.timeout(ANSWER_S):
+            _, writer = await asyncio.open_unix_connection(str(path))
+    except TimeoutError:
+        return True  # a backlog that is full is a listener's
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 class DraPlugin:
@@ -224,7 +249,12 @@ class DraPlugin:
         sub = BusSubscriber([self._health_bus], topics=[HealthState.TOPIC])
         self.publish()
         try:
-            await self._ensure_sockets()
+            try:
+                await self._ensure_sockets()
+            except BaseException:
+                for _, work in beside:  # never started: closed, so that none is left never awaited
+                    work.close()
+                raise
             await run_until_stopped(
                 stop,
                 asyncio.create_task(self._pub.run(), name="bus-heartbeat"),

@@ -325,3 +325,29 @@ def test_off_by_default_and_refused_without_its_node(procs: Procs, short_tmp: Pa
     assert done.returncode == rc, done.stderr
     assert said in done.stderr, done.stderr
     assert not (short_tmp / "registry").exists()
+
+
+def test_a_live_socket_of_another_driver_is_left_alone_and_a_dead_one_replaced(node: DraNode) -> None:
+    """NVIDIA's DRA driver on the same node serves the same paths: its live socket is not unlinked, the
+    plugin ends the container (78) naming it; a socket nobody serves (a killed predecessor's) is replaced,
+    owner-only."""
+    import socket
+
+    endpoint = node.root / "plugins" / DRIVER / "dra.sock"
+    endpoint.parent.mkdir(parents=True)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        other.bind(str(endpoint))
+        other.listen(8)
+        p = node.procs.start("dra-plugin", "dra-plugin", env=node.env)
+        assert p.wait(timeout=15) == 78
+        said = node.procs.log("dra-plugin")
+        assert "is served by another live process, most likely NVIDIA's DRA driver (gpu.nvidia.com)" in said, said
+        assert "never awaited" not in said, said
+        assert endpoint.exists() and not (node.root / "registry" / f"{DRIVER}-reg.sock").exists()
+    finally:
+        other.close()  # the file stays: a dead socket now
+    node.start()
+    node.wait_registered()
+    for path in (endpoint, node.root / "registry" / f"{DRIVER}-reg.sock"):
+        assert path.stat().st_mode & 0o077 == 0, path  # made under umask 077: the bind is in the window
