@@ -422,6 +422,13 @@ class DraPlugin:
         if (entry.namespace, entry.name) != (ref.namespace, ref.name):
             return self._failed(ref, ClaimError(f"claim UID {ref.uid} was prepared as {entry.namespace}/{entry.name}"))
         if entry.devices and not self.specs.exists(ref.uid):
+            if self.health is None or not self.health.nvml_ok:
+                # Nothing is known of the devices yet (a start before the first health state): that is not
+                # "gone from this node", and the kubelet's next try will find them.
+                why = "no device state from the health-monitor yet" if self.health is None else \
+                    f"the health-monitor cannot use NVML: {self.health.error}"
+                return self._failed(ref, ClaimError(f"claim {ref}: its CDI spec is gone and cannot be written "
+                                                    f"again yet: {why}"))
             by_uuid = {d.id: (name, d) for name, d in self.offered.items()}
             devices: dict[str, DeviceState] = {}
             for p in entry.devices:

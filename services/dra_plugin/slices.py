@@ -202,6 +202,9 @@ class SlicePublisher:
         if self._held is None:
             held, version = await api.read()
             self._held = {h.name: h for h in held}
+            # A delete of ours whose watch event was missed (the watch was cut) would otherwise stay listed
+            # and make a later delete of that name by someone else look like ours.
+            self._deleting.clear()
             self._start_watch(api, version)
         cache = self._held
         self._gone.clear()  # only a write of this pass can be answered after its slice's delete

@@ -320,3 +320,18 @@ def test_a_prepare_cut_by_a_restart_is_done_again_or_undone(tmp_path: Path) -> N
         assert not plugin.specs.exists(REF.uid) and plugin.checkpoint.entries == {}
 
     asyncio.run(run())
+
+
+def test_a_repeated_prepare_before_the_first_health_state_says_there_is_no_device_state(tmp_path: Path) -> None:
+    from services.dra_plugin.plugin import DraPlugin
+
+    settings = resolve(environ={"GPU_PLUGIN_STATE_DIR": str(tmp_path / "state"), "CDI_SPEC_DIR": str(tmp_path / "cdi"),
+                                "GPU_PLUGIN_RUN_DIR": str(tmp_path / "run")})
+    # Prepared before a reboot that emptied the CDI directory; the program has heard no health state yet.
+    Checkpoint(settings.state_dir).put(Entry(REF.uid, "default", "gpus", cp.COMPLETED, (DEV,)))
+    plugin = DraPlugin(settings, "node-1", Board(), tmp_path / "health.sock")  # type: ignore[arg-type]
+    plugin.checkpoint.load()
+    error = plugin._again(REF, plugin.checkpoint.entries[REF.uid]).error
+    assert error.endswith("its CDI spec is gone and cannot be written again yet: no device state from the "
+                          "health-monitor yet"), error
+    assert plugin.checkpoint.entries[REF.uid].phase == cp.COMPLETED  # kept for the kubelet's next try
