@@ -593,5 +593,25 @@ def test_dra_the_plugin_its_classes_and_only_its_rbac() -> None:
     v1beta1 = [d for d in split if d["kind"] == "DeviceClass"]
     assert [d["apiVersion"] for d in v1beta1] == ["resource.k8s.io/v1beta1"] * 2
     assert all("extendedResourceName" not in d["spec"] for d in v1beta1)
+    # A split with the classes on v1: nvidia.com/gpu stays the device plugin's alone (NVIDIA's chart refuses both).
+    split_v1 = render({"dra": {"enabled": True, "devices": "0,1"}})
+    (gpu_class,) = [d for d in split_v1 if d["kind"] == "DeviceClass" and d["metadata"]["name"] == "gpu.nvidia.com"]
+    assert gpu_class["apiVersion"] == "resource.k8s.io/v1" and "extendedResourceName" not in gpu_class["spec"]
     # Another release (or NVIDIA's driver) owns the classes: none here.
     assert not [d for d in render({"dra": {"enabled": True, "deviceClasses": False}}) if d["kind"] == "DeviceClass"]
+
+
+def test_dra_devices_with_a_per_node_config_is_each_nodes_unless_given() -> None:
+    """With per-node configs and no dra.devices, DRA_DEVICES is not set: the environment would override each
+    node's file (dra.devices there). Given, it is set (and overrides them); the extended resource only with all."""
+    per_node = {"config": {"map": {"default": "version: v1\n", "split": "version: v1\ndra:\n  devices: [0]\n"}}}
+    objects = render({**per_node, "dra": {"enabled": True}})
+    env = env_of(pod(next(d for d in objects if d["kind"] == "DaemonSet"))["containers"][0])
+    assert env["DRA_ENABLED"] == "true" and "DRA_DEVICES" not in env
+    (gpu_class,) = [d for d in objects if d["kind"] == "DeviceClass" and d["metadata"]["name"] == "gpu.nvidia.com"]
+    assert "extendedResourceName" not in gpu_class["spec"]
+    given = render({**per_node, "dra": {"enabled": True, "devices": "all"}})
+    env = env_of(pod(next(d for d in given if d["kind"] == "DaemonSet"))["containers"][0])
+    assert env["DRA_DEVICES"] == "all"
+    (gpu_class,) = [d for d in given if d["kind"] == "DeviceClass" and d["metadata"]["name"] == "gpu.nvidia.com"]
+    assert gpu_class["spec"]["extendedResourceName"] == "nvidia.com/gpu"

@@ -84,3 +84,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $root := default "/" .Values.nvidiaDriverRoot -}}
 {{- or (eq (include "gpu-device-plugin.cdi" .) "true") (ne $root "/") -}}
 {{- end -}}
+
+{{/* The GPUs DRA serves as the chart decides them: dra.devices when given; else "all" without a per-node
+     config (nothing else could name them), and "" with one: each node's config file's dra.devices decides
+     (an environment variable would override every file). */}}
+{{- define "gpu-device-plugin.draDevices" -}}
+{{- if .Values.dra.devices -}}
+{{- .Values.dra.devices -}}
+{{- else if not (include "gpu-device-plugin.configMapName" .) -}}
+all
+{{- end -}}
+{{- end -}}
