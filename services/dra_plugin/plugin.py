@@ -79,6 +79,11 @@ RESEND_S = 10.0  # the health list again, well within the kubelet's 30 s after w
 RECHECK_S = 5.0  # sockets looked at without an inotify event (a backstop, as the plugin-server's)
 READ_S = 10.0  # one claim read from the API, whole; the kubelet's call waits 45 s for the answer
 ANSWER_S = 1.0  # a socket left at our path is tried this long: a live one answers a connect at once
+# Stale records: a claim whose unprepare never came (a node drained while the plugin was down, a kubelet
+# that lost its own checkpoint) would hold its devices for ever. Looked up at start and this often; only
+# records older than CLEAN_AGE_S, so that a claim being prepared now is never questioned.
+CLEAN_S = 600.0
+CLEAN_AGE_S = 300.0
 MAX_HEALTH_STREAMS = 64  # the kubelet holds one (two while it replaces it)
 ERROR_TEXT = 1000  # a claim's error as the kubelet shows it in the pod's events
 HealthUpdates = AsyncIterator[health_pb.NodeWatchResourcesResponse]
@@ -162,13 +167,15 @@ async def answers(path: Path) -> bool:
 
 class DraPlugin:
     def __init__(self, settings: Settings, node: str, publisher: BusPublisher, health_bus: Path,
-                 http: Callable[[], Http] = default_client) -> None:
+                 http: Callable[[], Http] = default_client, clean_s: float = CLEAN_S,
+                 clean_age_s: float = CLEAN_AGE_S) -> None:
         self.settings = settings
         self.node = node
         self.pool = pool_name(node)
         self._pub = publisher
         self._health_bus = health_bus
         self._new_http = http
+        self._clean_s, self._clean_age_s = clean_s, clean_age_s
         self._http: Http | None = None
         self._version = 0  # index into VERSIONS of the API version that served the last claim
         self.registration_path = settings.kubelet_registrar_dir / REGISTRATION_SOCKET
@@ -260,6 +267,7 @@ class DraPlugin:
                 asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
                 asyncio.create_task(self._follow_health(sub), name="health-bus"),
                 asyncio.create_task(self._watch_sockets(), name="sockets"),
+                asyncio.create_task(self._clean_loop(), name="stale-claims"),
                 *(asyncio.create_task(work, name=name) for name, work in beside),
             )
         finally:
@@ -390,6 +398,64 @@ class DraPlugin:
             return allocated_of(answer, ref, version, DRIVER_NAME, self.pool)
         raise ClaimError(f"reading {what}: the API server serves no ResourceClaims "
                          f"({', '.join(f'{GROUP}/{v}' for v in VERSIONS)})")
+
+    async def _gone_why(self, entry: Entry) -> str:
+        """Why the claim of a record is gone from the API: "" when it is there, or when the API does not say
+        (away, refusing, no access): only a clear answer removes a record."""
+        ref = ClaimRef(entry.namespace, entry.uid, entry.name)
+        what = f"ResourceClaim {ref.namespace}/{ref.name}"
+        try:
+            http = self._client()
+        except ClaimError:
+            return ""
+        for version in [*VERSIONS[self._version:], *VERSIONS[:self._version]]:
+            try:
+                async with asyncio.timeout(READ_S):
+                    answer = await request(http, "GET", claim_path(version, ref), what)
+            except ApiStatus as e:
+                if e.code == 404 and e.reason != "NotFound":
+                    continue  # this API version is not served
+                return f"{what} is not in the API" if e.code == 404 else ""
+            except (TimeoutError, *READ_ERRORS):
+                return ""
+            meta = answer.get("metadata") if isinstance(answer, dict) else None
+            uid = meta.get("uid") if isinstance(meta, dict) else None
+            if isinstance(uid, str) and uid and uid != entry.uid:
+                return f"{what} is now another claim (UID {uid})"
+            return ""
+        return ""
+
+    async def clean_stale(self) -> list[str]:
+        """One pass: the records older than the age whose claim is gone from the API (deleted, or its name
+        now another claim's) are removed with their specs; the UIDs removed."""
+        cutoff = time.time() - self._clean_age_s
+        removed: list[str] = []
+        for entry in [e for e in self.checkpoint.entries.values() if e.since < cutoff]:
+            why = await self._gone_why(entry)
+            if not why:
+                continue
+            async with self._lock:
+                if self.checkpoint.entries.get(entry.uid) != entry:
+                    continue  # unprepared or prepared again while the API was asked
+                try:
+                    self.specs.remove(entry.uid)
+                    self.checkpoint.remove(entry.uid)
+                except (CheckpointError, OSError) as e:
+                    log.warning("claim %s: stale record (%s) not removed: %s", entry, why, e)
+                    continue
+            removed.append(entry.uid)
+            log.warning("claim %s: record and CDI spec removed, no unprepare came and %s", entry, why)
+            self._event("unprepare", str(entry), f"stale record removed: {why}",
+                        [d.name for d in entry.devices])
+        if removed:
+            self.publish()
+        return removed
+
+    async def _clean_loop(self) -> None:
+        while True:
+            await self.clean_stale()
+            # A period between passes, not a wait for a condition.
+            await asyncio.sleep(self._clean_s)
 
     async def prepare(self, refs: list[ClaimRef]) -> dict[str, Result]:
         results: dict[str, Result] = {}

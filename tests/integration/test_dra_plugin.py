@@ -351,3 +351,60 @@ def test_a_live_socket_of_another_driver_is_left_alone_and_a_dead_one_replaced(n
     node.wait_registered()
     for path in (endpoint, node.root / "registry" / f"{DRIVER}-reg.sock"):
         assert path.stat().st_mode & 0o077 == 0, path  # made under umask 077: the bind is in the window
+
+
+def test_stale_records_of_claims_gone_from_the_api_are_removed(short_tmp: Path) -> None:
+    """A record whose unprepare never came: removed with its spec once the API says its claim is gone or
+    its name is another claim's; a claim still there, a young record, or an API that does not answer
+    clearly keeps its record. Over real HTTP to the emulated API server, the plugin in this process."""
+    from common.kubeapi import default_client
+    from common.settings import resolve
+    from services.dra_plugin.checkpoint import COMPLETED, Checkpoint, Entry, PreparedDevice
+    from services.dra_plugin.plugin import DraPlugin
+    from tests.unit.test_dra_claims import Board
+
+    settings = resolve(environ={"GPU_PLUGIN_STATE_DIR": str(short_tmp / "state"),
+                                "CDI_SPEC_DIR": str(short_tmp / "cdi"), "GPU_PLUGIN_RUN_DIR": str(short_tmp / "run")})
+
+    async def run() -> None:
+        api = KubeApiEmulator()
+        await api.start()
+        try:
+            (short_tmp / "kubeconfig").write_text(api.kubeconfig())
+            kept = api.claims.add("default", "kept", ["gpu-0"])
+            api.claims.add("default", "replaced", ["gpu-1"])  # the name now holds another claim
+            old, young = 1.0, time.time()
+
+            def entry(uid: str, name: str, since: float) -> Entry:
+                dev = PreparedDevice(("gpus",), NODE, "gpu-0", "GPU-x", (f"k8s.gpu.nvidia.com/claim={uid}-gpu-0",))
+                return Entry(uid, "default", name, COMPLETED, (dev,), since)
+
+            uids = {n: f"7e5a3c1d-0000-4000-8000-00000000000{i}" for i, n in enumerate(["gone", "replaced", "young"])}
+            store = Checkpoint(settings.state_dir)
+            store.put(entry(kept["metadata"]["uid"], "kept", old))
+            store.put(entry(uids["gone"], "gone", old))
+            store.put(entry(uids["replaced"], "replaced", old))
+            store.put(entry(uids["young"], "young", young))  # not in the API either, but too young to question
+            settings.cdi_spec_dir.mkdir(parents=True)
+            spec = settings.cdi_spec_dir / f"k8s.gpu.nvidia.com-claim_{uids['gone']}.json"
+            spec.write_text("{}")
+            plugin = DraPlugin(settings, NODE, Board(), short_tmp / "health.sock",  # type: ignore[arg-type]
+                               http=lambda: default_client(str(short_tmp / "kubeconfig")))
+            plugin.checkpoint.load()
+            assert sorted(await plugin.clean_stale()) == sorted([uids["gone"], uids["replaced"]])
+            assert sorted(plugin.checkpoint.entries) == sorted([kept["metadata"]["uid"], uids["young"]])
+            assert not spec.exists()
+            again = Checkpoint(settings.state_dir)
+            again.load()
+            assert again.entries == plugin.checkpoint.entries
+            # The API away: nothing is removed on a guess.
+            await api.stop()
+            plugin.checkpoint.put(entry(uids["gone"], "gone", old))
+            assert await plugin.clean_stale() == []
+            assert uids["gone"] in plugin.checkpoint.entries
+            if plugin._http is not None:
+                await plugin._http.aclose()
+        finally:
+            await api.stop()
+
+    asyncio.run(run())
