@@ -39,6 +39,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     from common.bus.sockets import BusPublisher
     from common.lifecycle import PermanentError, ensure_private_dir
     from common.reload import Reloader
+    from services.dra_plugin.kubelet_devices import KubeletAllocations
     from services.dra_plugin.plugin import DraPlugin
     from services.dra_plugin.slices import SlicePublisher
 
@@ -58,11 +59,16 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     ensure_private_dir(settings.run_dir)
     publisher = BusPublisher(settings.bus_path(DRA_SOCKET), heartbeat_s=settings.heartbeat_s)
     try:
-        plugin = DraPlugin(settings, node, publisher, settings.bus_path(HEALTH_SOCKET))
+        # Read before the first pool is built: a GPU a device-plugin pod holds is never published, even briefly.
+        kubelet = KubeletAllocations(settings.device_plugin_dir)
+        kubelet.read()
+        plugin = DraPlugin(settings, node, publisher, settings.bus_path(HEALTH_SOCKET), kubelet=kubelet)
         # DRA's other half, in the same program: the node's ResourceSlices from the same bus and DRA_DEVICES.
         slices = SlicePublisher(node, settings.bus_path(HEALTH_SOCKET), settings.dra_devices,
-                                on_status=lambda status: plugin.slices_changed(_bus_form(status)))
-        await plugin.run(stop, ("dra-slices", slices.run()))
+                                on_status=lambda status: plugin.slices_changed(_bus_form(status)),
+                                kubelet_ids=lambda: kubelet.ids)
+        kubelet.on_change = slices.wake
+        await plugin.run(stop, ("dra-slices", slices.run()), ("kubelet-devices", kubelet.run()))
     finally:
         publisher.close()
 

@@ -186,10 +186,11 @@ class Chosen:
 
 
 def choose(results: Iterable[Allocated], offered: Mapping[str, DeviceState],
-           in_use: Mapping[str, str], ref: ClaimRef) -> list[Chosen]:
+           in_use: Mapping[str, str], ref: ClaimRef, kubelet_held: frozenset[str] = frozenset()) -> list[Chosen]:
     """The devices of the claim's results: each must be one DRA offers on this node (`offered`, name ->
     device), Healthy or with every taint the slices publish for it tolerated by the result, and not
-    prepared for another claim (`in_use`, name -> that claim). A result for admin access is prepared
+    prepared for another claim (`in_use`, name -> that claim), nor of a GPU the kubelet's device manager
+    has given to a pod (`kubelet_held`, GPU UUIDs). A result for admin access is prepared
     whatever the device's health and use: looking at a broken or busy GPU is what it is for. ClaimError
     names the first device that is not."""
     out: dict[str, Chosen] = {}
@@ -211,6 +212,11 @@ def choose(results: Iterable[Allocated], offered: Mapping[str, DeviceState],
                 raise ClaimError(f"claim {ref}: device {r.device} ({device.id}) is Unhealthy: "
                                  f"{device.reason or 'no reason given'}; request {r.request} does not tolerate its "
                                  f"taint {named or '(none)'}")
+        gpu = device.id if device.kind == "gpu" else device.parent
+        if gpu in kubelet_held and not r.admin_access:
+            raise ClaimError(f"claim {ref}: device {r.device} ({device.id}) is held by a pod through the device "
+                             f"plugin (the kubelet's device manager allocated GPU {gpu}); it is DRA's once that "
+                             "pod is gone")
         other = in_use.get(r.device)
         if other is not None and not r.admin_access:
             raise ClaimError(f"claim {ref}: device {r.device} is prepared for another claim, {other}")

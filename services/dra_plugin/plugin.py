@@ -63,6 +63,7 @@ from services.dra_plugin.claims import (
     claim_path,
 )
 from services.dra_plugin.claims import allocated as allocated_of
+from services.dra_plugin.kubelet_devices import KubeletAllocations, held_gpus
 from services.dra_plugin.names import DRIVER_NAME, cdi_device_id, is_claim_uid, pool_name
 from services.dra_plugin.pool import served
 from services.dra_plugin.specs import SpecWriter
@@ -168,7 +169,7 @@ async def answers(path: Path) -> bool:
 class DraPlugin:
     def __init__(self, settings: Settings, node: str, publisher: BusPublisher, health_bus: Path,
                  http: Callable[[], Http] = default_client, clean_s: float = CLEAN_S,
-                 clean_age_s: float = CLEAN_AGE_S) -> None:
+                 clean_age_s: float = CLEAN_AGE_S, kubelet: KubeletAllocations | None = None) -> None:
         self.settings = settings
         self.node = node
         self.pool = pool_name(node)
@@ -176,6 +177,8 @@ class DraPlugin:
         self._health_bus = health_bus
         self._new_http = http
         self._clean_s, self._clean_age_s = clean_s, clean_age_s
+        # The device plugin's pods' GPUs (the kubelet's device manager): not DRA's while they hold them.
+        self.kubelet = kubelet or KubeletAllocations(settings.device_plugin_dir)
         self._http: Http | None = None
         self._version = 0  # index into VERSIONS of the API version that served the last claim
         self.registration_path = settings.kubelet_registrar_dir / REGISTRATION_SOCKET
@@ -530,7 +533,8 @@ class DraPlugin:
                 f"the health-monitor cannot use NVML: {self.health.error}"
             return self._failed(ref, ClaimError(f"claim {ref}: {why}"))
         try:
-            chosen = choose(got, self.offered, self.checkpoint.in_use(except_uid=ref.uid), ref)
+            chosen = choose(got, self.offered, self.checkpoint.in_use(except_uid=ref.uid), ref,
+                            held_gpus(self.kubelet.ids, self.health.devices))
         except ClaimError as e:
             return self._failed(ref, e)
         devices = tuple(PreparedDevice(c.requests, c.pool, c.name, c.device.id, (cdi_device_id(ref.uid, c.name),),

@@ -353,6 +353,7 @@ class Pool:
     left_out: list[str]  # Unhealthy devices not published: the server keeps no taints
     tainted: int  # devices published with a taint
     wants_taints: bool  # some device would have a taint (before the server's capabilities were applied)
+    withheld: tuple[str, ...] = ()  # devices not published: their GPU is held by a device-plugin pod
 
     @property
     def chunks(self) -> list[list[dict[str, Any]]]:
@@ -369,14 +370,21 @@ class Pool:
 
 
 def build_pool(state: HealthState, node: str, selection: DraDevices, caps: Capabilities = FULL,
-               monitor_only: Mapping[str, tuple[int, float]] | None = None) -> Pool:
+               monitor_only: Mapping[str, tuple[int, float]] | None = None,
+               kubelet_held: frozenset[str] = frozenset()) -> Pool:
+    """The pool; `kubelet_held`: GPU UUIDs the kubelet's device manager gave to pods, not published (a
+    claim would get a GPU a pod already uses)."""
     gpus = {d.id: d for d in state.devices if d.kind == "gpu"}
     devices: list[dict[str, Any]] = []
     left_out: list[str] = []
+    withheld: list[str] = []
     tainted = 0
     wants = False
     for name, d in served(state.devices, selection).items():
         gpu = d if d.kind == "gpu" else gpus[d.parent]
+        if gpu.id in kubelet_held:
+            withheld.append(name)
+            continue
         taints = taints_of(d, monitor_only or {})
         wants = wants or bool(taints)
         if not caps.none_effect or not caps.taints:
@@ -389,7 +397,7 @@ def build_pool(state: HealthState, node: str, selection: DraDevices, caps: Capab
             entry["taints"] = [t.to_api() for t in taints]
             tainted += 1
         devices.append(entry)
-    return Pool(node, devices, left_out, tainted, wants)
+    return Pool(node, devices, left_out, tainted, wants, tuple(withheld))
 
 
 # -- comparing with what the API holds ---------------------------------------------------------------

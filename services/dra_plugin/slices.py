@@ -52,6 +52,7 @@ from common.kubeapi import (
     retry_pause,
 )
 from common.settings import DraDevices
+from services.dra_plugin.kubelet_devices import held_gpus
 from services.dra_plugin.pool import FULL, Capabilities, Held, MonitorOnlyXids, build_pool, plan
 from services.dra_plugin.slice_api import GROUP, SliceApi
 
@@ -89,7 +90,8 @@ class SliceStatus:
 class SlicePublisher:
     def __init__(self, node: str, health_bus: Path, selection: DraDevices, *, client: ClientFactory = default_client,
                  on_status: Callable[[SliceStatus], None] | None = None, renew_s: float = WATCH_RENEW_S,
-                 retry_min_s: float = RETRY_MIN_S, monitor_only: MonitorOnlyXids | None = None) -> None:
+                 retry_min_s: float = RETRY_MIN_S, monitor_only: MonitorOnlyXids | None = None,
+                 kubelet_ids: Callable[[], frozenset[str]] = frozenset) -> None:
         self.node = node
         self.selection = selection
         self.status = SliceStatus()
@@ -100,6 +102,7 @@ class SlicePublisher:
         self._retry_min_s = retry_min_s  # tests shorten it
         self._state: HealthState | None = None
         self._xids = monitor_only or MonitorOnlyXids()
+        self._kubelet_ids = kubelet_ids  # device IDs the kubelet's device manager gave to pods (kubelet_devices)
         self._wake = asyncio.Event()
         self._http: Http | None = None
         self._version: str | None = None  # resource.k8s.io's, found by discovery
@@ -121,6 +124,10 @@ class SlicePublisher:
             self._stop_watch()
             if self._http is not None:
                 await self._http.aclose()
+
+    def wake(self) -> None:
+        """Something the pool depends on besides the bus changed (the device manager's allocations)."""
+        self._wake.set()
 
     # -- the health bus -----------------------------------------------------------------
     async def _follow(self) -> None:
@@ -209,12 +216,13 @@ class SlicePublisher:
         cache = self._held
         self._gone.clear()  # only a write of this pass can be answered after its slice's delete
         shown = self._xids.current(time.time())
-        pool = build_pool(state, self.node, self.selection, self._caps or FULL, shown)
+        kubelet_held = held_gpus(self._kubelet_ids(), state.devices)
+        pool = build_pool(state, self.node, self.selection, self._caps or FULL, shown, kubelet_held)
         if pool.wants_taints and self._caps is None:
             self._caps = await api.capabilities()
             log.info("ResourceSlices of %s: device taints %s", self.node, self._caps.describe())
             self._report(taints=self._caps.describe())
-            pool = build_pool(state, self.node, self.selection, self._caps, shown)
+            pool = build_pool(state, self.node, self.selection, self._caps, shown, kubelet_held)
         writes, generation = plan(list(cache.values()), pool, self._generation)
         for w in writes:
             if w.verb == "delete":
@@ -234,6 +242,9 @@ class SlicePublisher:
             log.info("ResourceSlices of %s: generation %d, %d devices in %d slices (%d tainted%s)", self.node,
                      generation, len(pool.devices), len(pool.chunks), pool.tainted,
                      f"; left out, Unhealthy: {', '.join(pool.left_out)}" if pool.left_out else "")
+            if pool.withheld:
+                log.info("ResourceSlices of %s: withheld, their GPUs held by device-plugin pods: %s", self.node,
+                         ", ".join(pool.withheld))
         if self.status.error:
             log.info("ResourceSlices of %s: the API takes them again", self.node)
         self._generation = generation

@@ -408,3 +408,36 @@ def test_stale_records_of_claims_gone_from_the_api_are_removed(short_tmp: Path) 
             await api.stop()
 
     asyncio.run(run())
+
+
+def kubelet_checkpoint(path: Path, entries: list[tuple[str, list[str]]]) -> None:
+    """The kubelet's device-manager checkpoint as it writes it (by rename): (resource, IDs) per container."""
+    doc = {"Data": {"PodDeviceEntries": [
+        {"PodUID": f"pod-{i}", "ContainerName": "main", "ResourceName": resource, "DeviceIDs": {"0": ids},
+         "AllocResp": "Cg=="} for i, (resource, ids) in enumerate(entries)],
+        "RegisteredDevices": {"nvidia.com/gpu": []}}, "Checksum": 1234}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "tmp-checkpoint").write_text(json.dumps(doc))
+    os.replace(path.parent / "tmp-checkpoint", path)
+
+
+def test_gpus_a_device_plugin_pod_holds_are_withheld_until_it_lets_go(node: DraNode) -> None:
+    """DRA turned on while an nvidia.com/gpu pod holds GPU 1 (a replica of it): gpu-1 is left out of the
+    slices and a claim for it refused, named; when the kubelet's checkpoint no longer lists it, it is
+    published and prepared. Another vendor's IDs are not ours."""
+    dp = node.root / "dp"
+    node.env["DEVICE_PLUGIN_DIR"] = str(dp)
+    path = dp / "kubelet_internal_checkpoint"
+    kubelet_checkpoint(path, [("nvidia.com/gpu", [f"{node.devices[1].id}::2"]), ("example.com/fpga", ["0"])])
+    node.start()
+    node.wait_registered()
+    node.dra_state(lambda s: s.slices is not None and s.slices.published and s.slices.devices == 3)
+    published = node.call(lambda: node.api.resourceslices.of_node(NODE, DRIVER))
+    assert sorted(d["name"] for sl in published for d in sl["spec"]["devices"]) == ["gpu-0", "gpu-2", "gpu-3-mig-1-0"]
+    claim = node.claim("on-gpu-1", ["gpu-1"])
+    error = node.prepare(claim)[claim[1]].error
+    assert f"device gpu-1 ({node.devices[1].id}) is held by a pod through the device plugin" in error, error
+    kubelet_checkpoint(path, [("example.com/fpga", ["0"])])  # the pod is gone
+    node.dra_state(lambda s: s.slices is not None and s.slices.published and s.slices.devices == 4)
+    got = node.prepare(claim)[claim[1]]
+    assert got.error == "" and [d.device_name for d in got.devices] == ["gpu-1"]
