@@ -37,6 +37,7 @@ from common.lifecycle import PermanentError
 from common.mps import selected
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.settings import DEVICE_ENTRY_BYTES, GRPC_MAX_MESSAGE_BYTES, Replicated, Settings
+from services.plugin_server.dra_claims import claimed_gpus
 from services.plugin_server.preferred import Topology
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -121,7 +122,7 @@ class View:
 
 def serve(
     old: HealthState | None, state: HealthState, last_good: HealthState | None, settings: Settings,
-    mps: MpsReadiness | None = None, force: bool = False,
+    mps: MpsReadiness | None = None, force: bool = False, dra_claimed: frozenset[str] = frozenset(),
 ) -> View | None:
     """The state -> resources step, plain: None for a heartbeat (same incarnation and seq)
     unless `force` (the MPS daemons' readiness changed).
@@ -139,15 +140,19 @@ def serve(
             dataclasses.replace(d, health=UNHEALTHY, reason=f"NVML unavailable: {state.error}")
             for d in last_good.devices])
     changed = old is None or old.links != served.links or [d.id for d in old.devices] != [d.id for d in served.devices]
-    return View(served, last_good, build_resources(served, settings, mps), changed, error)
+    return View(served, last_good, build_resources(served, settings, mps, dra_claimed), changed, error)
 
 
-def build_resources(state: HealthState, settings: Settings,
-                    mps: MpsReadiness | None = None) -> dict[str, list[PluginDevice]]:
+def build_resources(state: HealthState, settings: Settings, mps: MpsReadiness | None = None,
+                    dra_claimed: frozenset[str] = frozenset()) -> dict[str, list[PluginDevice]]:
     """Resource name -> its devices, per the MIG strategy and sharing. The GPUs served through DRA
-    (settings.dra_devices) are left out whole, with their MIG devices: no GPU is offered by both APIs."""
+    (settings.dra_devices) are left out whole, with their MIG devices: no GPU is offered by both APIs;
+    so are the GPUs of devices DRA claims hold (`dra_claimed`, UUIDs from the dra-plugin's record), whatever
+    the split says now: a claim prepared before the split changed still has them."""
     dra = settings.dra_devices
-    gpus = [d for d in state.devices if d.kind == "gpu" and (dra.none or not dra.serves(d.index, d.id))]
+    held = claimed_gpus(dra_claimed, state.devices)
+    gpus = [d for d in state.devices if d.kind == "gpu" and (dra.none or not dra.serves(d.index, d.id))
+            and d.id not in held]
     migs_of: dict[str, list[DeviceState]] = {g.id: [] for g in gpus}
     for d in state.devices:
         if d.kind == "mig" and d.parent in migs_of:

@@ -38,6 +38,7 @@ from common.settings import Settings, SettingsError
 from services.plugin_server import cdi
 from services.plugin_server.allocation import Extras
 from services.plugin_server.device_table import MpsReadiness, ResourceTable, build_resources, serve, socket_name
+from services.plugin_server.dra_claims import DraClaims
 from services.plugin_server.mps_watch import watch_mps
 from services.plugin_server.preferred import Topology
 from services.plugin_server.servicer import (
@@ -186,6 +187,8 @@ class PluginServer:
         self.extras = Extras(gdrcopy=settings.gdrcopy_enabled, gds=settings.gds_enabled,
                              mofed=settings.mofed_enabled)
         self.mps = MpsReadiness({}, set())
+        # The devices DRA claims hold (the dra-plugin's record): out of every resource, whatever the split.
+        self.dra = DraClaims(settings.state_dir)
         # Health states, MPS reports and reloads all rebuild the resources: one at a time, each from
         # the latest state and settings, or a slower rebuild could undo a newer one (or leave a
         # retired resource behind) until the next change.
@@ -294,6 +297,11 @@ class PluginServer:
 
         return Endpoint(self.settings.device_plugin_dir / socket_name(resource), table, servicer)
 
+    async def _dra_changed(self) -> None:
+        async with self._apply_lock:
+            if self._health is not None:
+                await self._apply(self._health, force=True)
+
     async def _mps_changed(self) -> None:
         async with self._apply_lock:
             if self._health is not None:
@@ -302,7 +310,7 @@ class PluginServer:
     async def _apply(self, state: HealthState, force: bool = False) -> None:
         old = self._health
         self._health = state
-        view = serve(old, state, self._last_good, self.settings, self.mps, force)
+        view = serve(old, state, self._last_good, self.settings, self.mps, force, self.dra.ids)
         if view is None:
             return  # a heartbeat
         self._last_good = view.last_good
@@ -349,7 +357,7 @@ class PluginServer:
         """
         try:
             if self._health is not None:
-                build_resources(self._last_good or self._health, settings, self.mps)
+                build_resources(self._last_good or self._health, settings, self.mps, self.dra.ids)
             if any(s.startswith("cdi-") for s in settings.device_list_strategy):
                 cdi.check_driver_files(settings)  # e.g. a CDI strategy without the driver root mounted
         except PermanentError as e:  # fatal at start; on a reload, a refusal
@@ -363,7 +371,7 @@ class PluginServer:
                 ep.use_settings(settings, self.extras)
             if self._health is not None:
                 await self._apply(self._health, force=True)
-                wanted = build_resources(self._last_good or self._health, settings, self.mps)
+                wanted = build_resources(self._last_good or self._health, settings, self.mps, self.dra.ids)
                 for name in [n for n in self.endpoints if n not in wanted]:
                     log.info("resource %s is no longer offered: stopping its endpoint", name)
                     ep = self.endpoints.pop(name)
@@ -422,6 +430,7 @@ class PluginServer:
         self._announce_settings()
         check_dir_can_exist(self.settings.device_plugin_dir, "device-plugin dir")
         self.settings.device_plugin_dir.mkdir(parents=True, exist_ok=True)
+        self.dra.read()  # before the first health state is served: a claimed GPU is never offered, even briefly
         self._mark_changed()
         try:
             await run_until_stopped(
@@ -430,6 +439,7 @@ class PluginServer:
                 asyncio.create_task(self._publisher_loop(), name="plugin-state"),
                 asyncio.create_task(self._consume_health(), name="health-consumer"),
                 asyncio.create_task(self._watch_sockets(stop), name="socket-watcher"),
+                asyncio.create_task(self.dra.run(self._dra_changed), name="dra-claims"),
                 *([asyncio.create_task(watch_mps(self.settings.bus_path(MPS_SOCKET), self.mps, self._mps_changed),
                                        name="mps-watcher")] if self.settings.sharing.mps is not None else []),
             )

@@ -350,3 +350,33 @@ def test_every_stream_end_is_logged_with_its_cause(env: Env) -> None:
     assert ends[1].startswith("stream on nvidia.com/gpu ended (its socket was removed or replaced: "
                               "the endpoint is re-created) after "), ends
     assert ends[2].startswith("stream on nvidia.com/gpu ended (the plugin-server is stopping) after "), ends
+
+
+def test_gpus_dra_claims_hold_are_offered_only_once_the_claims_are_gone(procs: Procs, short_tmp: Path) -> None:
+    """The dra-plugin's record lists GPU 1 as prepared for a claim (the split changed under it): the plugin-server
+    leaves it out of nvidia.com/gpu, and offers it again when the record no longer lists it. An admin's look
+    holds nothing."""
+    from services.dra_plugin.checkpoint import COMPLETED, Checkpoint, Entry, PreparedDevice
+
+    run, dp, state_dir = short_tmp / "run", short_tmp / "dp", short_tmp / "state"
+    devices = gpus(4)
+    record = Checkpoint(state_dir)
+    uid = "7e5a3c1d-0000-4000-8000-000000000001"
+    record.put(Entry(uid, "default", "gpus", COMPLETED, (PreparedDevice(("gpus",), "node-1", "gpu-1", devices[1].id,
+                                                                        (f"k8s.gpu.nvidia.com/claim={uid}-gpu-1",)),)))
+    record.put(Entry("admin", "default", "look", COMPLETED, (PreparedDevice(
+        ("gpus",), "node-1", "gpu-2", devices[2].id, ("k8s.gpu.nvidia.com/claim=admin-gpu-2",), admin_access=True),)))
+    health = FakeHealthMonitor(run, devices)
+    procs.start("ps", "plugin-server", env={"GPU_PLUGIN_RUN_DIR": str(run), "KUBELET_SOCKET": str(dp / "kubelet.sock"),
+                                            "GPU_PLUGIN_STATE_DIR": str(state_dir)})
+    wait_until(lambda: (dp / "nvidia-gpu.sock").exists(), 10, "the plugin socket")
+    client = PluginClient(dp / "nvidia-gpu.sock")
+    try:
+        client.watch()
+        first = client.next_update()
+        assert sorted(d.ID for d in first.devices) == sorted(d.id for i, d in enumerate(devices) if i != 1)
+        record.remove(uid)  # the claim was unprepared
+        assert sorted(d.ID for d in client.next_update().devices) == sorted(d.id for d in devices)
+    finally:
+        client.close()
+        health.close()

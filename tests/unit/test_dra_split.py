@@ -116,3 +116,29 @@ def test_mps_daemons_run_on_the_gpus_the_device_plugin_shares_with_mps_and_none_
     ready = MpsReadiness({"nvidia.com/gpu.shared": True}, {"nvidia.com/gpu.shared"})
     served = build_resources(state(whole), settings, ready)["nvidia.com/gpu.shared"]
     assert {d.device.index for d in served} == daemon_gpus
+
+
+def test_gpus_of_devices_dra_claims_hold_are_left_out_whatever_the_split(fleet: list[DeviceState],
+                                                                          tmp_path: Path) -> None:
+    """The dra-plugin's record, as its writer encodes it, read by the plugin-server: the devices prepared for
+    claims (admin access left out), and their GPUs out of every resource (a MIG device takes its GPU)."""
+    from services.dra_plugin import checkpoint as cp
+    from services.plugin_server import dra_claims
+
+    assert (dra_claims.FILE, dra_claims.MAX_BYTES) == (cp.FILE, cp.MAX_BYTES)
+    gpus = [d for d in fleet if d.kind == "gpu"]
+    mig7 = next(d for d in fleet if d.kind == "mig" and d.parent == GPU7)
+
+    def dev(name: str, uuid: str, admin: bool = False) -> cp.PreparedDevice:
+        return cp.PreparedDevice(("gpus",), "node-1", name, uuid, (f"k8s.gpu.nvidia.com/claim=u-{name}",), admin)
+
+    data = cp.encode({"u1": cp.Entry("u1", "default", "a", cp.COMPLETED, (dev("gpu-0", gpus[0].id),
+                                                                            dev("gpu-7-mig-1-0", mig7.id))),
+                      "u2": cp.Entry("u2", "default", "b", cp.STARTED, (dev("gpu-1", gpus[1].id, admin=True),))})
+    claimed = dra_claims.claimed_ids(data)
+    assert claimed == {gpus[0].id, mig7.id}
+    got = ids(build_resources(state(fleet), resolve(environ={"MIG_STRATEGY": "mixed"}), dra_claimed=claimed))
+    assert got[GPU_RESOURCE] == sorted(g.id for g in gpus[1:6])
+    assert "nvidia.com/mig-1g.10gb" not in got and "nvidia.com/mig-3g.40gb" in got
+    with pytest.raises(dra_claims.DraRecordError, match="version 3"):
+        dra_claims.claimed_ids(b'{"version": 3, "claims": {}}')
