@@ -874,6 +874,16 @@ class ResourceSlices:
         return [json.loads(json.dumps(o)) for _, o in sorted(self.objects.items())
                 if o["spec"].get("nodeName") == node and driver in ("", o["spec"].get("driver"))]
 
+    def create_behind(self, node: str, driver: str, metadata: dict[str, Any]) -> str:
+        """Another client (NVIDIA's DRA driver) creates a slice of the node's pool, with its `metadata` (labels,
+        ownerReferences); its name."""
+        meta = {"generateName": f"{node}-{driver}-", **metadata}
+        spec = {"driver": driver, "nodeName": node, "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+                "devices": [{"name": "gpu-0"}]}
+        self._create("v1", {"apiVersion": f"{RESOURCE_GROUP}/v1", "kind": "ResourceSlice", "metadata": meta,
+                            "spec": spec}, meta, False)
+        return str(meta["name"])
+
     def delete_behind(self, name: str) -> None:
         """Another client deletes one slice."""
         self._remove(name)

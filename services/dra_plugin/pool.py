@@ -447,6 +447,7 @@ class Held:
     generation: int
     count: int  # pool.resourceSliceCount
     devices: list[dict[str, Any]]
+    ours: bool = True  # written by this plugin (its label), or an unlabelled one of an earlier version of it
 
 
 @dataclass(frozen=True)

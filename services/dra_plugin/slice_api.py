@@ -45,6 +45,21 @@ VERSIONS: Final = ("v1", "v1beta2", "v1beta1")  # ours, most preferred first
 # A node's slices: a few devices of a few KB each. Bounded well above (a 128-device slice is ~100 KB).
 ANSWER_LIMIT: Final = MAX_ANSWER_BYTES
 PROBE_DEVICE: Final = "taint-probe"
+# Marks the slices this plugin writes, so that another writer's slices of the same driver on this node
+# (NVIDIA's DRA driver) are never taken for ours, updated or deleted.
+MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGER: Final = "gpu-device-plugin-dra"
+
+
+def _ours(meta: dict[str, Any]) -> bool:
+    """Whether a slice is this plugin's: our label; or no manager label and no owner at all, as the slices of
+    versions of this plugin before the label were (adopted, and labelled at their next write). Another
+    manager's label, or owner references (what other drivers' slice controllers set: the Node), are not."""
+    labels = meta.get("labels")
+    manager = labels.get(MANAGED_BY) if isinstance(labels, dict) else None
+    if manager is not None:
+        return bool(manager == MANAGER)
+    return not meta.get("ownerReferences")
 
 
 class SliceApi:
@@ -173,6 +188,7 @@ class SliceApi:
         if self.version == "v1beta1":
             out["devices"] = [{"name": d["name"], "basic": {k: v for k, v in d.items() if k != "name"}}
                               for d in spec.get("devices") or []]
+        meta = {**meta, "labels": {MANAGED_BY: MANAGER}}
         return {"apiVersion": f"{GROUP}/{self.version}", "kind": "ResourceSlice", "metadata": meta, "spec": out}
 
     def _written(self, answer: Any, what: str, spec: dict[str, Any]) -> Held:
@@ -217,7 +233,8 @@ class SliceApi:
             raise BadAnswer(f"{what}: slice {show(name)}: pool {show(pname)} generation {show(generation)} count "
                             f"{show(count)}")
         assert isinstance(generation, int) and isinstance(count, int)
-        return Held(name, version, pname, generation, count, self._devices(spec.get("devices"), what, name))
+        return Held(name, version, pname, generation, count, self._devices(spec.get("devices"), what, name),
+                    _ours(meta))
 
     def _devices(self, devices: Any, what: str, name: str) -> list[dict[str, Any]]:
         if devices is None:

@@ -53,6 +53,7 @@ from common.kubeapi import (
 )
 from common.settings import DraDevices
 from services.dra_plugin.kubelet_devices import held_gpus
+from services.dra_plugin.names import DRIVER_NAME
 from services.dra_plugin.pool import FULL, Capabilities, Held, MonitorOnlyXids, build_pool, plan
 from services.dra_plugin.slice_api import GROUP, SliceApi
 
@@ -214,6 +215,18 @@ class SlicePublisher:
             self._deleting.clear()
             self._start_watch(api, version)
         cache = self._held
+        foreign = sorted(h.name for h in cache.values() if not h.ours)
+        if foreign:
+            # Another driver publishes gpu.nvidia.com on this node: writing our pool would fight it over the same
+            # pool name, and deleting its slices would take its devices away. Nothing is written until they go
+            # (the watch wakes this when they do).
+            text = (f"{len(foreign)} ResourceSlices of {DRIVER_NAME} on this node were not written by this plugin "
+                    f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}): another {DRIVER_NAME} "
+                    "driver (NVIDIA's?) publishes here; not writing until they are gone")
+            if text != self.status.error:
+                log.error("ResourceSlices of %s: %s", self.node, text)
+            self._report(error=text, published=False)
+            return
         self._gone.clear()  # only a write of this pass can be answered after its slice's delete
         shown = self._xids.current(time.time())
         kubelet_held = held_gpus(self._kubelet_ids(), state.devices)
@@ -273,7 +286,8 @@ class SlicePublisher:
                         continue  # a BOOKMARK; or a cache read again since
                     if kind == "DELETED":
                         self._gone[held.name] = held
-                        if cache.pop(held.name, None) is not None and held.name not in self._deleting:
+                        was = cache.pop(held.name, None)
+                        if was is not None and was.ours and held.name not in self._deleting:
                             log.warning("ResourceSlices of %s: %s was deleted by another client (the kubelet "
                                         "cleans a node's slices when it starts): writing it again", self.node,
                                         held.name)

@@ -281,3 +281,30 @@ def test_a_slice_deleted_before_its_write_is_answered_is_written_again(make: Cal
     devices = wait_until(lambda: node.call(lambda: emu.races) == 0 and taints(node.published(), "gpu-2")
                          and node.published(), 5, "the raced update written again")
     assert len(devices) == 8 and node.status().error == ""
+
+
+@pytest.mark.parametrize("metadata", [
+    {"ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": "uid-node", "controller": True}]},
+    {"labels": {"app.kubernetes.io/managed-by": "nvidia-dra-driver-gpu"}},
+], ids=["owned-by-the-node", "another-manager"])
+def test_slices_of_another_writer_are_left_alone_and_the_conflict_reported(make: Callable[..., Node],
+                                                                           metadata: dict[str, Any]) -> None:
+    """Another gpu.nvidia.com driver's slice appears on this node (NVIDIA's, started after us): nothing more is
+    written, updated or deleted, its slice untouched, the conflict in the status (the bus); once it is gone the
+    pool is ours again. Our slices carry our label."""
+    node = make()
+    wait_until(lambda: len(node.published()) == 8 and node.status().published, 10, "the pool published")
+    ours = {s["metadata"]["name"] for s in node.slices()}
+    assert {s["metadata"]["labels"]["app.kubernetes.io/managed-by"] for s in node.slices()} == {"gpu-device-plugin-dra"}
+    since = len(node.call(lambda: list(node.emu.requests)))
+    foreign = node.call(lambda: node.slices_api.create_behind(NODE, "gpu.nvidia.com", metadata))
+    wait_until(lambda: "not written by this plugin" in node.status().error, 10, "the conflict reported")
+    assert f"({foreign})" in node.status().error and not node.status().published
+    node.set(2, "XID 79")  # a change that would be written: it is not, while the other driver is there
+    wait_until(lambda: node.call(lambda: node.publisher._state is not None
+                                 and node.publisher._state.devices[2].health == UNHEALTHY), 10, "the state heard")
+    assert node.writes(since) == []
+    assert {s["metadata"]["name"] for s in node.slices()} == ours | {foreign}
+    node.call(lambda: node.slices_api.delete_behind(foreign))
+    wait_until(lambda: node.status().published and taints(node.published(), "gpu-2"), 10, "the pool ours again")
+    assert node.status().deleted_behind == 0 and node.status().error == ""
