@@ -88,9 +88,10 @@ def run(settings: Settings) -> int:
         log.info("nothing to do: DRA is off (DRA_ENABLED is not true)")
         return 0
     from common.lifecycle import run_service
+    from common.restarts import paced
     from common.watchdog import watched
 
-    return run_service(SERVICE, watched(SERVICE, main), settings)
+    return run_service(SERVICE, watched(SERVICE, paced(SERVICE, main)), settings)
 
 
 if __name__ == "__main__":

@@ -53,9 +53,10 @@ def run(settings: Settings) -> int:
               flush=True)
         return 0
     from common.lifecycle import run_service
+    from common.restarts import paced
     from common.watchdog import watched
 
-    return run_service(SERVICE, watched(SERVICE, main), settings)
+    return run_service(SERVICE, watched(SERVICE, paced(SERVICE, main)), settings)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ and supervisord leaves it alone: it costs nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -99,29 +98,10 @@ def _health_part(settings: Settings, node: str, board: KubeBoard) -> NodeHealth:
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
-    """The parts; a failure soon after the start is a crash loop, paused before the exit (restarts)."""
-    import asyncio
-    import time
+    """The parts; a failure soon after the start is a crash loop, paused before the exit (common.restarts)."""
+    from common.restarts import paced
 
-    from common.lifecycle import PermanentError
-    from services.kube_agent.restarts import pause_for, read_record, write_record
-
-    started = time.time()
-    try:
-        await _run_parts(settings, stop)
-    except PermanentError:
-        raise  # the container ends at once: no restart to pace
-    except Exception as e:
-        count, pause = pause_for(read_record(settings.run_dir), started, time.time())
-        if pause:
-            log.error("kube-agent failed %.1f s after its start (quick failures in a row: %d): %s: %s; exiting in "
-                      "%.0f s, then supervisord restarts it (the node serves on meanwhile)", time.time() - started,
-                      count, type(e).__name__, e, pause)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):  # a pause, cut short by SIGTERM
-                    await stop.wait()
-        write_record(settings.run_dir, count, time.time())
-        raise
+    await paced("kube-agent", _run_parts)(settings, stop)
 
 
 async def _run_parts(settings: Settings, stop: asyncio.Event) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from common import restarts
 from common.bus.messages import KUBE_SOCKET, KubeState
 from devtools.kube_api import EVENT_FAULTS, FAULTS
-from services.kube_agent import restarts
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
 from tests.integration.fakes import EmulatedApi

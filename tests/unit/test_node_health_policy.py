@@ -11,9 +11,11 @@ import gc
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from common import restarts
 from common.bus.messages import HEALTHY, UNHEALTHY, ConfigInfo, DeviceState, HealthEvent, HealthState, KubeState
 from common.cordons import Cordon
 from common.kubeapi import status_of
@@ -28,7 +30,6 @@ from services.health_monitor.model import HealthModel, Probe
 from services.health_monitor.probes import Prober, probe_gpu
 from services.health_monitor.xid_policy import FATAL, IGNORED, MONITOR_ONLY, XidPolicy
 from services.kube_agent import __main__ as kube_agent
-from services.kube_agent import restarts
 from services.kube_agent.board import KubeBoard
 from services.kube_agent.node_events import AGGREGATE_MAX, BURST, COMBINED, KEYS, PENDING, REFILL_S, Correlator
 from services.kube_agent.node_health import (
@@ -353,8 +354,8 @@ def test_the_kube_agents_pause_after_quick_failures_grows_and_is_capped(tmp_path
     for _ in range(9):  # each process fails 0.1 s after its start, restarted 0.1 s after the exit before
         count, pause = restarts.pause_for(record, start, start + 0.1)
         pauses.append(pause)
-        restarts.write_record(tmp_path, count, start + 0.1 + pause)
-        record = restarts.read_record(tmp_path)
+        restarts.write_record(tmp_path, "kube-agent", count, start + 0.1 + pause)
+        record = restarts.read_record(tmp_path, "kube-agent")
         start += 0.1 + pause + 0.1
     assert pauses == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     # A failure after a long run is no loop: at once, the count reset.
@@ -363,8 +364,8 @@ def test_the_kube_agents_pause_after_quick_failures_grows_and_is_capped(tmp_path
     assert restarts.pause_for((5, start - restarts.RESTART_S - 1), start, start + 0.1) == (1, 1.0)
     assert restarts.pause_for((5, start + 1), start, start + 0.1) == (1, 1.0)  # written after our start: not ours
     # An unreadable record counts as none.
-    (tmp_path / restarts.RECORD).write_bytes(b"\xff junk")
-    assert restarts.read_record(tmp_path) is None
+    (tmp_path / f"kube-agent{restarts.SUFFIX}").write_bytes(b"\xff junk")
+    assert restarts.read_record(tmp_path, "kube-agent") is None
 
 
 def test_the_silence_that_makes_the_condition_unknown_follows_the_buses_heartbeat(tmp_path: Path) -> None:
@@ -443,3 +444,30 @@ def test_the_emulated_status_patch_merges_as_the_api_server() -> None:
     late = {"status": {"conditions": [{**ours, "lastTransitionTime": "yesterday"}]}}
     assert emu._status_write("PATCH", path, json.dumps(late).encode(), "strategic")[0] == 422
     assert emu.condition("n", "GPUUnhealthy") == ours  # a refused patch changes nothing
+
+
+def test_every_optional_program_paces_its_crash_loop_with_its_own_record(tmp_path: Path) -> None:
+    """common.restarts.paced, as feature-labels, the dra-plugin and the kube-agent run under it: a quick
+    failure is recorded under the program's name (and re-raised), a PermanentError is not paced."""
+    settings = resolve(None, {"GPU_PLUGIN_RUN_DIR": str(tmp_path)})
+
+    async def fails(_settings: Any, _stop: asyncio.Event) -> None:
+        raise RuntimeError("boom")
+
+    async def permanent(_settings: Any, _stop: asyncio.Event) -> None:
+        raise PermanentError("bad setting")
+
+    async def run(main: Any, service: str) -> None:
+        stop = asyncio.Event()
+        stop.set()  # the pause is cut short by a stop: the test does not wait it out
+        await restarts.paced(service, main)(settings, stop)
+
+    for attempt in (1, 2):
+        with pytest.raises(RuntimeError, match="boom"):
+            asyncio.run(run(fails, "feature-labels"))
+        record = restarts.read_record(tmp_path, "feature-labels")
+        assert record is not None and record[0] == attempt
+    assert restarts.read_record(tmp_path, "dra-plugin") is None
+    with pytest.raises(PermanentError):
+        asyncio.run(run(permanent, "dra-plugin"))
+    assert restarts.read_record(tmp_path, "dra-plugin") is None, "a permanent failure is not a loop to pace"
