@@ -19,6 +19,7 @@ from common.settings import Settings
 from common.watchdog import Watchdog
 from services.health_monitor.model import RecoveryPolicy
 from services.health_monitor.monitor import HealthMonitor
+from services.health_monitor.remembered import GpuMemory
 from services.health_monitor.xid_policy import policy_for
 
 # What a config reload changes in a running health-monitor, and what it uses but cannot change.
@@ -55,6 +56,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             cordons=CordonStore(settings.state_dir),
             probe_deadline=settings.probe_deadline,
             watchdog_limit=settings.watchdog_timeout,
+            memory=GpuMemory(settings.state_dir),
         )
         reloader = Reloader.current()
         if reloader is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -36,6 +36,7 @@ from common.nvml.backend import (
     NvmlError,
 )
 from services.health_monitor.deadline import each_within
+from services.health_monitor.remembered import Remembered
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class _Found:
     handle: Handle | None = None
     uuid: str = ""
     error: str = ""  # the GPU cannot be offered at all (no UUID, or not a device ID)
+    code: int = 0  # NVML's code for `error`
     gpu: DeviceState | None = None
     migs: list[DeviceState] = field(default_factory=list)
     done: bool = False
@@ -83,8 +85,8 @@ def _discover_one(backend: NvmlBackend, found: _Found, now: float) -> None:
         found.uuid = backend.device_get_uuid(found.handle)
     except NvmlError as e:
         # Without a UUID there is nothing to offer or to name: say so, and go on with the rest.
-        log.error("GPU index %d cannot be read (%s): not offered", index, e)
-        found.error, found.done = f"GPU index {index}: {e}", True
+        log.error("GPU index %d cannot be read (%s)", index, e)
+        found.error, found.code, found.done = f"GPU index {index}: {e}", e.code, True
         return
     if not is_device_id(found.uuid):
         found.done = True  # the caller leaves it out (the bus refuses a state carrying such an ID)
@@ -101,21 +103,26 @@ def _discover_one(backend: NvmlBackend, found: _Found, now: float) -> None:
     found.done = True
 
 
-def discover(backend: NvmlBackend, now: float, deadline: float | None = None) -> Inventory:
+def discover(backend: NvmlBackend, now: float, deadline: float | None = None,
+             remembered: Mapping[int, Remembered] | None = None) -> Inventory:
     """Every GPU and MIG device. With a `deadline`, each GPU is described in a thread of its own:
     one whose NVML call hangs (a wedged GPU) is listed Unhealthy, the call named, after that
-    many seconds (or, without a UUID, reported unreadable), and the others are served."""
+    many seconds (or, without a UUID, reported unreadable), and the others are served. A GPU
+    without a UUID at an index `remembered` from earlier in this boot is listed Unhealthy under the
+    UUID seen there (services.health_monitor.remembered)."""
     inv = Inventory()
     found = [_Found(index) for index in range(backend.device_get_count())]
     each_within([(f"nvml-discover-{f.index}", functools.partial(_discover_one, backend, f, now)) for f in found],
                 deadline)
+    nameless: list[tuple[_Found, str]] = []
+    listed: dict[int, list[DeviceState]] = {}  # GPU index -> the GPU and its MIG devices, in index order below
     for f in found:
         if f.error:
-            inv.unreadable.append(f.error)
+            nameless.append((f, f.error))
             continue
         if not f.done and not f.uuid:
             log.error("GPU index %d: discovery hung in %s: not offered", f.index, f.step)
-            inv.unreadable.append(f"GPU index {f.index}: NVML {f.step} hung")
+            nameless.append((f, f"GPU index {f.index}: NVML {f.step} hung"))
             continue
         if not is_device_id(f.uuid):
             _unusable(inv, f"GPU index {f.index}", f.uuid)
@@ -133,9 +140,25 @@ def discover(backend: NvmlBackend, now: float, deadline: float | None = None) ->
             if not is_device_id(m.id):
                 _unusable(inv, f"MIG device of GPU index {f.index}", m.id)
         migs = [m for m in migs if is_device_id(m.id)]
-        inv.devices.append(gpu)
-        inv.devices.extend(migs)
+        listed[f.index] = [gpu, *migs]
         inv.children[f.uuid] = [m.id for m in migs]
+    named = {d.id for devices in listed.values() for d in devices}
+    for f, error in nameless:
+        seen = (remembered or {}).get(f.index)
+        if seen is None or seen.uuid in named or not is_device_id(seen.uuid):
+            inv.unreadable.append(error)
+            continue
+        cause = "GPU lost" if f.code == NVML_ERROR_GPU_IS_LOST else f"discovery failed: {error}"
+        reason = f"{cause} (its UUID unreadable: as seen at index {f.index} earlier in this boot)"
+        log.error("GPU %s (index %d): %s: listed Unhealthy", seen.uuid, f.index, reason)
+        inv.unreadable.append(f"{error} (listed Unhealthy as {seen.uuid}, seen there earlier in this boot)")
+        listed[f.index] = [DeviceState(id=seen.uuid, kind="gpu", index=str(f.index), name=seen.name, health=UNHEALTHY,
+                                       reason=reason, since=now, minor=seen.minor, pci_bus_id=seen.pci_bus_id,
+                                       memory_mb=seen.memory_mb)]
+        inv.children[seen.uuid] = []
+        if f.handle is not None:
+            inv.handles[seen.uuid] = f.handle  # probed: a reset GPU that answers again recovers
+    inv.devices = [d for index in sorted(listed) for d in listed[index]]  # the order of discovery, as always
     inv.links = discover_links(backend, inv)
     return inv
 

@@ -50,6 +50,7 @@ from services.health_monitor.discovery import Inventory, discover
 from services.health_monitor.events import register_events
 from services.health_monitor.model import Clock, HealthModel, Probe, RecoveryPolicy, SystemClock
 from services.health_monitor.probes import Prober
+from services.health_monitor.remembered import GpuMemory, remembered_of
 from services.health_monitor.xid_policy import XidPolicy
 
 __all__ = ["HealthMonitor", "NvmlInitError", "RecoveryPolicy"]
@@ -98,7 +99,9 @@ class HealthMonitor:
         degraded: list[str] | None = None,
         probe_deadline: float = Settings.probe_deadline,
         watchdog_limit: float = Settings.watchdog_timeout,
+        memory: GpuMemory | None = None,
     ) -> None:
+        self._memory = memory  # the GPUs named earlier in this boot (services.health_monitor.remembered)
         self._wait_slice_ms = int(min(WAIT_SLICE_MS, watchdog_limit * 1000 / 3))
         self._degraded = list(degraded or ())  # optional features that are off, and why
         self._nvml = backend
@@ -199,7 +202,7 @@ class HealthMonitor:
             log.info("NVML library: %s", self._nvml.library())
             # In threads, under the probe deadline: a GPU that hangs here is listed Unhealthy
             # with the call named, and the loop (heartbeats, the watchdog) keeps running.
-            self._inventory = await asyncio.to_thread(discover, self._nvml, self._clock.time(), self._prober.deadline)
+            self._inventory = await asyncio.to_thread(self._discover)
             self._model.load_inventory(self._inventory)
             self._nvml_ok, self._error = True, "; ".join(self._inventory.unreadable)
             log.info(
@@ -233,6 +236,14 @@ class HealthMonitor:
                 # its slice (up to a second) made every pod termination a second longer, so the
                 # shutdown is skipped instead (`nvml_busy`): the process exits, the driver cleans up.
                 await asyncio.to_thread(self._event_thread.join, 0.1)
+
+    def _discover(self) -> Inventory:
+        """Discovery, with the GPUs remembered from earlier in this boot (a thread: it reads NVML and a file)."""
+        remembered = self._memory.load() if self._memory is not None else {}
+        inventory = discover(self._nvml, self._clock.time(), self._prober.deadline, remembered)
+        if self._memory is not None:
+            self._memory.save({**remembered, **remembered_of(inventory.devices)})
+        return inventory
 
     @property
     def nvml_busy(self) -> bool:
