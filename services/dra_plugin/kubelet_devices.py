@@ -23,16 +23,12 @@ reads again) and the last IDs read stay: the kubelet's own checkpoint is not our
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
 from common.bus.messages import DeviceState
-from common.files import read_bounded
-from common.fswatch import DirWatcher
-
-log = logging.getLogger(__name__)
+from common.watched_ids import WatchedIds
 
 FILE: Final = "kubelet_internal_checkpoint"
 MAX_BYTES: Final = 16 << 20  # a node's pods and their AllocResp (base64) are well under this
@@ -95,47 +91,17 @@ def held_gpus(ids: Iterable[str], devices: Iterable[DeviceState]) -> frozenset[s
     return frozenset(out)
 
 
-class KubeletAllocations:
+class KubeletAllocations(WatchedIds):
     """The device manager's allocated IDs (`ids`), kept up to date; `on_change` is called when they change."""
 
     def __init__(self, device_plugin_dir: Path, on_change: Callable[[], None] = lambda: None) -> None:
-        self.path = device_plugin_dir / FILE
-        self.ids: frozenset[str] = frozenset()
+        super().__init__(device_plugin_dir / FILE, device_ids, MAX_BYTES, "the kubelet's device-manager checkpoint",
+                         "the GPUs it was last read to hold stay withheld from DRA", (KubeletCheckpointError,),
+                         recheck_s=RECHECK_S)
         self.on_change = on_change
-        self._failing = False
 
-    def read(self) -> bool:
-        """Reads the file again; True when the IDs changed."""
-        try:
-            ids = device_ids(read_bounded(self.path, MAX_BYTES))
-        except FileNotFoundError:
-            ids = frozenset()  # no device manager allocations on this node (or no device plugin ever)
-        except (OSError, KubeletCheckpointError) as e:
-            if not self._failing:
-                self._failing = True
-                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                log.warning("the kubelet's device-manager checkpoint %s cannot be read (%s): the GPUs it was last "
-                            "read to hold stay withheld from DRA (%d IDs)", self.path, why, len(self.ids))
-            return False
-        if self._failing:
-            log.info("the kubelet's device-manager checkpoint %s reads again", self.path)
-            self._failing = False
-        if ids == self.ids:
-            return False
-        log.info("the kubelet's device manager holds %d nvidia.com device IDs%s", len(ids),
-                 f" ({', '.join(sorted(ids)[:8])}{', ...' if len(ids) > 8 else ''})" if ids else "")
-        self.ids = ids
-        return True
+    async def run(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
+        async def call_on_change() -> None:
+            self.on_change()
 
-    async def run(self) -> None:
-        watcher = DirWatcher(self.path.parent)
-        watcher.start()
-        try:
-            if self.read():
-                self.on_change()
-            while True:
-                names = await watcher.next(timeout=RECHECK_S)
-                if (not names or FILE in names or "" in names) and self.read():
-                    self.on_change()
-        finally:
-            watcher.close()
+        await super().run(changed or call_on_change)

@@ -17,16 +17,12 @@ the last devices read stay withheld: a record the dra-plugin moved aside (`.bad`
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
 from common.bus.messages import DeviceState
-from common.files import read_bounded
-from common.fswatch import DirWatcher
-
-log = logging.getLogger(__name__)
+from common.watched_ids import WatchedIds
 
 FILE: Final = "dra-checkpoint.json"  # services.dra_plugin.checkpoint.FILE (a test keeps them equal)
 VERSIONS: Final = (1, 2)
@@ -69,47 +65,10 @@ def claimed_gpus(ids: Iterable[str], devices: Iterable[DeviceState]) -> frozense
     return frozenset(d.id if d.kind == "gpu" else d.parent for d in devices if d.id in wanted)
 
 
-class DraClaims:
+class DraClaims(WatchedIds):
     """The dra-plugin's claimed device UUIDs (`ids`), kept up to date."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / FILE
-        self.ids: frozenset[str] = frozenset()
-        self._failing = False
-
-    def read(self) -> bool:
-        """Reads the record again; True when the devices changed."""
-        try:
-            ids = claimed_ids(read_bounded(self.path, MAX_BYTES, follow=False))
-        except FileNotFoundError:
-            ids = frozenset()  # DRA never prepared a claim here, or the record was moved aside
-        except (OSError, DraRecordError) as e:
-            if not self._failing:
-                self._failing = True
-                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                log.warning("the dra-plugin's record %s cannot be read (%s): the devices it was last read to hold "
-                            "stay out of the device plugin (%d)", self.path, why, len(self.ids))
-            return False
-        if self._failing:
-            log.info("the dra-plugin's record %s reads again", self.path)
-            self._failing = False
-        if ids == self.ids:
-            return False
-        log.info("DRA claims hold %d devices: their GPUs are out of every device-plugin resource%s", len(ids),
-                 f" ({', '.join(sorted(ids)[:8])}{', ...' if len(ids) > 8 else ''})" if ids else "")
-        self.ids = ids
-        return True
-
-    async def run(self, changed: Callable[[], Awaitable[None]]) -> None:
-        """Keeps `ids` current; awaits `changed()` after each read that changes them."""
-        watcher = DirWatcher(self.path.parent)  # not created here: the state dir is made by its writers
-        watcher.start()
-        try:
-            if self.read():
-                await changed()
-            while True:
-                names = await watcher.next(timeout=RECHECK_S)
-                if (not names or FILE in names or "" in names) and self.read():
-                    await changed()
-        finally:
-            watcher.close()
+        super().__init__(state_dir / FILE, claimed_ids, MAX_BYTES, "the dra-plugin's record",
+                         "the devices it was last read to hold stay out of the device plugin", (DraRecordError,),
+                         follow=False, recheck_s=RECHECK_S)
