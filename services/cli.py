@@ -323,6 +323,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _status(settings: Settings, timeout: float) -> int:
     from common.bus.messages import DRA_SOCKET, KUBE_SOCKET
+    from services.kube_agent.board import CONFIG_PART, HEALTH_PART
 
     msg = await _health_state(settings, timeout)
     if msg is None:
@@ -361,7 +362,7 @@ async def _status(settings: Settings, timeout: float) -> int:
         # Its bus is bound but replays nothing: a frozen (or just restarting) kube-agent.
         print("per-node config: NO STATE from the kube-agent within 2 s (see its heartbeat above); "
               "the config in place stays")
-    if kube is not None and (not kube.parts or "per-node configuration" in kube.parts):  # []: an older agent
+    if kube is not None and (not kube.parts or CONFIG_PART in kube.parts):  # []: an older agent
         api = "API reachable" if kube.api_reachable else f"API NOT reachable ({kube.error})"
         print(f"per-node config: node {kube.node or '?'}, label {kube.label or '(none)'}, selected "
               f"{kube.config or '(empty)'} ({kube.why}); {api}")
@@ -369,7 +370,7 @@ async def _status(settings: Settings, timeout: float) -> int:
             print(f"per-node config: label value {kube.unknown!r} names no config: not applied")
         if kube.error and kube.api_reachable:
             print(f"per-node config: {kube.error}")
-    if kube is not None and "node health" in kube.parts:
+    if kube is not None and HEALTH_PART in kube.parts:
         print(_node_health_line(kube))
     dra = await _dra_state(settings)
     if dra is not None:

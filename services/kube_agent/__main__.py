@@ -134,9 +134,9 @@ async def _run_parts(settings: Settings, stop: asyncio.Event) -> None:
     try:
         # Every part's settings checked first: a part refused (PermanentError) leaves no coroutine of
         # another one made and never run.
-        health = _health_part(settings, node, board) if settings.node_condition or settings.node_events else None
-        agent = _config_part(environ, node, board) if environ.get(SRCDIR) else None
-        if settings.metrics_port:
+        health = _health_part(settings, node, board) if HEALTH_PART in enabled else None
+        agent = _config_part(environ, node, board) if CONFIG_PART in enabled else None
+        if METRICS_PART in enabled:
             from services.kube_agent.metrics import Metrics
 
             metrics = Metrics(settings)

@@ -61,7 +61,7 @@ from services.kube_agent.board import StatePublisher
 from services.kube_agent.selection import Rules, Selection, SelectionError, available, content, digest, select
 from services.kube_agent.selection import write_atomically as write
 
-__all__ = ["ApiStatus", "BadAnswer", "KubeAgent", "NodeApi", "Seen", "default_client", "reason"]
+__all__ = ["KubeAgent", "NodeApi", "Seen"]
 
 log = logging.getLogger(__name__)
 

@@ -324,7 +324,8 @@ def test_without_per_node_configuration_it_exits_0_at_once(procs: Procs, short_t
 
 def test_a_silently_dead_watch_is_renewed(short_tmp: Path, api: Api) -> None:
     """In-process (to shorten the renewal): the real client against a watch that never answers."""
-    from services.kube_agent.agent import KubeAgent, default_client
+    from common.kubeapi import default_client
+    from services.kube_agent.agent import KubeAgent
     from services.kube_agent.selection import Rules
 
     src = short_tmp / "configs"

@@ -9,7 +9,8 @@ from typing import Any, cast
 import httpx2
 import pytest
 
-from services.kube_agent.agent import ApiStatus, BadAnswer, NodeApi, Seen, reason
+from common.kubeapi import ApiStatus, BadAnswer, reason
+from services.kube_agent.agent import NodeApi, Seen
 
 LABEL = "nvidia.com/device-plugin.config"
 API = NodeApi(cast(httpx2.AsyncClient, None), "node-1", LABEL)  # the checks never touch the connection
