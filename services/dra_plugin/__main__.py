@@ -67,8 +67,11 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         slices = SlicePublisher(node, settings.bus_path(HEALTH_SOCKET), settings.dra_devices,
                                 on_status=lambda status: plugin.slices_changed(_bus_form(status)),
                                 kubelet_ids=lambda: kubelet.ids)
-        kubelet.on_change = slices.wake
-        await plugin.run(stop, ("dra-slices", slices.run()), ("kubelet-devices", kubelet.run()))
+
+        async def held_changed() -> None:
+            slices.wake()
+
+        await plugin.run(stop, ("dra-slices", slices.run()), ("kubelet-devices", kubelet.run(held_changed)))
     finally:
         publisher.close()
 

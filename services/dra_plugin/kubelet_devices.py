@@ -23,7 +23,7 @@ reads again) and the last IDs read stay: the kubelet's own checkpoint is not our
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -92,16 +92,9 @@ def held_gpus(ids: Iterable[str], devices: Iterable[DeviceState]) -> frozenset[s
 
 
 class KubeletAllocations(WatchedIds):
-    """The device manager's allocated IDs (`ids`), kept up to date; `on_change` is called when they change."""
+    """The device manager's allocated IDs (`ids`), kept up to date by `run(changed)`."""
 
-    def __init__(self, device_plugin_dir: Path, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, device_plugin_dir: Path) -> None:
         super().__init__(device_plugin_dir / FILE, device_ids, MAX_BYTES, "the kubelet's device-manager checkpoint",
                          "the GPUs it was last read to hold stay withheld from DRA", (KubeletCheckpointError,),
                          recheck_s=RECHECK_S)
-        self.on_change = on_change
-
-    async def run(self, changed: Callable[[], Awaitable[None]] | None = None) -> None:
-        async def call_on_change() -> None:
-            self.on_change()
-
-        await super().run(changed or call_on_change)

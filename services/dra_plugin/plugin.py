@@ -39,6 +39,7 @@ import grpc
 
 from common.bus.messages import HEALTHY, DeviceState, DraEvent, DraSlices, DraState, HealthState
 from common.bus.sockets import BusPublisher, BusSubscriber
+from common.dra_checkpoint import COMPLETED, STARTED, Checkpoint, CheckpointError, Entry, PreparedDevice
 from common.fswatch import DirWatcher, file_id
 from common.kubeapi import READ_ERRORS, ApiStatus, ConfigError, Http, default_client, reason, request
 from common.lifecycle import PermanentError, run_until_stopped
@@ -51,7 +52,6 @@ from common.pb.drahealth.v1alpha1 import api_pb2_grpc as health_grpc
 from common.pb.pluginregistration.v1 import api_pb2 as reg_pb
 from common.pb.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from common.settings import Settings
-from services.dra_plugin.checkpoint import COMPLETED, STARTED, Checkpoint, CheckpointError, Entry, PreparedDevice
 from services.dra_plugin.claims import (
     GROUP,
     MAX_CLAIMS_PER_CALL,
@@ -168,8 +168,8 @@ async def answers(path: Path) -> bool:
 
 class DraPlugin:
     def __init__(self, settings: Settings, node: str, publisher: BusPublisher, health_bus: Path,
-                 http: Callable[[], Http] = default_client, clean_s: float = CLEAN_S,
-                 clean_age_s: float = CLEAN_AGE_S, kubelet: KubeletAllocations | None = None) -> None:
+                 kubelet: KubeletAllocations, http: Callable[[], Http] = default_client, clean_s: float = CLEAN_S,
+                 clean_age_s: float = CLEAN_AGE_S) -> None:
         self.settings = settings
         self.node = node
         self.pool = pool_name(node)
@@ -178,7 +178,7 @@ class DraPlugin:
         self._new_http = http
         self._clean_s, self._clean_age_s = clean_s, clean_age_s
         # The device plugin's pods' GPUs (the kubelet's device manager): not DRA's while they hold them.
-        self.kubelet = kubelet or KubeletAllocations(settings.device_plugin_dir)
+        self.kubelet = kubelet
         self._http: Http | None = None
         self._version = 0  # index into VERSIONS of the API version that served the last claim
         self.registration_path = settings.kubelet_registrar_dir / REGISTRATION_SOCKET

@@ -357,9 +357,10 @@ def test_stale_records_of_claims_gone_from_the_api_are_removed(short_tmp: Path) 
     """A record whose unprepare never came: removed with its spec once the API says its claim is gone or
     its name is another claim's; a claim still there, a young record, or an API that does not answer
     clearly keeps its record. Over real HTTP to the emulated API server, the plugin in this process."""
+    from common.dra_checkpoint import COMPLETED, Checkpoint, Entry, PreparedDevice
     from common.kubeapi import default_client
     from common.settings import resolve
-    from services.dra_plugin.checkpoint import COMPLETED, Checkpoint, Entry, PreparedDevice
+    from services.dra_plugin.kubelet_devices import KubeletAllocations
     from services.dra_plugin.plugin import DraPlugin
     from tests.unit.test_dra_claims import Board
 
@@ -389,6 +390,7 @@ def test_stale_records_of_claims_gone_from_the_api_are_removed(short_tmp: Path) 
             spec = settings.cdi_spec_dir / f"k8s.gpu.nvidia.com-claim_{uids['gone']}.json"
             spec.write_text("{}")
             plugin = DraPlugin(settings, NODE, Board(), short_tmp / "health.sock",  # type: ignore[arg-type]
+                               KubeletAllocations(settings.device_plugin_dir),
                                http=lambda: default_client(str(short_tmp / "kubeconfig")))
             plugin.checkpoint.load()
             assert sorted(await plugin.clean_stale()) == sorted([uids["gone"], uids["replaced"]])

@@ -356,7 +356,7 @@ def test_gpus_dra_claims_hold_are_offered_only_once_the_claims_are_gone(procs: P
     """The dra-plugin's record lists GPU 1 as prepared for a claim (the split changed under it): the plugin-server
     leaves it out of nvidia.com/gpu, and offers it again when the record no longer lists it. An admin's look
     holds nothing."""
-    from services.dra_plugin.checkpoint import COMPLETED, Checkpoint, Entry, PreparedDevice
+    from common.dra_checkpoint import COMPLETED, Checkpoint, Entry, PreparedDevice
 
     run, dp, state_dir = short_tmp / "run", short_tmp / "dp", short_tmp / "state"
     devices = gpus(4)

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from common import dra_checkpoint as cp
 from common.bus.messages import HEALTHY, UNHEALTHY, DeviceState, Message, StateMessage
+from common.dra_checkpoint import Checkpoint, CheckpointError, Entry, PreparedDevice
 from common.settings import resolve
-from services.dra_plugin import checkpoint as cp
-from services.dra_plugin.checkpoint import Checkpoint, CheckpointError, Entry, PreparedDevice
 from services.dra_plugin.claims import Allocated, ClaimError, ClaimRef, Toleration, allocated, choose, claim_path
 from services.dra_plugin.names import cdi_device_id, cdi_spec_file, device_names, offered
 from tests.fakedriver import make_driver_root
@@ -291,6 +291,7 @@ class Board:
 
 def test_a_prepare_cut_by_a_restart_is_done_again_or_undone(tmp_path: Path) -> None:
     from common.bus.messages import HealthState
+    from services.dra_plugin.kubelet_devices import KubeletAllocations
     from services.dra_plugin.plugin import DraPlugin
 
     driver = make_driver_root(tmp_path / "driver", range(2))
@@ -302,7 +303,8 @@ def test_a_prepare_cut_by_a_restart_is_done_again_or_undone(tmp_path: Path) -> N
     other = ClaimRef("default", "7e5a3c1d-0000-4000-8000-000000000002", "other")
 
     async def run() -> None:
-        plugin = DraPlugin(settings, "node-1", Board(), tmp_path / "health.sock")  # type: ignore[arg-type]
+        plugin = DraPlugin(settings, "node-1", Board(), tmp_path / "health.sock",  # type: ignore[arg-type]
+                           KubeletAllocations(settings.device_plugin_dir))
         plugin.checkpoint.load()
         plugin.health = HealthState(nvml_ok=True, error="", driver_version="580.159.04", devices=[gpu(0), gpu(1)])
         plugin.offered = offered(plugin.health.devices)
@@ -323,13 +325,15 @@ def test_a_prepare_cut_by_a_restart_is_done_again_or_undone(tmp_path: Path) -> N
 
 
 def test_a_repeated_prepare_before_the_first_health_state_says_there_is_no_device_state(tmp_path: Path) -> None:
+    from services.dra_plugin.kubelet_devices import KubeletAllocations
     from services.dra_plugin.plugin import DraPlugin
 
     settings = resolve(environ={"GPU_PLUGIN_STATE_DIR": str(tmp_path / "state"), "CDI_SPEC_DIR": str(tmp_path / "cdi"),
                                 "GPU_PLUGIN_RUN_DIR": str(tmp_path / "run")})
     # Prepared before a reboot that emptied the CDI directory; the program has heard no health state yet.
     Checkpoint(settings.state_dir).put(Entry(REF.uid, "default", "gpus", cp.COMPLETED, (DEV,)))
-    plugin = DraPlugin(settings, "node-1", Board(), tmp_path / "health.sock")  # type: ignore[arg-type]
+    plugin = DraPlugin(settings, "node-1", Board(), tmp_path / "health.sock",  # type: ignore[arg-type]
+                       KubeletAllocations(settings.device_plugin_dir))
     plugin.checkpoint.load()
     error = plugin._again(REF, plugin.checkpoint.entries[REF.uid]).error
     assert error.endswith("its CDI spec is gone and cannot be written again yet: no device state from the "

@@ -122,10 +122,9 @@ def test_gpus_of_devices_dra_claims_hold_are_left_out_whatever_the_split(fleet: 
                                                                           tmp_path: Path) -> None:
     """The dra-plugin's record, as its writer encodes it, read by the plugin-server: the devices prepared for
     claims (admin access left out), and their GPUs out of every resource (a MIG device takes its GPU)."""
-    from services.dra_plugin import checkpoint as cp
+    from common import dra_checkpoint as cp
     from services.plugin_server import dra_claims
 
-    assert (dra_claims.FILE, dra_claims.MAX_BYTES) == (cp.FILE, cp.MAX_BYTES)
     gpus = [d for d in fleet if d.kind == "gpu"]
     mig7 = next(d for d in fleet if d.kind == "mig" and d.parent == GPU7)
 
@@ -140,5 +139,5 @@ def test_gpus_of_devices_dra_claims_hold_are_left_out_whatever_the_split(fleet: 
     got = ids(build_resources(state(fleet), resolve(environ={"MIG_STRATEGY": "mixed"}), dra_claimed=claimed))
     assert got[GPU_RESOURCE] == sorted(g.id for g in gpus[1:6])
     assert "nvidia.com/mig-1g.10gb" not in got and "nvidia.com/mig-3g.40gb" in got
-    with pytest.raises(dra_claims.DraRecordError, match="version 3"):
+    with pytest.raises(cp.CheckpointError, match="version 3"):
         dra_claims.claimed_ids(b'{"version": 3, "claims": {}}')

@@ -14,6 +14,9 @@ One JSON file (`dra-checkpoint.json`), versioned, written whole by rename with t
 (not ours, corrupt, from a newer plugin) is moved aside to `<name>.bad` and named in the log and on
 the bus; the plugin starts from an empty record. That costs what the record is for, not the claims:
 a repeated prepare reads the API again, and an unprepare removes the spec by the claim's UID alone.
+
+In common, not in the dra-plugin: the plugin-server reads it too (services/plugin_server/dra_claims.py,
+to keep the GPUs claims hold out of the device plugin) with this module's own decoder.
 """
 
 from __future__ import annotations
