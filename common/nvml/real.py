@@ -275,35 +275,36 @@ class RealNvml:
     def device_get_total_ecc_errors(self, handle: Handle, error_type: int) -> int:
         return self._typed(int, "nvmlDeviceGetTotalEccErrors", handle, error_type, ECC_COUNTER_VOLATILE)
 
-    def sysfs_numa_node(self, pci_bus_id: str) -> int | None:
+    def _pci_file(self, pci_bus_id: str, name: str) -> Path | None:
+        """The device's sysfs file `name`; None for a bus ID that names no PCI address."""
         try:
             address = sysfs_pci_address(pci_bus_id)
         except ValueError:
             return None
-        path = self._sysfs_root / "bus" / "pci" / "devices" / address / "numa_node"
+        return self._sysfs_root / "bus" / "pci" / "devices" / address / name
+
+    def _pci_value(self, pci_bus_id: str, name: str, base: int) -> int | None:
+        """A one-number sysfs file of the device (read bounded, to the one page sysfs says an attribute
+        is, whatever it holds); None when unknown."""
+        path = self._pci_file(pci_bus_id, name)
         try:
-            node = int(path.read_text().strip())
-        except (OSError, ValueError):
-            return None  # no such device, no NUMA information: unknown, as NVIDIA's plugin treats it
-        return node if node >= 0 else None
+            return int(read_bounded(path, 4096).decode().strip(), base) if path is not None else None
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+            return None
+
+    def sysfs_numa_node(self, pci_bus_id: str) -> int | None:
+        node = self._pci_value(pci_bus_id, "numa_node", 10)
+        # No such device, no NUMA information (-1): unknown, as NVIDIA's plugin treats it.
+        return node if node is not None and node >= 0 else None
 
     def sysfs_pci_class(self, pci_bus_id: str) -> int | None:
-        try:
-            address = sysfs_pci_address(pci_bus_id)
-        except ValueError:
-            return None
-        try:
-            return int((self._sysfs_root / "bus" / "pci" / "devices" / address / "class").read_text().strip(), 16)
-        except (OSError, ValueError):
-            return None
+        return self._pci_value(pci_bus_id, "class", 16)
 
     def sysfs_vgpu(self, pci_bus_id: str) -> VgpuInfo | None:
-        try:
-            address = sysfs_pci_address(pci_bus_id)
-        except ValueError:
+        config = self._pci_file(pci_bus_id, "config")
+        if config is None:
             return None
-        config = self._sysfs_root / "bus" / "pci" / "devices" / address / "config"
-        return read_host_driver(lambda: read_bounded(config, CONFIG_SPACE_MAX), address)
+        return read_host_driver(lambda: read_bounded(config, CONFIG_SPACE_MAX), sysfs_pci_address(pci_bus_id))
 
     # -- topology ---------------------------------------------------------------------
     def device_get_nvlink_state(self, handle: Handle, link: int) -> int:

@@ -36,7 +36,7 @@ from common.nvml.backend import (
     NvmlError,
 )
 from services.health_monitor.deadline import each_within
-from services.health_monitor.remembered import Remembered
+from services.health_monitor.remembered import GpuMemory, Remembered, remembered_of
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,17 @@ def discover(backend: NvmlBackend, now: float, deadline: float | None = None,
     inv.devices = [d for index in sorted(listed) for d in listed[index]]  # the order of discovery, as always
     inv.links = discover_links(backend, inv)
     return inv
+
+
+def discover_remembering(backend: NvmlBackend, now: float, deadline: float | None,
+                         memory: GpuMemory | None) -> Inventory:
+    """discover(), with the GPUs `memory` holds from earlier in this boot, and what it named added to them
+    (an index that names nothing now keeps what it held)."""
+    remembered = memory.load() if memory is not None else {}
+    inventory = discover(backend, now, deadline, remembered)
+    if memory is not None:
+        memory.save({**remembered, **remembered_of(inventory.devices)})
+    return inventory
 
 
 def discover_links(backend: NvmlBackend, inv: Inventory) -> list[PairLink]:

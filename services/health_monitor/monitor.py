@@ -46,11 +46,11 @@ from common.nvml.backend import (
 )
 from common.settings import HealthConfig, Settings
 from common.version import VERSION
-from services.health_monitor.discovery import Inventory, discover
+from services.health_monitor.discovery import Inventory, discover_remembering
 from services.health_monitor.events import register_events
 from services.health_monitor.model import Clock, HealthModel, Probe, RecoveryPolicy, SystemClock
 from services.health_monitor.probes import Prober
-from services.health_monitor.remembered import GpuMemory, remembered_of
+from services.health_monitor.remembered import GpuMemory
 from services.health_monitor.xid_policy import XidPolicy
 
 __all__ = ["HealthMonitor", "NvmlInitError", "RecoveryPolicy"]
@@ -239,11 +239,7 @@ class HealthMonitor:
 
     def _discover(self) -> Inventory:
         """Discovery, with the GPUs remembered from earlier in this boot (a thread: it reads NVML and a file)."""
-        remembered = self._memory.load() if self._memory is not None else {}
-        inventory = discover(self._nvml, self._clock.time(), self._prober.deadline, remembered)
-        if self._memory is not None:
-            self._memory.save({**remembered, **remembered_of(inventory.devices)})
-        return inventory
+        return discover_remembering(self._nvml, self._clock.time(), self._prober.deadline, self._memory)
 
     @property
     def nvml_busy(self) -> bool:

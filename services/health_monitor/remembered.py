@@ -85,12 +85,12 @@ class GpuMemory:
             if self._written is None:
                 log.warning("cannot remember the GPUs in %s (%s): a GPU lost before a restart would not be listed",
                             self.path, e.strerror or e)
-            self._written = body
-            return
         self._written = body
 
 
 def remembered_of(devices: list[DeviceState]) -> dict[int, Remembered]:
-    """What a discovery names, to be remembered (GPUs with their facts; not those listed from memory)."""
+    """What a discovery names, to be remembered (GPUs with their facts: a GPU described without them, as
+    one lost after its UUID was read, keeps what was remembered at its index; one listed from memory
+    gives back what it was listed with)."""
     return {int(d.index): Remembered(d.id, d.name, d.pci_bus_id, d.minor, d.memory_mb)
             for d in devices if d.kind == "gpu" and d.index.isdigit() and d.name}

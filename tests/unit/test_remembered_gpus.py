@@ -8,20 +8,18 @@ from pathlib import Path
 
 from common.bus.messages import UNHEALTHY
 from devtools.nvml_sim import SimulatedNvml, fleet_path
-from services.health_monitor.discovery import discover
-from services.health_monitor.remembered import FILE, GpuMemory, remembered_of
+from services.health_monitor.discovery import discover_remembering
+from services.health_monitor.remembered import FILE, GpuMemory
 
 
 def _discover(memory: GpuMemory, lost: int | None = None) -> list:  # type: ignore[type-arg]
+    """The monitor's discovery (discover_remembering) on a simulated driver, GPU `lost` fallen off the bus."""
     nvml = SimulatedNvml(fleet_path("dgx-h100-8"))
     nvml.init()
     try:
         if lost is not None:
             nvml._gpus[lost].lost = True  # fallen off the bus before this start
-        remembered = memory.load()
-        inv = discover(nvml, 1.0, None, remembered)
-        memory.save({**remembered, **remembered_of(inv.devices)})
-        return inv.devices
+        return discover_remembering(nvml, 1.0, None, memory).devices
     finally:
         nvml.shutdown()
 
