@@ -12,8 +12,9 @@ twice, or not at all, in between.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from common.settings.values import SettingsError, show
 
@@ -21,6 +22,18 @@ from common.settings.values import SettingsError, show
 _INDEX = re.compile(r"\d{1,4}")
 _GPU_UUID = re.compile(r"GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 MAX_ITEMS = 1024
+
+
+class _Device(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def index(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+
+
+D = TypeVar("D", bound=_Device)
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,12 @@ class DraDevices:
     def serves(self, index: str, uuid: str) -> bool:
         """Whether the GPU of this NVML index and UUID goes to DRA (a MIG device: ask for its GPU)."""
         return self.every or index in self.ids or _canonical_uuid(uuid) in self.ids
+
+    def device_plugin_gpus(self, devices: Iterable[D], held: frozenset[str] = frozenset()) -> list[D]:
+        """The GPUs of `devices` the device plugin serves, in their order: not those DRA serves, nor those
+        in `held` (GPU UUIDs a DRA claim still holds). The one rule the plugin-server and mps-control
+        number a sharing rule's GPUs by."""
+        return [d for d in devices if d.kind == "gpu" and not self.serves(d.index, d.id) and d.id not in held]
 
     def __str__(self) -> str:
         if self.every:

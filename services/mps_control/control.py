@@ -448,9 +448,7 @@ def plan(mps: Replicated, state: HealthState,
     """(served name, resource, its GPUs) for each MPS resource with at least one GPU on this node. The
     GPUs DRA serves are not the device plugin's (services/plugin_server/device_table.py leaves them out
     before it numbers the GPUs a sharing rule selects): no daemon on them, and the same positions."""
-    devices = state.devices
-    if dra is not None and not dra.none:
-        devices = [d for d in devices if d.kind != "gpu" or not dra.serves(d.index, d.id)]
+    devices = state.devices if dra is None else dra.device_plugin_gpus(state.devices)
     out = []
     for res in mps.resources:
         gpus = gpus_of(res, devices)

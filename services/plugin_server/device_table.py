@@ -149,10 +149,7 @@ def build_resources(state: HealthState, settings: Settings, mps: MpsReadiness | 
     (settings.dra_devices) are left out whole, with their MIG devices: no GPU is offered by both APIs;
     so are the GPUs of devices DRA claims hold (`dra_claimed`, UUIDs from the dra-plugin's record), whatever
     the split says now: a claim prepared before the split changed still has them."""
-    dra = settings.dra_devices
-    held = claimed_gpus(dra_claimed, state.devices)
-    gpus = [d for d in state.devices if d.kind == "gpu" and (dra.none or not dra.serves(d.index, d.id))
-            and d.id not in held]
+    gpus = settings.dra_devices.device_plugin_gpus(state.devices, claimed_gpus(dra_claimed, state.devices))
     migs_of: dict[str, list[DeviceState]] = {g.id: [] for g in gpus}
     for d in state.devices:
         if d.kind == "mig" and d.parent in migs_of:
