@@ -112,6 +112,7 @@ class SlicePublisher:
         self._watch: asyncio.Task[None] | None = None
         self._generation = 0  # the last generation written: the next change goes past it
         self._deleting: set[str] = set()  # deletes of ours, not to be taken for someone else's
+        self.stale_answers = 0  # write answers older than a delete the watch told first: not cached
         # Slices the watch said were deleted during the current pass (name -> the delete as the watch told it):
         # a write's answer can be read after the watch's events of that slice, and is then not what the API holds.
         self._gone: dict[str, Held] = {}
@@ -250,6 +251,8 @@ class SlicePublisher:
                 # answer): the watch's delete, already applied, woke the next pass, which writes it again.
                 if gone is None or not _newer(gone, written):
                     cache[written.name] = written
+                else:
+                    self.stale_answers += 1
             self._report(writes=self.status.writes + 1)
         if writes:
             log.info("ResourceSlices of %s: generation %d, %d devices in %d slices (%d tainted%s)", self.node,

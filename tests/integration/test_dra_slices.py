@@ -275,12 +275,14 @@ def test_a_slice_deleted_before_its_write_is_answered_is_written_again(make: Cal
     node.call(lambda: node.slices_api.wipe(NODE))
     wait_until(lambda: node.call(lambda: emu.races) == 0 and len(node.published()) == 8, 5,
                "the raced create written again")
+    assert node.call(lambda: node.publisher.stale_answers) == 1, "the create's answer came after the delete"
     # An update raced: a change of health written, and the slice deleted before the answer.
     node.call(lambda: setattr(emu, "races", 1))
     node.set(2, "XID 79")
     devices = wait_until(lambda: node.call(lambda: emu.races) == 0 and taints(node.published(), "gpu-2")
                          and node.published(), 5, "the raced update written again")
     assert len(devices) == 8 and node.status().error == ""
+    assert node.call(lambda: node.publisher.stale_answers) == 2, "the update's answer came after the delete"
 
 
 @pytest.mark.parametrize("metadata", [
