@@ -112,6 +112,11 @@ class StateMessage(Message):
     seq: int = field(default=0, metadata=ON_WIRE_REQUIRED)
     sent_at: float = field(default=0.0, metadata=ON_WIRE_REQUIRED)
 
+    def is_new(self, held: StateMessage | None) -> bool:
+        """Whether this is another state than `held` (None: none held yet); a heartbeat or a replay
+        of the same state (same incarnation and seq, a later sent_at) is not."""
+        return held is None or (self.incarnation, self.seq) != (held.incarnation, held.seq)
+
 
 @dataclass(frozen=True)
 class MigAttributesState:

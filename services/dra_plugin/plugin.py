@@ -290,7 +290,7 @@ class DraPlugin:
             now = time.monotonic()
             if isinstance(msg, HealthState):
                 self._health_at = now
-                if self.health is None or (msg.incarnation, msg.seq) != (self.health.incarnation, self.health.seq):
+                if msg.is_new(self.health):
                     self.health = msg
                     # What DRA_DEVICES gives to DRA (the plugin-server serves the rest): the slices' devices.
                     # Without NVML the monitor knows no devices: the last ones known stay listed, as Unknown.

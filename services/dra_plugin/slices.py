@@ -138,7 +138,7 @@ class SlicePublisher:
             while True:
                 msg = await sub.recv_timeout(CHECK_S)  # lets the writer run during a backlog (BusSubscriber.recv)
                 if isinstance(msg, HealthState):
-                    if self._state is None or (msg.incarnation, msg.seq) != (self._state.incarnation, self._state.seq):
+                    if msg.is_new(self._state):
                         self._state = msg
                         self._wake.set()
                 elif isinstance(msg, HealthEvent) and self._xids.on_event(msg):

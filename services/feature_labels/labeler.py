@@ -137,8 +137,7 @@ class FeatureLabels:
         while True:
             msg = await self._sub.recv_timeout(WAIT_S)
             # A heartbeat is the same state (incarnation and seq) sent again: nothing to label.
-            if isinstance(msg, HealthState) and (
-                    self._state is None or (msg.incarnation, msg.seq) != (self._state.incarnation, self._state.seq)):
+            if isinstance(msg, HealthState) and msg.is_new(self._state):
                 self._state = msg
                 self._update()
 

@@ -126,7 +126,7 @@ class NodeHealth:
                 now = time.monotonic()
                 if isinstance(msg, HealthState):
                     self._heard, self._heard_at = now, time.time()
-                    if self._state is None or (msg.incarnation, msg.seq) != (self._state.incarnation, self._state.seq):
+                    if msg.is_new(self._state):
                         self._state = msg
                         if self._events_on:
                             self._observe(self._changes.on_state(msg, time.time()), now)

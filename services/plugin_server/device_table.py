@@ -129,7 +129,7 @@ def serve(
 
     NVML gone after devices were known: the GPUs are not usable now, but they are still there.
     They stay listed, Unhealthy, rather than have the kubelet forget them."""
-    if not force and old is not None and (old.incarnation, old.seq) == (state.incarnation, state.seq):
+    if not force and not state.is_new(old):
         return None
     served, error = state, ""
     if state.nvml_ok:
