@@ -232,11 +232,11 @@ def _describe(
         numa_node=backend.sysfs_numa_node(pci),
         memory_mb=backend.device_get_memory_total(handle) // (1024 * 1024),
     )
-    gpu = _with_feature_facts(backend, handle, gpu)
-    migs = _describe_migs(backend, handle, gpu, now)
-    if migs or _mig_mode_on(backend, handle):
-        gpu = dataclasses.replace(gpu, mig_enabled=True)
-    return gpu, migs
+    mode = _mig_mode(backend, handle, uuid)  # asked once: the labels, the MIG devices and the flag all need it
+    gpu = _with_feature_facts(backend, handle, gpu, mig_capable=mode is not None)
+    if mode is None or mode[0] != 1:
+        return gpu, []
+    return dataclasses.replace(gpu, mig_enabled=True), _describe_migs(backend, handle, gpu, now)
 
 
 T = TypeVar("T")
@@ -253,12 +253,10 @@ def _optional(what: str, uuid: str, ask: Callable[[], T]) -> T | None:
         return None
 
 
-def _with_feature_facts(backend: NvmlBackend, handle: Handle, gpu: DeviceState) -> DeviceState:
+def _with_feature_facts(backend: NvmlBackend, handle: Handle, gpu: DeviceState, mig_capable: bool) -> DeviceState:
     """What NVIDIA's gpu-feature-discovery asks of a GPU beyond discovery, asked once here: none of it
     changes while the driver runs, and feature-labels then needs no NVML of its own."""
     cc = _optional("compute capability", gpu.id, lambda: backend.device_get_cuda_compute_capability(handle))
-    # go-nvlib IsMigCapable: the driver answers for MIG mode at all (NOT_SUPPORTED: not capable).
-    mig_capable = _optional("MIG mode", gpu.id, lambda: backend.device_get_mig_mode(handle)) is not None
     fabric = _optional("fabric", gpu.id, lambda: backend.device_get_gpu_fabric_info(handle))
     pci_class = backend.sysfs_pci_class(gpu.pci_bus_id)
     vgpu = backend.sysfs_vgpu(gpu.pci_bus_id)
@@ -286,24 +284,22 @@ def _mig_attributes(backend: NvmlBackend, mig_handle: Handle, uuid: str) -> MigA
     )
 
 
-def _mig_mode_on(backend: NvmlBackend, handle: Handle) -> bool:
+def _mig_mode(backend: NvmlBackend, handle: Handle, uuid: str) -> tuple[int, int] | None:
+    """(current, pending) MIG mode; None when the driver does not answer for it (go-nvlib's
+    IsMigCapable: NOT_SUPPORTED is not capable, said silently; another refusal is logged). A lost
+    GPU is no unknown mode: it fails the description, as any call of it does."""
     try:
-        return backend.device_get_mig_mode(handle)[0] == 1
+        return backend.device_get_mig_mode(handle)
     except NvmlError as e:
         if e.code == NVML_ERROR_GPU_IS_LOST:
             raise
-        return False
+        if e.code != NVML_ERROR_NOT_SUPPORTED:
+            log.warning("%s: MIG mode unknown: %s", uuid, e)
+        return None
 
 
 def _describe_migs(backend: NvmlBackend, handle: Handle, gpu: DeviceState, now: float) -> list[DeviceState]:
-    try:
-        current, _pending = backend.device_get_mig_mode(handle)
-    except NvmlError as e:
-        if e.code == NVML_ERROR_GPU_IS_LOST:
-            raise
-        return []  # MIG not supported on this GPU
-    if current != 1:
-        return []
+    """The MIG devices of a GPU in MIG mode."""
     migs: list[DeviceState] = []
     for slot in range(backend.device_get_max_mig_device_count(handle)):
         try:
