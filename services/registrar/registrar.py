@@ -46,7 +46,7 @@ class Registrar:
         self.rules = RegistrationRules(stream_lost_grace)
         self._kubelet_state: KubeletPresence = "absent"
         self._wake = asyncio.Event()
-        self._published: tuple[object, ...] = ()
+        self._published: RegistrarState | None = None  # as last built, unstamped
         self._kubelet_changed = asyncio.Event()  # kubelet.sock may have been removed or replaced
         # For metrics (through the bus), since the start: Registers accepted and failed, and kubelet.sock
         # identities that followed another (a kubelet restart re-creates it; gone and back counts once).
@@ -208,25 +208,21 @@ class Registrar:
 
     def _publish_state(self, kubelet_id: str) -> None:
         """Publishes the state when it changed; the publisher's heartbeat repeats it meanwhile."""
-        content = (self._kubelet_state, kubelet_id, list(self.rules.registered.values()),
-                   self.rules.pending(kubelet_id), "; ".join(f"{r}: {e}" for r, e in sorted(self.rules.errors.items())),
-                   self.registers, self.register_failures, self.kubelet_restarts)
-        if content == self._published:
-            return
-        self._published = content
-        kubelet, kid, registrations, pending, last_error, registers, failures, restarts = content
-        self._pub.publish_state(
-            RegistrarState(
-                kubelet=kubelet,
-                kubelet_id=kid,
-                registrations=registrations,
-                pending=pending,
-                last_error=last_error,
-                registers=registers,
-                register_failures=failures,
-                kubelet_restarts=restarts,
-            )
+        # Compared unstamped: the publisher stamps incarnation, seq and time on what it sends.
+        state = RegistrarState(
+            kubelet=self._kubelet_state,
+            kubelet_id=kubelet_id,
+            registrations=list(self.rules.registered.values()),
+            pending=self.rules.pending(kubelet_id),
+            last_error="; ".join(f"{r}: {e}" for r, e in sorted(self.rules.errors.items())),
+            registers=self.registers,
+            register_failures=self.register_failures,
+            kubelet_restarts=self.kubelet_restarts,
         )
+        if state == self._published:
+            return
+        self._published = state
+        self._pub.publish_state(state)
 
     async def run(self, stop: asyncio.Event) -> None:
         await run_until_stopped(
