@@ -166,6 +166,10 @@ async def answers(path: Path) -> bool:
     return True
 
 
+class NotServed(Exception):
+    """No API version the plugin reads serves ResourceClaims."""
+
+
 class DraPlugin:
     def __init__(self, settings: Settings, node: str, publisher: BusPublisher, health_bus: Path,
                  kubelet: KubeletAllocations, http: Callable[[], Http] = default_client, clean_s: float = CLEAN_S,
@@ -378,29 +382,37 @@ class DraPlugin:
                 raise ClaimError(f"cannot read ResourceClaims: no API access configured ({e})") from None
         return self._http
 
+    async def _get_claim(self, http: Http, ref: ClaimRef, what: str) -> tuple[str, Any]:
+        """(API version, answer) of the claim, from the first version that serves ResourceClaims (the one
+        that served last asked first). Raises what `request` raises (a missing claim: 404 NotFound), or
+        NotServed when no version is."""
+        for version in [*VERSIONS[self._version:], *VERSIONS[:self._version]]:
+            try:
+                async with asyncio.timeout(READ_S):
+                    answer = await request(http, "GET", claim_path(version, ref), what)
+            except ApiStatus as e:
+                if e.code == 404 and e.reason != "NotFound":
+                    continue  # not a Status of a missing claim: this API version is not served
+                raise
+            self._version = VERSIONS.index(version)
+            return version, answer
+        raise NotServed(f"the API server serves no ResourceClaims ({', '.join(f'{GROUP}/{v}' for v in VERSIONS)})")
+
     async def _read(self, ref: ClaimRef) -> list[Allocated]:
         """The claim's results for our driver, read from the API (ClaimError: why it cannot be prepared)."""
         http = self._client()
         what = f"ResourceClaim {ref.namespace}/{ref.name}"
-        order = [*VERSIONS[self._version:], *VERSIONS[:self._version]]
-        for version in order:
-            try:
-                async with asyncio.timeout(READ_S):
-                    answer = await request(http, "GET", claim_path(version, ref), what)
-            except TimeoutError:
-                raise ClaimError(f"reading {what}: no answer within {READ_S:.0f} s") from None
-            except ApiStatus as e:
-                if e.code == 404 and e.reason != "NotFound":
-                    continue  # not a Status of a missing claim: this API version is not served
-                if e.code == 404:
-                    raise ClaimError(f"{what} not found") from None
-                raise ClaimError(f"reading {what}: {reason(e)}") from None
-            except READ_ERRORS as e:
-                raise ClaimError(f"reading {what}: {reason(e)}") from None
-            self._version = VERSIONS.index(version)
-            return allocated_of(answer, ref, version, DRIVER_NAME, self.pool)
-        raise ClaimError(f"reading {what}: the API server serves no ResourceClaims "
-                         f"({', '.join(f'{GROUP}/{v}' for v in VERSIONS)})")
+        try:
+            version, answer = await self._get_claim(http, ref, what)
+        except TimeoutError:  # before READ_ERRORS: a TimeoutError is an OSError
+            raise ClaimError(f"reading {what}: no answer within {READ_S:.0f} s") from None
+        except ApiStatus as e:
+            if e.code == 404:
+                raise ClaimError(f"{what} not found") from None
+            raise ClaimError(f"reading {what}: {reason(e)}") from None
+        except (NotServed, *READ_ERRORS) as e:
+            raise ClaimError(f"reading {what}: {e if isinstance(e, NotServed) else reason(e)}") from None
+        return allocated_of(answer, ref, version, DRIVER_NAME, self.pool)
 
     async def _gone_why(self, entry: Entry) -> str:
         """Why the claim of a record is gone from the API: "" when it is there, or when the API does not say
@@ -408,24 +420,15 @@ class DraPlugin:
         ref = ClaimRef(entry.namespace, entry.uid, entry.name)
         what = f"ResourceClaim {ref.namespace}/{ref.name}"
         try:
-            http = self._client()
-        except ClaimError:
+            _, answer = await self._get_claim(self._client(), ref, what)
+        except ApiStatus as e:
+            return f"{what} is not in the API" if e.code == 404 else ""
+        except (ClaimError, NotServed, TimeoutError, *READ_ERRORS):
             return ""
-        for version in [*VERSIONS[self._version:], *VERSIONS[:self._version]]:
-            try:
-                async with asyncio.timeout(READ_S):
-                    answer = await request(http, "GET", claim_path(version, ref), what)
-            except ApiStatus as e:
-                if e.code == 404 and e.reason != "NotFound":
-                    continue  # this API version is not served
-                return f"{what} is not in the API" if e.code == 404 else ""
-            except (TimeoutError, *READ_ERRORS):
-                return ""
-            meta = answer.get("metadata") if isinstance(answer, dict) else None
-            uid = meta.get("uid") if isinstance(meta, dict) else None
-            if isinstance(uid, str) and uid and uid != entry.uid:
-                return f"{what} is now another claim (UID {uid})"
-            return ""
+        meta = answer.get("metadata") if isinstance(answer, dict) else None
+        uid = meta.get("uid") if isinstance(meta, dict) else None
+        if isinstance(uid, str) and uid and uid != entry.uid:
+            return f"{what} is now another claim (UID {uid})"
         return ""
 
     async def clean_stale(self) -> list[str]:
