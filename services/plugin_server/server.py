@@ -19,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from common import h2grpc
 from common.bus.messages import (
     MPS_SOCKET,
     CallCount,
@@ -56,23 +55,12 @@ START_ATTEMPTS = 5  # starts in a row per change; a removal after the last one i
 # Call counts are for metrics (scraped every 15 s or more): the first count after a quiet spell goes out
 # at once, the rest of a burst with one state a second at most, not one per call; an idle server sends none.
 CALLS_PUBLISH_S = 1.0
-
-PENDING_CALLS = 4096
-"""Calls gRPC core holds for the server before our event loop has picked them up. Its defaults
-(1 000, then refusing more and more at random up to 3 000) cancelled calls of a burst before the
-servicer saw them, with no log line: of 2 000 ListAndWatch streams opened at once, 50 to 160 ended
-CANCELLED. With this many, one fixed line, a burst of up to 4 096 calls reaches the servicer,
-which answers and logs each (a stream beyond MAX_STREAMS: RESOURCE_EXHAUSTED); past it, gRPC's
-own protection still bounds the memory a flood takes."""
-
-GRPC_OPTIONS = [
-    ("grpc.server.max_pending_requests", PENDING_CALLS),
-    ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
-]
+REPLACE_GRACE_S = 0.5
 
 
 class Endpoint:
-    """One gRPC server on `<device plugin dir>/nvidia-<name>.sock`."""
+    """One gRPC server on `<device plugin dir>/nvidia-<name>.sock`, served by this process's event loop
+    (common.h2grpc: no gRPC core threads between a health change and the kubelet's stream)."""
 
     def __init__(self, path: Path, table: ResourceTable, servicer: Callable[[], DevicePluginServicer]) -> None:
         self.table = table
@@ -80,11 +68,11 @@ class Endpoint:
         self._new_servicer = servicer  # a fresh servicer (of this table) per gRPC server
         self.socket_id = ""
         self.servicer: DevicePluginServicer | None = None
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: h2grpc.Server | None = None
         # Health updates and the socket watcher may both (re)start an endpoint: one at a time,
         # and always stopping the old server first, or it would keep running, unreachable. First,
-        # not after the new one starts: gRPC unlinks the socket path when a server stops, and that
-        # path is then the new server's (tried: an endless re-creation loop).
+        # not after the new one starts: the old one's stop removes the socket path it served, and
+        # that path would then be the new server's (with grpc.aio: an endless re-creation loop).
         self._lock = asyncio.Lock()
         self.retired = False  # its resource is no longer offered (a reload): never started again
 
@@ -96,7 +84,9 @@ class Endpoint:
             if self._grpc is not None:
                 log.warning("socket %s was removed or replaced: re-creating it", self.path)
             for _ in range(START_ATTEMPTS):
-                await self._stop(grace=0, reason=REPLACED)
+                # Grace for the streams `close` ends: their OK is sent within a pass of the loop (the
+                # stop returns as soon as no call is open); only a client that does not read waits it out.
+                await self._stop(grace=REPLACE_GRACE_S, reason=REPLACED)
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 await self._start()
                 if self.socket_id:
@@ -111,7 +101,7 @@ class Endpoint:
             log.info("removing stale socket %s", self.path)
             self.path.unlink()
         self.servicer = self._new_servicer()
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = h2grpc.Server()
         pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
         old_umask = os.umask(0o077)  # the socket is for the kubelet (root) only
         try:
