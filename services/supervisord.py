@@ -7,18 +7,22 @@ follows the reap (up to 1 s with nothing to read), and sees SIGTERM only when th
 out (Python retries a poll that a signal interrupted). On every node that was ~1 s of each
 cold start, ~1 s of every restart after a crash, and up to 3 s of every pod termination.
 
-Two changes to its loop: the poll also watches a signal wakeup pipe (a SIGCHLD or SIGTERM
-ends it at once), and after a turn that reaped a child or handled a signal, or on the first
-turn, the next poll does not wait. Everything else, configuration and supervisorctl included,
-is supervisord's own (pinned in requirements-image.txt).
+Three changes to its loop: the poll also watches a signal wakeup pipe (a SIGCHLD or SIGTERM
+ends it at once); after a turn that reaped a child, handled a signal or changed a program's
+state, or on the first turn, the next poll does not wait; and with nothing timed in progress
+(`quiet_timeout`) the poll waits for something to happen instead of turning every second, so
+that an idle pod's supervisor wakes once per heartbeat check, not once a second. Everything
+else, configuration and supervisorctl included, is supervisord's own (pinned in
+requirements-image.txt).
 
 And one duty: a frozen service is killed, so that supervisord restarts it. A service's own
 watchdog thread (common.watchdog) ends a process whose loop hangs, but a process stopped whole
 (SIGSTOP, a cgroup freeze, a page fault that never completes) stops that thread too, and
 supervisord saw a live pid for ever: only the pod's liveness probe, 90 s later, ended it, with
-every other service. Once a second the supervisor looks at each service's heartbeat file; one
-unchanged for `silence_limit` of the service's watchdog limit (41 s with the default 30 s, timed
-on the supervisor's monotonic clock, so a wall-clock step kills nothing) gets SIGKILL, which a
+every other service. As often as a service's watchdog touches it (every 5 s with the default 30 s
+limit) the supervisor looks at each service's heartbeat file; one unchanged for `silence_limit` of
+the service's watchdog limit (41 s with the default 30 s, timed on the supervisor's monotonic
+clock, so a wall-clock step kills nothing) gets SIGKILL, which a
 stopped process cannot ignore, and the restart that follows any unexpected exit. A process that
 froze before its first heartbeat (e.g. at start) is timed from when the supervisor first saw it.
 
@@ -54,13 +58,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from supervisor import events, supervisord
 from supervisor import options as supervisor_options
-from supervisor import supervisord
-from supervisor.states import ProcessStates
+from supervisor.states import ProcessStates, SupervisorStates
 
-from common.heartbeat import DEFAULT_LIMIT_S, SERVICES, read_heartbeat, silence_limit
+from common.heartbeat import DEFAULT_LIMIT_S, SERVICES, check_interval, read_heartbeat, silence_limit
 
-HEARTBEAT_CHECK_S = 1.0
+# A program in one of these is timed by supervisord (startsecs, the backoff delay, stopwaitsecs): its
+# 1 s turn stays while one is.
+TIMED_STATES = frozenset({ProcessStates.STARTING, ProcessStates.BACKOFF, ProcessStates.STOPPING})
+QUIET_POLL_S = 60.0  # the longest a poll waits with nothing timed (supervisord's own is 1 s)
 # What the services share, imported by the supervisor before it forks them (each service's own
 # extras, such as the Kubernetes client of the kube-agent, are imported by the service itself).
 # Each service's entry module (light: what a service needs beyond the shared libraries it imports
@@ -251,12 +258,14 @@ class PromptSupervisor(supervisord.Supervisor):  # type: ignore[misc]
     due = True  # the next poll returns at once: the first turn starts the programs
     heartbeats: Heartbeats | None = None
     _next_heartbeat_check = 0.0
+    _states: tuple[Any, ...] = ()
 
     def check_heartbeats(self) -> None:
         now = time.monotonic()
         if self.heartbeats is None or now < self._next_heartbeat_check:
             return
-        self._next_heartbeat_check = now + HEARTBEAT_CHECK_S
+        # As often as a service's own watchdog touches its file: more often would read the same mtime.
+        self._next_heartbeat_check = now + check_interval(self.heartbeats.default_limit)
         running = {p.config.name: p.pid for g in self.process_groups.values() for p in g.processes.values()
                    if p.config.name in SERVICES and p.pid and p.get_state() == ProcessStates.RUNNING}
         for name, pid, silent in self.heartbeats.frozen(running, now):
@@ -265,6 +274,28 @@ class PromptSupervisor(supervisord.Supervisor):  # type: ignore[misc]
                 f"hung loop by now; the whole process is stopped); killing it so that it restarts")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # not supervisord's kill(): that is a stop, never restarted
+
+    def quiet_timeout(self, timeout: float) -> float:
+        """How long the next poll may wait with nothing to read.
+
+        supervisord turns once a second for what it times: starts (startsecs), backoff delays,
+        stops (stopwaitsecs), the pod's stop, TICK events for a listener of them. With none of
+        these in progress, a turn would only find nothing to do: the poll then waits for a child,
+        a signal (the wakeup pipe), a request, a log line or the next heartbeat check. A turn in
+        which a program changed state is followed by one at once, so that the event it raised
+        reaches the listeners (the watchdog: honest exits) without waiting for the next turn."""
+        procs = [p for g in self.process_groups.values() for p in g.processes.values()]
+        states = tuple(p.get_state() for p in procs)
+        if states != self._states:
+            self._states = states
+            return 0
+        if (self.options.mood < SupervisorStates.RUNNING or any(s in TIMED_STATES for s in states)
+                or any(getattr(g, "event_buffer", None) for g in self.process_groups.values())
+                or any(issubclass(kind, events.TickEvent) for kind, _ in events.callbacks)):
+            return timeout
+        if self.heartbeats is None:
+            return QUIET_POLL_S
+        return min(QUIET_POLL_S, max(0.0, self._next_heartbeat_check - time.monotonic()))
 
     def reap(self, once: bool = False, recursionguard: int = 0) -> None:
         known = len(self.options.pidhistory)
@@ -282,6 +313,8 @@ class PromptSupervisor(supervisord.Supervisor):  # type: ignore[misc]
             poller.register_readable(wake_r)
             if self.due:
                 self.due, timeout = False, 0
+            else:
+                timeout = self.quiet_timeout(timeout)
             readable, writable = plain_poll(timeout)
             self.check_heartbeats()
             if wake_r in readable:

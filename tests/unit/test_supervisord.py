@@ -9,12 +9,14 @@ import inspect
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from supervisor import options, poller, process, supervisord
+from supervisor import events, options, poller, process, supervisord
+from supervisor.states import ProcessStates, SupervisorStates
 
-from services.supervisord import PRELOAD, PromptSupervisor
+from services.supervisord import PRELOAD, QUIET_POLL_S, Heartbeats, PromptSupervisor
 from tests.conftest import REPO
 
 
@@ -57,6 +59,51 @@ def test_a_reaped_child_makes_the_next_poll_immediate() -> None:
     sup.due = False
     sup.reap()  # nothing exited
     assert not sup.due
+
+
+class Program:
+    def __init__(self, state: int) -> None:
+        self.state = state
+
+    def get_state(self) -> int:
+        return self.state
+
+
+class Group:
+    def __init__(self, *programs: Program) -> None:
+        self.processes = {str(i): p for i, p in enumerate(programs)}
+        self.event_buffer: list[object] = []
+
+
+def test_an_idle_supervisor_waits_for_something_to_happen_and_turns_each_second_while_something_is_timed() -> None:
+    sup = PromptSupervisor.__new__(PromptSupervisor)
+    a, b = Program(ProcessStates.RUNNING), Program(ProcessStates.RUNNING)
+    group = Group(a, b)
+    sup.options, sup.process_groups, sup.heartbeats = Options(), {"g": group}, None
+    sup.options.mood = SupervisorStates.RUNNING
+    assert sup.quiet_timeout(1) == 0  # first look: states "changed"
+    assert sup.quiet_timeout(1) == QUIET_POLL_S  # all running, nothing timed: no turn per second
+    for timed in (ProcessStates.STARTING, ProcessStates.BACKOFF, ProcessStates.STOPPING):
+        b.state = timed
+        assert sup.quiet_timeout(1) == 0, "a state change: one more turn at once, for the listeners"
+        assert sup.quiet_timeout(1) == 1, f"{timed}: supervisord times it, its 1 s turn stays"
+    b.state = ProcessStates.FATAL
+    assert sup.quiet_timeout(1) == 0  # the event of that change reaches the watchdog listener now
+    assert sup.quiet_timeout(1) == QUIET_POLL_S
+    group.event_buffer.append(object())  # an event not yet taken by a busy listener
+    assert sup.quiet_timeout(1) == 1
+    group.event_buffer.clear()
+    sup.options.mood = SupervisorStates.SHUTDOWN
+    assert sup.quiet_timeout(1) == 1
+    sup.options.mood = SupervisorStates.RUNNING
+    events.subscribe(events.Tick5Event, print)  # a listener of TICK events needs the turns that send them
+    try:
+        assert sup.quiet_timeout(1) == 1
+    finally:
+        events.unsubscribe(events.Tick5Event, print)
+    sup.heartbeats = Heartbeats(Path("/nonexistent"), default_limit=30)
+    sup._next_heartbeat_check = time.monotonic() + 2
+    assert 1 < sup.quiet_timeout(1) <= 2  # until the next heartbeat check
 
 
 def test_heartbeats_a_beating_service_is_never_frozen_and_a_silent_one_is_after_its_limit(tmp_path: Path) -> None:
