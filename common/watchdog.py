@@ -16,7 +16,7 @@ wakes the loop once per CHECK_S, beside the bus's 1 s heartbeat.
 Every answered check also sets the mtime of `<run dir>/<service>.alive` (content: the pid and
 the limit) to the time the loop last answered: the DaemonSet's liveness probe (sh, no Python),
 `gpu-plugin status` and gpu-plugin-supervisord read it. A Python thread cannot help if something
-holds the GIL for good; faulthandler's C thread, re-armed at every check, then dumps every thread
+holds the GIL for good; faulthandler's C thread, re-armed every `limit`, then dumps every thread
 and exits. Nothing in the process helps when the whole process stops (SIGSTOP, a cgroup freeze, a
 page fault that never completes): the thread stops with it. gpu-plugin-supervisord then sees the
 file stop changing and kills the process after `silence_limit(limit)` (services/supervisord.py).
@@ -80,10 +80,16 @@ class Watchdog:
         self._sent = None
 
     def _run(self) -> None:
+        armed = -self._limit
         while not self._stop.wait(self._check):
             now = time.monotonic()
-            # The GIL-proof backstop, a little later than our own verdict.
-            faulthandler.dump_traceback_later(self._limit + 2 * self._check, exit=True)
+            # The GIL-proof backstop, never before our own verdict (at most limit + 2 checks after the
+            # loop's last answer). Arming it starts a thread (faulthandler's own; the previous one
+            # ends): once per `limit` rather than at every check, so that it also covers the up to
+            # limit + 1 check since it was last armed.
+            if now - armed >= self._limit:
+                faulthandler.dump_traceback_later(2 * self._limit + 3 * self._check + 1, exit=True)
+                armed = now
             problems = []
             if self._sent is None:
                 self._touch(time.time() - (now - self._answered))
