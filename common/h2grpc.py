@@ -231,6 +231,7 @@ class _Connection(asyncio.Protocol):
         for call in list(self._calls.values()):
             self._cancel(call)
         self._calls.clear()
+        self._ended()
         self._can_write.set()  # writers waiting see the connection closed
         self._wake_writers()
 
@@ -249,6 +250,7 @@ class _Connection(asyncio.Protocol):
             call = self._calls.pop(event.stream_id, None)
             if call is not None:
                 self._cancel(call)
+                self._ended()
         elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
             self._wake_writers()
         elif isinstance(event, ConnectionTerminated) and not self._calls:  # the client's GOAWAY, nothing open
@@ -338,8 +340,13 @@ class _Connection(asyncio.Protocol):
                 if inspect.isawaitable(answers):  # a handler that writes with context.write
                     await answers
                 else:
-                    async for message in answers:
-                        await self.send_message(call, message, serialize)
+                    try:
+                        async for message in answers:
+                            await self.send_message(call, message, serialize)
+                    finally:  # a write cut off (reset, deadline, stop) left it at a yield: closed now, not at its GC
+                        aclose = getattr(answers, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
             else:
                 message = await handler.unary_unary(request, context)
                 if message is None and call.code in (None, grpc.StatusCode.OK):
@@ -350,6 +357,7 @@ class _Connection(asyncio.Protocol):
             pass
         except _Gone:
             self._calls.pop(call.stream_id, None)
+            self._ended()
             return
         except asyncio.CancelledError:
             if not call.expired:
@@ -414,6 +422,11 @@ class _Connection(asyncio.Protocol):
             return
         call.code = code
         self._flush()
+        self._ended()
+
+    def _ended(self) -> None:
+        """A call left `_calls` (answered, reset, or its connection lost): while the server stops, the
+        last one ends the stop's wait."""
         if self._server.stopping and not self._calls:
             self._server.drained(self)
 
