@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from common import h2grpc
 from common.bus.messages import HEALTHY, DeviceState, DraEvent, DraSlices, DraState, HealthState
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.dra_checkpoint import COMPLETED, STARTED, Checkpoint, CheckpointError, Entry, PreparedDevice
@@ -99,13 +100,14 @@ class Result:
 
 
 class Socket:
-    """One gRPC server on a unix socket of ours: started, re-created when its file is removed or replaced."""
+    """One gRPC server on a unix socket of ours (common.h2grpc: served by this process's loop), started,
+    re-created when its file is removed or replaced."""
 
-    def __init__(self, path: Path, add: Callable[[grpc.aio.Server], None], what: str) -> None:
+    def __init__(self, path: Path, add: Callable[[h2grpc.Server], None], what: str) -> None:
         self.path = path
         self._add = add
         self.what = what
-        self._server: grpc.aio.Server | None = None
+        self._server: h2grpc.Server | None = None
         self._id = ""
 
     def alive(self) -> bool:
@@ -128,7 +130,7 @@ class Socket:
                     f"driver ({DRIVER_NAME}) on this node; run one {DRIVER_NAME} driver per node (turn DRA off here, "
                     "or remove the other one)")
             self.path.unlink()  # a dead predecessor's: ours by name (the watcher sees it go, then come)
-        server = grpc.aio.server()
+        server = h2grpc.Server()
         self._add(server)
         # Only around the synchronous bind, which creates the file: an await inside the window would give
         # every other task's files the process-wide umask too.
@@ -213,12 +215,12 @@ class DraPlugin:
         self.registration = Socket(self.registration_path, self._add_registration, "plugin registration")
 
     # -- servers ------------------------------------------------------------------------------
-    def _add_node_services(self, server: grpc.aio.Server) -> None:
+    def _add_node_services(self, server: h2grpc.Server) -> None:
         v1_grpc.add_DRAPluginServicer_to_server(NodeV1(self), server)
         v1beta1_grpc.add_DRAPluginServicer_to_server(NodeV1beta1(self), server)
         health_grpc.add_DRAResourceHealthServicer_to_server(Health(self), server)
 
-    def _add_registration(self, server: grpc.aio.Server) -> None:
+    def _add_registration(self, server: h2grpc.Server) -> None:
         reg_grpc.add_RegistrationServicer_to_server(Registration(self), server)
 
     async def _ensure_sockets(self) -> None:
