@@ -24,6 +24,7 @@ A peer that breaks HTTP/2 loses its connection (GOAWAY) and nothing else.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import logging
@@ -84,7 +85,7 @@ def _percent_encoded(text: str) -> bytes:
 
 
 class _HandlerCallDetails(grpc.HandlerCallDetails):  # type: ignore[misc]
-    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
         self.method = method
         self.invocation_metadata = metadata
 
@@ -93,13 +94,14 @@ class _HandlerCallDetails(grpc.HandlerCallDetails):  # type: ignore[misc]
 class _Call:
     stream_id: int
     method: str
-    metadata: tuple[tuple[str, str], ...]
+    metadata: tuple[tuple[str, str | bytes], ...]
     deadline: float | None  # monotonic
     handler: grpc.RpcMethodHandler | None = None
     body: bytearray = field(default_factory=bytearray)
     task: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
     expired: bool = False
+    cancelled: bool = False  # reset by the client, or its connection lost
     headers_sent: bool = False
     code: grpc.StatusCode | None = None
     details: str = ""
@@ -143,7 +145,7 @@ class _Context(grpc.aio.ServicerContext):  # type: ignore[misc]
     def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self._call.trailing
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self._call.metadata
 
     def set_code(self, code: grpc.StatusCode) -> None:
@@ -181,7 +183,7 @@ class _Context(grpc.aio.ServicerContext):  # type: ignore[misc]
         return None if self._call.deadline is None else max(0.0, self._call.deadline - time.monotonic())
 
     def cancelled(self) -> bool:
-        return self._call.expired or self._conn.closed
+        return self._call.expired or self._call.cancelled or self._conn.closed
 
 
 class _Connection(asyncio.Protocol):
@@ -271,8 +273,12 @@ class _Connection(asyncio.Protocol):
             if seconds is None:
                 self._refuse(sid, grpc.StatusCode.INTERNAL, "malformed grpc-timeout")
                 return
-        metadata = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers or ()
-                         if not k.startswith((b":", b"grpc-")) and k not in _RESERVED)
+        try:
+            metadata = tuple((k.decode("latin-1"), _header_value(k, v)) for k, v in event.headers or ()
+                             if not k.startswith((b":", b"grpc-")) and k not in _RESERVED)
+        except ValueError:
+            self._refuse(sid, grpc.StatusCode.INTERNAL, "a -bin metadata value is not base64")
+            return
         method = headers.get(b":path", b"").decode("latin-1")
         call = _Call(sid, method, metadata, None if seconds is None else time.monotonic() + seconds)
         self._calls[sid] = call
@@ -448,6 +454,7 @@ class _Connection(asyncio.Protocol):
             self._finish(call, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def _cancel(self, call: _Call) -> None:
+        call.cancelled = True
         if call.timer is not None:
             call.timer.cancel()
         if call.task is not None:
@@ -476,7 +483,20 @@ class _Connection(asyncio.Protocol):
 
 
 def _metadata(pairs: Iterable[tuple[str, str | bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1")) for k, v in pairs]
+    out = []
+    for k, v in pairs:
+        key = k.lower().encode("latin-1")
+        value = v if isinstance(v, bytes) else v.encode("latin-1")
+        out.append((key, base64.b64encode(value).rstrip(b"=") if key.endswith(b"-bin") else value))
+    return out
+
+
+def _header_value(key: bytes, value: bytes) -> str | bytes:
+    """A metadata value as grpc gives it to a handler: a `-bin` key's bytes (base64 on the wire, padded
+    or not), any other key's text."""
+    if key.endswith(b"-bin"):
+        return base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+    return value.decode("latin-1")
 
 
 class Server:
@@ -498,7 +518,7 @@ class Server:
         for name, handler in handlers.items():
             self._methods[f"/{service}/{name}"] = handler
 
-    def handler(self, method: str, metadata: tuple[tuple[str, str], ...]) -> grpc.RpcMethodHandler | None:
+    def handler(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> grpc.RpcMethodHandler | None:
         found = self._methods.get(method)
         if found is None:
             for generic in self._generic:

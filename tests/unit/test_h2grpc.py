@@ -61,7 +61,8 @@ class Servicer(pb_grpc.DevicePluginServicer):
         self.started = threading.Event()  # a handler began
         self.cancelled = threading.Event()  # a handler was cancelled
         self.closed = threading.Event()  # a ListAndWatch generator's `finally` ran
-        self.metadata: tuple[tuple[str, str], ...] = ()
+        self.metadata: tuple[tuple[str, str | bytes], ...] = ()
+        self.context_cancelled: bool | None = None  # what context.cancelled() said when the handler was cancelled
 
     async def GetDevicePluginOptions(self, request: pb.Empty, context: Any) -> pb.DevicePluginOptions:
         return pb.DevicePluginOptions(pre_start_required=True, get_preferred_allocation_available=True)
@@ -92,6 +93,7 @@ class Servicer(pb_grpc.DevicePluginServicer):
             if self.hold:
                 await forever()
         except asyncio.CancelledError:
+            self.context_cancelled = context.cancelled()
             self.cancelled.set()
             raise
         finally:
@@ -287,10 +289,11 @@ def test_unary_calls_are_answered(served: Served, stub: pb_grpc.DevicePluginStub
     assert options.pre_start_required and options.get_preferred_allocation_available
 
     answer, call = stub.Allocate.with_call(allocate_request("GPU-0", "GPU-1"), timeout=WAIT_S,
-                                           metadata=(("x-caller", "kubelet"),))
+                                           metadata=(("x-caller", "kubelet"), ("trace-bin", b"\x00\xff\x10")))
     assert call.code() == grpc.StatusCode.OK
     assert [dict(c.envs) for c in answer.container_responses] == [{"NVIDIA_VISIBLE_DEVICES": "GPU-0,GPU-1"}]
     assert ("x-caller", "kubelet") in served.servicer.metadata
+    assert ("trace-bin", b"\x00\xff\x10") in served.servicer.metadata  # base64 on the wire, bytes again here
 
 
 def test_unary_answer_without_message_is_unknown(served: Served, stub: pb_grpc.DevicePluginStub) -> None:
@@ -305,13 +308,15 @@ def test_unary_answer_without_message_is_unknown(served: Served, stub: pb_grpc.D
 @pytest.mark.parametrize("details", ["no such device: GPU-7", "gérée à 100% ✓\nsecond line"])
 def test_abort_reaches_the_client(served: Served, stub: pb_grpc.DevicePluginStub, details: str) -> None:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details, trailing_metadata=(("x-why", "unknown id"),))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details,
+                            trailing_metadata=(("x-why", "unknown id"), ("why-bin", b"\x00\x01")))
 
     served.servicer.allocate = refuse
     error = rpc_error(lambda: stub.Allocate(allocate_request("GPU-7"), timeout=WAIT_S))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == details
     assert ("x-why", "unknown id") in error.trailing_metadata()
+    assert ("why-bin", b"\x00\x01") in error.trailing_metadata()
 
 
 def test_abort_before_any_message_is_trailers_only(served: Served, raw: Callable[..., RawClient]) -> None:
@@ -488,6 +493,7 @@ def test_client_cancel_closes_the_generator(served: Served, stub: pb_grpc.Device
     stream.cancel()
     waited(served.servicer.closed, "the generator's finally")
     assert served.servicer.cancelled.is_set()
+    assert served.servicer.context_cancelled is True
     assert stub.GetDevicePluginOptions(pb.Empty(), timeout=WAIT_S).pre_start_required
 
 
