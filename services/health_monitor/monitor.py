@@ -229,6 +229,7 @@ class HealthMonitor:
             await run_until_stopped(stop, *tasks)
         finally:
             self._stopping.set()
+            self._prober.close()
             for t in tasks:
                 t.cancel()
             if self._event_thread is not None:

@@ -7,6 +7,10 @@ the driver: so each GPU's probe runs in its own daemon thread (never the loop's 
 executor, whose workers stuck calls would use up), a GPU whose probe is still running past the
 deadline gets a "hung" finding naming the call, no second probe of that GPU starts while the
 first is stuck, and when the call returns at last the GPU is probed again at once.
+
+Each GPU's thread is kept from one probe to the next (`ProbeThread`), waiting for the next one:
+a thread started per probe cost every round a clone per GPU, and the loop a wake-up per GPU
+(Thread.start waits until the new thread runs).
 """
 
 from __future__ import annotations
@@ -34,12 +38,46 @@ class RunningProbe:
     future: asyncio.Future[Probe]
 
 
+class ProbeThread:
+    """One GPU's probe thread: runs the probes handed to it, one at a time, and waits in between."""
+
+    def __init__(self, name: str) -> None:
+        self._ready = threading.Condition()  # held only to hand over, never while a probe runs
+        self._job: Callable[[], None] | None = None
+        self._closed = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Hands `job` over (the previous one is done: Prober starts no probe of a GPU whose probe runs)."""
+        with self._ready:
+            self._job = job
+            self._ready.notify()
+
+    def close(self) -> None:
+        """The thread ends once idle (a probe in progress is finished first)."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while self._job is None and not self._closed:
+                    self._ready.wait()
+                if self._job is None:
+                    return
+                job, self._job = self._job, None
+            job()
+
+
 class Prober:
     def __init__(self, nvml: NvmlBackend, deadline: float, again: Callable[[], None]) -> None:
         self._nvml = nvml
         self._probe_deadline = self.deadline = deadline
         self._again = again  # asks for another round at once (a stuck probe answered at last)
         self._probing: dict[str, RunningProbe] = {}  # GPU -> its probe thread, until it answers
+        self._threads: dict[str, ProbeThread] = {}  # GPU -> its thread, between probes too
 
     async def probe_all(self, handles: dict[str, Handle]) -> list[Probe]:
         """Probes every GPU, each in its own thread, waiting at most the deadline for any of them.
@@ -50,6 +88,8 @@ class Prober:
         for gpu, handle in handles.items():
             if gpu not in self._probing:
                 self._probing[gpu] = self._start_probe(gpu, handle)
+        for gpu in [g for g in self._threads if g not in handles and g not in self._probing]:
+            self._threads.pop(gpu).close()  # a GPU no longer listed: its idle thread ends
         now = time.monotonic()
         fresh = [r for r in self._probing.values() if now - r.started < self._probe_deadline]
         if fresh:
@@ -87,10 +127,19 @@ class Prober:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the monitor is stopping
                 loop.call_soon_threadsafe(deliver, result)
 
-        # A thread per probe rather than the loop's default executor: a call that never returns
+        # A thread per GPU rather than the loop's default executor: a call that never returns
         # would hold an executor worker for good, and enough of them would starve every to_thread.
-        threading.Thread(target=work, name=f"nvml-probe-{gpu[:12]}", daemon=True).start()
+        thread = self._threads.get(gpu)
+        if thread is None:
+            thread = self._threads[gpu] = ProbeThread(f"nvml-probe-{gpu[:12]}")
+        thread.submit(work)
         return running
+
+    def close(self) -> None:
+        """Every GPU's thread ends once idle (one stuck in a call ends if the call returns)."""
+        for thread in self._threads.values():
+            thread.close()
+        self._threads.clear()
 
     def hung_probes(self) -> list[str]:
         """What the probe threads past their deadline are stuck in (for the watchdog's report).

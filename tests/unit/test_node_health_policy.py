@@ -78,7 +78,11 @@ def test_the_monitors_reason_texts_name_their_causes() -> None:
         probes = [probe_gpu(nvml, g, inv.handles[g]) for g in ids[2:4]]
 
         async def hung() -> list[Probe]:
-            return await Prober(nvml, 0.05, lambda: None).probe_all({ids[5]: inv.handles[ids[5]]})
+            prober = Prober(nvml, 0.05, lambda: None)
+            try:
+                return await prober.probe_all({ids[5]: inv.handles[ids[5]]})
+            finally:
+                prober.close()  # its thread ends once the hung call returns (recovered below)
 
         probes += asyncio.run(hung())
         nvml.inject({"op": "recover", "uuid": ids[5]})  # lets the probe thread go
