@@ -8,6 +8,7 @@ purpose (os only): supervisord imports it, and every import there is memory on e
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from common.files import read_bounded
@@ -17,6 +18,20 @@ CHECK_S = 5.0
 # Every supervised Python program of ours: each runs under a watchdog that keeps a heartbeat file.
 SERVICES = ("health-monitor", "plugin-server", "registrar", "mps-control", "kube-agent", "feature-labels",
             "dra-plugin")
+
+
+_loop_answered: float | None = None  # monotonic time this process's event loop last ran `loop_answered`
+
+
+def loop_answered() -> None:
+    """Called on the service's event loop by periodic work it does anyway (the bus heartbeat): proof
+    that the loop runs, so that the watchdog (common.watchdog) need not wake it with a ping of its own."""
+    global _loop_answered
+    _loop_answered = time.monotonic()
+
+
+def loop_answered_at() -> float | None:
+    return _loop_answered
 
 
 def alive_path(run_dir: Path, service: str) -> Path:

@@ -6,12 +6,13 @@ heartbeat for good. A separate watchdog process would cost ~15 MB on every node;
 each process costs next to nothing and knows where its loop is stuck.
 
 How: every CHECK_S the thread hands the asyncio loop a callback and checks that the previous
-one ran. When one has waited `limit` seconds (GPU_PLUGIN_WATCHDOG_TIMEOUT, default 30 s) the
-loop is stuck: the thread writes one line naming the task and code the loop is stuck in (and
-whatever the service adds, e.g. NVML calls in flight), then exits with EXIT_HUNG so that
-supervisord restarts this component alone. Extra `stuck` sources name operations of other
-threads that must not block for that long (the monitor's event thread). The heartbeat ping
-wakes the loop once per CHECK_S, beside the bus's 1 s heartbeat.
+one ran (no callback when the loop proved itself since the last check by work it does anyway:
+the bus heartbeat calls common.heartbeat.loop_answered). When one has waited `limit` seconds
+(GPU_PLUGIN_WATCHDOG_TIMEOUT, default 30 s) the loop is stuck: the thread writes one line
+naming the task and code the loop is stuck in (and whatever the service adds, e.g. NVML calls
+in flight), then exits with EXIT_HUNG so that supervisord restarts this component alone. Extra
+`stuck` sources name operations of other threads that must not block for that long (the
+monitor's event thread).
 
 Every answered check also sets the mtime of `<run dir>/<service>.alive` (content: the pid and
 the limit) to the time the loop last answered: the DaemonSet's liveness probe (sh, no Python),
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from common.heartbeat import DEFAULT_LIMIT_S, alive_path, check_interval
+from common.heartbeat import DEFAULT_LIMIT_S, alive_path, check_interval, loop_answered_at
 from common.lifecycle import ServiceMain
 from common.settings import Settings
 
@@ -92,12 +93,20 @@ class Watchdog:
                 armed = now
             problems = []
             if self._sent is None:
+                answered = loop_answered_at()
+                if answered is not None and answered > self._answered:
+                    self._answered = answered
                 self._touch(time.time() - (now - self._answered))
-                self._sent = now
-                try:
-                    self._loop.call_soon_threadsafe(self._pong)
-                except RuntimeError:
-                    return  # the loop is closed: the service is ending
+                # No ping when the loop answered within the last check by work of its own (the bus
+                # heartbeat, common.heartbeat.loop_answered): a ping would only wake it once more. A loop
+                # that hangs after that answer is pinged at the next check, so a hang is still seen
+                # within the same limit + 2 checks.
+                if now - self._answered >= self._check:
+                    self._sent = now
+                    try:
+                        self._loop.call_soon_threadsafe(self._pong)
+                    except RuntimeError:
+                        return  # the loop is closed: the service is ending
             elif now - self._sent >= self._limit:
                 problems.append(f"event loop unresponsive for {now - self._sent:.0f} s ({self._where()})")
             if self._stuck is not None:

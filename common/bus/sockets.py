@@ -37,6 +37,7 @@ import zmq.asyncio
 from common.bus.codec import MAX_PAYLOAD, BusDecodeError, decode, encode, resent_at
 from common.bus.messages import Message, StateMessage
 from common.fswatch import file_id
+from common.heartbeat import loop_answered
 from common.lifecycle import FatalError, PermanentError, ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class BusPublisher:
             if now >= next_beat:
                 self._ensure_bound()
                 next_beat = now + self._heartbeat_s
+                loop_answered()  # the watchdog's proof that the loop runs, without a ping of its own
                 replay_at = now  # the heartbeat is a replay: it answers the pending subscriptions
             if replay_at is not None and now >= replay_at:
                 self._resend_states()
