@@ -2,7 +2,9 @@
 the kubelet simulator's side. Prints a table and writes bench/results/latest.json.
 
 Figures (p50/p99 where repeated):
-  cold start -> registered          supervisord start until the kubelet holds 8 healthy GPUs
+  cold start -> registered          supervisord start until the kubelet holds 8 healthy GPUs (the kubelet
+                                    simulator started and answering first, as a node's kubelet is: its
+                                    own start no longer competes with the pod's for the two cores)
   fault -> Unhealthy at kubelet     `inject xid 79` sent until the kubelet's list shows it
   ... during a subscription flood   the same while a raw XSUB sends subscribe/unsubscribe
                                     frames to the health bus without pause
@@ -25,6 +27,8 @@ Figures (p50/p99 where repeated):
   DRA                               bench/dra.py: DRA on for 4 of the 8 GPUs: XID 79 -> device taint in the
                                     ResourceSlice at the API server and recovery, NodePrepareResources p50/p99,
                                     slices deleted -> republished, the dra-plugin's memory
+  fault path, hop by hop            bench/fault_path.py (with the C++ client): injected -> the monitor's state
+                                    sent -> a plain bus reader / the C++ client, and ZeroMQ's own floor here
   at scale                          bench/scale.py: 1024 replicas and 56 MIG devices, figures with targets
 
 Every figure is printed with the target issue 14 set for it, or issue 21 where it set a new one
@@ -350,7 +354,7 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--idle", type=float, default=60.0, help="idle CPU window, seconds")
     ap.add_argument("--no-extras", action="store_true",
-                    help="skip preferred.py, per_node_config.py, node_health.py, dra.py and scale.py")
+                    help="skip preferred.py, per_node_config.py, node_health.py, dra.py, fault_path.py and scale.py")
     args = ap.parse_args()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     terminations: list[float] = []
@@ -358,8 +362,10 @@ def main() -> int:
     # Recovery after each injected fault waits for a probe: probe fast in this stack only.
     stack = DevStack(fleet="dgx-h100-8", env={"HEALTH_PROBE_INTERVAL": "100ms"})
     try:
+        stack.start_kubelet()
+        stack.kubelet.state()  # up and answering before the pod starts
         t0 = time.time()
-        stack.start()
+        stack.start_supervisor()
         reply = held(stack, timeout=60)
         results["cold_start_s"] = reply["at"] - t0
         ids = list(reply["state"]["resources"][RESOURCE]["devices"])
@@ -470,6 +476,9 @@ def main() -> int:
     status = status or subprocess.call([sys.executable, str(here / "node_health.py")])
     print("\nDRA (bench/dra.py):", flush=True)
     status = status or subprocess.call([sys.executable, str(here / "dra.py")])
+    if cpp_client() is not None:
+        print("\nthe fault path hop by hop, and the bus's floor (bench/fault_path.py):", flush=True)
+        status = status or subprocess.call([sys.executable, str(here / "fault_path.py")])
     print("\nat scale (bench/scale.py): 16 GPUs x 64 replicas, 8 GPUs x 7 MIG devices:", flush=True)
     return status or subprocess.call([sys.executable, str(here / "scale.py")])
 
