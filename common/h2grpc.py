@@ -102,6 +102,8 @@ class _Call:
     timer: asyncio.TimerHandle | None = None
     expired: bool = False
     cancelled: bool = False  # reset by the client, or its connection lost
+    request_ended: bool = False  # the client's END_STREAM came
+    partial: bool = False  # part of a message sent, the rest waiting for the peer's window
     headers_sent: bool = False
     code: grpc.StatusCode | None = None
     details: str = ""
@@ -138,6 +140,7 @@ class _Context(grpc.aio.ServicerContext):  # type: ignore[misc]
         if self._call.headers_sent:
             raise RuntimeError("initial metadata was already sent")
         self._conn.send_headers(self._call, tuple(initial_metadata))
+        self._conn.flush()
 
     def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None:
         self._call.trailing = tuple(trailing_metadata)
@@ -194,7 +197,10 @@ class _Connection(asyncio.Protocol):
         self._calls: dict[int, _Call] = {}
         self._can_write = asyncio.Event()
         self._can_write.set()
-        self._window: asyncio.Future[None] | None = None  # resolved by the next window update
+        # Writers waiting for the peer's flow-control window, each on a future of its own (one shared
+        # future would be cancelled with the first of its waiters that is: a reset or deadline of one
+        # call would end every other blocked call's writer, and leave their streams open for ever).
+        self._waiters: set[asyncio.Future[None]] = set()
         self.closed = False
 
     # asyncio.Protocol
@@ -206,26 +212,45 @@ class _Connection(asyncio.Protocol):
         # In the connection's first SETTINGS: h2 holds a peer to them at once (its own default is 100 calls).
         self._h2.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS, SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST})
+        # Current at once, so the peer's ACK changes nothing and h2 never applies it to its decoder: set it there.
+        self._h2.decoder.max_header_list_size = MAX_HEADER_LIST
         self._h2.initiate_connection()
-        self._flush()
+        self.flush()
 
     def data_received(self, data: bytes) -> None:
         try:
             events = self._h2.receive_data(data)
-        except ProtocolError as e:  # h2 queued its GOAWAY: send it and hang up
+        except ProtocolError as e:  # a connection error: GOAWAY with its code (h2's, when it queued one), hang up
             log.debug("HTTP/2 protocol error from a client: %s", e)
-            self._flush()
+            pending = self._h2.data_to_send()
+            if not pending:  # nothing queued (a bad preface): the GOAWAY is ours to send
+                with contextlib.suppress(ProtocolError):
+                    self._h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+                pending = self._h2.data_to_send()
+            if pending and self._transport is not None and not self._transport.is_closing():
+                self._transport.write(pending)
+            self._hang_up()
+            return
+        try:
+            for event in events:
+                self._on_event(event)
+        except Exception:  # a bug of ours (or a handler's lookup): this connection, not the server
+            log.exception("handling a client's HTTP/2 frames failed; closing its connection")
             self.close()
             return
-        for event in events:
-            self._on_event(event)
-        self._flush()
+        self.flush()
 
     def pause_writing(self) -> None:
+        # The peer is not reading: read nothing from it either, or what it sends (pings, settings, calls)
+        # would pile answers up in the transport's buffer without bound.
         self._can_write.clear()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -246,8 +271,10 @@ class _Connection(asyncio.Protocol):
             self._on_request(event)
         elif isinstance(event, StreamEnded):
             call = self._calls.get(event.stream_id)
-            if call is not None and call.task is None and call.code is None:
-                self._start(call)
+            if call is not None:
+                call.request_ended = True
+                if call.task is None and call.code is None:
+                    self._start(call)
         elif isinstance(event, StreamReset):
             call = self._calls.pop(event.stream_id, None)
             if call is not None:
@@ -255,7 +282,9 @@ class _Connection(asyncio.Protocol):
                 self._ended()
         elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
             self._wake_writers()
-        elif isinstance(event, ConnectionTerminated) and not self._calls:  # the client's GOAWAY, nothing open
+        elif isinstance(event, ConnectionTerminated):
+            # The client's GOAWAY: h2 can send nothing more on this connection (no answer, no trailers), so the
+            # calls still open are cancelled with it, as the client's own transport does once it has sent one.
             self.close()
 
     def _on_request(self, event: RequestReceived) -> None:
@@ -368,6 +397,9 @@ class _Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             if not call.expired:
                 raise  # reset by the client, its connection lost, or the server stopping: nobody to answer
+            if call.partial:  # trailers after half a message would read as a broken one: reset, as gRPC does
+                self._reset(call, ErrorCodes.CANCEL)
+                return
             call.code, call.details = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
         except Exception as e:
             log.exception("%s failed", call.method)
@@ -399,12 +431,17 @@ class _Connection(asyncio.Protocol):
                     continue
             except (StreamClosedError, ProtocolError) as e:
                 raise _Gone() from e
-            self._flush()
-            if self._window is None or self._window.done():
-                self._window = asyncio.get_running_loop().create_future()
-            await self._window
+            self.flush()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.add(waiter)
+            call.partial = True  # a message cut here and never finished: its call is reset, not answered
+            try:
+                await waiter
+            finally:
+                self._waiters.discard(waiter)
+        call.partial = False
         if flush:
-            self._flush()
+            self.flush()
             if not self._can_write.is_set():  # the peer is not reading: wait until it does
                 await self._can_write.wait()
 
@@ -417,17 +454,38 @@ class _Connection(asyncio.Protocol):
         status = [(b"grpc-status", str(code.value[0]).encode())]
         if details:
             status.append((b"grpc-message", _percent_encoded(details)))
-        status += _metadata(call.trailing)
+        try:
+            status += _metadata(call.trailing)
+        except (UnicodeEncodeError, AttributeError, TypeError) as e:  # a handler's trailing metadata
+            log.error("%s: trailing metadata not sent (%s)", call.method, e)
+            status = [(b"grpc-status", str(grpc.StatusCode.INTERNAL.value[0]).encode()),
+                      (b"grpc-message", _percent_encoded(f"invalid trailing metadata: {e}"))]
         try:
             if call.headers_sent:
                 self._h2.send_headers(call.stream_id, status, end_stream=True)
             else:
                 self._h2.send_headers(call.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc"),
                                                        *status], end_stream=True)
+            if not call.request_ended:
+                # Answered before the request ended (an error): the rest of it is not wanted (gRPC's
+                # "early server closure"), and the stream would otherwise count against MAX_STREAMS.
+                self._h2.reset_stream(call.stream_id, ErrorCodes.NO_ERROR)
         except (StreamClosedError, ProtocolError):
+            pass
+        else:
+            call.code = code
+        self.flush()
+        self._ended()
+
+    def _reset(self, call: _Call, code: ErrorCodes) -> None:
+        """The call's stream reset (no status can follow what was sent of it), and its end."""
+        if call.timer is not None:
+            call.timer.cancel()
+        if self._calls.pop(call.stream_id, None) is None or self.closed:
             return
-        call.code = code
-        self._flush()
+        with contextlib.suppress(StreamClosedError, ProtocolError):
+            self._h2.reset_stream(call.stream_id, code)
+        self.flush()
         self._ended()
 
     def _ended(self) -> None:
@@ -461,10 +519,11 @@ class _Connection(asyncio.Protocol):
             call.task.cancel()
 
     def _wake_writers(self) -> None:
-        if self._window is not None and not self._window.done():
-            self._window.set_result(None)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         data = self._h2.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
@@ -472,13 +531,17 @@ class _Connection(asyncio.Protocol):
     def calls(self) -> list[_Call]:
         return list(self._calls.values())
 
+    def _hang_up(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
     def close(self) -> None:
         """GOAWAY, then the connection closed; the calls still open are cancelled."""
         if self._transport is None or self._transport.is_closing():
             return
         with contextlib.suppress(ProtocolError):
             self._h2.close_connection(ErrorCodes.NO_ERROR)
-        self._flush()
+        self.flush()
         self._transport.close()
 
 

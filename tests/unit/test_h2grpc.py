@@ -22,12 +22,21 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, Event, ResponseReceived, StreamEnded, TrailersReceived
+from h2.events import (
+    DataReceived,
+    Event,
+    PingAckReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
 from h2.settings import SettingCodes
 
 from common import h2grpc
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from tests.conftest import wait_until
 
 WAIT_S = 5.0  # the deadline of every wait: a test that needs it has failed
 SERVICE = "/v1beta1.DevicePlugin"
@@ -507,6 +516,84 @@ def test_reset_while_blocked_on_flow_control_closes_the_generator(
     client.until(lambda: client.received(sid) == 65535, "the initial window's worth of data")
     client.reset(sid)
     waited(served.servicer.closed, "the generator's finally")
+
+
+def waiting_writers(served: Served) -> int:
+    """Writers blocked on the peer's flow-control window, over the server's connections."""
+    async def count() -> int:
+        return sum(len(conn._waiters) for conn in served.server.connections)
+
+    return served.run(count())
+
+
+def test_resetting_one_blocked_stream_leaves_the_others_writing(
+        served: Served, raw: Callable[..., RawClient]) -> None:
+    """Two streams blocked on the connection's window; one is reset (or expires): the other must go on
+    once the window opens, and end with its status (with one waiting future shared by the writers, the
+    reset's cancellation took every waiting writer with it, and their streams stayed open for ever)."""
+    served.servicer.messages = [big_list()]
+    served.servicer.hold = False
+    client = raw(ack=False)
+    a = client.call(f"{SERVICE}/ListAndWatch")
+    b = client.call(f"{SERVICE}/ListAndWatch")
+    client.until(lambda: client.received(a) + client.received(b) == 65535, "the connection's window used up")
+    wait_until(lambda: waiting_writers(served) == 2, WAIT_S, "both writers waiting for the window")
+    client.reset(a)
+    wait_until(lambda: waiting_writers(served) == 1, WAIT_S, "the reset stream's writer gone")
+    client.h2.increment_flow_control_window(1 << 24)
+    client.h2.increment_flow_control_window(1 << 24, stream_id=b)
+    client.flush()
+    client.until(lambda: client.status(b) is not None, "the other stream's end")
+    assert client.status(b)[b"grpc-status"] == b"0"
+    assert client.received(b) == len(big_list().SerializeToString()) + 5
+
+
+def test_a_deadline_during_a_cut_message_resets_the_stream(served: Served, raw: Callable[..., RawClient]) -> None:
+    """Trailers after half a message would read as a broken message: the stream is reset (CANCEL)."""
+    served.servicer.messages = [big_list()]
+    client = raw(ack=False)
+    sid = client.call(f"{SERVICE}/ListAndWatch", headers=((b"grpc-timeout", b"300m"),))
+    client.until(lambda: any(isinstance(e, StreamReset) and e.stream_id == sid for e in client.events),
+                 "the stream reset at its deadline")
+    reset = next(e for e in client.events if isinstance(e, StreamReset) and e.stream_id == sid)
+    assert reset.error_code == ErrorCodes.CANCEL and client.status(sid) is None
+    waited(served.servicer.closed, "the generator's finally")
+
+
+def test_trailing_metadata_that_cannot_be_sent_ends_the_call_internal(
+        served: Served, stub: pb_grpc.DevicePluginStub) -> None:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no", trailing_metadata=(("x-why", "\u2713"),))
+
+    served.servicer.allocate = refuse
+    error = rpc_error(lambda: stub.Allocate(allocate_request("GPU-0"), timeout=WAIT_S))
+    assert error.code() == grpc.StatusCode.INTERNAL and "trailing metadata" in (error.details() or "")
+
+
+def test_an_early_answer_resets_the_rest_of_the_request(served: Served, raw: Callable[..., RawClient]) -> None:
+    """Answered before the request ended (an unknown method): trailers, then RST_STREAM(NO_ERROR), so that
+    the client stops sending and the stream does not count against the connection's limit."""
+    client = raw()
+    sid = client.call(f"{SERVICE}/Nope", message=None, end=False)
+    client.until(lambda: any(isinstance(e, StreamReset) and e.stream_id == sid for e in client.events),
+                 "the stream reset after its answer")
+    assert dict(client.headers(sid))[b"grpc-status"] == b"12"
+    reset = next(e for e in client.events if isinstance(e, StreamReset) and e.stream_id == sid)
+    assert reset.error_code == ErrorCodes.NO_ERROR
+
+
+def test_a_ping_is_answered_and_a_clients_goaway_ends_its_calls(
+        served: Served, raw: Callable[..., RawClient]) -> None:
+    client = raw()
+    sid = client.call(f"{SERVICE}/ListAndWatch")
+    client.until(lambda: client.received(sid) > 0, "the stream's first message")
+    client.h2.ping(b"12345678")
+    client.flush()
+    client.until(lambda: any(isinstance(e, PingAckReceived) for e in client.events), "the ping's answer")
+    client.h2.close_connection()
+    client.flush()
+    waited(served.servicer.closed, "the stream's generator closed with its connection")
+    wait_until(lambda: served.connections() == 0, WAIT_S, "the connection closed")
 
 
 # -- deadlines -------------------------------------------------------------------------------------------
