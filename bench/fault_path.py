@@ -59,46 +59,38 @@ sock.send_multipart([b"t", b"end", b""])
 
 
 def bus_floor(asynchronous: bool, n: int, size: int, gap: float) -> dict[str, float]:
-    """ZeroMQ IPC latency between two processes: `n` messages of `size` bytes `gap` s apart."""
+    """ZeroMQ IPC latency between two processes: `n` messages of `size` bytes `gap` s apart, read by a
+    blocking recv or by an asyncio loop."""
     with tempfile.TemporaryDirectory(prefix="gp-floor-") as tmp:
         addr = f"ipc://{tmp}/floor.sock"
+        ctx = zmq.asyncio.Context() if asynchronous else zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.subscribe(b"t")
+        sub.connect(addr)
+        publisher = subprocess.Popen([sys.executable, "-c", FLOOR_PUBLISHER, addr, str(n), str(size), str(gap)])
         lat: list[float] = []
-        ctx = zmq.Context()
-        if asynchronous:
-            actx = zmq.asyncio.Context()
 
-            async def read() -> None:
-                sub = actx.socket(zmq.SUB)
-                sub.subscribe(b"t")
-                sub.connect(addr)
-                publisher = subprocess.Popen([sys.executable, "-c", FLOOR_PUBLISHER, addr, str(n), str(size), str(gap)])
-                try:
-                    while True:
-                        _, sent, _ = await sub.recv_multipart()
-                        if sent == b"end":
-                            break
-                        lat.append(time.time() - float(sent))
-                finally:
-                    sub.close(linger=0)
-                    publisher.wait(30)
+        def took(frames: list[bytes]) -> bool:
+            """Records one message's latency; False at the end mark."""
+            if frames[1] == b"end":
+                return False
+            lat.append(time.time() - float(frames[1]))
+            return True
 
-            asyncio.run(read())
-            actx.term()
-        else:
-            sub = ctx.socket(zmq.SUB)
-            sub.subscribe(b"t")
-            sub.connect(addr)
-            publisher = subprocess.Popen([sys.executable, "-c", FLOOR_PUBLISHER, addr, str(n), str(size), str(gap)])
-            try:
-                while True:
-                    _, sent, _ = sub.recv_multipart()
-                    if sent == b"end":
-                        break
-                    lat.append(time.time() - float(sent))
-            finally:
-                sub.close(linger=0)
-                publisher.wait(30)
-        ctx.term()
+        async def read_async() -> None:
+            while took(await sub.recv_multipart()):
+                pass
+
+        try:
+            if asynchronous:
+                asyncio.run(read_async())
+            else:
+                while took(sub.recv_multipart()):
+                    pass
+        finally:
+            sub.close(linger=0)
+            publisher.wait(30)
+            ctx.term()
         return summary(lat)
 
 
