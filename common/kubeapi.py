@@ -35,6 +35,7 @@ __all__ = [
     "RETRY_AFTER_MAX_S",
     "WATCH_TIMEOUT",
     "ApiStatus",
+    "Backoff",
     "BadAnswer",
     "ClientFactory",
     "ConfigError",
@@ -46,6 +47,7 @@ __all__ = [
     "retry_pause",
     "rfc3339",
     "show",
+    "wait_event",
 ]
 
 # What one answer (a GET, a list, one watch event) may hold. The API server stores no object
@@ -146,6 +148,41 @@ def retry_pause(pause: float, e: BaseException) -> float:
     if isinstance(e, ApiStatus) and e.retry_after is not None:
         return min(max(pause, e.retry_after), RETRY_AFTER_MAX_S)
     return pause
+
+
+class Backoff:
+    """The pause between tries of a request that keeps failing, as every writer and reader of the API
+    here retries: `min_s` after the first failure, doubled after each one up to `max_s`, back to
+    `min_s` after a success (what counts as one is the caller's: a write taken, a watch event)."""
+
+    def __init__(self, min_s: float, max_s: float) -> None:
+        self.min_s = min_s
+        self.max_s = max_s
+        self.pause = min_s  # the wait after the next failure (before a server's Retry-After)
+
+    @property
+    def fresh(self) -> bool:
+        """No failure since the start or the last success."""
+        return self.pause == self.min_s
+
+    def failed(self, e: BaseException | None = None) -> float:
+        """The wait before the next try, and the pause doubled for the failure after it. With the
+        failure `e`, a server's Retry-After is honoured (retry_pause); without, the pause is the wait."""
+        wait = self.pause if e is None else retry_pause(self.pause, e)
+        self.pause = min(self.pause * 2, self.max_s)
+        return wait
+
+    def succeeded(self) -> None:
+        self.pause = self.min_s
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Until `event` is set or `timeout` seconds passed (None: no limit). Clearing it is the caller's."""
+    try:
+        async with asyncio.timeout(None if timeout is None else max(0.0, timeout)):
+            await event.wait()
+    except TimeoutError:
+        pass
 
 
 def reason(e: BaseException) -> str:

@@ -29,7 +29,6 @@ something changed), and the kubelet removes them if the plugin does not come bac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -44,12 +43,13 @@ from common.bus.sockets import BusSubscriber
 from common.kubeapi import (
     READ_ERRORS,
     ApiStatus,
+    Backoff,
     ClientFactory,
     ConfigError,
     Http,
     default_client,
     reason,
-    retry_pause,
+    wait_event,
 )
 from common.settings import DraDevices
 from services.dra_plugin.kubelet_devices import held_gpus
@@ -148,36 +148,32 @@ class SlicePublisher:
 
     # -- converging -------------------------------------------------------------------------
     async def _converge_loop(self) -> None:
-        pause, conflicts = self._retry_min_s, 0
+        backoff, conflicts = Backoff(self._retry_min_s, RETRY_MAX_S), 0
         while True:
             if self._state is None:
                 await self._wake.wait()
             self._wake.clear()
             try:
                 await self._converge()
-            except ApiStatus as e:
-                if e.code in (404, 409) and conflicts < CONFLICTS_AT_ONCE and self._version is not None:
+            except READ_ERRORS as e:
+                if (isinstance(e, ApiStatus) and e.code in (404, 409) and conflicts < CONFLICTS_AT_ONCE
+                        and self._version is not None):
                     conflicts += 1
                     log.info("ResourceSlices of %s: %s; reading them again", self.node, reason(e))
                     self._held = None
                     self._wake.set()
                     continue
-                pause = await self._failed(e, pause)
+                self._failed(e)
+                # A pause between attempts, growing while the API refuses; not a wait for a condition.
+                await asyncio.sleep(backoff.failed(e))
                 continue
-            except READ_ERRORS as e:
-                pause = await self._failed(e, pause)
-                continue
-            pause, conflicts = self._retry_min_s, 0
+            backoff.succeeded()
+            conflicts = 0
+            # Until something changes (the bus, the API's slices) or a monitor-only XID expires.
             expiry = self._xids.next_expiry()
-            await self._wait(None if expiry is None else expiry - time.time())
+            await wait_event(self._wake, None if expiry is None else expiry - time.time())
 
-    async def _wait(self, timeout: float | None) -> None:
-        """Until something changes (the bus, the API's slices) or `timeout` passes (a monitor-only XID expires)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(None if timeout is None else max(0.0, timeout)):
-                await self._wake.wait()
-
-    async def _failed(self, e: BaseException, pause: float) -> float:
+    def _failed(self, e: BaseException) -> None:
         text = reason(e)
         if isinstance(e, ApiStatus) and e.code == 404 and self._version is None:
             text = f"the API server serves no {GROUP} (DRA off in this cluster?): {text}"
@@ -189,10 +185,6 @@ class SlicePublisher:
         # After a failure everything is found again: the server may have been upgraded or replaced.
         self._version, self._caps, self._held = None, None, None
         self._stop_watch()
-        wait = retry_pause(pause, e)
-        # A pause between attempts, growing while the API refuses; not a wait for a condition.
-        await asyncio.sleep(wait)
-        return min(pause * 2, RETRY_MAX_S)
 
     def _client(self) -> Http:
         if self._http is None:

@@ -41,6 +41,7 @@ from common.kubeapi import (
     READ_ERRORS,
     WATCH_TIMEOUT,
     ApiStatus,
+    Backoff,
     BadAnswer,
     ClientFactory,
     ConfigError,
@@ -280,7 +281,7 @@ class KubeAgent:
     async def follow_node(self) -> None:
         """Forever: read the Node, watch it, and on any failure start over after a pause."""
         http: Http | None = None
-        pause = RETRY_MIN_S
+        backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         try:
             while True:
                 try:
@@ -292,8 +293,7 @@ class KubeAgent:
                     seen, version = await api.list()
                     if seen is None:
                         await self._unreachable(f"node {self.node} not found")
-                        await asyncio.sleep(pause)  # a pause between attempts, not a wait for a condition
-                        pause = min(pause * 2, RETRY_MAX_S)
+                        await asyncio.sleep(backoff.failed())  # a pause between attempts, not a wait for a condition
                         continue
                     if not self.api_reachable:
                         log.info("API server reachable; node %s", self.node)
@@ -304,7 +304,7 @@ class KubeAgent:
                         async with asyncio.timeout(self._renew_s), aclosing(api.watch(
                                 version, min(WATCH_SERVER_S, max(1, int(self._renew_s * 0.8))))) as events:
                             async for kind, event in events:
-                                pause = RETRY_MIN_S  # the watch works: the next failure is retried soon
+                                backoff.succeeded()  # the watch works: the next failure is retried soon
                                 if kind in ("ADDED", "MODIFIED") and event is not None:
                                     await self._label_is(event.label)
                                 # BOOKMARK: only a newer version (kept by the watch); DELETED: a node
@@ -313,9 +313,9 @@ class KubeAgent:
                         log.debug("watch of node %s renewed after %.0f s", self.node, self._renew_s)
                         continue
                 except ApiStatus as e:
-                    if e.code == 410 and pause == RETRY_MIN_S:
+                    if e.code == 410 and backoff.fresh:
                         log.info("watch of node %s: 410 Gone (version too old): reading it again", self.node)
-                        pause *= 2  # at once this time; a second 410 in a row waits like any error
+                        backoff.failed()  # counted, not waited: a second 410 in a row waits like any error
                         continue
                     await self._unreachable(reason(e))
                 except ConfigError as e:
@@ -326,8 +326,7 @@ class KubeAgent:
                 except READ_ERRORS as e:
                     await self._unreachable(reason(e))
                 # A pause between attempts, growing while the API stays away; not a wait for a condition.
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, RETRY_MAX_S)
+                await asyncio.sleep(backoff.failed())
         finally:
             if http is not None:
                 await http.aclose()

@@ -35,14 +35,15 @@ from common.kubeapi import (
     MAX_ANSWER_BYTES,
     READ_ERRORS,
     ApiStatus,
+    Backoff,
     ClientFactory,
     ConfigError,
     Http,
     default_client,
     reason,
     request,
-    retry_pause,
     rfc3339,
+    wait_event,
 )
 from services.kube_agent.board import KubeBoard
 from services.kube_agent.node_events import Correlator, Write
@@ -170,15 +171,6 @@ class NodeHealth:
         if http is not None:
             await http.aclose()
 
-    @staticmethod
-    async def _wait(event: asyncio.Event, timeout: float | None) -> None:
-        """Until `event` is set or `timeout` passed (None: no limit)."""
-        try:
-            async with asyncio.timeout(None if timeout is None else max(0.0, timeout)):
-                await event.wait()
-        except TimeoutError:
-            pass
-
     def _publish(self, **condition: str) -> None:
         self._board.update(
             node_health_error="; ".join(e for e in (self._condition_error, self._event_error) if e),
@@ -193,7 +185,7 @@ class NodeHealth:
 
     # -- the condition ------------------------------------------------------------------
     async def _condition_loop(self) -> None:
-        pause = RETRY_MIN_S
+        backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         written: Condition | None = None
         written_at = float("-inf")
         read = False  # the Node's own condition read since start
@@ -201,7 +193,7 @@ class NodeHealth:
             desired, now = self._desired, time.monotonic()
             if desired is None or (desired == written and now - written_at < HEARTBEAT_S):
                 self._condition_wake.clear()
-                await self._wait(self._condition_wake, None if desired is None else written_at + HEARTBEAT_S - now)
+                await wait_event(self._condition_wake, None if desired is None else written_at + HEARTBEAT_S - now)
                 continue
             try:
                 if not read:
@@ -216,12 +208,12 @@ class NodeHealth:
                 if isinstance(e, ConfigError):
                     await self._drop_client("condition")
                 # A pause between attempts, growing while the API refuses; not a wait for a condition.
-                await asyncio.sleep(retry_pause(pause, e))
-                pause = min(pause * 2, RETRY_MAX_S)
+                await asyncio.sleep(backoff.failed(e))
                 continue
             if written is None or written.status != desired.status or self._condition_error:
                 log.info("node %s: condition %s=%s (%s)", self.node, CONDITION_TYPE, desired.status, desired.reason)
-            written, written_at, pause = desired, now, RETRY_MIN_S
+            written, written_at = desired, now
+            backoff.succeeded()
             self._condition_error = ""
             self._publish(node_condition=desired.status, node_condition_reason=desired.reason)
 
@@ -252,7 +244,7 @@ class NodeHealth:
 
     # -- the Events -----------------------------------------------------------------------
     async def _event_loop(self) -> None:
-        pause = RETRY_MIN_S
+        backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         while True:
             now = time.monotonic()
             write = self._correlator.take(now)
@@ -260,7 +252,7 @@ class NodeHealth:
                 self._publish()
                 self._event_wake.clear()
                 at = self._correlator.next_at(now)
-                await self._wait(self._event_wake, None if at is None else at - now)
+                await wait_event(self._event_wake, None if at is None else at - now)
                 continue
             try:
                 await self._send(write)
@@ -276,11 +268,11 @@ class NodeHealth:
                 if isinstance(e, ConfigError):
                     await self._drop_client("events")
                 # A pause between attempts, growing while the API refuses; not a wait for a condition.
-                await asyncio.sleep(retry_pause(pause, e))
-                pause = min(pause * 2, RETRY_MAX_S)
+                await asyncio.sleep(backoff.failed(e))
                 continue
             self._events_written += 1
-            self._event_error, pause = "", RETRY_MIN_S
+            self._event_error = ""
+            backoff.succeeded()
 
     async def _send(self, write: Write) -> None:
         """Creates or patches the Event. A create that finds it there (an earlier try landed, its
