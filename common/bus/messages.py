@@ -173,6 +173,12 @@ class DeviceState:
     mig_enabled: bool = False  # GPUs: MIG mode is on (its MIG devices are listed after it)
     caps: list[int] = field(default_factory=list)  # MIG devices: /dev/nvidia-caps/nvidia-cap<N> (GI, CI)
     cordoned: bool = False  # taken out of service by an operator (gpu-plugin cordon)
+    # `reason` in parts, for readers that act on the cause (node health, DRA taints): the faults, the
+    # device's own and its GPU's ("XID 79", "NVML nvmlDeviceGetPciInfo hung for 12 s"), without the
+    # operator's cordon, which is `cordon` ("cordoned: <why>", or the cordon file's error). None: a
+    # monitor from before these fields, whose reason is then read by its texts.
+    faults: list[str] | None = None
+    cordon: str = ""
     xid_count: int = 0  # XIDs seen on this device since the monitor started, any class
     sbe_count: int = 0  # single-bit (corrected) ECC events
     dbe_count: int = 0  # double-bit (uncorrected) ECC events

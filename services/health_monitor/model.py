@@ -122,7 +122,9 @@ class HealthModel:
 
     # -- inputs -----------------------------------------------------------------------
     def load_inventory(self, inventory: Inventory) -> None:
-        self.devices = {d.id: d for d in inventory.devices}
+        # Discovery builds devices without `faults` (None: "not said"); here they say it, none yet.
+        self.devices = {d.id: d if d.faults is not None else dataclasses.replace(d, faults=[])
+                        for d in inventory.devices}
         self._gpus = list(inventory.handles)
         self._children = {gpu: list(kids) for gpu, kids in inventory.children.items()}
         for d in inventory.devices:
@@ -202,15 +204,18 @@ class HealthModel:
         now = self._clock.time()
         changed = False
         for dev_id, old in list(self.devices.items()):
-            health, reason, cordoned = self._evaluate(old)
+            health, faults, cordon = self._evaluate(old)
+            cordoned = bool(cordon)
+            reason = "; ".join([cordon, *faults] if cordon else faults)
             if health == HEALTHY and old.health == UNHEALTHY:
                 reason = "uncordoned" if old.cordoned and not cordoned else "recovered"
             elif health == HEALTHY:
                 reason = old.reason if old.health == HEALTHY else ""
-            if health == old.health and reason == old.reason and cordoned == old.cordoned:
+            if (health == old.health and reason == old.reason and cordoned == old.cordoned
+                    and faults == old.faults and cordon == old.cordon):
                 continue  # unchanged: checked before building a new DeviceState (~6 us each, on every fault)
-            new = dataclasses.replace(old, health=health, reason=reason, cordoned=cordoned,
-                                      since=now if health != old.health else old.since)
+            new = dataclasses.replace(old, health=health, reason=reason, cordoned=cordoned, faults=faults,
+                                      cordon=cordon, since=now if health != old.health else old.since)
             self.devices[dev_id] = new
             changed = True
             if health != old.health:
@@ -249,18 +254,19 @@ class HealthModel:
         return hit or [gpu_uuid]
 
     # -- rules ------------------------------------------------------------------------
-    def _evaluate(self, dev: DeviceState) -> tuple[Health, str, bool]:
-        """(health, reason, cordoned) from the device's own and its GPU's faults and cordons."""
-        reasons: list[str] = [self.cordon_error] if self.cordon_error else []
-        cordoned = bool(self.cordon_error)
+    def _evaluate(self, dev: DeviceState) -> tuple[Health, list[str], str]:
+        """(health, faults, cordon) from the device's own and its GPU's faults and cordons: the fault
+        texts (each once), and the cordons' ("" when not cordoned); the reason is the cordon, then the faults."""
+        cordons: list[str] = [self.cordon_error] if self.cordon_error else []
+        faults: list[str] = []
         for source in (dev.id, dev.parent) if dev.parent else (dev.id,):
             cordon = self.cordons.get(source)
             if cordon is not None:
-                cordoned = True
-                reasons.append(f"cordoned: {cordon.reason}" if cordon.reason else "cordoned")
-            reasons.extend(self._trackers[source].faults.values() if source in self._trackers else ())
-        unique = list(dict.fromkeys(reasons))
-        return (UNHEALTHY if unique else HEALTHY), "; ".join(unique), cordoned
+                cordons.append(f"cordoned: {cordon.reason}" if cordon.reason else "cordoned")
+            faults.extend(self._trackers[source].faults.values() if source in self._trackers else ())
+        faults = list(dict.fromkeys(faults))
+        cordon_text = "; ".join(dict.fromkeys(cordons))
+        return (UNHEALTHY if faults or cordon_text else HEALTHY), faults, cordon_text
 
     def _count(self, dev_id: str, **increments: int) -> None:
         dev = self.devices.get(dev_id)

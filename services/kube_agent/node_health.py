@@ -9,11 +9,12 @@ one CamelCase word naming the cause and the message names the devices.
 A device an operator cordoned is out of service on purpose, not a problem: only a fault makes the
 condition True.
 
-The health-monitor says why a device is Unhealthy in one text (DeviceState.reason: the parts
-"cordoned: <why>", "XID 79", "ECC DBE", "GPU lost", "NVML <call> hung for 12 s", "probe failed:
-...", joined with "; "). The bus carries no structured cause, so the parts are read here by the
-patterns of CAUSES; a unit test feeds the health model's own texts through them, so a new text there
-fails a test here rather than reading as an unknown fault.
+The health-monitor says why a device is Unhealthy in parts (DeviceState.faults: "XID 79", "ECC DBE",
+"GPU lost", "NVML <call> hung for 12 s", "probe failed: ..."; DeviceState.cordon: "cordoned: <why>"),
+and in one text joining them (DeviceState.reason), which is all a monitor from before the parts
+sends: its reason is split here, the cordon told from the faults by its prefix. Each fault's cause is
+read by the patterns of CAUSES; a unit test feeds the health model's own texts through them, so a new
+text there fails a test here rather than reading as an unknown fault.
 """
 
 from __future__ import annotations
@@ -93,11 +94,13 @@ def cause_of(part: str) -> str | None:
 
 
 def faults_of(device: DeviceState) -> list[str]:
-    """The parts of an Unhealthy device's reason that are faults, not an operator's cordon, without the
-    durations that change at every probe. A cordon's own text may hold "; " (the operator wrote it):
-    a part no pattern knows that follows a cordon is read as more of the cordon."""
+    """An Unhealthy device's faults, not an operator's cordon, without the durations that change at every
+    probe. From a monitor that sends no `faults`, the parts of its reason: a cordon's own text may hold
+    "; " (the operator wrote it), so a part no pattern knows that follows a cordon is read as more of it."""
     if device.health != UNHEALTHY:
         return []
+    if device.faults is not None:
+        return list(dict.fromkeys(_DURATION.sub("", f) for f in device.faults if f))
     out: list[str] = []
     in_cordon = False
     for part in device.reason.split("; "):
@@ -120,6 +123,8 @@ def cordon_of(device: DeviceState) -> str:
     """The operator's cordon as the reason says it ("cordoned: bad fan"), "" when not cordoned."""
     if not device.cordoned:
         return ""
+    if device.faults is not None:  # a monitor that sends the parts
+        return device.cordon or CORDON_PREFIX
     parts = [p for p in device.reason.split("; ") if p.startswith(CORDON_PREFIX)]
     return "; ".join(parts) or CORDON_PREFIX
 

@@ -345,6 +345,27 @@ def test_a_cordon_and_a_fault_both_hold_the_device(plain: Inventory, clock: Fake
     assert unhealthy(m) == {victim}
 
 
+def test_a_devices_faults_and_cordon_are_sent_apart_from_its_reason(mig: Inventory, clock: FakeClock) -> None:
+    """The parts of the reason, for readers that act on the cause: a MIG device's own cordon apart from
+    its GPU's fault, which it shares; none once healthy."""
+    m = model_of(mig, clock)
+    child = next(d for d in m.devices.values() if d.kind == "mig")
+    assert child.faults == [] and child.cordon == ""  # said from the start: no faults
+    m.set_cordons({child.id: Cordon("bad fan; loud", clock.wall)})
+    m.apply_probes([Probe(child.parent, {"lost": "GPU lost"})])
+    m.refresh()
+    after = m.devices[child.id]
+    assert (after.faults, after.cordon) == (["GPU lost"], "cordoned: bad fan; loud")
+    assert after.reason == "cordoned: bad fan; loud; GPU lost"
+    assert (m.devices[child.parent].faults, m.devices[child.parent].cordon) == (["GPU lost"], "")
+    m.set_cordons({})
+    m.apply_probes([Probe(child.parent)])
+    clock.advance(3600)
+    m.apply_probes([Probe(child.parent)])
+    m.refresh()
+    assert (m.devices[child.id].faults, m.devices[child.id].cordon) == ([], "")
+
+
 def test_an_unreadable_cordon_file_keeps_every_device_out(mig: Inventory, clock: FakeClock) -> None:
     m = model_of(mig, clock)
     m.cordon_error = "cordoned: cordon file unreadable (not JSON); fix or remove /state/cordons.json"

@@ -39,6 +39,7 @@ from services.kube_agent.node_health import (
     Changes,
     Occurrence,
     condition_of,
+    cordon_of,
     faults_of,
 )
 
@@ -111,6 +112,21 @@ def test_the_monitors_reason_texts_name_their_causes() -> None:
     assert condition_of(state(alone)).reason == "GpuLost"  # XID 79 is the GPU fallen off the bus
     alone = [d if d.id == ids[7] else dataclasses.replace(d, health=HEALTHY, reason="") for d in devices]
     assert condition_of(state(alone)).reason == "XidError"
+
+
+def test_the_monitors_parts_are_taken_as_sent_and_an_older_monitors_reason_by_its_texts() -> None:
+    """The monitor sends a device's faults and its cordon apart: an operator's cordon that reads like a
+    fault is a cordon. A monitor from before the parts (faults None) is read by its reason's texts."""
+    reason = "cordoned: flaky; XID 79 seen last week; XID 48"
+    sent = dataclasses.replace(gpu(0, reason, True), faults=["XID 48"], cordon="cordoned: flaky; XID 79 seen last week")
+    assert faults_of(sent) == ["XID 48"] and cordon_of(sent) == "cordoned: flaky; XID 79 seen last week"
+    assert condition_of(state([sent])).reason == "XidError"
+    older = gpu(0, reason, True)
+    assert older.faults is None and faults_of(older) == ["XID 79 seen last week", "XID 48"]  # what texts allow
+    assert cordon_of(older) == "cordoned: flaky"
+    text = "NVML nvmlDeviceGetPciInfo hung for 12 s"
+    hung = dataclasses.replace(gpu(1, text), faults=[text])
+    assert faults_of(hung) == ["NVML nvmlDeviceGetPciInfo hung"]  # the duration that grows at every probe left out
 
 
 def test_the_verdicts_are_the_xid_policys() -> None:
