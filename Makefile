@@ -14,12 +14,17 @@ $(STAMP): pyproject.toml devtools/pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,lint]' -e ./devtools
 	touch $(STAMP)
 
+# grpc-js, for tests/unit/test_h2grpc_interop.py: a gRPC client apart from grpc core (pinned by its lock file).
+INTEROP := tests/interop/node_modules/.package-lock.json
+$(INTEROP): tests/interop/package.json tests/interop/package-lock.json
+	npm ci --prefix tests/interop --ignore-scripts --no-audit --no-fund --silent
+
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 # Most of the suite waits on real processes and sockets, not the CPU: four workers on two
 # cores, work-stealing so one slow supervisord test does not hold a worker's whole queue.
-test: $(STAMP)
+test: $(STAMP) $(INTEROP)
 	$(BIN)/pytest -n 4 --dist worksteal
 
 lint: $(STAMP)
