@@ -1,7 +1,8 @@
 """dra-plugin: wiring only. Off unless DRA_ENABLED is true: it then says so and exits 0 before importing
 gRPC or the Kubernetes client, and supervisord leaves it alone (as kube-agent and feature-labels). On, it
 runs both halves of the DRA driver: the kubelet plugin (plugin.py) and the node's ResourceSlices
-(slices.py), each from the health bus, one state on its own bus.
+(slices.py), both from the health bus (one subscriber: the plugin's, which hands each message to the slices
+writer too), one state on its own bus.
 
 On, it needs NODE_NAME (the pool of its devices, and the claims the kubelet prepares are this node's):
 without it, it is refused at start (exit 78, named), as the kube-agent's node health is."""
@@ -63,15 +64,17 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         kubelet = KubeletAllocations(settings.device_plugin_dir)
         kubelet.read()
         plugin = DraPlugin(settings, node, publisher, settings.bus_path(HEALTH_SOCKET), kubelet=kubelet)
-        # DRA's other half, in the same program: the node's ResourceSlices from the same bus and DRA_DEVICES.
-        slices = SlicePublisher(node, settings.bus_path(HEALTH_SOCKET), settings.dra_devices,
+        # DRA's other half, in the same program: the node's ResourceSlices from the same bus and DRA_DEVICES. One
+        # subscriber for both: the plugin follows the bus and hands each message to the slices writer too.
+        slices = SlicePublisher(node, None, settings.dra_devices,
                                 on_status=lambda status: plugin.slices_changed(_bus_form(status)),
                                 kubelet_ids=lambda: kubelet.ids)
 
         async def held_changed() -> None:
             slices.wake()
 
-        await plugin.run(stop, ("dra-slices", slices.run()), ("kubelet-devices", kubelet.run(held_changed)))
+        await plugin.run(stop, ("dra-slices", slices.run()), ("kubelet-devices", kubelet.run(held_changed)),
+                         health_to=slices.heard)
     finally:
         publisher.close()
 

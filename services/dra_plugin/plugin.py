@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 
 from common import h2grpc
-from common.bus.messages import HEALTHY, DeviceState, DraEvent, DraSlices, DraState, HealthState
+from common.bus.messages import HEALTHY, DeviceState, DraEvent, DraSlices, DraState, HealthEvent, HealthState, Message
 from common.bus.sockets import BusPublisher, BusSubscriber
 from common.dra_checkpoint import COMPLETED, STARTED, Checkpoint, CheckpointError, Entry, PreparedDevice
 from common.fswatch import DirWatcher, file_id
@@ -252,8 +252,11 @@ class DraPlugin:
         self.slices = slices
         self.publish()
 
-    async def run(self, stop: asyncio.Event, *beside: tuple[str, Coroutine[Any, Any, None]]) -> None:
-        """Serves until `stop`; `beside`: the program's other work (named), run and ended with it."""
+    async def run(self, stop: asyncio.Event, *beside: tuple[str, Coroutine[Any, Any, None]],
+                  health_to: Callable[[Message], None] | None = None) -> None:
+        """Serves until `stop`; `beside`: the program's other work (named), run and ended with it. `health_to`:
+        handed every message of the health bus too, HealthEvents included (the program's ResourceSlices writer:
+        one subscriber to the bus in the process)."""
         try:
             self.checkpoint.load()
         except CheckpointError as e:
@@ -262,7 +265,8 @@ class DraPlugin:
         if self.checkpoint.entries:
             log.info("checkpoint: %d claims prepared before this start (%s)", len(self.checkpoint.entries),
                      ", ".join(str(e) for e in list(self.checkpoint.entries.values())[:5]))
-        sub = BusSubscriber([self._health_bus], topics=[HealthState.TOPIC])
+        sub = BusSubscriber([self._health_bus],
+                            topics=[HealthState.TOPIC] + ([HealthEvent.TOPIC] if health_to is not None else []))
         self.publish()
         try:
             try:
@@ -274,7 +278,7 @@ class DraPlugin:
             await run_until_stopped(
                 stop,
                 asyncio.create_task(self._pub.run(), name="bus-heartbeat"),
-                asyncio.create_task(self._follow_health(sub), name="health-bus"),
+                asyncio.create_task(self._follow_health(sub, health_to), name="health-bus"),
                 asyncio.create_task(self._watch_sockets(), name="sockets"),
                 asyncio.create_task(self._clean_loop(), name="stale-claims"),
                 *(asyncio.create_task(work, name=name) for name, work in beside),
@@ -289,11 +293,13 @@ class DraPlugin:
                     await self._http.aclose()
 
     # -- health bus ---------------------------------------------------------------------------
-    async def _follow_health(self, sub: BusSubscriber) -> None:
+    async def _follow_health(self, sub: BusSubscriber, health_to: Callable[[Message], None] | None) -> None:
         stale_after = self.settings.stale_after
         while True:
             msg = await sub.recv_timeout(min(1.0, stale_after / 3))
             now = time.monotonic()
+            if msg is not None and health_to is not None:
+                health_to(msg)
             if isinstance(msg, HealthState):
                 self._health_at = now
                 if msg.is_new(self.health):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from common.bus.messages import HealthEvent, HealthState
+from common.bus.messages import HealthEvent, HealthState, Message
 from common.bus.sockets import BusSubscriber
 from common.kubeapi import (
     READ_ERRORS,
@@ -89,7 +89,11 @@ class SliceStatus:
 
 
 class SlicePublisher:
-    def __init__(self, node: str, health_bus: Path, selection: DraDevices, *, client: ClientFactory = default_client,
+    """`health_bus`: the socket it follows by itself; None: the program follows it and hands each message to
+    `heard` (the dra-plugin's one subscriber, shared with the kubelet plugin)."""
+
+    def __init__(self, node: str, health_bus: Path | None, selection: DraDevices, *,
+                 client: ClientFactory = default_client,
                  on_status: Callable[[SliceStatus], None] | None = None, renew_s: float = WATCH_RENEW_S,
                  retry_min_s: float = RETRY_MIN_S, monitor_only: MonitorOnlyXids | None = None,
                  kubelet_ids: Callable[[], frozenset[str]] = frozenset) -> None:
@@ -120,7 +124,8 @@ class SlicePublisher:
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._follow(), name="dra-slices-bus")
+                if self._bus is not None:
+                    tg.create_task(self._follow(self._bus), name="dra-slices-bus")
                 tg.create_task(self._converge_loop(), name="dra-slices")
         finally:
             self._stop_watch()
@@ -132,19 +137,25 @@ class SlicePublisher:
         self._wake.set()
 
     # -- the health bus -----------------------------------------------------------------
-    async def _follow(self) -> None:
-        sub = BusSubscriber([self._bus], topics=[HealthState.TOPIC, HealthEvent.TOPIC])
+    async def _follow(self, bus: Path) -> None:
+        sub = BusSubscriber([bus], topics=[HealthState.TOPIC, HealthEvent.TOPIC])
         try:
             while True:
                 msg = await sub.recv_timeout(CHECK_S)  # lets the writer run during a backlog (BusSubscriber.recv)
-                if isinstance(msg, HealthState):
-                    if msg.is_new(self._state):
-                        self._state = msg
-                        self._wake.set()
-                elif isinstance(msg, HealthEvent) and self._xids.on_event(msg):
-                    self._wake.set()
+                if msg is not None:
+                    self.heard(msg)
         finally:
             sub.close()
+
+    def heard(self, msg: Message) -> None:
+        """A message of the health bus: a new state or a monitor-only XID wakes the converging (a heartbeat,
+        another topic, does not). The bus's silence is nothing here: the last state stays."""
+        if isinstance(msg, HealthState):
+            if msg.is_new(self._state):
+                self._state = msg
+                self._wake.set()
+        elif isinstance(msg, HealthEvent) and self._xids.on_event(msg):
+            self._wake.set()
 
     # -- converging -------------------------------------------------------------------------
     async def _converge_loop(self) -> None:
