@@ -45,8 +45,12 @@ def test_fifty_kubelet_restarts_in_a_row(stack: DevStack) -> None:
     assert {p: stack.pid(p) for p in PROGRAMS} == pids, "no component restarted"
     for p, pid in pids.items():
         fds, threads = fds_and_threads(pid)
-        assert fds <= baseline[p][0] + 2, f"{p}: fds grew from {baseline[p][0]} to {fds}"
-        assert threads <= baseline[p][1] + 1, f"{p}: threads grew from {baseline[p][1]} to {threads}"
+        # The registrar registers through gRPC core, whose event engine starts and ends threads (and their
+        # descriptors) on demand: measured between 4 and 10 threads, 17 and 25 descriptors at any moment
+        # of this test. What must not happen is growth with the restarts: 45 of them leaking one each.
+        slack = (10, 10) if p == "registrar" else (2, 1)
+        assert fds <= baseline[p][0] + slack[0], f"{p}: fds grew from {baseline[p][0]} to {fds}"
+        assert threads <= baseline[p][1] + slack[1], f"{p}: threads grew from {baseline[p][1]} to {threads}"
     allocate_ok(stack)
 
 
