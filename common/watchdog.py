@@ -17,7 +17,7 @@ monitor's event thread).
 Every answered check also sets the mtime of `<run dir>/<service>.alive` (content: the pid and
 the limit) to the time the loop last answered: the DaemonSet's liveness probe (sh, no Python),
 `gpu-plugin status` and gpu-plugin-supervisord read it. A Python thread cannot help if something
-holds the GIL for good; faulthandler's C thread, re-armed every `limit`, then dumps every thread
+holds the GIL for good; faulthandler's C thread, re-armed at every check, then dumps every thread
 and exits. Nothing in the process helps when the whole process stops (SIGSTOP, a cgroup freeze, a
 page fault that never completes): the thread stops with it. gpu-plugin-supervisord then sees the
 file stop changing and kills the process after `silence_limit(limit)` (services/supervisord.py).
@@ -81,27 +81,27 @@ class Watchdog:
         self._sent = None
 
     def _run(self) -> None:
-        armed = -self._limit
+        seen = loop_answered_at()  # the loop's own last answer (the bus heartbeat) at the previous check
         while not self._stop.wait(self._check):
             now = time.monotonic()
-            # The GIL-proof backstop, never before our own verdict (at most limit + 2 checks after the
-            # loop's last answer). Arming it starts a thread (faulthandler's own; the previous one
-            # ends): once per `limit` rather than at every check, so that it also covers the up to
-            # limit + 1 check since it was last armed.
-            if now - armed >= self._limit:
-                faulthandler.dump_traceback_later(2 * self._limit + 3 * self._check + 1, exit=True)
-                armed = now
+            # The GIL-proof backstop, a little later than our own verdict. Re-armed at every check (each
+            # arming starts a thread): armed less often it would fire after the supervisor's kill of a
+            # process gone silent, whose log line then says "stopped" and no thread's stack is dumped.
+            faulthandler.dump_traceback_later(self._limit + 2 * self._check, exit=True)
             problems = []
             if self._sent is None:
                 answered = loop_answered_at()
-                if answered is not None and answered > self._answered:
+                own = answered is not None and answered != seen and now - answered < self._check
+                seen = answered
+                if own and answered is not None and answered > self._answered:
                     self._answered = answered
                 self._touch(time.time() - (now - self._answered))
-                # No ping when the loop answered within the last check by work of its own (the bus
+                # No ping when the loop answered since the last check by work of its own (the bus
                 # heartbeat, common.heartbeat.loop_answered): a ping would only wake it once more. A loop
                 # that hangs after that answer is pinged at the next check, so a hang is still seen
-                # within the same limit + 2 checks.
-                if now - self._answered >= self._check:
+                # within the same limit + 2 checks. Our own pong is no such answer: a late one (a busy
+                # loop) must not skip the next ping, or the alive file would age by two checks at a time.
+                if not own:
                     self._sent = now
                     try:
                         self._loop.call_soon_threadsafe(self._pong)
