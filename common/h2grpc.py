@@ -291,10 +291,10 @@ class _Connection(asyncio.Protocol):
         sid = event.stream_id
         headers = dict(event.headers or ())
         if headers.get(b":method") != b"POST":
-            self._refuse_http(sid, b"405")
+            self._refuse_http(sid, b"405", event.stream_ended is not None)
             return
         if not headers.get(b"content-type", b"").startswith(b"application/grpc"):
-            self._refuse_http(sid, b"415")
+            self._refuse_http(sid, b"415", event.stream_ended is not None)
             return
         seconds = None
         if b"grpc-timeout" in headers:
@@ -395,6 +395,11 @@ class _Connection(asyncio.Protocol):
             self._ended()
             return
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():  # the handler's own (a future it awaited was cancelled)
+                log.error("%s: the handler was cancelled from within", call.method)
+                self._finish(call, grpc.StatusCode.CANCELLED, "the handler was cancelled")
+                return
             if not call.expired:
                 raise  # reset by the client, its connection lost, or the server stopping: nobody to answer
             if call.partial:  # trailers after half a message would read as a broken one: reset, as gRPC does
@@ -499,9 +504,11 @@ class _Connection(asyncio.Protocol):
         self._calls[sid] = call
         self._finish(call, code, details)
 
-    def _refuse_http(self, sid: int, status: bytes) -> None:
+    def _refuse_http(self, sid: int, status: bytes, request_ended: bool) -> None:
         with contextlib.suppress(StreamClosedError, ProtocolError):
             self._h2.send_headers(sid, [(b":status", status)], end_stream=True)
+            if not request_ended:  # the rest of the request is not wanted (as after any early answer)
+                self._h2.reset_stream(sid, ErrorCodes.NO_ERROR)
 
     def _expire(self, call: _Call) -> None:
         call.expired = True

@@ -376,6 +376,20 @@ def test_handler_exception_is_unknown(served: Served, stub: pb_grpc.DevicePlugin
     assert stub.Allocate(allocate_request("GPU-0"), timeout=WAIT_S).container_responses
 
 
+def test_a_handler_cancelled_from_within_ends_its_call(served: Served, stub: pb_grpc.DevicePluginStub) -> None:
+    """A CancelledError that is not the call's (a future the handler awaited was cancelled by someone
+    else) ends the call CANCELLED, instead of leaving it open with nobody to answer it."""
+    async def own(request: Any, context: grpc.aio.ServicerContext) -> None:
+        future = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(future.cancel)
+        await future
+
+    served.servicer.allocate = own
+    error = rpc_error(lambda: stub.Allocate(allocate_request("GPU-0"), timeout=WAIT_S))
+    assert error.code() == grpc.StatusCode.CANCELLED and error.details() == "the handler was cancelled"
+    assert stub.GetDevicePluginOptions(pb.Empty(), timeout=WAIT_S).pre_start_required
+
+
 @pytest.mark.parametrize("method", [f"{SERVICE}/Nope", "/other.Service/Allocate"])
 def test_unknown_method_is_unimplemented(served: Served, method: str) -> None:
     with grpc.insecure_channel(served.target) as channel:
