@@ -296,7 +296,10 @@ class DraPlugin:
     async def _follow_health(self, sub: BusSubscriber, health_to: Callable[[Message], None] | None) -> None:
         stale_after = self.settings.stale_after
         while True:
-            msg = await sub.recv_timeout(min(1.0, stale_after / 3))
+            if self.stale:  # nothing to time: the next state ends it
+                msg: Message | None = await sub.recv()
+            else:  # woken by the next message or when the last state gets stale, not every second
+                msg = await sub.recv_timeout(max(0.0, self._health_at + stale_after - time.monotonic()))
             now = time.monotonic()
             if msg is not None and health_to is not None:
                 health_to(msg)
@@ -309,7 +312,7 @@ class DraPlugin:
                     if msg.nvml_ok:
                         self.offered = served(msg.devices, self.settings.dra_devices)
                     self.gpus = {d.id: d for d in msg.devices if d.kind == "gpu"}
-            stale = self.health is None or now - self._health_at > stale_after
+            stale = self.health is None or now - self._health_at >= stale_after
             if stale != self.stale:
                 self.stale = stale
                 if stale:

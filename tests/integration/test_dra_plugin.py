@@ -443,3 +443,17 @@ def test_gpus_a_device_plugin_pod_holds_are_withheld_until_it_lets_go(node: DraN
     node.dra_state(lambda s: s.slices is not None and s.slices.published and s.slices.devices == 4)
     got = node.prepare(claim)[claim[1]]
     assert got.error == "" and [d.device_name for d in got.devices] == ["gpu-1"]
+
+
+def test_a_silent_health_bus_makes_the_devices_unknown_until_it_speaks_again(node: DraNode) -> None:
+    """The dra-plugin times the bus's silence from the last state (no turn every second at idle): past
+    GPU_PLUGIN_STALE_AFTER the devices read Unknown at the kubelet; the next state makes them Healthy."""
+    node.env["GPU_PLUGIN_STALE_AFTER"] = "3s"  # the fake monitor's heartbeat is 1 s: stale only when silent
+    node.start()
+    node.wait_registered()
+    wait_until(lambda: node.health("gpu-1") == "Healthy", 5, "gpu-1 Healthy at the kubelet")
+    node.monitor.close()  # the health-monitor gone silent
+    wait_until(lambda: node.health("gpu-1") == "Unknown", 10, "gpu-1 Unknown once the bus is stale")
+    node.monitor = FakeHealthMonitor(node.run, node.devices)
+    node.monitor.publish(list(node.devices))
+    wait_until(lambda: node.health("gpu-1") == "Healthy", 10, "gpu-1 Healthy once the bus speaks again")
