@@ -291,7 +291,8 @@ class PromptSupervisor(supervisord.Supervisor):  # type: ignore[misc]
             return 0
         if (self.options.mood < SupervisorStates.RUNNING or any(s in TIMED_STATES for s in states)
                 or any(getattr(g, "event_buffer", None) for g in self.process_groups.values())
-                or any(issubclass(kind, events.TickEvent) for kind, _ in events.callbacks)):
+                or any(issubclass(kind, events.TickEvent) or issubclass(events.TickEvent, kind)
+                       for kind, _ in events.callbacks)):  # TICK listeners, and listeners of every event
             return timeout
         if self.heartbeats is None:
             return QUIET_POLL_S

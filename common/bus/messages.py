@@ -8,7 +8,7 @@ the type hints below, so a malformed payload is rejected before any service sees
 Rules of the protocol:
 - `*.state` topics carry the complete state of their publisher, with an `incarnation`
   (random per process start) and a `seq` that grows with every change. They are sent on
-  change, again at least once a second as a heartbeat (same seq, new `sent_at`), and at
+  change, again as a heartbeat (same seq, new `sent_at`; every GPU_PLUGIN_STALE_AFTER / 3), and at
   once to every new subscriber. Subscribers never need deltas.
 - `*.event` topics are for humans, metrics and tests; nothing depends on receiving them.
 - `v` is SCHEMA_VERSION. A message of another version is rejected and counted. Unknown

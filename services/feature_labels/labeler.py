@@ -6,7 +6,7 @@ the feature facts), so the labels are `services.feature_discovery.labels.node_la
 state: no second NVML user, and the labels follow the devices, their health and the config
 (sharing, MIG strategy) as soon as they change, where NVIDIA's waits for its next pass (60 s).
 
-The file is written only when a label changes (a heartbeat, sent every second, changes nothing):
+The file is written only when a label changes (a heartbeat, re-sent every few seconds, changes nothing):
 the NFD worker rereads it on its own schedule, and a rewrite per second would only churn the disk.
 `nvidia.com/gfd.timestamp` is then the time of the last change. On top of NVIDIA's labels:
 `nvidia.com/gpu.unhealthy.count`, the full GPUs the health-monitor reports Unhealthy (MIG devices

@@ -103,12 +103,14 @@ class Endpoint:
         self.servicer = self._new_servicer()
         server = h2grpc.Server()
         pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
+        # Only around the synchronous bind, which creates the file: an await inside the window would give
+        # every other task's files the process-wide umask too.
         old_umask = os.umask(0o077)  # the socket is for the kubelet (root) only
         try:
             server.add_insecure_port(f"unix:{self.path}")
-            await server.start()
         finally:
             os.umask(old_umask)
+        await server.start()
         self._grpc = server
         # Read after the bind, so it is the identity of the file this server listens on: only
         # we create this name, and anyone else only removes it (which the watcher then sees).

@@ -96,11 +96,12 @@ def test_an_idle_supervisor_waits_for_something_to_happen_and_turns_each_second_
     sup.options.mood = SupervisorStates.SHUTDOWN
     assert sup.quiet_timeout(1) == 1
     sup.options.mood = SupervisorStates.RUNNING
-    events.subscribe(events.Tick5Event, print)  # a listener of TICK events needs the turns that send them
-    try:
-        assert sup.quiet_timeout(1) == 1
-    finally:
-        events.unsubscribe(events.Tick5Event, print)
+    for kind in (events.Tick5Event, events.Event):  # a listener of TICK events (or of all) needs the turns
+        events.subscribe(kind, print)
+        try:
+            assert sup.quiet_timeout(1) == 1
+        finally:
+            events.unsubscribe(kind, print)
     sup.heartbeats = Heartbeats(Path("/nonexistent"), default_limit=30)
     sup._next_heartbeat_check = time.monotonic() + 2
     assert 1 < sup.quiet_timeout(1) <= 2  # until the next heartbeat check
