@@ -252,6 +252,13 @@ class EndpointState:
     # When each open stream began, CLOCK_MONOTONIC (one clock for the whole node): the kubelet's
     # is the first to begin after a Register. [] from a publisher that predates the field.
     stream_opened: list[float] = field(default_factory=list)
+    # When the last streams that ended had begun (at most ENDED_STREAMS_KEPT, oldest first): a stream
+    # that began and ended between two states (the kubelet's, dropped at once) is still seen, and is
+    # not mistaken for another client's that began after it.
+    stream_ended: list[float] = field(default_factory=list)
+
+
+ENDED_STREAMS_KEPT = 16
 
 
 @dataclass(frozen=True)

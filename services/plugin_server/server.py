@@ -151,6 +151,7 @@ class Endpoint:
             get_preferred_allocation_available=opts.get_preferred_allocation_available,
             streams=self.servicer.streams if self.servicer else 0,
             stream_opened=list(self.servicer.stream_opened) if self.servicer else [],
+            stream_ended=list(self.servicer.stream_ended) if self.servicer else [],
             healthy=self.table.healthy,
             total=len(self.table.devices),
         )

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from common.bus.messages import ENDED_STREAMS_KEPT
 from common.pb.deviceplugin.v1beta1 import api_pb2 as pb
 from common.pb.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from common.settings import Settings
@@ -133,6 +134,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         # When each open ListAndWatch stream began (CLOCK_MONOTONIC, the same clock in every
         # process of the node): the registrar tells the kubelet's stream from others by it.
         self.stream_opened: list[float] = []
+        self.stream_ended: deque[float] = deque(maxlen=ENDED_STREAMS_KEPT)  # when each ended one had begun
         self._closing = False
         self._close_reason = STOPPING
         self.stream_log = StreamLog(table.resource, lambda: self.streams)
@@ -178,6 +180,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             raise
         finally:
             self.stream_opened.remove(opened)
+            self.stream_ended.append(opened)
             self._on_streams(self.streams)
             if self._closing and level == logging.INFO:
                 outcome = f"ended ({self._close_reason})"

@@ -155,8 +155,9 @@ class RegistrationRules:
         kubelet = self._kubelet_stream.get(resource)
         if kubelet is None:
             # The kubelet dials the endpoint inside Register and streams right after: the first
-            # stream to begin after our Register was sent is its own.
-            after = [t for t in ep.stream_opened if t >= began]
+            # stream to begin after our Register was sent is its own, also when it has ended by the
+            # first state we read (dropped at once) and another client's began after it.
+            after = [t for t in (*ep.stream_opened, *ep.stream_ended) if t >= began]
             if not after:
                 return False
             kubelet = self._kubelet_stream[resource] = min(after)

@@ -111,6 +111,19 @@ def test_a_stray_stream_does_not_hide_a_kubelet_drop(rules: RegistrationRules, c
     assert register_now(rules) == ["nvidia.com/gpu"]
 
 
+def test_a_kubelet_stream_ended_before_we_saw_it_is_not_hidden_by_a_later_one(rules: RegistrationRules,
+                                                                             clock: Clock) -> None:
+    """The kubelet streamed and dropped the stream before the registrar read any state with it open, and
+    another client's stream began after it: the ended one is still the kubelet's (stream_ended)."""
+    rules.endpoints_announced([EP])
+    began = clock.now
+    rules.registered_ok(EP, KUBELET, began=began)
+    kubelets, stray = began + 0.01, began + 0.02
+    rules.endpoints_announced([dataclasses.replace(streaming(stray), stream_ended=[kubelets])])
+    clock.now += GRACE
+    assert register_now(rules) == ["nvidia.com/gpu"]
+
+
 def test_a_stream_that_began_before_our_register_is_not_the_kubelets(rules: RegistrationRules,
                                                                     clock: Clock) -> None:
     rules.endpoints_announced([EP])
