@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from common.bus.messages import DRA_SOCKET, HEALTHY, UNHEALTHY, DeviceState, DraState, HealthState
+from common.bus.messages import DRA_SOCKET, HEALTHY, UNHEALTHY, DeviceState, DraState, HealthEvent, HealthState
 from common.pb.dra.v1beta1 import api_pb2 as v1beta1
 from common.pb.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from devtools.kube_api import KubeApiEmulator
@@ -457,3 +457,20 @@ def test_a_silent_health_bus_makes_the_devices_unknown_until_it_speaks_again(nod
     node.monitor = FakeHealthMonitor(node.run, node.devices)
     node.monitor.publish(list(node.devices))
     wait_until(lambda: node.health("gpu-1") == "Healthy", 10, "gpu-1 Healthy once the bus speaks again")
+
+
+def test_a_monitor_only_xid_reaches_the_slices_through_the_one_health_subscriber(node: DraNode) -> None:
+    """The program follows the health bus once and hands each message to its ResourceSlices writer too: a
+    monitor-only XID (an event, not a state) becomes an effect-None taint on that device's slice entry."""
+    node.start()
+    node.wait_registered()
+    node.dra_state(lambda s: s.slices is not None and s.slices.published and s.slices.devices == 4)
+    victim = next(d for d in node.devices if d.kind == "gpu" and d.index == "1")
+    node.monitor.send(HealthEvent(time=time.time(), device=victim.id, event="xid", xid=94, reason="monitor-only"))
+
+    def tainted() -> list[tuple[str, str, str]]:
+        slices = node.call(lambda: node.api.resourceslices.of_node(NODE, DRIVER))
+        devices = {d["name"]: d for sl in slices for d in sl["spec"]["devices"]}
+        return [(t["key"], t.get("value", ""), t["effect"]) for t in devices.get("gpu-1", {}).get("taints", [])]
+
+    wait_until(lambda: tainted() == [("gpu.nvidia.com/xid", "94", "None")], 10, "the monitor-only XID's taint")
