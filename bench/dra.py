@@ -30,7 +30,6 @@ Usage: python bench/dra.py [--faults 100] [--prepares 200] [--wipes 20] [--dra-d
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import sys
@@ -46,6 +45,7 @@ from bench.run import pids, pss_kb, summary, terminate
 from devtools.devstack import GROUP, RESOURCE, DevStack
 from devtools.kube_api import KubeApiEmulator, ResourceSlices
 from devtools.kubelet_simulator.dra import DeviceHealth, DraKubelet
+from devtools.loop_thread import LoopThread
 from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient
 from tests.fakedriver import make_driver_root
 
@@ -130,28 +130,6 @@ class HealthLog(dict[tuple[str, str, str], DeviceHealth]):
             return got
 
 
-class Loop:
-    """An asyncio loop in a thread: the API emulator and the DRA kubelet run on it, as servers do."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        async def on_loop() -> T:
-            return fn()
-
-        return self.run(on_loop())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 def wait(what: str, fn: Callable[[], T | None], stack: DevStack, timeout: float = 30.0) -> T:
     deadline = time.monotonic() + timeout
     while (value := fn()) is None:
@@ -169,7 +147,7 @@ def main() -> int:
     ap.add_argument("--dra-devices", default="4,5,6,7", help="DRA_DEVICES: the NVML indexes DRA serves")
     args = ap.parse_args()
     dra_indexes = [int(i) for i in args.dra_devices.split(",")]
-    loop = Loop()
+    loop = LoopThread()
     emu = KubeApiEmulator()
     slices = TimedSlices()
     emu.resourceslices = slices

@@ -10,11 +10,9 @@ Usage: python bench/node_health.py [--faults 20] [--storm 10000] [--storm-s 60]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.run import pss_kb, summary
 from devtools.devstack import GROUP, RESOURCE, DevStack
 from devtools.kube_api import KubeApiEmulator
+from devtools.loop_thread import LoopThread
 from devtools.nvml_sim import SIM_CONTROL_SOCKET, FaultClient
 from services.kube_agent.node_events import BURST, REFILL_S
 
@@ -57,26 +56,18 @@ def main() -> int:
     ap.add_argument("--storm", type=int, default=10_000, help="XIDs injected on one GPU")
     ap.add_argument("--storm-s", type=float, default=60.0, help="over this many seconds")
     args = ap.parse_args()
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    def on_loop(fn: Any, *a: Any) -> Any:
-        async def call() -> Any:
-            r = fn(*a)
-            return await r if asyncio.iscoroutine(r) else r
-
-        return asyncio.run_coroutine_threadsafe(call(), loop).result(10)
+    lt = LoopThread()
 
     emu = TimedApi()
-    on_loop(emu.start)
-    on_loop(emu.add_node, NODE, {})
+    lt.run(emu.start())
+    lt.call(lambda: emu.add_node(NODE, {}))
     root = Path(tempfile.mkdtemp(prefix="gp-bench-"))
     (root / "kubeconfig").write_text(emu.kubeconfig())
     env = {"HEALTH_NODE_CONDITION": "true", "HEALTH_NODE_EVENTS": "true", "NODE_NAME": NODE,
            "KUBECONFIG": str(root / "kubeconfig"), "HEALTH_PROBE_INTERVAL": "100ms"}
 
     def landed_since(t0: float, resource: str, ok: Any) -> float | None:
-        for at, what, code, answer in on_loop(lambda: list(emu.landed)):
+        for at, what, code, answer in lt.call(lambda: list(emu.landed)):
             if at >= t0 and what == resource and code < 300 and ok(answer):
                 return float(at)
         return None
@@ -124,7 +115,7 @@ def main() -> int:
         agent = stack.pid(f"{GROUP}:kube-agent")
         pss_before = pss_kb(agent)
         gpu = gpus[0]
-        writes_before = len(on_loop(emu.writes))
+        writes_before = len(lt.call(emu.writes))
         t0 = time.time()
         for n in range(args.storm):
             due = t0 + n * args.storm_s / args.storm
@@ -132,10 +123,10 @@ def main() -> int:
                 time.sleep(ahead)  # the storm's pace, not a wait for a condition
             faults.send({"op": "xid", "uuid": gpu, "xid": 94})
         storm_end = time.time()
-        writes_storm = len(on_loop(emu.writes)) - writes_before
+        writes_storm = len(lt.call(emu.writes)) - writes_before
         # The last coalesced count: one more refill period, then what the API holds.
         time.sleep(REFILL_S + 1)  # the rate limit's period, so that the held count is written
-        xid_events = [e for e in on_loop(emu.events_of) if e["reason"] == "XidError" and gpu in e["message"]
+        xid_events = [e for e in lt.call(emu.events_of) if e["reason"] == "XidError" and gpu in e["message"]
                       and "XID 94" in e["message"]]
         results["storm"] = {
             "xids": args.storm, "seconds": storm_end - t0, "api_writes": writes_storm,
@@ -149,7 +140,8 @@ def main() -> int:
     finally:
         stack.stop()
         stack.cleanup()
-        on_loop(emu.stop)
+        lt.run(emu.stop())
+        lt.close()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "node_health.json").write_text(json.dumps(results, indent=1))
     for label, key in (("XID 79 -> condition True at the API (ms)", "fault_to_condition_s"),

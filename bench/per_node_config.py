@@ -8,13 +8,12 @@ Usage: python bench/per_node_config.py [--flips 20] [--idle 20]
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.run import CLK_TCK, cpu_ticks, pss_kb, summary
 from devtools.devstack import GROUP, RESOURCE, DevStack
 from devtools.kube_api import KubeApiEmulator
+from devtools.loop_thread import LoopThread
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABEL = "nvidia.com/device-plugin.config"
@@ -35,19 +35,11 @@ def main() -> int:
     ap.add_argument("--flips", type=int, default=20)
     ap.add_argument("--idle", type=float, default=20.0)
     args = ap.parse_args()
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    def on_loop(fn: Any, *a: Any) -> Any:
-        async def call() -> Any:
-            r = fn(*a)
-            return await r if asyncio.iscoroutine(r) else r
-
-        return asyncio.run_coroutine_threadsafe(call(), loop).result(10)
+    lt = LoopThread()
 
     emu = KubeApiEmulator()
-    on_loop(emu.start)
-    on_loop(emu.add_node, "node-1", {})
+    lt.run(emu.start())
+    lt.call(lambda: emu.add_node("node-1", {}))
     root = Path(tempfile.mkdtemp(prefix="gp-bench-"))
     src = root / "configs"
     src.mkdir()
@@ -69,7 +61,7 @@ def main() -> int:
         for i in range(args.flips):
             n = (2, 4)[i % 2]
             t0 = time.time()
-            on_loop(emu.set_label, "node-1", LABEL, f"ts-{n}")
+            lt.call(functools.partial(emu.set_label, "node-1", LABEL, f"ts-{n}"))
             reply = stack.kubelet.wait(RESOURCE, capacity=8 * n, allocatable=8 * n, connected=True, timeout=30)
             assert reply["ok"], reply
             flips.append(reply["at"] - t0)
@@ -82,7 +74,8 @@ def main() -> int:
     finally:
         stack.stop()
         stack.cleanup()
-        on_loop(emu.stop)
+        lt.run(emu.stop())
+        lt.close()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "per_node_config.json").write_text(json.dumps(results, indent=1))
     r = results["label_to_kubelet_s"]

@@ -14,11 +14,11 @@ import pytest
 from devtools.devstack import RESOURCE, DevStack
 from devtools.kube_api import KubeApiEmulator
 from devtools.kubelet_simulator.dra import DraKubelet
+from devtools.loop_thread import LoopThread
 from devtools.nvml_sim import fleet_path
 from tests.conftest import wait_until
 from tests.e2e.conftest import held
 from tests.fakedriver import make_driver_root
-from tests.integration.fakes import LoopThread
 
 pytestmark = pytest.mark.e2e
 

@@ -14,9 +14,9 @@ import pytest
 
 from devtools.devstack import GROUP, RESOURCE, DevStack
 from devtools.kube_api import KubeApiEmulator
+from devtools.loop_thread import LoopThread
 from tests.conftest import wait_until
 from tests.e2e.conftest import held
-from tests.integration.fakes import LoopThread
 from tests.integration.test_kube_agent import LABEL, TS4, TS8, config_map
 
 pytestmark = pytest.mark.e2e

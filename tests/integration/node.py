@@ -10,9 +10,9 @@ from typing import Any
 
 from devtools.devstack import stack_env
 from devtools.kubelet_simulator.simulator import KubeletSimulator
+from devtools.loop_thread import LoopThread
 from devtools.nvml_sim import fleet_path
 from tests.conftest import Procs, wait_until
-from tests.integration.fakes import LoopThread
 
 
 def fleet_copy(root: Path, fleet: str, change: Any) -> str:

@@ -25,11 +25,12 @@ from common.pb.dra.v1beta1 import api_pb2 as v1beta1
 from common.pb.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from devtools.kube_api import KubeApiEmulator
 from devtools.kubelet_simulator.dra import DraKubelet
+from devtools.loop_thread import LoopThread
 from services.cli import _dra_lines
 from tests.conftest import Procs, wait_until
 from tests.fakedriver import make_driver_root
 from tests.integration.busclient import BusWatch
-from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+from tests.integration.fakes import FakeHealthMonitor, gpus
 
 NODE = "node-1"
 DRIVER = "gpu.nvidia.com"

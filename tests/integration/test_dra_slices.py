@@ -21,9 +21,10 @@ from common.bus.messages import UNHEALTHY, DeviceState, HealthEvent
 from common.kubeapi import default_client
 from common.settings import DraDevices
 from devtools.kube_api import KubeApiEmulator, Request
+from devtools.loop_thread import LoopThread
 from services.dra_plugin.slices import SlicePublisher, SliceStatus
 from tests.conftest import discovered, wait_until
-from tests.integration.fakes import FakeHealthMonitor, LoopThread
+from tests.integration.fakes import FakeHealthMonitor
 
 NODE = "node-1"
 WRITES = ("POST", "PUT", "DELETE")

@@ -15,10 +15,11 @@ import pytest
 
 from common.bus.messages import UNHEALTHY, HealthEvent
 from common.settings import Settings
+from devtools.loop_thread import LoopThread
 from services.kube_agent.metrics import MAX_CLIENTS, Metrics
 from tests.conftest import wait_until
 from tests.integration.conftest import MakeNode
-from tests.integration.fakes import FakeHealthMonitor, LoopThread, gpus
+from tests.integration.fakes import FakeHealthMonitor, gpus
 
 
 def scrape(port: int, path: str = "/metrics", method: str = "GET", host: str = "127.0.0.1") -> tuple[int, str]:

@@ -17,9 +17,10 @@ import pytest
 from common.bus.messages import PluginState, RegistrarEvent, RegistrarState
 from common.fswatch import file_id
 from devtools.kubelet_simulator.simulator import KubeletSimulator
+from devtools.loop_thread import LoopThread
 from tests.conftest import Procs, wait_until
 from tests.integration.busclient import BusWatch
-from tests.integration.fakes import FakeHealthMonitor, LoopThread, PluginClient, gpus
+from tests.integration.fakes import FakeHealthMonitor, PluginClient, gpus
 
 RESOURCE = "nvidia.com/gpu"
 
