@@ -92,15 +92,18 @@ def test_kubelet_restart_reregisters_exactly_once(env: Env) -> None:
     env.start_kubelet()
     env.start_registrar()
     wait_until(env.held, 10, "first registration")
-    for n in range(2, 5):
-        env.lt.run(env.sim.restart())
-        wait_until(lambda n=n: env.held() and env.ok_registrations() >= n, 10, f"registration {n}")
-        assert env.ok_registrations() == n
-        ids = list(env.sim.resources[RESOURCE].devices)
-        assert env.allocate(ids[:1]).envs["NVIDIA_VISIBLE_DEVICES"] == ids[0]
-    assert env.sim.disconnects == 0, "no registration was ever replaced under a live stream"
-    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:  # for the metrics
+    with BusWatch(env.run / "registrar.sock", ("registrar.state",)) as w:  # the registrar's own count (metrics)
+        for n in range(2, 5):
+            # The kubelet counts a Register before its answer reaches the registrar: a restart in between
+            # would abandon the call the registrar is still waiting on (rightly: that kubelet is gone).
+            w.wait(lambda m, n=n: isinstance(m, RegistrarState) and m.registers == n - 1)
+            env.lt.run(env.sim.restart())
+            wait_until(lambda n=n: env.held() and env.ok_registrations() >= n, 10, f"registration {n}")
+            assert env.ok_registrations() == n
+            ids = list(env.sim.resources[RESOURCE].devices)
+            assert env.allocate(ids[:1]).envs["NVIDIA_VISIBLE_DEVICES"] == ids[0]
         w.wait(lambda m: isinstance(m, RegistrarState) and (m.registers, m.kubelet_restarts) == (4, 3))
+    assert env.sim.disconnects == 0, "no registration was ever replaced under a live stream"
 
 
 def test_registrar_restart_alone_does_not_disturb_the_kubelet(env: Env) -> None:
